@@ -1,0 +1,1 @@
+"""Compiled Cython kernels, built from ../../cython_ext/ at install time (see build_backend/)."""

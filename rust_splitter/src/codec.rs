@@ -1,0 +1,247 @@
+//! Frame codecs of the DECTRIS stream: bitshuffle-LZ4 (`bs8/16/32-lz4<`, v2 `bslz4`) and plain LZ4
+//! (`lz4<`, v2 `lz4`). No PyO3 here: `lib.rs` wraps these for Python.
+//!
+//! Bitshuffle-LZ4 chunk layout (Masui et al. 2015, "A compression scheme for radio data in high
+//! performance computing", the `bitshuffle` HDF5 filter 32008), identical to a v1 `bs*-lz4<` blob:
+//! a 12-byte big-endian header (u64 uncompressed bytes, u32 block size in bytes), then for each
+//! block of `block` elements a u32 big-endian compressed length and one raw LZ4 block holding the
+//! bit-transposed elements. A final partial block is rounded down to a multiple of 8 elements; the
+//! last `n % 8` elements follow uncompressed.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("truncated blob: {0}")]
+    Truncated(&'static str),
+    #[error("blob declares {declared} uncompressed bytes but the frame needs {expected}")]
+    SizeMismatch { declared: u64, expected: usize },
+    #[error("bad block size {0} bytes in the bitshuffle header (elem_size {1})")]
+    BadBlockSize(u32, usize),
+    #[error("corrupt LZ4 block at byte {offset}: {reason}")]
+    Lz4 { offset: usize, reason: String },
+    #[error("element size {0} not supported (1, 2, 4 or 8)")]
+    ElemSize(usize),
+}
+
+/// bitshuffle's default: blocks of 8 KiB, a multiple of 8 elements, at least 128 elements.
+pub fn default_block_elems(elem_size: usize) -> usize {
+    (((8192 / elem_size) / 8) * 8).max(128)
+}
+
+/// Transpose an 8x8 bit matrix held in a u64 (row j = byte j), Hacker's Delight 7-3.
+#[inline(always)]
+fn transpose8(mut x: u64) -> u64 {
+    let mut t = (x ^ (x >> 7)) & 0x00AA_00AA_00AA_00AA;
+    x = x ^ t ^ (t << 7);
+    t = (x ^ (x >> 14)) & 0x0000_CCCC_0000_CCCC;
+    x = x ^ t ^ (t << 14);
+    t = (x ^ (x >> 28)) & 0x0000_0000_F0F0_F0F0;
+    x ^ t ^ (t << 28)
+}
+
+/// Bit-shuffle `n` elements (n % 8 == 0): output row `b*8+k` (n/8 bytes) holds bit k of byte b of
+/// every element, element 8m+j at bit j of byte m.
+fn shuffle_block(src: &[u8], dst: &mut [u8], n: usize, elem_size: usize) {
+    let row = n / 8;
+    for m in 0..row {
+        for b in 0..elem_size {
+            let mut x = 0u64;
+            for j in 0..8 {
+                x |= (src[(8 * m + j) * elem_size + b] as u64) << (8 * j);
+            }
+            let t = transpose8(x);
+            for k in 0..8 {
+                dst[(b * 8 + k) * row + m] = (t >> (8 * k)) as u8;
+            }
+        }
+    }
+}
+
+/// Inverse of `shuffle_block`.
+fn unshuffle_block(src: &[u8], dst: &mut [u8], n: usize, elem_size: usize) {
+    let row = n / 8;
+    for m in 0..row {
+        for b in 0..elem_size {
+            let mut x = 0u64;
+            for k in 0..8 {
+                x |= (src[(b * 8 + k) * row + m] as u64) << (8 * k);
+            }
+            let t = transpose8(x);
+            for j in 0..8 {
+                dst[(8 * m + j) * elem_size + b] = (t >> (8 * j)) as u8;
+            }
+        }
+    }
+}
+
+fn check_elem_size(elem_size: usize) -> Result<(), CodecError> {
+    match elem_size {
+        1 | 2 | 4 | 8 => Ok(()),
+        e => Err(CodecError::ElemSize(e)),
+    }
+}
+
+/// Read the 12-byte header: (uncompressed bytes, block size in bytes).
+pub fn bslz4_header(blob: &[u8]) -> Result<(u64, u32), CodecError> {
+    if blob.len() < 12 {
+        return Err(CodecError::Truncated("shorter than the 12-byte bitshuffle header"));
+    }
+    let total = u64::from_be_bytes(blob[0..8].try_into().unwrap());
+    let block = u32::from_be_bytes(blob[8..12].try_into().unwrap());
+    Ok((total, block))
+}
+
+/// Compress `data` (elements of `elem_size` bytes) to a bitshuffle-LZ4 chunk with its header.
+pub fn bslz4_compress(data: &[u8], elem_size: usize, block_elems: usize) -> Result<Vec<u8>, CodecError> {
+    check_elem_size(elem_size)?;
+    let block_elems = if block_elems == 0 { default_block_elems(elem_size) } else { block_elems };
+    if !block_elems.is_multiple_of(8) {
+        return Err(CodecError::BadBlockSize((block_elems * elem_size) as u32, elem_size));
+    }
+    let n = data.len() / elem_size;
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    out.extend_from_slice(&(data.len() as u64).to_be_bytes());
+    out.extend_from_slice(&((block_elems * elem_size) as u32).to_be_bytes());
+    let mut shuffled = vec![0u8; block_elems * elem_size];
+    let mut compressed = Vec::new();
+    let mut start = 0usize;
+    while start < n - n % 8 {
+        let count = block_elems.min(n - start);
+        let count = count - count % 8;
+        let bytes = count * elem_size;
+        shuffle_block(&data[start * elem_size..start * elem_size + bytes], &mut shuffled[..bytes], count, elem_size);
+        compressed.clear();
+        compressed.resize(lz4_flex::block::get_maximum_output_size(bytes), 0);
+        let len = lz4_flex::block::compress_into(&shuffled[..bytes], &mut compressed)
+            .map_err(|e| CodecError::Lz4 { offset: out.len(), reason: e.to_string() })?;
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(&compressed[..len]);
+        start += count;
+    }
+    out.extend_from_slice(&data[start * elem_size..]);
+    Ok(out)
+}
+
+/// Decompress a bitshuffle-LZ4 chunk into `out`, whose length is the frame's size in bytes.
+pub fn bslz4_decompress_into(blob: &[u8], out: &mut [u8], elem_size: usize) -> Result<(), CodecError> {
+    check_elem_size(elem_size)?;
+    let (total, block_bytes) = bslz4_header(blob)?;
+    if total != out.len() as u64 {
+        return Err(CodecError::SizeMismatch { declared: total, expected: out.len() });
+    }
+    let block_elems = block_bytes as usize / elem_size;
+    if block_bytes == 0 || !(block_bytes as usize).is_multiple_of(elem_size) || !block_elems.is_multiple_of(8) {
+        return Err(CodecError::BadBlockSize(block_bytes, elem_size));
+    }
+    let n = out.len() / elem_size;
+    let mut shuffled = vec![0u8; block_elems * elem_size];
+    let mut pos = 12usize;
+    let mut start = 0usize;
+    while start < n - n % 8 {
+        let count = block_elems.min(n - start);
+        let count = count - count % 8;
+        let bytes = count * elem_size;
+        if blob.len() < pos + 4 {
+            return Err(CodecError::Truncated("block length missing"));
+        }
+        let len = u32::from_be_bytes(blob[pos..pos + 4].try_into().unwrap()) as usize;
+        pos += 4;
+        if blob.len() < pos + len {
+            return Err(CodecError::Truncated("LZ4 block shorter than its declared length"));
+        }
+        let got = lz4_flex::block::decompress_into(&blob[pos..pos + len], &mut shuffled[..bytes])
+            .map_err(|e| CodecError::Lz4 { offset: pos, reason: e.to_string() })?;
+        if got != bytes {
+            return Err(CodecError::Lz4 { offset: pos, reason: format!("gave {got} bytes, expected {bytes}") });
+        }
+        unshuffle_block(&shuffled[..bytes], &mut out[start * elem_size..start * elem_size + bytes], count, elem_size);
+        pos += len;
+        start += count;
+    }
+    let rest = out.len() - start * elem_size;
+    if blob.len() < pos + rest {
+        return Err(CodecError::Truncated("trailing uncompressed elements missing"));
+    }
+    out[start * elem_size..].copy_from_slice(&blob[pos..pos + rest]);
+    Ok(())
+}
+
+/// A v1 `lz4<` blob: one raw LZ4 block, no size prefix.
+pub fn lz4_compress(data: &[u8]) -> Vec<u8> {
+    lz4_flex::block::compress(data)
+}
+
+pub fn lz4_decompress_into(blob: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    let got = lz4_flex::block::decompress_into(blob, out)
+        .map_err(|e| CodecError::Lz4 { offset: 0, reason: e.to_string() })?;
+    if got != out.len() {
+        return Err(CodecError::SizeMismatch { declared: got as u64, expected: out.len() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(n: usize, elem_size: usize) -> Vec<u8> {
+        (0..n * elem_size).map(|i| ((i * 2654435761usize) >> 7) as u8 & 0x3f).collect()
+    }
+
+    #[test]
+    fn shuffle_round_trip() {
+        for es in [1, 2, 4, 8] {
+            let src = pattern(64, es);
+            let mut mid = vec![0u8; src.len()];
+            let mut back = vec![0u8; src.len()];
+            shuffle_block(&src, &mut mid, 64, es);
+            assert_ne!(mid, src);
+            unshuffle_block(&mid, &mut back, 64, es);
+            assert_eq!(back, src);
+        }
+    }
+
+    #[test]
+    fn shuffle_puts_bit_k_of_element_j_in_row_k() {
+        // Element 3 of 8 one-byte elements has only bit 5 set: row 5, bit 3.
+        let mut src = vec![0u8; 8];
+        src[3] = 1 << 5;
+        let mut dst = vec![0u8; 8];
+        shuffle_block(&src, &mut dst, 8, 1);
+        assert_eq!(dst, vec![0, 0, 0, 0, 0, 1 << 3, 0, 0]);
+    }
+
+    #[test]
+    fn bslz4_round_trip_with_partial_blocks() {
+        for es in [1, 2, 4] {
+            for n in [0usize, 5, 8, 4096, 5000, 10_003] {
+                let src = pattern(n, es);
+                let blob = bslz4_compress(&src, es, 0).unwrap();
+                let mut out = vec![0u8; src.len()];
+                bslz4_decompress_into(&blob, &mut out, es).unwrap();
+                assert_eq!(out, src, "elem_size {es} n {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn bslz4_rejects_truncation_and_wrong_size() {
+        let src = pattern(5000, 2);
+        let blob = bslz4_compress(&src, 2, 0).unwrap();
+        let mut out = vec![0u8; src.len()];
+        assert!(matches!(bslz4_decompress_into(&blob[..blob.len() - 20], &mut out, 2), Err(CodecError::Truncated(_))));
+        let mut small = vec![0u8; src.len() - 2];
+        assert!(matches!(bslz4_decompress_into(&blob, &mut small, 2), Err(CodecError::SizeMismatch { .. })));
+        assert!(bslz4_decompress_into(&blob[..5], &mut out, 2).is_err());
+    }
+
+    #[test]
+    fn lz4_round_trip() {
+        let src = pattern(3000, 4);
+        let blob = lz4_compress(&src);
+        let mut out = vec![0u8; src.len()];
+        lz4_decompress_into(&blob, &mut out).unwrap();
+        assert_eq!(out, src);
+    }
+}
