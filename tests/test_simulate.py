@@ -52,8 +52,13 @@ def test_v1_real_frames_through_libertem_dectris(thaumatin_cbfs):
     sim, thread = start(sources, protocol="v1", encoding="bs32-lz4", header_detail="basic", frames=3)
     folder = tempfile.mkdtemp(prefix="intxr-libertem-")
     conn = libertem_dectris.DectrisConnection(
-        uri=sim.bound_endpoint, frame_stack_size=1, handle_path=os.path.join(folder, "shm.sock"),
-        num_slots=4, bytes_per_frame=width * height * 4, huge=False)
+        uri=sim.bound_endpoint,
+        frame_stack_size=1,
+        handle_path=os.path.join(folder, "shm.sock"),
+        num_slots=4,
+        bytes_per_frame=width * height * 4,
+        huge=False,
+    )
     cam = None
     try:
         conn.start_passive(timeout=10.0)
@@ -105,8 +110,12 @@ def test_v2_blobs_decode_with_dectris_compression(thaumatin_cbfs, encoding):
 def test_cbftoeiger_series_with_custom_keys(thaumatin_cbfs):
     from intxr.codec import decode
 
-    sim, thread = start(thaumatin_cbfs[:1], protocol="cbftoeiger", frames=2,
-                        keys={"mapping": "rastering.row1", "master_file": "/data/x_master.h5"})
+    sim, thread = start(
+        thaumatin_cbfs[:1],
+        protocol="cbftoeiger",
+        frames=2,
+        keys={"mapping": "rastering.row1", "master_file": "/data/x_master.h5"},
+    )
     events = receive_series(sim.bound_endpoint)
     thread.join(30)
     frames = [e for e in events if isinstance(e, FrameMessage)]
@@ -130,8 +139,9 @@ def test_frames_cycle_through_sources_and_series_count(thaumatin_cbfs):
     assert shapes == [(2527, 2463), (400, 600), (400, 600), (2527, 2463), (400, 600)]
     f = [e for e in second if isinstance(e, FrameMessage)][3]
     assert f.dtype == np.uint32 and f.encoding == "lz4<"
-    assert np.array_equal(decode(f.blob, f.encoding, f.dtype, f.shape),
-                          pixels_for(open_source(thaumatin_cbfs[0]).read(0).data, "lz4"))
+    assert np.array_equal(
+        decode(f.blob, f.encoding, f.dtype, f.shape), pixels_for(open_source(thaumatin_cbfs[0]).read(0).data, "lz4")
+    )
 
 
 def test_stop_ends_a_looping_simulator_waiting_for_a_consumer():

@@ -28,9 +28,19 @@ def v1_capture_parts(shared_data) -> list[bytes]:
 
 @pytest.mark.parametrize(
     "value,text",
-    [(0.0, "0.0"), (1.0, "1.0"), (7.5e-05, "0.000075"), (1e-07, "1e-7"), (0.00045, "0.00045"),
-     (1.5418000685586377, "1.5418000685586377"), (8041.522436116359, "8041.522436116359"), (1e-05, "0.00001"),
-     (2.5e-06, "2.5e-6"), (123456.0, "123456.0"), (-0.5, "-0.5")],
+    [
+        (0.0, "0.0"),
+        (1.0, "1.0"),
+        (7.5e-05, "0.000075"),
+        (1e-07, "1e-7"),
+        (0.00045, "0.00045"),
+        (1.5418000685586377, "1.5418000685586377"),
+        (8041.522436116359, "8041.522436116359"),
+        (1e-05, "0.00001"),
+        (2.5e-06, "2.5e-6"),
+        (123456.0, "123456.0"),
+        (-0.5, "-0.5"),
+    ],
 )
 def test_ryu_float_layout(value, text):
     assert fmt.ryu_float(value) == text
@@ -71,9 +81,12 @@ def test_v2_image_and_end_reproduce_the_capture_byte_for_byte(shared_data):
     (rows, cols), typed = channel.value
     algorithm, elem, blob = typed.value.value
     ours = fmt.v2_image(
-        m["series_id"], m["series_unique_id"], m["image_id"],
+        m["series_id"],
+        m["series_unique_id"],
+        m["image_id"],
         {"threshold_1": fmt.v2_compressed_array((rows, cols), np.uint16, blob, algorithm)},
-        series_date="2023-10-03T17:47:49.434+02:00", start_s=m["start_time"][0] / m["start_time"][1],
+        series_date="2023-10-03T17:47:49.434+02:00",
+        start_s=m["start_time"][0] / m["start_time"][1],
         exposure_s=m["real_time"][0] / m["real_time"][1],
     )
     assert ours == captured
@@ -90,15 +103,34 @@ def simulator_messages(protocol: str, header_detail: str = "basic", encoding: st
 
 def test_simulated_v1_matches_the_capture_field_for_field(shared_data):
     capture = v1_capture_parts(shared_data)
-    cap = {p: json.loads(capture[i]) for p, i in
-           [("dheader", 0), ("config", 1), ("dflatfield", 2), ("dpixelmask", 4), ("dcountrate", 6),
-            ("dimage", 8), ("dimage_d", 9), ("dconfig", 11), ("end", 48)]}
+    cap = {
+        p: json.loads(capture[i])
+        for p, i in [
+            ("dheader", 0),
+            ("config", 1),
+            ("dflatfield", 2),
+            ("dpixelmask", 4),
+            ("dcountrate", 6),
+            ("dimage", 8),
+            ("dimage_d", 9),
+            ("dconfig", 11),
+            ("end", 48),
+        ]
+    }
     messages = simulator_messages("v1", "all", "lz4")
     header, image0, image1, end = messages
     assert len(header) == 8 and len(image0) == 4 and len(end) == 1
-    ours = {"dheader": header[0], "config": header[1], "dflatfield": header[2], "dpixelmask": header[4],
-            "dcountrate": header[6], "dimage": image0[0], "dimage_d": image0[1], "dconfig": image0[3],
-            "end": end[0]}
+    ours = {
+        "dheader": header[0],
+        "config": header[1],
+        "dflatfield": header[2],
+        "dpixelmask": header[4],
+        "dcountrate": header[6],
+        "dimage": image0[0],
+        "dimage_d": image0[1],
+        "dconfig": image0[3],
+        "end": end[0],
+    }
     for name, part in ours.items():
         assert not part.endswith((b"\n", b"\x00")), name
         mine = json.loads(part)
@@ -119,10 +151,18 @@ def test_simulated_cbftoeiger_matches_the_capture_field_for_field(shared_data):
     mine = [json.loads(first[p][:-1]) for p in (0, 1, 2, 3, 5)]
     for k, (ours, theirs) in enumerate(zip(mine, cap, strict=True)):
         assert first[(0, 1, 2, 3, 5)[k]].endswith(b"\x00")
-        assert set(ours) >= set(theirs) - {"calibration_type", "countrate_correction_bunch_mode", "detector_orientation",
-                                          "detector_readout_period", "efficiency_correction_applied", "nframes_sum",
-                                          "number_of_excluded_pixels", "summation_nimages", "threshold_energy",
-                                          "bit_depth_readout"}, k
+        assert set(ours) >= set(theirs) - {
+            "calibration_type",
+            "countrate_correction_bunch_mode",
+            "detector_orientation",
+            "detector_readout_period",
+            "efficiency_correction_applied",
+            "nframes_sum",
+            "number_of_excluded_pixels",
+            "summation_nimages",
+            "threshold_energy",
+            "bit_depth_readout",
+        }, k
         for key in set(ours) & set(theirs):
             # cbfToEiger writes booleans as 0/1 ints
             assert JSON_TYPES[type(ours[key])] == JSON_TYPES[type(theirs[key])], (k, key)

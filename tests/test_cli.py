@@ -1,0 +1,149 @@
+"""The command line as users run it: real processes, real sockets, real frames."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import zmq
+
+from intxr import cli
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def exe(name: str) -> str:
+    return str(__import__("pathlib").Path(sys.executable).parent / name)
+
+
+@pytest.mark.parametrize("sub", ["simulate", "monitor", "splitter", "find-spots", "gui", "config", "version"])
+def test_subcommand_help(sub):
+    result = run(exe("intxr"), sub, "--help")
+    assert result.returncode == 0 and "usage: intxr " + sub in result.stdout
+
+
+@pytest.mark.parametrize("prog", ["intxrd", "connect_mpi"])
+def test_daemon_help_keeps_the_original_option_names(prog):
+    result = run(exe(prog), "--help")
+    assert result.returncode == 0
+    for option in [
+        "--config_file",
+        "--beamline",
+        "--n_proc",
+        "--mpi_bind",
+        "--host",
+        "--hostfile",
+        "--verbose",
+        "--dry_run",
+        "--time",
+        "--record",
+        "--result_format",
+    ]:
+        assert option in result.stdout, option
+
+
+def test_version_reports_compiled_parts():
+    result = run(exe("intxr"), "version")
+    assert result.returncode == 0
+    assert "rust core (intxr._splitter)" in result.stdout and "cython kernels: cbf" in result.stdout
+
+
+def test_config_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "startup.cfg"
+    bad.write_text("[bl]\nport = many\n")
+    result = run(exe("intxrd"), "-c", str(bad), "-b", "bl")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"intxrd: error: {bad}: [bl] port = 'many': expected an integer 1-65535"
+    result = run(exe("connect_mpi"), "-b", "nosuchbeamline")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "[nosuchbeamline]: no such beamline section" in result.stderr
+
+
+def test_simulate_bad_source_is_one_line():
+    result = run(exe("intxr"), "simulate", "--endpoint", "tcp://127.0.0.1:0", "nosuch.cbf")
+    assert result.returncode == 2 and result.stderr.strip() == "intxr: error: nosuch.cbf: no such file"
+
+
+def test_config_command_validates_shipped_configs():
+    result = run(exe("intxr"), "config")
+    assert result.returncode == 0 and "[demo] ok" in result.stdout and "[12-1] ok" in result.stdout
+
+
+def test_not_yet_built_commands_say_so():
+    result = run(exe("intxr"), "gui", "--port", "8999")
+    assert result.returncode == 2 and "issue #5" in result.stderr
+
+
+def test_dry_run_shows_the_plan():
+    result = run(exe("intxrd"), "-b", "demo", "--dry_run")
+    assert result.returncode == 0
+    assert "intxr simulate --protocol cbftoeiger --endpoint tcp://127.0.0.1:5599" in result.stdout
+
+
+def test_daemon_demo_prints_a_line_per_real_frame(thaumatin_cbfs, tmp_path):
+    """The README's main command, one series long: every real thaumatin frame shows up, decoded."""
+    record = tmp_path / "record.jsonl"
+    result = run(
+        exe("intxrd"),
+        "-b",
+        "demo",
+        "--max_series",
+        "1",
+        "--simulate",
+        *thaumatin_cbfs,
+        "--record",
+        str(record),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("series 1 frame")]
+    assert len(lines) == 12
+    assert "2463x2527 uint32 bs32-lz4<" in lines[0]
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [r["frame"] for r in rows] == list(range(1, 13))
+    # The lattice frames (0001-0010) have many bright pixels; the blank ones (0016, 0017) almost none.
+    bright = [r["n_bright"] for r in rows]
+    assert min(bright[1:10]) > 10 * max(bright[10:])
+
+
+def test_monitor_counts_bad_messages_and_goes_on():
+    """Malformed messages are reported and counted; the frames after them still come through."""
+    from intxr.monitor import monitor
+    from intxr.simulate import Simulator, SimulatorSettings
+
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    sim = Simulator(["synthetic:256x256:3"], SimulatorSettings())
+
+    def feed():
+        push.send_multipart([b'{"htype":"dimage-1.0","frame":0}', b"{not json"])
+        push.send_multipart([b"\x00\x01garbage"])
+        push.send_multipart(
+            [
+                b'{"htype":"dimage-1.0","series":1,"frame":0}',
+                b'{"htype":"dimage_d-1.0","shape":[4,4],"type":"uint16","encoding":"bs16-lz4<","size":3}',
+                b"abc",
+                b'{"htype":"dconfig-1.0"}',
+            ]
+        )
+        for parts, _ in sim.series_messages(1):
+            push.send_multipart(parts)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    counters = monitor(f"tcp://127.0.0.1:{port}", max_series=1, timeout=20, out=io.StringIO())
+    thread.join(10)
+    push.close()
+    assert counters.errors == 3
+    assert counters.frames == 3 and counters.series_ended == 1
+    assert counters.last_error.startswith("series 1 frame 0: truncated blob")
+
+
+def test_default_sources_prefer_the_real_frames(thaumatin_cbfs):
+    assert cli.default_sources() == thaumatin_cbfs
