@@ -63,7 +63,7 @@ fn unshuffle_block(src: &[u8], dst: &mut [u8], n: usize, elem_size: usize) {
     let row = n / 8;
     let mut done = 0; // groups of 8 elements already written
     #[cfg(target_arch = "x86_64")]
-    if elem_size % 2 == 0 {
+    if elem_size.is_multiple_of(2) {
         // SAFETY: SSE2 is part of the x86_64 baseline; the helper bounds-checks its slices.
         done = unsafe { sse2::unshuffle_groups(src, dst, row, elem_size) };
     }
