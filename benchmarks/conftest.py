@@ -32,8 +32,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         ours = roles.get("intxr")
         for role, median in sorted(roles.items()):
             if role != "intxr" and ours:
-                lines.append(f"{group}: intxr {ours * 1e3:.2f} ms, {role} {median * 1e3:.2f} ms, "
-                             f"speed-up x{median / ours:.2f}")
+                lines.append(
+                    f"{group}: intxr {ours * 1e3:.2f} ms, {role} {median * 1e3:.2f} ms, speed-up x{median / ours:.2f}"
+                )
     if lines:
         terminalreporter.section("intxr vs baselines (median)")
         for line in lines:

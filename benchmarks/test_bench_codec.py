@@ -37,8 +37,13 @@ def test_bslz4_decode_h5py_hdf5plugin(benchmark, encoded_frame):
     benchmark.group = f"decode {name} 6M frame"
     benchmark.extra_info["role"] = "baseline:h5py+hdf5plugin"
     f = h5py.File("in-memory.h5", "w", driver="core", backing_store=False)
-    ds = f.create_dataset("data", shape=(1, *pixels.shape), dtype=pixels.dtype, chunks=(1, *pixels.shape),
-                          **hdf5plugin.Bitshuffle(cname="lz4"))
+    ds = f.create_dataset(
+        "data",
+        shape=(1, *pixels.shape),
+        dtype=pixels.dtype,
+        chunks=(1, *pixels.shape),
+        **hdf5plugin.Bitshuffle(cname="lz4"),
+    )
     ds.id.write_direct_chunk((0, 0, 0), blob)
     out = np.empty((1, *pixels.shape), dtype=pixels.dtype)
     benchmark(ds.read_direct, out)
@@ -67,7 +72,12 @@ def test_bslz4_encode_h5py_hdf5plugin(benchmark, encoded_frame):
     benchmark.group = f"encode {name} 6M frame"
     benchmark.extra_info["role"] = "baseline:h5py+hdf5plugin"
     f = h5py.File("in-memory-w.h5", "w", driver="core", backing_store=False)
-    ds = f.create_dataset("data", shape=(1, *pixels.shape), dtype=pixels.dtype, chunks=(1, *pixels.shape),
-                          **hdf5plugin.Bitshuffle(cname="lz4"))
+    ds = f.create_dataset(
+        "data",
+        shape=(1, *pixels.shape),
+        dtype=pixels.dtype,
+        chunks=(1, *pixels.shape),
+        **hdf5plugin.Bitshuffle(cname="lz4"),
+    )
     benchmark(ds.write_direct, pixels[np.newaxis])
     f.close()

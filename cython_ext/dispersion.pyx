@@ -6,13 +6,14 @@ DispersionExtendedThreshold; see intxr/reader/threshold.py for the rules in word
 kept as integer column sums over the window's rows, slid down the frame, and a running sum along
 each row: no full-frame summed-area table. For integer pixels below 2^24 (all DIALS counts) the
 sums are exact, so every test sees the same numbers DIALS's double-precision tables give, and the
-test expressions are written in DIALS's order so the doubles round the same way.
+test expressions are written in DIALS's order so the doubles round the same way. (Non-integer
+float64 frames are summed in a different order than DIALS's table, so they agree only to rounding.)
 
 Python wrappers: intxr.reader.threshold (the numpy reference lives there too) and intxr.reader.spots.
 """
-from libc.math cimport sqrt
+from libc.math cimport fabs, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memset
 
 import numpy as np
@@ -26,10 +27,11 @@ ctypedef fused pixel_t:
 cdef double BIG = 16777216.0  # 1 << 24: pixels at or above it are left out of window sums (DIALS)
 
 
-cdef struct Window:
-    int64_t m
-    int64_t x
-    int64_t y
+# Window-sum accumulators: exact int64 for integer frames (1-cycle adds keep the running sums fast),
+# double for float64 frames.
+ctypedef fused acc_t:
+    int64_t
+    double
 
 
 cdef struct Indices:
@@ -61,119 +63,175 @@ cdef enum:
     IN_SUMS2 = 32    # contributes to the final-pass window sums (BACKGROUND and < 2^24)
 
 
-cdef inline void _add_row(const pixel_t[:, ::1] image, const uint8_t[:, ::1] flags, uint8_t bit, Py_ssize_t j,
-                          int sign, int32_t *cm, int64_t *cx, int64_t *cy) noexcept nogil:
-    # Column sums over the window's rows: add (sign +1) or remove (-1) row j's contributing pixels.
+cdef inline void _update_columns(const pixel_t[:, ::1] image, const uint8_t[:, ::1] flags, uint8_t bit,
+                                 Py_ssize_t add, Py_ssize_t sub, acc_t *cm, acc_t *cx, acc_t *cy) noexcept nogil:
+    # Column sums over the window's rows: add row `add`, remove row `sub` (-1: none), branch-free.
+    # `cy` (sums of squares) is skipped when NULL.
     cdef Py_ssize_t i, w = image.shape[1]
-    cdef int64_t v
+    cdef acc_t v, mv
+    if add >= 0:
+        for i in range(w):
+            mv = (flags[add, i] & bit) != 0
+            v = (<acc_t>image[add, i]) * mv
+            cm[i] += mv
+            cx[i] += v
+            if cy != NULL:
+                cy[i] += v * v
+    if sub >= 0:
+        for i in range(w):
+            mv = (flags[sub, i] & bit) != 0
+            v = (<acc_t>image[sub, i]) * mv
+            cm[i] -= mv
+            cx[i] -= v
+            if cy != NULL:
+                cy[i] -= v * v
+
+
+cdef inline void _window_row(Py_ssize_t w, int kx, const acc_t *cm, const acc_t *cx, const acc_t *cy,
+                             acc_t *pm, acc_t *px, acc_t *py, acc_t *wm, acc_t *wx, acc_t *wy) noexcept nogil:
+    # Sums over the clipped horizontal window: prefix sums of the column sums (short dependency
+    # chains), then differences (independent, vectorisable).
+    cdef Py_ssize_t i, lo, hi
+    pm[0] = 0
+    px[0] = 0
     for i in range(w):
-        if flags[j, i] & bit:
-            v = <int64_t>image[j, i]
-            cm[i] += sign
-            cx[i] += sign * v
-            cy[i] += sign * v * v
+        pm[i + 1] = pm[i] + cm[i]
+        px[i + 1] = px[i] + cx[i]
+    if cy != NULL:
+        py[0] = 0
+        for i in range(w):
+            py[i + 1] = py[i] + cy[i]
+    for i in range(w):
+        hi = i + kx + 1 if i + kx + 1 < w else w
+        lo = i - kx if i - kx > 0 else 0
+        wm[i] = pm[hi] - pm[lo]
+        wx[i] = px[hi] - px[lo]
+        if cy != NULL:
+            wy[i] = py[hi] - py[lo]
+
+
+cdef double _window_squares(const pixel_t[:, ::1] image, const uint8_t[:, ::1] flags, uint8_t bit,
+                            Py_ssize_t j, Py_ssize_t i, int ky, int kx) noexcept nogil:
+    # Sum of squares over one clipped window, for the rare candidate pixels (exact for counts).
+    cdef Py_ssize_t jj, ii
+    cdef double v, total = 0
+    for jj in range(max(0, j - ky), min(image.shape[0], j + ky + 1)):
+        for ii in range(max(0, i - kx), min(image.shape[1], i + kx + 1)):
+            if flags[jj, ii] & bit:
+                v = <double>image[jj, ii]
+                total += v * v
+    return total
 
 
 cdef int _slide(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, uint8_t bit, int ky, int kx, int mode,
                 double nsig_b, double nsig_s, int64_t min_count, double threshold, double gain,
-                Indices *strong) noexcept nogil:
+                Indices *strong, acc_t zero) noexcept nogil:
     """Slide a clipped (2ky+1) x (2kx+1) window over the frame, summing the pixels flagged `bit`, and
     apply one test per pixel. mode 0: `dispersion` strong test -> strong indices; mode 1: extended
-    first pass -> CV flags; mode 2: extended final test -> strong indices."""
-    cdef Py_ssize_t h = image.shape[0], w = image.shape[1], j, i
-    cdef int32_t *cm = <int32_t *>malloc(w * sizeof(int32_t))
-    cdef int64_t *cx = <int64_t *>malloc(w * sizeof(int64_t))
-    cdef int64_t *cy = <int64_t *>malloc(w * sizeof(int64_t))
-    cdef int64_t m, sx, sy
-    cdef double v, a, b, c, d, mean
+    first pass -> CV flags; mode 2: extended final test -> strong indices. `zero` picks the
+    accumulator type.
+
+    Work per pixel is kept small: window sums come from column sums and prefix sums along the row;
+    modes 0 and 2 first apply a necessary condition on (m, x) alone (b > 0 and b^2 >= (a little less
+    than) d^2, as one comparison; or v > mean) and only the rare candidates get the sum of squares
+    and the exact DIALS test; sqrt(2 (m-1)) comes from a table (the same correctly rounded values)."""
+    cdef Py_ssize_t h = image.shape[0], w = image.shape[1], j, i, n_window = (2 * ky + 1) * (2 * kx + 1)
+    cdef bint need_y = mode == 1
+    cdef acc_t *buf = <acc_t *>calloc(9 * (w + 1), sizeof(acc_t))
+    cdef acc_t *cm = buf
+    cdef acc_t *cx = buf + (w + 1)
+    cdef acc_t *cy = buf + 2 * (w + 1) if need_y else NULL
+    cdef acc_t *pm = buf + 3 * (w + 1)
+    cdef acc_t *px = buf + 4 * (w + 1)
+    cdef acc_t *py = buf + 5 * (w + 1)
+    cdef acc_t *wm = buf + 6 * (w + 1)
+    cdef acc_t *wx = buf + 7 * (w + 1)
+    cdef acc_t *wy = buf + 8 * (w + 1)
+    cdef double *root = <double *>malloc((n_window + 1) * sizeof(double))  # sqrt(2 (m - 1))
+    cdef int64_t m
+    cdef double sx, sy, v, a, b, c, d, mean, loose = 0.999999 * nsig_s * nsig_s * (gain if gain > 0 else 1.0)
     cdef uint8_t f
-    cdef bint result
-    if cm == NULL or cx == NULL or cy == NULL:
-        free(cm); free(cx); free(cy)
-        return -1
-    memset(cm, 0, w * sizeof(int32_t))
-    memset(cx, 0, w * sizeof(int64_t))
-    memset(cy, 0, w * sizeof(int64_t))
-    for j in range(min(ky, h)):
-        _add_row(image, flags, bit, j, 1, cm, cx, cy)
-    for j in range(h):
-        if j + ky < h:
-            _add_row(image, flags, bit, j + ky, 1, cm, cx, cy)
-        if j - ky - 1 >= 0:
-            _add_row(image, flags, bit, j - ky - 1, -1, cm, cx, cy)
-        m = 0
-        sx = 0
-        sy = 0
-        for i in range(min(kx, w)):
-            m += cm[i]
-            sx += cx[i]
-            sy += cy[i]
-        for i in range(w):
-            if i + kx < w:
-                m += cm[i + kx]
-                sx += cx[i + kx]
-                sy += cy[i + kx]
-            if i - kx - 1 >= 0:
-                m -= cm[i - kx - 1]
-                sx -= cx[i - kx - 1]
-                sy -= cy[i - kx - 1]
-            f = flags[j, i]
-            if mode == 0:
+    cdef bint candidate
+    cdef int status = 0
+    if buf == NULL or root == NULL:
+        status = -1
+    else:
+        root[0] = 0.0
+        for m in range(1, n_window + 1):
+            root[m] = sqrt(2.0 * (<double>m - 1))
+        for j in range(min(ky, h)):
+            _update_columns(image, flags, bit, j, -1, cm, cx, cy)
+    for j in range(h if status == 0 else 0):
+        _update_columns(image, flags, bit, j + ky if j + ky < h else -1, j - ky - 1 if j - ky - 1 >= 0 else -1,
+                        cm, cx, cy)
+        _window_row(w, kx, cm, cx, cy, pm, px, py, wm, wx, wy)
+        if mode == 0:
+            for i in range(w):
                 # DIALS: mask && m >= min_count && x >= 0 && v > threshold, then a > c && b > d.
-                if not (f & VALID) or m < min_count or sx < 0:
-                    continue
+                m = <int64_t>wm[i]
+                sx = <double>wx[i]
                 v = <double>image[j, i]
-                if not v > threshold:
+                b = <double>m * v - sx
+                candidate = ((flags[j, i] & VALID) != 0) & (m >= min_count) & (sx >= 0) & (v > threshold) & \
+                    (b * fabs(b) >= loose * sx * <double>m)
+                if not candidate or not b > 0:
                     continue
-                b = <double>m * v - <double>sx
-                if b <= 0:  # d >= 0, so b > d cannot hold: skip the square roots
-                    continue
+                sy = _window_squares(image, flags, bit, j, i, ky, kx)
                 if gain > 0:
-                    a = <double>m * <double>sy - <double>sx * <double>sx
-                    c = gain * <double>sx * ((<double>m - 1) + nsig_b * sqrt(2.0 * (<double>m - 1)))
-                    d = nsig_s * sqrt(gain * <double>sx * <double>m)
+                    a = <double>m * sy - sx * sx
+                    c = gain * sx * ((<double>m - 1) + nsig_b * root[m])
+                    d = nsig_s * sqrt(gain * sx * <double>m)
                 else:
-                    a = <double>m * <double>sy - <double>sx * <double>sx - <double>sx * (<double>m - 1)
-                    c = <double>sx * nsig_b * sqrt(2.0 * (<double>m - 1))
-                    d = nsig_s * sqrt(<double>sx * <double>m)
+                    a = <double>m * sy - sx * sx - sx * (<double>m - 1)
+                    c = sx * nsig_b * root[m]
+                    d = nsig_s * sqrt(sx * <double>m)
                 if a > c and b > d:
                     if _push(strong, j * w + i) < 0:
-                        free(cm); free(cx); free(cy)
-                        return -1
-            elif mode == 1:
+                        status = -1
+                        break
+        elif mode == 1:
+            for i in range(w):
                 # First pass of dispersion_extended: masked pixels count as non-background.
+                f = flags[j, i]
+                m = <int64_t>wm[i]
+                sx = <double>wx[i]
+                sy = <double>wy[i]
                 if not (f & VALID):
                     flags[j, i] = f | CV
                 elif m >= min_count and sx >= 0:
                     if gain > 0:
-                        a = <double>m * <double>sy - <double>sx * <double>sx
-                        c = gain * <double>sx * ((<double>m - 1) + nsig_b * sqrt(2.0 * (<double>m - 1)))
+                        a = <double>m * sy - sx * sx
+                        c = gain * sx * ((<double>m - 1) + nsig_b * root[m])
                     else:
-                        a = <double>m * <double>sy - <double>sx * <double>sx - <double>sx * (<double>m - 1)
-                        c = <double>sx * nsig_b * sqrt(2.0 * (<double>m - 1))
+                        a = <double>m * sy - sx * sx - sx * (<double>m - 1)
+                        c = sx * nsig_b * root[m]
                     if a > c:
                         flags[j, i] = f | CV
-            else:
+        else:
+            for i in range(w):
                 # Final pass: inside the eroded dispersion region (not background), above the global
-                # threshold, and v >= mean + nsig_s * sqrt(mean) over the wider window's background.
-                if not (f & VALID) or (f & BACKGROUND) or sx < 0:
-                    continue
+                # threshold, and v >= mean + nsig_s * sqrt(g mean) over the wider window's background.
+                f = flags[j, i]
+                m = <int64_t>wm[i]
+                sx = <double>wx[i]
                 v = <double>image[j, i]
-                if not v > threshold:
+                candidate = ((f & VALID) != 0) & ((f & BACKGROUND) == 0) & (sx >= 0) & (v > threshold)
+                if not candidate:
                     continue
-                mean = <double>sx / <double>m if m >= 2 else 0.0
+                mean = sx / <double>m if m >= 2 else 0.0
                 if gain > 0:
-                    result = v >= mean + nsig_s * sqrt(gain * mean)
+                    candidate = v >= mean + nsig_s * sqrt(gain * mean)
                 else:
-                    result = v >= mean + nsig_s * sqrt(mean)
-                if result:
+                    candidate = v >= mean + nsig_s * sqrt(mean)
+                if candidate:
                     if _push(strong, j * w + i) < 0:
-                        free(cm); free(cx); free(cy)
-                        return -1
-    free(cm)
-    free(cx)
-    free(cy)
-    return 0
+                        status = -1
+                        break
+        if status != 0:
+            break
+    free(buf)
+    free(root)
+    return status
 
 
 cdef int _erode(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, int radius) noexcept nogil:
@@ -221,57 +279,85 @@ cdef int _erode(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, int radius) 
     return 0
 
 
-cdef void _flag_valid(const pixel_t[:, ::1] image, const uint8_t[:, ::1] mask, double lo, double hi,
-                      uint8_t[:, ::1] flags) noexcept nogil:
-    cdef Py_ssize_t j, i
+cdef int _flag_valid(const pixel_t[:, ::1] image, const uint8_t[:, ::1] mask, double lo, double hi,
+                     uint8_t[:, ::1] flags, Indices *overloaded) noexcept nogil:
+    # VALID / IN_SUMS flags; unmasked pixels above the trusted range are collected as overloads.
+    cdef Py_ssize_t j, i, w = image.shape[1]
     cdef double v
     for j in range(image.shape[0]):
-        for i in range(image.shape[1]):
+        for i in range(w):
             v = <double>image[j, i]
             if mask[j, i] and lo <= v and v <= hi:
                 flags[j, i] = VALID | IN_SUMS if v < BIG else VALID
             else:
                 flags[j, i] = 0
+                if mask[j, i] and v > hi:
+                    if _push(overloaded, j * w + i) < 0:
+                        return -1
+    return 0
+
+
+cdef int _threshold(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, int kernel_y, int kernel_x,
+                    double sigma_background, double sigma_strong, int min_count, double global_threshold,
+                    double gain, bint extended, Indices *strong, acc_t zero) noexcept nogil:
+    cdef int status
+    if not extended:
+        return _slide(image, flags, IN_SUMS, kernel_y, kernel_x, 0, sigma_background, sigma_strong,
+                      min_count, global_threshold, gain, strong, zero)
+    status = _slide(image, flags, IN_SUMS, kernel_y, kernel_x, 1, sigma_background, sigma_strong,
+                    min_count, global_threshold, gain, strong, zero)
+    if status == 0:
+        status = _erode(image, flags, min(kernel_x, kernel_y) - 1)
+    if status == 0:
+        status = _slide(image, flags, IN_SUMS2, kernel_y + 2, kernel_x + 2, 2, sigma_background,
+                        sigma_strong, min_count, global_threshold, gain, strong, zero)
+    return status
 
 
 def strong_pixels(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] mask not None, double trusted_min,
                   double trusted_max, int kernel_y, int kernel_x, double sigma_background, double sigma_strong,
                   int min_count, double global_threshold, double gain, bint extended):
-    """Raster indices (int64) of the strong pixels; `gain` <= 0 means no gain (DIALS's plain expressions).
-
-    The caller has validated the arguments (intxr.reader.threshold.find_strong_pixels)."""
+    """(strong, overloaded): raster indices (int64) of the strong pixels and of the unmasked pixels above
+    the trusted range. `gain` <= 0 means no gain (DIALS's plain expressions). The caller has
+    validated the arguments (intxr.reader.threshold.find_strong_pixels)."""
     cdef Py_ssize_t h = image.shape[0], w = image.shape[1]
     flags_array = np.empty((h, w), dtype=np.uint8)
     cdef uint8_t[:, ::1] flags = flags_array
-    cdef Indices strong
+    cdef Indices strong, overloaded
     cdef int status = 0
     strong.size = 0
     strong.capacity = 4096
     strong.data = <int64_t *>malloc(strong.capacity * sizeof(int64_t))
-    if strong.data == NULL:
+    overloaded.size = 0
+    overloaded.capacity = 256
+    overloaded.data = <int64_t *>malloc(overloaded.capacity * sizeof(int64_t))
+    if strong.data == NULL or overloaded.data == NULL:
+        free(strong.data)
+        free(overloaded.data)
         raise MemoryError()
     with nogil:
-        _flag_valid(image, mask, trusted_min, trusted_max, flags)
-        if not extended:
-            status = _slide(image, flags, IN_SUMS, kernel_y, kernel_x, 0, sigma_background, sigma_strong,
-                            min_count, global_threshold, gain, &strong)
-        else:
-            status = _slide(image, flags, IN_SUMS, kernel_y, kernel_x, 1, sigma_background, sigma_strong,
-                            min_count, global_threshold, gain, &strong)
-            if status == 0:
-                status = _erode(image, flags, min(kernel_x, kernel_y) - 1)
-            if status == 0:
-                status = _slide(image, flags, IN_SUMS2, kernel_y + 2, kernel_x + 2, 2, sigma_background,
-                                sigma_strong, min_count, global_threshold, gain, &strong)
+        status = _flag_valid(image, mask, trusted_min, trusted_max, flags, &overloaded)
+        if status == 0:
+            if pixel_t is double:
+                status = _threshold(image, flags, kernel_y, kernel_x, sigma_background, sigma_strong, min_count,
+                                    global_threshold, gain, extended, &strong, <double>0)
+            else:
+                status = _threshold(image, flags, kernel_y, kernel_x, sigma_background, sigma_strong, min_count,
+                                    global_threshold, gain, extended, &strong, <int64_t>0)
     try:
         if status != 0:
             raise MemoryError("out of memory in the dispersion threshold")
-        result = np.empty(strong.size, dtype=np.int64)
-        if strong.size:
-            result[:] = <int64_t[:strong.size]>strong.data
-        return result
+        return _to_array(&strong), _to_array(&overloaded)
     finally:
         free(strong.data)
+        free(overloaded.data)
+
+
+cdef object _to_array(Indices *indices):
+    result = np.empty(indices.size, dtype=np.int64)
+    if indices.size:
+        result[:] = <int64_t[:indices.size]>indices.data
+    return result
 
 
 def label_spots(const int64_t[::1] strong not None, const pixel_t[:, ::1] image not None):

@@ -145,6 +145,100 @@ def cmd_version(args) -> int:
     return 0
 
 
+def _geometry_from_args(args, image):
+    """Geometry for a frame: the file's own, or the command line's for .npy (and to override)."""
+    from dataclasses import replace
+
+    from intxr.models import Geometry
+
+    g = image.geometry
+    given = {
+        k: v
+        for k, v in {
+            "distance": args.distance,
+            "wavelength": args.wavelength,
+            "pixel_size_x": args.pixel_size,
+            "pixel_size_y": args.pixel_size,
+            "beam_center_x": args.beam_center[0] if args.beam_center else None,
+            "beam_center_y": args.beam_center[1] if args.beam_center else None,
+            "count_cutoff": args.count_cutoff,
+        }.items()
+        if v is not None
+    }
+    if not g.known:
+        missing = [k for k in ("distance", "wavelength", "pixel_size_x", "beam_center_x") if k not in given]
+        if missing:
+            raise UsageError(
+                f"{image.source}: no geometry in the file; give --distance, --pixel-size, "
+                f"--beam-center and --wavelength (missing: {', '.join(missing)})"
+            )
+        return replace(Geometry(), **given)
+    return replace(g, **given) if given else g
+
+
+def cmd_find_spots(args) -> int:
+    import json
+    import time
+
+    import numpy as np
+
+    from intxr.images import open_source
+    from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
+    from intxr.reader.threshold import ThresholdParams
+
+    threshold = ThresholdParams(
+        algorithm=args.algorithm,
+        gain=args.gain,
+        kernel_size=args.kernel_size,
+        sigma_background=args.sigma_b,
+        sigma_strong=args.sigma_s,
+        min_local=args.min_local,
+        global_threshold=args.global_threshold,
+    )
+    params = SpotFinderParams(
+        threshold=threshold,
+        min_spot_size=args.min_spot_size,
+        max_spot_size=args.max_spot_size,
+        max_separation=args.max_separation,
+        d_min=args.d_min,
+        d_max=args.d_max,
+        backend=args.backend,
+        prescreen=args.prescreen,
+        min_bragg_peaks=args.min_bragg_peaks,
+    )
+    mask = None
+    if args.mask:
+        mask = np.load(args.mask) != 0  # nonzero = a pixel to use, as DIALS masks are
+    finders: dict = {}
+    for path in args.images:
+        source = open_source(path)
+        for index in range(len(source)):
+            t = time.perf_counter()
+            image = source.read(index)
+            read_s = time.perf_counter() - t
+            geometry = _geometry_from_args(args, image)
+            static = mask if mask is not None else image.extra.get("mask")
+            key = (geometry, None if static is None else id(static))
+            finder = finders.get(key)
+            if finder is None:
+                finder = finders[key] = SpotFinder(params, geometry, static)
+            result = finder.find(image.data)
+            result.timing = {"read": read_s, **result.timing}
+            if args.json:
+                print(json.dumps(result.as_json(file=path, frame=index)), flush=True)
+            else:
+                s = result.stats
+                print(
+                    f"{path} frame {index}: {len(result.spots)} spots ({result.n_strong_pixels} strong pixels), "
+                    f"{s.n_spots_no_ice} without ice, {s.n_spots_4A} beyond 4 A, d_min {s.estimated_d_min:.2f} A, "
+                    f"score {result.score.score}, hres {result.score.hres:.2f}"
+                    + (" [blank: pre-screened]" if result.prescreened else "")
+                    + f" | {sum(result.timing.values()) * 1000:.0f} ms",
+                    flush=True,
+                )
+    return 0
+
+
 def cmd_config(args) -> int:
     from intxr import config as cfg
 
@@ -171,6 +265,27 @@ def _not_yet(what: str, issue: int):
         )
 
     return run
+
+
+def _pair_of_ints(text: str) -> tuple[int, int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NY,NX") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NY,NX")
+    return values[0], values[1]
+
+
+def _number_or_auto(text: str) -> float | str:
+    if text.lower() == "auto":
+        return "Auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number or Auto") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,12 +344,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--beamline")
     p.set_defaults(func=_not_yet("the Rust Splitter", 3))
 
-    p = sub.add_parser("find-spots", help="find Bragg spots on image files (DIALS dispersion algorithm)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = sub.add_parser(
+        "find-spots",
+        help="find Bragg spots on image files (DIALS dispersion algorithm)",
+        description="Find spots as dials.find_spots does (same defaults), with DIALS's per-image "
+        "statistics and the Interceptor score. Reads .cbf[.bz2|.gz], Eiger/NXmx .h5 (all "
+        "frames) and .npy (give its geometry).",
+    )
+    p.add_argument("images", nargs="+", metavar="PATH")
     p.add_argument("--algorithm", choices=["dispersion", "dispersion_extended"], default="dispersion_extended")
+    p.add_argument("--gain", type=float, default=None)
+    p.add_argument(
+        "--kernel-size",
+        type=_pair_of_ints,
+        default=(3, 3),
+        metavar="NY,NX",
+        help="half-widths of the local window (default 3,3: 7x7)",
+    )
+    p.add_argument("--sigma-b", type=float, default=6.0, help="sigma_background (default 6)")
+    p.add_argument("--sigma-s", type=float, default=3.0, help="sigma_strong (default 3)")
+    p.add_argument("--min-local", type=int, default=2)
+    p.add_argument("--global-threshold", type=_number_or_auto, default=0.0, metavar="T|Auto")
+    p.add_argument("--min-spot-size", type=int, default=3)
+    p.add_argument("--max-spot-size", type=int, default=1000)
+    p.add_argument("--max-separation", type=float, default=2.0)
+    p.add_argument("--d-min", type=float, default=None, help="mask pixels at d <= D before thresholding")
+    p.add_argument("--d-max", type=float, default=None, help="mask pixels at d >= D before thresholding")
     p.add_argument("--backend", choices=["native", "dials"], default="native")
-    p.add_argument("--json", action="store_true", help="print results as JSON lines")
-    p.set_defaults(func=_not_yet("spot finding", 4))
+    p.add_argument("--prescreen", action="store_true", help="skip frames the pre-screen finds blank")
+    p.add_argument("--min-bragg-peaks", type=int, default=10, help="hit threshold for the score (default 10)")
+    p.add_argument("--mask", metavar="MASK.npy", help="pixels to use (nonzero), same shape as the frames")
+    p.add_argument("--distance", type=float, metavar="MM")
+    p.add_argument("--pixel-size", type=float, metavar="MM")
+    p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"), help="pixels (fast, slow)")
+    p.add_argument("--wavelength", type=float, metavar="A")
+    p.add_argument("--count-cutoff", type=int, help="highest trusted count (overrides the file's)")
+    p.add_argument("--json", action="store_true", help="one JSON object per frame per line")
+    p.set_defaults(func=cmd_find_spots)
 
     p = sub.add_parser("gui", help="serve the live web view of runs")
     p.add_argument("--port", type=int, default=8080)

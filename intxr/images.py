@@ -213,6 +213,14 @@ class Hdf5Source(ImageSource):
             raise SourceError(f"{path}: /entry/data holds no readable 3-D frame dataset")
         self._offsets = np.cumsum([0] + [len(d) for d in self._datasets])
         self._geometry = self._read_geometry()
+        self._mask = self._read_mask()
+
+    def _read_mask(self) -> np.ndarray | None:
+        """Pixels to use: the detector's pixel_mask == 0 (bits mark gaps, dead, noisy pixels)."""
+        mask = self._file.get("entry/instrument/detector/detectorSpecific/pixel_mask")
+        if mask is None or mask.shape != self._datasets[0].shape[1:]:
+            return None
+        return np.asarray(mask) == 0
 
     def _read_geometry(self) -> Geometry:
         det = self._file.get("entry/instrument/detector")
@@ -259,7 +267,7 @@ class Hdf5Source(ImageSource):
     def read(self, index: int) -> Image:
         which = int(np.searchsorted(self._offsets, index, side="right") - 1)
         data = self._datasets[which][index - self._offsets[which]]
-        return Image(data, self._geometry, self.name, index)
+        return Image(data, self._geometry, self.name, index, extra={} if self._mask is None else {"mask": self._mask})
 
 
 class SyntheticSource(ImageSource):

@@ -30,6 +30,7 @@ class Geometry:
     omega_start: float = 0.0
     omega_increment: float = 0.0
     known: bool = True  # False when the source carried no geometry and these are placeholders
+    parallax: bool = True  # apply dxtbx's parallax correction (silicon sensors) to pixel -> resolution
 
     @property
     def energy_ev(self) -> float:

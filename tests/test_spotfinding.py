@@ -1,0 +1,210 @@
+"""Spot finding against real DIALS results on real frames, and the kernels against plain numpy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from intxr import codec
+from intxr.images import read_cbf
+from intxr.models import Geometry
+from intxr.reader.spotfinder import SpotFinder, SpotFinderParams, find_spots
+from intxr.reader.spots import label_reference, label_strong_pixels
+from intxr.reader.threshold import ThresholdParams, find_strong_pixels, strong_mask_reference
+from intxr.testing import shared_path
+
+STATS_INT = ("n_spots_total", "n_spots_no_ice", "n_spots_4A")
+STATS_FLOAT = (
+    "total_intensity",
+    "estimated_d_min",
+    "d_min_distl_method_1",
+    "d_min_distl_method_2",
+    "noisiness_method_1",
+    "noisiness_method_2",
+)
+
+
+def reference_files() -> list[Path]:
+    root = shared_path("reference")
+    return sorted(root.glob("*/*.json"))
+
+
+def dls_frame(shared: Path):
+    """The DLS EIGER2 stream frame and its geometry, as the reference was computed (input_notes)."""
+    parts = msgpack.unpackb((shared / "data/stream_v1/dls_eiger2_16m_roi4m/image000044").read_bytes())
+    header = json.loads(parts[1])
+    width, height = header["shape"]
+    image = codec.decode(parts[2], header["encoding"], header["type"], (height, width))
+    config = json.loads(msgpack.unpackb((shared / "data/stream_v1/dls_eiger2_16m_roi4m/header").read_bytes())[1])
+    geometry = Geometry(
+        wavelength=config["wavelength"],
+        distance=config["detector_distance"] * 1000,
+        beam_center_x=config["beam_center_x"],
+        beam_center_y=config["beam_center_y"],
+        pixel_size_x=config["x_pixel_size"] * 1000,
+        pixel_size_y=config["y_pixel_size"] * 1000,
+        count_cutoff=config["countrate_correction_count_cutoff"],
+        sensor_thickness=0.45,
+    )
+    return image, geometry
+
+
+def params_for(reference: dict, name: str) -> SpotFinderParams:
+    p = reference["parameters"]
+    threshold = ThresholdParams(
+        algorithm=p["threshold"],
+        gain=p["gain"],
+        kernel_size=tuple(p["kernel_size"]),
+        sigma_background=p["sigma_background"],
+        sigma_strong=p["sigma_strong"],
+        min_local=p["min_local"],
+        global_threshold=p["global_threshold"],
+    )
+    d_min, d_max = (4.5, 40.0) if "dmin4.5_dmax40" in name else (None, None)
+    return SpotFinderParams(
+        threshold=threshold,
+        min_spot_size=p["min_spot_size"],
+        max_spot_size=p["max_spot_size"],
+        max_separation=p["max_separation"],
+        d_min=d_min,
+        d_max=d_max,
+        prescreen=False,
+    )
+
+
+@pytest.mark.parametrize("name", [p.name for p in reference_files()] if shared_path else [])
+def test_matches_dials_on_real_frames(name):
+    """Identical strong-pixel and spot counts, centroids within 0.01 px, equal intensities, DIALS's stats."""
+    path = next(p for p in reference_files() if p.name == name)
+    reference = json.loads(path.read_text())
+    shared = shared_path()
+    if path.parent.name == "stream_v1":
+        image, geometry = dls_frame(shared)
+        geometry = replace(geometry, parallax=False)  # the reference used a flat detector without parallax
+    else:
+        frame = read_cbf(str(shared / reference["source"]))
+        image, geometry = frame.data, frame.geometry
+    result = SpotFinder(params_for(reference, name), geometry).find(image)
+    assert result.n_strong_pixels == reference["n_strong_pixels"]
+    assert len(result.spots) == reference["n_spots"]
+    ref_spots = reference["spots"]
+    if ref_spots:
+        assert np.abs(result.spots.x - [s["x"] for s in ref_spots]).max() < 0.01
+        assert np.abs(result.spots.y - [s["y"] for s in ref_spots]).max() < 0.01
+        assert result.spots.intensity.tolist() == [s["intensity"] for s in ref_spots]
+        assert result.spots.npix.tolist() == [s["npix"] for s in ref_spots]
+        assert result.spots.bbox.tolist() == [s["bbox"] for s in ref_spots]
+    stats = result.stats.as_dict()
+    for key in STATS_INT:
+        assert stats[key] == reference["stats"][key], key
+    for key in STATS_FLOAT:
+        assert stats[key] == pytest.approx(reference["stats"][key], rel=1e-6), key
+
+
+def random_frame(seed: int, shape=(60, 75), dtype=np.int32):
+    rng = np.random.default_rng(seed)
+    background = rng.uniform(0.3, 20.0)
+    frame = rng.poisson(background, size=shape).astype(np.float64)
+    for _ in range(rng.integers(0, 12)):  # spots, some on the edges
+        j, i = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        frame[max(0, j - 1) : j + 2, max(0, i - 1) : i + 2] += rng.uniform(5, 300)
+    frame[rng.random(shape) < 0.01] = 5000  # saturated pixels above the trusted range
+    frame = np.round(frame)  # detector counts: integers, whatever the array type
+    mask = rng.random(shape) > 0.05
+    mask[:, rng.integers(0, shape[1])] = False  # a gap
+    return frame.astype(dtype), mask.astype(np.uint8)
+
+
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+@pytest.mark.parametrize("seed", range(12))
+def test_kernel_equals_numpy_reference(algorithm, seed):
+    rng = np.random.default_rng(100 + seed)
+    dtype = [np.int32, np.uint16, np.uint32, np.float64][seed % 4]
+    image, mask = random_frame(seed, dtype=dtype)
+    params = ThresholdParams(
+        algorithm=algorithm,
+        kernel_size=(int(rng.integers(1, 4)), int(rng.integers(1, 4))),
+        sigma_background=float(rng.choice([6.0, 3.0])),
+        sigma_strong=float(rng.choice([3.0, 2.0])),
+        min_local=int(rng.choice([2, 0, 5])),
+        gain=[None, 1.0, 1.7][seed % 3],
+        global_threshold=float(rng.choice([0.0, 4.0])),
+    )
+    trusted = (0.0, 4000.0)
+    strong, overloaded = find_strong_pixels(image, mask, trusted, params)
+    expected = strong_mask_reference(image, mask, trusted, params)
+    assert strong.tolist() == np.flatnonzero(expected).tolist()
+    assert overloaded.tolist() == np.flatnonzero((image > 4000) & (mask > 0)).tolist()
+    spots = label_strong_pixels(strong, image)
+    ref = label_reference(expected, image)
+    assert spots.npix.tolist() == ref.npix.tolist()
+    assert spots.bbox.tolist() == ref.bbox.tolist()
+    np.testing.assert_allclose(spots.x, ref.x, rtol=1e-6)
+    np.testing.assert_allclose(spots.intensity, ref.intensity, rtol=1e-6)
+    assert spots.peak_x.tolist() == ref.peak_x.tolist() and spots.peak_y.tolist() == ref.peak_y.tolist()
+
+
+def test_labelling_is_4_connected_and_ordered_by_first_pixel():
+    mask = np.zeros((7, 8), dtype=bool)
+    mask[0, 5:7] = True  # spot A, first pixel (0, 5)
+    mask[1, 1] = mask[2, 1] = mask[2, 2] = True  # spot B: an L, first pixel (1, 1)
+    mask[3, 3] = True  # diagonal to B: a separate spot C
+    mask[5, 0:8] = True  # a full row
+    mask[6, 7] = True  # below the row's end: joins it
+    image = np.arange(56, dtype=np.int32).reshape(7, 8) + 1
+    spots = label_strong_pixels(np.flatnonzero(mask), image)
+    assert spots.npix.tolist() == [2, 3, 1, 9]
+    assert spots.bbox.tolist() == [[5, 7, 0, 1], [1, 3, 1, 3], [3, 4, 3, 4], [0, 8, 5, 7]]
+    assert spots.x[2] == 3.5 and spots.y[2] == 3.5
+
+
+def test_bad_input_is_a_clear_error_or_an_empty_result():
+    geometry = Geometry(beam_center_x=20, beam_center_y=20)
+    with pytest.raises(ValueError, match="dtype"):
+        find_spots(np.zeros((40, 40), dtype=np.complex64), geometry)
+    with pytest.raises(ValueError, match="mask shape"):
+        find_spots(np.zeros((40, 40), dtype=np.int32), geometry, mask=np.ones((40, 41), bool))
+    with pytest.raises(ValueError, match="NaN"):
+        find_spots(np.full((40, 40), np.nan), geometry)
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        find_spots(np.zeros((0, 0), dtype=np.int32), geometry)
+    all_masked = find_spots(np.full((40, 40), 7, dtype=np.int32), geometry, mask=np.zeros((40, 40), bool))
+    assert all_masked.n_strong_pixels == 0 and len(all_masked.spots) == 0
+    assert all_masked.stats.estimated_d_min == -1
+    zeros = find_spots(np.zeros((40, 40), dtype=np.uint16), geometry)
+    assert zeros.n_strong_pixels == 0 and zeros.score.score == 0
+    with pytest.raises(ValueError, match="min_local"):
+        find_spots(
+            np.zeros((40, 40), dtype=np.int32), geometry, SpotFinderParams(threshold=ThresholdParams(min_local=100))
+        )
+
+
+def test_too_many_strong_pixels_is_reported_not_crashed():
+    image = np.zeros((64, 64), dtype=np.int32)
+    image[::2, ::2] = 1000  # a dense lattice: half the pixels' windows are wildly dispersed
+    params = SpotFinderParams(max_strong_pixel_fraction=0.01, prescreen=False)
+    result = find_spots(image, Geometry(beam_center_x=32, beam_center_y=32), params)
+    assert result.n_strong_pixels > 41 and len(result.spots) == 0
+    assert "max_strong_pixel_fraction" in result.errors[0]
+
+
+def test_dials_backend_matches_native_when_dials_is_installed(thaumatin_cbfs):
+    pytest.importorskip("dials.algorithms.image.threshold", reason="DIALS is not installed (not on PyPI)")
+    frame = read_cbf(thaumatin_cbfs[0])
+    native = find_spots(frame.data, frame.geometry, SpotFinderParams(prescreen=False))
+    dials = find_spots(frame.data, frame.geometry, SpotFinderParams(prescreen=False, backend="dials"))
+    assert dials.n_strong_pixels == native.n_strong_pixels and len(dials.spots) == len(native.spots)
+
+
+def test_dials_backend_without_dials_is_a_clear_error():
+    from intxr.reader import dials_backend
+
+    if dials_backend.available():
+        pytest.skip("DIALS is installed here; the error path cannot occur")
+    with pytest.raises(ValueError, match="spf_backend = dials needs DIALS"):
+        SpotFinder(SpotFinderParams(backend="dials"), Geometry())
