@@ -6,8 +6,8 @@ DispersionExtendedThreshold; see intxr/reader/threshold.py for the rules in word
 kept as integer column sums over the window's rows, slid down the frame, and a running sum along
 each row: no full-frame summed-area table. For integer pixels below 2^24 (all DIALS counts) the
 sums are exact, so every test sees the same numbers DIALS's double-precision tables give, and the
-test expressions are written in DIALS's order so the doubles round the same way. (Non-integer
-float64 frames are summed in a different order than DIALS's table, so they agree only to rounding.)
+test expressions are written in DIALS's order so the doubles round the same way. Frames are
+integer counts (uint16, int32, uint32); intxr.reader.threshold routes other input elsewhere.
 
 Python wrappers: intxr.reader.threshold (the numpy reference lives there too) and intxr.reader.spots.
 """
@@ -22,16 +22,14 @@ ctypedef fused pixel_t:
     uint16_t
     int32_t
     uint32_t
+
+ctypedef fused value_t:  # labelling also takes gain-corrected (float64) frames
+    uint16_t
+    int32_t
+    uint32_t
     double
 
 cdef double BIG = 16777216.0  # 1 << 24: pixels at or above it are left out of window sums (DIALS)
-
-
-# Window-sum accumulators: exact int64 for integer frames (1-cycle adds keep the running sums fast),
-# double for float64 frames.
-ctypedef fused acc_t:
-    int64_t
-    double
 
 
 cdef struct Indices:
@@ -64,50 +62,43 @@ cdef enum:
 
 
 cdef inline void _update_columns(const pixel_t[:, ::1] image, const uint8_t[:, ::1] flags, uint8_t bit,
-                                 Py_ssize_t add, Py_ssize_t sub, acc_t *cm, acc_t *cx, acc_t *cy) noexcept nogil:
-    # Column sums over the window's rows: add row `add`, remove row `sub` (-1: none), branch-free.
-    # `cy` (sums of squares) is skipped when NULL.
+                                 Py_ssize_t row, int sign, int64_t *cm, int64_t *cx, int64_t *cy) noexcept nogil:
+    # Column sums over the window's rows: add (sign +1) or remove (-1) one row, branch-free so the
+    # compiler vectorises it. `cy` (sums of squares) is skipped when NULL. Integer sums are exact.
     cdef Py_ssize_t i, w = image.shape[1]
-    cdef acc_t v, mv
-    if add >= 0:
-        for i in range(w):
-            mv = (flags[add, i] & bit) != 0
-            v = (<acc_t>image[add, i]) * mv
-            cm[i] += mv
-            cx[i] += v
-            if cy != NULL:
-                cy[i] += v * v
-    if sub >= 0:
-        for i in range(w):
-            mv = (flags[sub, i] & bit) != 0
-            v = (<acc_t>image[sub, i]) * mv
-            cm[i] -= mv
-            cx[i] -= v
-            if cy != NULL:
-                cy[i] -= v * v
-
-
-cdef inline void _window_row(Py_ssize_t w, int kx, const acc_t *cm, const acc_t *cx, const acc_t *cy,
-                             acc_t *pm, acc_t *px, acc_t *py, acc_t *wm, acc_t *wx, acc_t *wy) noexcept nogil:
-    # Sums over the clipped horizontal window: prefix sums of the column sums (short dependency
-    # chains), then differences (independent, vectorisable).
-    cdef Py_ssize_t i, lo, hi
-    pm[0] = 0
-    px[0] = 0
+    cdef int64_t v, mv
     for i in range(w):
-        pm[i + 1] = pm[i] + cm[i]
-        px[i + 1] = px[i] + cx[i]
+        mv = ((flags[row, i] & bit) != 0) * sign
+        v = <int64_t>image[row, i] * mv
+        cm[i] += mv
+        cx[i] += v
     if cy != NULL:
-        py[0] = 0
         for i in range(w):
-            py[i + 1] = py[i] + cy[i]
+            mv = (flags[row, i] & bit) != 0
+            v = <int64_t>image[row, i] * mv
+            cy[i] += sign * v * v
+
+
+cdef inline void _window_row(Py_ssize_t w, int kx, const int64_t *cm, const int64_t *cx, const int64_t *cy,
+                             double *wm, double *wx, double *wy) noexcept nogil:
+    # Clipped horizontal window sums: running integer sums along the row (one-cycle adds, so the
+    # dependency chain is short). The column arrays are padded with kx + 1 zeros on each side.
+    cdef Py_ssize_t i
+    cdef int64_t m = 0, x = 0, y = 0
+    for i in range(-kx - 1, kx):
+        m += cm[i]
+        x += cx[i]
     for i in range(w):
-        hi = i + kx + 1 if i + kx + 1 < w else w
-        lo = i - kx if i - kx > 0 else 0
-        wm[i] = pm[hi] - pm[lo]
-        wx[i] = px[hi] - px[lo]
-        if cy != NULL:
-            wy[i] = py[hi] - py[lo]
+        m += cm[i + kx] - cm[i - kx - 1]
+        x += cx[i + kx] - cx[i - kx - 1]
+        wm[i] = <double>m
+        wx[i] = <double>x
+    if cy != NULL:
+        for i in range(-kx - 1, kx):
+            y += cy[i]
+        for i in range(w):
+            y += cy[i + kx] - cy[i - kx - 1]
+            wy[i] = <double>y
 
 
 cdef double _window_squares(const pixel_t[:, ::1] image, const uint8_t[:, ::1] flags, uint8_t bit,
@@ -125,57 +116,68 @@ cdef double _window_squares(const pixel_t[:, ::1] image, const uint8_t[:, ::1] f
 
 cdef int _slide(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, uint8_t bit, int ky, int kx, int mode,
                 double nsig_b, double nsig_s, int64_t min_count, double threshold, double gain,
-                Indices *strong, acc_t zero) noexcept nogil:
+                Indices *strong) noexcept nogil:
     """Slide a clipped (2ky+1) x (2kx+1) window over the frame, summing the pixels flagged `bit`, and
     apply one test per pixel. mode 0: `dispersion` strong test -> strong indices; mode 1: extended
-    first pass -> CV flags; mode 2: extended final test -> strong indices. `zero` picks the
-    accumulator type.
+    first pass -> CV flags; mode 2: extended final test -> strong indices.
 
-    Work per pixel is kept small: window sums come from column sums and prefix sums along the row;
-    modes 0 and 2 first apply a necessary condition on (m, x) alone (b > 0 and b^2 >= (a little less
-    than) d^2, as one comparison; or v > mean) and only the rare candidates get the sum of squares
-    and the exact DIALS test; sqrt(2 (m-1)) comes from a table (the same correctly rounded values)."""
+    Per row: column sums are updated, window sums formed, and a necessary condition evaluated for
+    every pixel in straight-line loops the compiler vectorises; only the rare candidates get the
+    exact DIALS test (mode 0: b > 0 and b^2 >= (a little less than) d^2 as one comparison, then the
+    sum of squares; mode 2: v > mean). sqrt(2 (m-1)) comes from a table of the same values."""
     cdef Py_ssize_t h = image.shape[0], w = image.shape[1], j, i, n_window = (2 * ky + 1) * (2 * kx + 1)
+    cdef Py_ssize_t padded = w + 2 * kx + 2
     cdef bint need_y = mode == 1
-    cdef acc_t *buf = <acc_t *>calloc(9 * (w + 1), sizeof(acc_t))
-    cdef acc_t *cm = buf
-    cdef acc_t *cx = buf + (w + 1)
-    cdef acc_t *cy = buf + 2 * (w + 1) if need_y else NULL
-    cdef acc_t *pm = buf + 3 * (w + 1)
-    cdef acc_t *px = buf + 4 * (w + 1)
-    cdef acc_t *py = buf + 5 * (w + 1)
-    cdef acc_t *wm = buf + 6 * (w + 1)
-    cdef acc_t *wx = buf + 7 * (w + 1)
-    cdef acc_t *wy = buf + 8 * (w + 1)
+    cdef int64_t *cm_buf = <int64_t *>calloc(padded, sizeof(int64_t))
+    cdef int64_t *cx_buf = <int64_t *>calloc(padded, sizeof(int64_t))
+    cdef int64_t *cy_buf = <int64_t *>calloc(padded, sizeof(int64_t)) if need_y else NULL
+    cdef double *wm = <double *>malloc(w * sizeof(double))
+    cdef double *wx = <double *>malloc(w * sizeof(double))
+    cdef double *wy = <double *>malloc(w * sizeof(double)) if need_y else NULL
+    cdef double *vrow = <double *>malloc(w * sizeof(double))
+    cdef double *excess = <double *>malloc(w * sizeof(double))
+    cdef uint8_t *cand = <uint8_t *>malloc(w + 8)
     cdef double *root = <double *>malloc((n_window + 1) * sizeof(double))  # sqrt(2 (m - 1))
+    cdef int64_t *cm = cm_buf + kx + 1
+    cdef int64_t *cx = cx_buf + kx + 1
+    cdef int64_t *cy = cy_buf + kx + 1 if need_y else NULL
     cdef int64_t m
     cdef double sx, sy, v, a, b, c, d, mean, loose = 0.999999 * nsig_s * nsig_s * (gain if gain > 0 else 1.0)
     cdef uint8_t f
     cdef bint candidate
     cdef int status = 0
-    if buf == NULL or root == NULL:
+    if (cm_buf == NULL or cx_buf == NULL or wm == NULL or wx == NULL or vrow == NULL or cand == NULL or excess == NULL
+            or root == NULL or (need_y and (cy_buf == NULL or wy == NULL))):
         status = -1
     else:
         root[0] = 0.0
         for m in range(1, n_window + 1):
             root[m] = sqrt(2.0 * (<double>m - 1))
         for j in range(min(ky, h)):
-            _update_columns(image, flags, bit, j, -1, cm, cx, cy)
+            _update_columns(image, flags, bit, j, 1, cm, cx, cy)
     for j in range(h if status == 0 else 0):
-        _update_columns(image, flags, bit, j + ky if j + ky < h else -1, j - ky - 1 if j - ky - 1 >= 0 else -1,
-                        cm, cx, cy)
-        _window_row(w, kx, cm, cx, cy, pm, px, py, wm, wx, wy)
+        if j + ky < h:
+            _update_columns(image, flags, bit, j + ky, 1, cm, cx, cy)
+        if j - ky - 1 >= 0:
+            _update_columns(image, flags, bit, j - ky - 1, -1, cm, cx, cy)
+        _window_row(w, kx, cm, cx, cy, wm, wx, wy)
         if mode == 0:
+            # Candidates: valid pixels (others get v = -1, so b < 0) with b > 0 and b^2 >= ~d^2.
             for i in range(w):
-                # DIALS: mask && m >= min_count && x >= 0 && v > threshold, then a > c && b > d.
-                m = <int64_t>wm[i]
-                sx = <double>wx[i]
-                v = <double>image[j, i]
-                b = <double>m * v - sx
-                candidate = ((flags[j, i] & VALID) != 0) & (m >= min_count) & (sx >= 0) & (v > threshold) & \
-                    (b * fabs(b) >= loose * sx * <double>m)
-                if not candidate or not b > 0:
+                vrow[i] = <double>image[j, i] if flags[j, i] & VALID else -1.0
+            for i in range(w):  # straight-line doubles: vectorised
+                b = wm[i] * vrow[i] - wx[i]
+                excess[i] = b * fabs(b) - loose * wx[i] * wm[i]
+            for i in range(w):
+                if excess[i] < 0:  # almost every pixel: a well-predicted branch
                     continue
+                # The exact DIALS test: mask && m >= min_count && x >= 0 && v > threshold, a > c && b > d.
+                m = <int64_t>wm[i]
+                sx = wx[i]
+                v = vrow[i]
+                if not (v >= 0 and m >= min_count and sx >= 0 and v > threshold):
+                    continue
+                b = <double>m * v - sx
                 sy = _window_squares(image, flags, bit, j, i, ky, kx)
                 if gain > 0:
                     a = <double>m * sy - sx * sx
@@ -190,33 +192,37 @@ cdef int _slide(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, uint8_t bit,
                         status = -1
                         break
         elif mode == 1:
+            # First pass of dispersion_extended: the index-of-dispersion test alone, masked pixels
+            # count as passing.
             for i in range(w):
-                # First pass of dispersion_extended: masked pixels count as non-background.
-                f = flags[j, i]
                 m = <int64_t>wm[i]
-                sx = <double>wx[i]
-                sy = <double>wy[i]
-                if not (f & VALID):
+                sx = wx[i]
+                if gain > 0:
+                    a = <double>m * wy[i] - sx * sx
+                    c = gain * sx * ((<double>m - 1) + nsig_b * root[m])
+                else:
+                    a = <double>m * wy[i] - sx * sx - sx * (<double>m - 1)
+                    c = sx * nsig_b * root[m]
+                cand[i] = (a > c) & (m >= min_count) & (sx >= 0)
+            for i in range(w):
+                f = flags[j, i]
+                if not (f & VALID) or cand[i]:
                     flags[j, i] = f | CV
-                elif m >= min_count and sx >= 0:
-                    if gain > 0:
-                        a = <double>m * sy - sx * sx
-                        c = gain * sx * ((<double>m - 1) + nsig_b * root[m])
-                    else:
-                        a = <double>m * sy - sx * sx - sx * (<double>m - 1)
-                        c = sx * nsig_b * root[m]
-                    if a > c:
-                        flags[j, i] = f | CV
         else:
+            # Final pass: inside the eroded dispersion region (not background), above the global
+            # threshold, and v >= mean + nsig_s * sqrt(g mean) over the wider window's background.
             for i in range(w):
-                # Final pass: inside the eroded dispersion region (not background), above the global
-                # threshold, and v >= mean + nsig_s * sqrt(g mean) over the wider window's background.
                 f = flags[j, i]
+                vrow[i] = <double>image[j, i] if (f & VALID) and not (f & BACKGROUND) else -1.0
+            for i in range(w):
+                excess[i] = vrow[i] * wm[i] - wx[i]  # v > mean is necessary when m >= 2
+            for i in range(w):
+                if excess[i] <= 0 and not (wm[i] < 2 and vrow[i] >= 0):
+                    continue
                 m = <int64_t>wm[i]
-                sx = <double>wx[i]
-                v = <double>image[j, i]
-                candidate = ((f & VALID) != 0) & ((f & BACKGROUND) == 0) & (sx >= 0) & (v > threshold)
-                if not candidate:
+                v = vrow[i]
+                sx = wx[i]
+                if not (v >= 0 and sx >= 0 and v > threshold):
                     continue
                 mean = sx / <double>m if m >= 2 else 0.0
                 if gain > 0:
@@ -229,8 +235,7 @@ cdef int _slide(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, uint8_t bit,
                         break
         if status != 0:
             break
-    free(buf)
-    free(root)
+    free(cm_buf); free(cx_buf); free(cy_buf); free(wm); free(wx); free(wy); free(vrow); free(cand); free(excess); free(root)
     return status
 
 
@@ -299,18 +304,18 @@ cdef int _flag_valid(const pixel_t[:, ::1] image, const uint8_t[:, ::1] mask, do
 
 cdef int _threshold(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, int kernel_y, int kernel_x,
                     double sigma_background, double sigma_strong, int min_count, double global_threshold,
-                    double gain, bint extended, Indices *strong, acc_t zero) noexcept nogil:
+                    double gain, bint extended, Indices *strong) noexcept nogil:
     cdef int status
     if not extended:
         return _slide(image, flags, IN_SUMS, kernel_y, kernel_x, 0, sigma_background, sigma_strong,
-                      min_count, global_threshold, gain, strong, zero)
+                      min_count, global_threshold, gain, strong)
     status = _slide(image, flags, IN_SUMS, kernel_y, kernel_x, 1, sigma_background, sigma_strong,
-                    min_count, global_threshold, gain, strong, zero)
+                    min_count, global_threshold, gain, strong)
     if status == 0:
         status = _erode(image, flags, min(kernel_x, kernel_y) - 1)
     if status == 0:
         status = _slide(image, flags, IN_SUMS2, kernel_y + 2, kernel_x + 2, 2, sigma_background,
-                        sigma_strong, min_count, global_threshold, gain, strong, zero)
+                        sigma_strong, min_count, global_threshold, gain, strong)
     return status
 
 
@@ -338,12 +343,8 @@ def strong_pixels(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] ma
     with nogil:
         status = _flag_valid(image, mask, trusted_min, trusted_max, flags, &overloaded)
         if status == 0:
-            if pixel_t is double:
-                status = _threshold(image, flags, kernel_y, kernel_x, sigma_background, sigma_strong, min_count,
-                                    global_threshold, gain, extended, &strong, <double>0)
-            else:
-                status = _threshold(image, flags, kernel_y, kernel_x, sigma_background, sigma_strong, min_count,
-                                    global_threshold, gain, extended, &strong, <int64_t>0)
+            status = _threshold(image, flags, kernel_y, kernel_x, sigma_background, sigma_strong, min_count,
+                                global_threshold, gain, extended, &strong)
     try:
         if status != 0:
             raise MemoryError("out of memory in the dispersion threshold")
@@ -360,7 +361,7 @@ cdef object _to_array(Indices *indices):
     return result
 
 
-def label_spots(const int64_t[::1] strong not None, const pixel_t[:, ::1] image not None):
+def label_spots(const int64_t[::1] strong not None, const value_t[:, ::1] image not None):
     """4-connected components of the strong pixels (raster-ordered indices), numbered in the order of
     each component's first pixel, as DIALS's 2-D pixel-list labeller numbers them. Returns a dict of
     per-spot arrays: npix, intensity (float32 sum of raw values, raster order), x, y (count-weighted

@@ -147,3 +147,61 @@ def test_monitor_counts_bad_messages_and_goes_on():
 
 def test_default_sources_prefer_the_real_frames(thaumatin_cbfs):
     assert cli.default_sources() == thaumatin_cbfs
+
+
+def test_find_spots_json_matches_dials_reference(thaumatin_cbfs):
+    from intxr.testing import shared_path
+
+    result = run(exe("intxr"), "find-spots", thaumatin_cbfs[0], "--algorithm", "dispersion", "--json")
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    frame = json.loads(line)
+    reference = json.loads(shared_path("reference", "thaumatin_grid", "thau_3_2_0001.dispersion.json").read_text())
+    assert frame["file"] == thaumatin_cbfs[0] and frame["frame"] == 0
+    assert frame["n_strong_pixels"] == reference["n_strong_pixels"]
+    assert len(frame["spots"]) == reference["n_spots"]
+    assert frame["spots"][0]["bbox"] == reference["spots"][0]["bbox"]
+    for key in ("n_spots_total", "n_spots_no_ice", "n_spots_4A"):
+        assert frame[key] == reference["stats"][key]
+    assert frame["estimated_d_min"] == pytest.approx(reference["stats"]["estimated_d_min"])
+    assert set(frame["timing"]) == {"read", "threshold", "spots", "stats"}
+    assert frame["score"]["score"] == 6 and frame["score"]["n_spots"] == 253
+
+
+def test_find_spots_on_npy_needs_and_takes_geometry(tmp_path, thaumatin_cbfs):
+    from intxr.images import read_cbf
+
+    frame = read_cbf(thaumatin_cbfs[0])
+    np_path = tmp_path / "frame.npy"
+    __import__("numpy").save(np_path, frame.data)
+    result = run(exe("intxr"), "find-spots", str(np_path))
+    assert result.returncode == 2 and "no geometry in the file" in result.stderr
+    g = frame.geometry
+    result = run(
+        exe("intxr"),
+        "find-spots",
+        str(np_path),
+        "--json",
+        "--algorithm",
+        "dispersion",
+        "--distance",
+        str(g.distance),
+        "--pixel-size",
+        "0.172",
+        "--wavelength",
+        str(g.wavelength),
+        "--beam-center",
+        str(g.beam_center_x),
+        str(g.beam_center_y),
+        "--count-cutoff",
+        "115897",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["n_strong_pixels"] == 2172
+
+
+def test_find_spots_bad_arguments_are_one_line():
+    result = run(exe("intxr"), "find-spots", "nosuch.cbf")
+    assert result.returncode == 2 and result.stderr.strip() == "intxr: error: nosuch.cbf: no such file"
+    result = run(exe("intxr"), "find-spots", "x.cbf", "--kernel-size", "a,b")
+    assert result.returncode == 2 and "expected NY,NX" in result.stderr

@@ -2,10 +2,12 @@
 of a raster scan cost almost nothing.
 
 The frame is binned 4 x 4 (sums of trusted counts; a sum of Poisson counts is Poisson) and DIALS's
-dispersion test runs on the binned frame. A Bragg spot,
-a few pixels across, lands in one or two bins and stays an outlier there; Poisson background does
-not. The frame passes when at least `min_binned_strong` bins are strong. Blocks touching an
-untrusted pixel are left out, so module gaps do not pass as structure.
+dispersion test runs on the binned frame. A Bragg spot, a few pixels across, lands in one or two
+bins and stays an outlier there; Poisson background does not. Blocks touching an untrusted pixel
+are left out, so module gaps do not pass as structure. A strong bin is a spot candidate when its
+block (with a one-pixel margin) holds at least `min_spot_pixels` pixels clearly above the local
+background (the neighbouring bins' mean): a DIALS spot needs 3 strong pixels, so single hot
+pixels and cosmic-ray hits are not candidates. The frame passes at `min_candidates` candidates.
 
 Measured on the real frames in ../shared (tests/test_prescreen.py): every frame on which DIALS finds
 min_Bragg_peaks spots passes; the blank ones do not.
@@ -23,15 +25,18 @@ from intxr.reader.threshold import ThresholdParams, _checked
 @dataclass(frozen=True)
 class PrescreenParams:
     factor: int = 4
-    sigma_background: float = 6.0  # DIALS's sigmas: binned hits stay far above the pass mark
+    sigma_background: float = 6.0  # DIALS's sigmas on the binned frame
     sigma_strong: float = 3.0
-    min_binned_strong: int = 5  # half of the default min_Bragg_peaks: one bin per spot would already pass
+    pixel_sigma: float = 2.0  # a candidate's pixels: above local background + 2 sigma (looser than DIALS's 3)
+    min_spot_pixels: int = 3  # DIALS's min_spot_size for pixel-array detectors
+    min_candidates: int = 5  # half of the default min_Bragg_peaks: one candidate per spot passes a hit
 
 
 @dataclass(frozen=True)
 class PrescreenResult:
     passed: bool
     n_binned_strong: int
+    n_candidates: int  # counted until the pass mark is reached
 
 
 def bin_frame(image: np.ndarray, mask: np.ndarray | None, trusted_range: tuple[float, float], factor: int):
@@ -66,4 +71,24 @@ def prescreen(
         algorithm="dispersion", sigma_background=params.sigma_background, sigma_strong=params.sigma_strong
     )
     strong, _ = find_strong_pixels(sums, valid, (0.0, np.inf), test)
-    return PrescreenResult(len(strong) >= params.min_binned_strong, int(len(strong)))
+    candidates = 0
+    f = params.factor
+    for index in strong:
+        bj, bi = divmod(int(index), sums.shape[1])
+        rows, cols = slice(max(bj - 1, 0), bj + 2), slice(max(bi - 1, 0), bi + 2)
+        ok = valid[rows, cols].astype(bool)
+        ok[min(bj, 1), min(bi, 1)] = False  # the bin itself is not background
+        if not ok.any():
+            continue
+        background = float(sums[rows, cols][ok].mean()) / (f * f)
+        level = background + params.pixel_sigma * np.sqrt(max(background, 1.0))
+        rows, cols = slice(max(bj * f - 1, 0), bj * f + f + 1), slice(max(bi * f - 1, 0), bi * f + f + 1)
+        block = image[rows, cols]
+        bright = (block > level) & (block >= trusted_range[0]) & (block <= trusted_range[1])
+        if mask is not None:
+            bright &= mask[rows, cols] > 0
+        if np.count_nonzero(bright) >= params.min_spot_pixels:
+            candidates += 1
+            if candidates >= params.min_candidates:
+                break
+    return PrescreenResult(candidates >= params.min_candidates, int(len(strong)), candidates)

@@ -21,7 +21,7 @@ The rules, from dials/algorithms/image/threshold/local.h (DIALS 3.x), in words:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -92,17 +92,21 @@ def trusted_range_for(image: np.ndarray, count_cutoff: int | None) -> tuple[floa
 
 
 def _checked(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A C-contiguous frame of a type the kernels take (uint16, int32, uint32; float64 stays float64
+    and is routed to the numpy path) and a uint8 mask of the same shape."""
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {image.shape}")
-    if image.dtype not in (np.uint16, np.int32, np.uint32, np.float64):
-        if image.dtype.kind in "ui" and image.dtype.itemsize <= 2:
-            image = image.astype(np.int32)
-        elif image.dtype == np.float32:
-            image = image.astype(np.float64)
-        else:
-            raise ValueError(f"image dtype {image.dtype} not supported (8/16/32-bit integers, float32, float64)")
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise ValueError("image holds NaN or infinite values")
+    if image.dtype in (np.int8, np.uint8, np.int16):
+        image = image.astype(np.int32)
+    elif image.dtype == np.float32:
+        image = image.astype(np.float64)
+    elif image.dtype not in (np.uint16, np.int32, np.uint32, np.float64):
+        raise ValueError(f"image dtype {image.dtype} not supported (8/16/32-bit integers, float32, float64)")
+    if image.dtype.kind == "f":
+        if not np.isfinite(image).all():
+            raise ValueError("image holds NaN or infinite values")
+        if np.array_equal(image, np.round(image)) and np.abs(image).max(initial=0) < 2**31:
+            image = image.astype(np.int32)  # integer counts held as floats: the exact kernel applies
     if mask is None:
         mask = np.ones(image.shape, dtype=np.uint8)
     if mask.shape != image.shape:
@@ -114,7 +118,8 @@ def find_strong_pixels(
     image: np.ndarray, mask: np.ndarray | None, trusted_range: tuple[float, float], params: ThresholdParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """(strong, overloaded): raster indices (int64, ascending) of the strong pixels, and of the unmasked
-    pixels above the trusted range (saturated). The Cython kernel."""
+    pixels above the trusted range (saturated). The Cython kernel for counts; frames of non-integer
+    values (gain-corrected data) take the numpy path, which agrees with DIALS to rounding."""
     from intxr._kernels.dispersion import strong_pixels
 
     params.validate()
@@ -122,6 +127,10 @@ def find_strong_pixels(
     threshold = params.global_threshold
     if threshold == "Auto":
         threshold = estimate_global_threshold(image)
+    if image.dtype.kind == "f":
+        fixed = replace(params, global_threshold=float(threshold))
+        strong = np.flatnonzero(strong_mask_reference(image, mask, trusted_range, fixed))
+        return strong, np.flatnonzero((image > trusted_range[1]) & (mask > 0))
     ky, kx = params.kernel_size
     return strong_pixels(
         image,
