@@ -284,19 +284,21 @@ cdef int _erode(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, int radius) 
     return 0
 
 
-cdef int _flag_valid(const pixel_t[:, ::1] image, const uint8_t[:, ::1] mask, double lo, double hi,
-                     uint8_t[:, ::1] flags, Indices *overloaded) noexcept nogil:
+cdef int _flag_valid(const pixel_t[:, ::1] image, const uint8_t[:, ::1] mask, bint has_mask, double lo,
+                     double hi, uint8_t[:, ::1] flags, Indices *overloaded) noexcept nogil:
     # VALID / IN_SUMS flags; unmasked pixels above the trusted range are collected as overloads.
     cdef Py_ssize_t j, i, w = image.shape[1]
     cdef double v
+    cdef bint use
     for j in range(image.shape[0]):
         for i in range(w):
             v = <double>image[j, i]
-            if mask[j, i] and lo <= v and v <= hi:
+            use = mask[j, i] != 0 if has_mask else True
+            if use and lo <= v and v <= hi:
                 flags[j, i] = VALID | IN_SUMS if v < BIG else VALID
             else:
                 flags[j, i] = 0
-                if mask[j, i] and v > hi:
+                if use and v > hi:
                     if _push(overloaded, j * w + i) < 0:
                         return -1
     return 0
@@ -319,17 +321,18 @@ cdef int _threshold(const pixel_t[:, ::1] image, uint8_t[:, ::1] flags, int kern
     return status
 
 
-def strong_pixels(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] mask not None, double trusted_min,
+def strong_pixels(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] mask, double trusted_min,
                   double trusted_max, int kernel_y, int kernel_x, double sigma_background, double sigma_strong,
                   int min_count, double global_threshold, double gain, bint extended):
     """(strong, overloaded): raster indices (int64) of the strong pixels and of the unmasked pixels above
-    the trusted range. `gain` <= 0 means no gain (DIALS's plain expressions). The caller has
-    validated the arguments (intxr.reader.threshold.find_strong_pixels)."""
+    the trusted range. `mask` None: every pixel may be used. `gain` <= 0 means no gain (DIALS's plain
+    expressions). The caller has validated the arguments (intxr.reader.threshold.find_strong_pixels)."""
     cdef Py_ssize_t h = image.shape[0], w = image.shape[1]
     flags_array = np.empty((h, w), dtype=np.uint8)
     cdef uint8_t[:, ::1] flags = flags_array
     cdef Indices strong, overloaded
     cdef int status = 0
+    cdef bint has_mask = mask is not None
     strong.size = 0
     strong.capacity = 4096
     strong.data = <int64_t *>malloc(strong.capacity * sizeof(int64_t))
@@ -341,7 +344,7 @@ def strong_pixels(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] ma
         free(overloaded.data)
         raise MemoryError()
     with nogil:
-        status = _flag_valid(image, mask, trusted_min, trusted_max, flags, &overloaded)
+        status = _flag_valid(image, mask, has_mask, trusted_min, trusted_max, flags, &overloaded)
         if status == 0:
             status = _threshold(image, flags, kernel_y, kernel_x, sigma_background, sigma_strong, min_count,
                                 global_threshold, gain, extended, &strong)

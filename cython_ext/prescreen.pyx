@@ -19,7 +19,7 @@ ctypedef fused pixel_t:
     uint32_t
 
 
-def bin_frame(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] mask not None, double trusted_min,
+def bin_frame(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] mask, double trusted_min,
               double trusted_max, int factor):
     """(sums uint32 (H//f, W//f), valid uint8): block sums of trusted counts; valid where every pixel is
     (a block's sum saturates at 2^32-1, far above any trusted count times 16)."""
@@ -30,7 +30,8 @@ def bin_frame(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] mask n
     cdef uint8_t[:, ::1] valid = valid_array
     # Integer bounds: counts are integers, so lo <= v <= hi is v >= ceil(lo) and v <= floor(hi).
     cdef int64_t lo = <int64_t>ceil(trusted_min), hi = <int64_t>floor(min(trusted_max, 9.0e18)), v, total
-    cdef uint8_t ok
+    cdef bint ok
+    cdef bint has_mask = mask is not None
     with nogil:
         for j in range(h * factor):
             bj = j // factor
@@ -39,7 +40,9 @@ def bin_frame(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] mask n
                 ok = 1
                 for k in range(bi * factor, bi * factor + factor):
                     v = <int64_t>image[j, k]
-                    ok &= (mask[j, k] != 0) & (v >= lo) & (v <= hi)
+                    ok &= (v >= lo) & (v <= hi)
+                    if has_mask:
+                        ok &= mask[j, k] != 0
                     total += v
                 sums[bj, bi] += total
                 valid[bj, bi] &= ok

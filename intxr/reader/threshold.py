@@ -91,7 +91,7 @@ def trusted_range_for(image: np.ndarray, count_cutoff: int | None) -> tuple[floa
     return 0.0, high
 
 
-def _checked(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _checked(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """A C-contiguous frame of a type the kernels take (uint16, int32, uint32; float64 stays float64
     and is routed to the numpy path) and a uint8 mask of the same shape."""
     if image.ndim != 2:
@@ -107,8 +107,8 @@ def _checked(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np
             raise ValueError("image holds NaN or infinite values")
         if np.array_equal(image, np.round(image)) and np.abs(image).max(initial=0) < 2**31:
             image = image.astype(np.int32)  # integer counts held as floats: the exact kernel applies
-    if mask is None:
-        mask = np.ones(image.shape, dtype=np.uint8)
+    if mask is None:  # every pixel may be used: the kernels take None without a frame of ones
+        return np.ascontiguousarray(image), None
     if mask.shape != image.shape:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape}")
     return np.ascontiguousarray(image), np.ascontiguousarray(mask, dtype=np.uint8)
@@ -130,7 +130,8 @@ def find_strong_pixels(
     if image.dtype.kind == "f":
         fixed = replace(params, global_threshold=float(threshold))
         strong = np.flatnonzero(strong_mask_reference(image, mask, trusted_range, fixed))
-        return strong, np.flatnonzero((image > trusted_range[1]) & (mask > 0))
+        usable = True if mask is None else mask > 0
+        return strong, np.flatnonzero((image > trusted_range[1]) & usable)
     ky, kx = params.kernel_size
     return strong_pixels(
         image,
