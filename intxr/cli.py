@@ -239,6 +239,62 @@ def cmd_find_spots(args) -> int:
     return 0
 
 
+def cmd_splitter(args) -> int:
+    import signal
+
+    from intxr.splitter import Splitter
+
+    if args.serve:
+        raise UsageError(
+            "--serve: serving frames to readers is not in this build yet (issue #3, next step); "
+            "the Splitter writes every frame to disk"
+        )
+    if args.beamline:
+        from intxr import config as cfg
+
+        beamline = cfg.load_beamline(args.config_file or cfg.default_startup_file(), args.beamline)
+        splitter = Splitter.from_config(
+            beamline,
+            endpoint=args.bind or args.connect,
+            bind=True if args.bind else None,
+            protocol=None if args.protocol == "auto" else args.protocol,
+            output_dir=args.output_dir,
+            frames_per_file=args.frames_per_file,
+            max_series=args.max_series,
+        )
+    else:
+        splitter = Splitter(
+            args.bind or args.connect or "tcp://127.0.0.1:9999",
+            args.output_dir or ".",
+            bind=bool(args.bind),
+            protocol=args.protocol,
+            frames_per_file=args.frames_per_file or 1000,
+            max_series=args.max_series,
+            series_timeout=args.series_timeout,
+            filepath_key=args.filepath_key,
+        )
+    # SIGTERM as Ctrl-C: stop receiving, write what was received, close the files.
+    signal.signal(signal.SIGTERM, lambda *_: splitter.stop())
+    splitter.start()
+    print(f"splitter: receiving on {args.bind or args.connect or 'the configured endpoint'}", file=sys.stderr)
+    try:
+        while not splitter.join(0.5):
+            pass
+    except KeyboardInterrupt:
+        splitter.stop()
+        splitter.join()
+    c = splitter.counters()
+    print(
+        f"splitter: {c['frames_written']} of {c['frames_received']} frames written in {c['series_ended']} series, "
+        f"{c['malformed']} malformed messages, {c['md5_mismatches']} hash mismatches, "
+        f"{c['write_errors']} write errors",
+        file=sys.stderr,
+    )
+    for path in c["files"]:
+        print(path)
+    return 1 if c["write_errors"] else 0
+
+
 def cmd_config(args) -> int:
     from intxr import config as cfg
 
@@ -338,11 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["auto", "v1", "v2", "cbftoeiger"], default="auto")
     p.add_argument("--output-dir", metavar="DIR")
     p.add_argument("--serve", metavar="ENDPOINT", help="where readers request frames")
-    p.add_argument("--frames-per-file", type=int, default=1000)
+    p.add_argument("--frames-per-file", type=int, default=None, help="frames per data file (default 1000)")
     p.add_argument("--max-series", type=int, default=None, help="exit cleanly after N series have ended")
-    p.add_argument("-c", "--config_file")
+    p.add_argument(
+        "--series-timeout",
+        type=float,
+        default=10.0,
+        help="close a series after this many seconds without a message (default 10)",
+    )
+    p.add_argument("--filepath-key", help="header key naming the series' master file (e.g. master_file)")
+    p.add_argument("-c", "--config_file", help="startup config (with -b: its settings, overridden by options)")
     p.add_argument("-b", "--beamline")
-    p.set_defaults(func=_not_yet("the Rust Splitter", 3))
+    p.set_defaults(func=cmd_splitter)
 
     p = sub.add_parser(
         "find-spots",

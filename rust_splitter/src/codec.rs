@@ -130,7 +130,12 @@ mod sse2 {
     /// one register; `movemask` then reads bit j of all 16 planes: element 8m+j's two bytes.
     /// Returns how many groups were done (a multiple of 16); the caller finishes the rest.
     #[target_feature(enable = "sse2")]
-    pub unsafe fn unshuffle_groups(src: &[u8], dst: &mut [u8], row: usize, elem_size: usize) -> usize {
+    pub unsafe fn unshuffle_groups(
+        src: &[u8],
+        dst: &mut [u8],
+        row: usize,
+        elem_size: usize,
+    ) -> usize {
         let groups = row - row % 16;
         let halves = elem_size / 2;
         assert!(src.len() >= 8 * elem_size * row && dst.len() >= 8 * row * elem_size);
@@ -172,7 +177,9 @@ fn check_elem_size(elem_size: usize) -> Result<(), CodecError> {
 /// Read the 12-byte header: (uncompressed bytes, block size in bytes).
 pub fn bslz4_header(blob: &[u8]) -> Result<(u64, u32), CodecError> {
     if blob.len() < 12 {
-        return Err(CodecError::Truncated("shorter than the 12-byte bitshuffle header"));
+        return Err(CodecError::Truncated(
+            "shorter than the 12-byte bitshuffle header",
+        ));
     }
     let total = u64::from_be_bytes(blob[0..8].try_into().unwrap());
     let block = u32::from_be_bytes(blob[8..12].try_into().unwrap());
@@ -180,11 +187,22 @@ pub fn bslz4_header(blob: &[u8]) -> Result<(u64, u32), CodecError> {
 }
 
 /// Compress `data` (elements of `elem_size` bytes) to a bitshuffle-LZ4 chunk with its header.
-pub fn bslz4_compress(data: &[u8], elem_size: usize, block_elems: usize) -> Result<Vec<u8>, CodecError> {
+pub fn bslz4_compress(
+    data: &[u8],
+    elem_size: usize,
+    block_elems: usize,
+) -> Result<Vec<u8>, CodecError> {
     check_elem_size(elem_size)?;
-    let block_elems = if block_elems == 0 { default_block_elems(elem_size) } else { block_elems };
+    let block_elems = if block_elems == 0 {
+        default_block_elems(elem_size)
+    } else {
+        block_elems
+    };
     if !block_elems.is_multiple_of(8) {
-        return Err(CodecError::BadBlockSize((block_elems * elem_size) as u32, elem_size));
+        return Err(CodecError::BadBlockSize(
+            (block_elems * elem_size) as u32,
+            elem_size,
+        ));
     }
     let n = data.len() / elem_size;
     let mut out = Vec::with_capacity(data.len() / 2 + 64);
@@ -197,11 +215,21 @@ pub fn bslz4_compress(data: &[u8], elem_size: usize, block_elems: usize) -> Resu
         let count = block_elems.min(n - start);
         let count = count - count % 8;
         let bytes = count * elem_size;
-        shuffle_block(&data[start * elem_size..start * elem_size + bytes], &mut shuffled[..bytes], count, elem_size);
+        shuffle_block(
+            &data[start * elem_size..start * elem_size + bytes],
+            &mut shuffled[..bytes],
+            count,
+            elem_size,
+        );
         compressed.clear();
         compressed.resize(lz4_flex::block::get_maximum_output_size(bytes), 0);
-        let len = lz4_flex::block::compress_into(&shuffled[..bytes], &mut compressed)
-            .map_err(|e| CodecError::Lz4 { offset: out.len(), reason: e.to_string() })?;
+        let len =
+            lz4_flex::block::compress_into(&shuffled[..bytes], &mut compressed).map_err(|e| {
+                CodecError::Lz4 {
+                    offset: out.len(),
+                    reason: e.to_string(),
+                }
+            })?;
         out.extend_from_slice(&(len as u32).to_be_bytes());
         out.extend_from_slice(&compressed[..len]);
         start += count;
@@ -211,14 +239,24 @@ pub fn bslz4_compress(data: &[u8], elem_size: usize, block_elems: usize) -> Resu
 }
 
 /// Decompress a bitshuffle-LZ4 chunk into `out`, whose length is the frame's size in bytes.
-pub fn bslz4_decompress_into(blob: &[u8], out: &mut [u8], elem_size: usize) -> Result<(), CodecError> {
+pub fn bslz4_decompress_into(
+    blob: &[u8],
+    out: &mut [u8],
+    elem_size: usize,
+) -> Result<(), CodecError> {
     check_elem_size(elem_size)?;
     let (total, block_bytes) = bslz4_header(blob)?;
     if total != out.len() as u64 {
-        return Err(CodecError::SizeMismatch { declared: total, expected: out.len() });
+        return Err(CodecError::SizeMismatch {
+            declared: total,
+            expected: out.len(),
+        });
     }
     let block_elems = block_bytes as usize / elem_size;
-    if block_bytes == 0 || !(block_bytes as usize).is_multiple_of(elem_size) || !block_elems.is_multiple_of(8) {
+    if block_bytes == 0
+        || !(block_bytes as usize).is_multiple_of(elem_size)
+        || !block_elems.is_multiple_of(8)
+    {
         return Err(CodecError::BadBlockSize(block_bytes, elem_size));
     }
     let n = out.len() / elem_size;
@@ -235,20 +273,35 @@ pub fn bslz4_decompress_into(blob: &[u8], out: &mut [u8], elem_size: usize) -> R
         let len = u32::from_be_bytes(blob[pos..pos + 4].try_into().unwrap()) as usize;
         pos += 4;
         if blob.len() < pos + len {
-            return Err(CodecError::Truncated("LZ4 block shorter than its declared length"));
+            return Err(CodecError::Truncated(
+                "LZ4 block shorter than its declared length",
+            ));
         }
         let got = lz4_flex::block::decompress_into(&blob[pos..pos + len], &mut shuffled[..bytes])
-            .map_err(|e| CodecError::Lz4 { offset: pos, reason: e.to_string() })?;
+            .map_err(|e| CodecError::Lz4 {
+            offset: pos,
+            reason: e.to_string(),
+        })?;
         if got != bytes {
-            return Err(CodecError::Lz4 { offset: pos, reason: format!("gave {got} bytes, expected {bytes}") });
+            return Err(CodecError::Lz4 {
+                offset: pos,
+                reason: format!("gave {got} bytes, expected {bytes}"),
+            });
         }
-        unshuffle_block(&shuffled[..bytes], &mut out[start * elem_size..start * elem_size + bytes], count, elem_size);
+        unshuffle_block(
+            &shuffled[..bytes],
+            &mut out[start * elem_size..start * elem_size + bytes],
+            count,
+            elem_size,
+        );
         pos += len;
         start += count;
     }
     let rest = out.len() - start * elem_size;
     if blob.len() < pos + rest {
-        return Err(CodecError::Truncated("trailing uncompressed elements missing"));
+        return Err(CodecError::Truncated(
+            "trailing uncompressed elements missing",
+        ));
     }
     out[start * elem_size..].copy_from_slice(&blob[pos..pos + rest]);
     Ok(())
@@ -260,10 +313,15 @@ pub fn lz4_compress(data: &[u8]) -> Vec<u8> {
 }
 
 pub fn lz4_decompress_into(blob: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
-    let got = lz4_flex::block::decompress_into(blob, out)
-        .map_err(|e| CodecError::Lz4 { offset: 0, reason: e.to_string() })?;
+    let got = lz4_flex::block::decompress_into(blob, out).map_err(|e| CodecError::Lz4 {
+        offset: 0,
+        reason: e.to_string(),
+    })?;
     if got != out.len() {
-        return Err(CodecError::SizeMismatch { declared: got as u64, expected: out.len() });
+        return Err(CodecError::SizeMismatch {
+            declared: got as u64,
+            expected: out.len(),
+        });
     }
     Ok(())
 }
@@ -273,7 +331,9 @@ mod tests {
     use super::*;
 
     fn pattern(n: usize, elem_size: usize) -> Vec<u8> {
-        (0..n * elem_size).map(|i| ((i * 2654435761usize) >> 7) as u8 & 0x3f).collect()
+        (0..n * elem_size)
+            .map(|i| ((i * 2654435761usize) >> 7) as u8 & 0x3f)
+            .collect()
     }
 
     #[test]
@@ -319,9 +379,15 @@ mod tests {
         let src = pattern(5000, 2);
         let blob = bslz4_compress(&src, 2, 0).unwrap();
         let mut out = vec![0u8; src.len()];
-        assert!(matches!(bslz4_decompress_into(&blob[..blob.len() - 20], &mut out, 2), Err(CodecError::Truncated(_))));
+        assert!(matches!(
+            bslz4_decompress_into(&blob[..blob.len() - 20], &mut out, 2),
+            Err(CodecError::Truncated(_))
+        ));
         let mut small = vec![0u8; src.len() - 2];
-        assert!(matches!(bslz4_decompress_into(&blob, &mut small, 2), Err(CodecError::SizeMismatch { .. })));
+        assert!(matches!(
+            bslz4_decompress_into(&blob, &mut small, 2),
+            Err(CodecError::SizeMismatch { .. })
+        ));
         assert!(bslz4_decompress_into(&blob[..5], &mut out, 2).is_err());
     }
 

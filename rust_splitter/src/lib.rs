@@ -2,14 +2,25 @@
 //! it releases the GIL around the work and maps errors to Python exceptions.
 
 pub mod codec;
+pub mod frame;
+pub mod nxmx;
+pub mod splitter;
+pub mod stream;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-create_exception!(_splitter, DecodeError, PyValueError, "A frame blob that cannot be decoded.");
+create_exception!(
+    _splitter,
+    DecodeError,
+    PyValueError,
+    "A frame blob that cannot be decoded."
+);
 
 impl From<codec::CodecError> for PyErr {
     fn from(err: codec::CodecError) -> PyErr {
@@ -20,7 +31,9 @@ impl From<codec::CodecError> for PyErr {
 /// A read-only byte view of any C-contiguous buffer (bytes, zmq.Frame, numpy array viewed as uint8).
 fn read_view(buf: &PyBuffer<u8>, what: &str) -> PyResult<(usize, usize)> {
     if !buf.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!("{what} must be C-contiguous")));
+        return Err(PyValueError::new_err(format!(
+            "{what} must be C-contiguous"
+        )));
     }
     Ok((buf.buf_ptr() as usize, buf.len_bytes()))
 }
@@ -44,18 +57,35 @@ unsafe fn as_slice_mut<'a>(view: (usize, usize)) -> &'a mut [u8] {
 /// Compress raw frame bytes to a bitshuffle-LZ4 chunk (with its 12-byte header).
 #[pyfunction]
 #[pyo3(signature = (data, elem_size, block_elems=0))]
-fn bslz4_compress<'py>(py: Python<'py>, data: PyBuffer<u8>, elem_size: usize, block_elems: usize) -> PyResult<Bound<'py, PyBytes>> {
+fn bslz4_compress<'py>(
+    py: Python<'py>,
+    data: PyBuffer<u8>,
+    elem_size: usize,
+    block_elems: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
     let src = read_view(&data, "data")?;
-    let blob = py.detach(|| codec::bslz4_compress(unsafe { as_slice(src) }, elem_size, block_elems))?;
+    let blob =
+        py.detach(|| codec::bslz4_compress(unsafe { as_slice(src) }, elem_size, block_elems))?;
     Ok(PyBytes::new(py, &blob))
 }
 
 /// Decompress a bitshuffle-LZ4 chunk into `out` (a writable buffer of exactly the frame's bytes).
 #[pyfunction]
-fn bslz4_decompress_into(py: Python<'_>, blob: PyBuffer<u8>, out: PyBuffer<u8>, elem_size: usize) -> PyResult<()> {
+fn bslz4_decompress_into(
+    py: Python<'_>,
+    blob: PyBuffer<u8>,
+    out: PyBuffer<u8>,
+    elem_size: usize,
+) -> PyResult<()> {
     let src = read_view(&blob, "blob")?;
     let dst = write_view(&out, "out")?;
-    py.detach(|| codec::bslz4_decompress_into(unsafe { as_slice(src) }, unsafe { as_slice_mut(dst) }, elem_size))?;
+    py.detach(|| {
+        codec::bslz4_decompress_into(
+            unsafe { as_slice(src) },
+            unsafe { as_slice_mut(dst) },
+            elem_size,
+        )
+    })?;
     Ok(())
 }
 
@@ -79,8 +109,168 @@ fn lz4_compress<'py>(py: Python<'py>, data: PyBuffer<u8>) -> PyResult<Bound<'py,
 fn lz4_decompress_into(py: Python<'_>, blob: PyBuffer<u8>, out: PyBuffer<u8>) -> PyResult<()> {
     let src = read_view(&blob, "blob")?;
     let dst = write_view(&out, "out")?;
-    py.detach(|| codec::lz4_decompress_into(unsafe { as_slice(src) }, unsafe { as_slice_mut(dst) }))?;
+    py.detach(|| {
+        codec::lz4_decompress_into(unsafe { as_slice(src) }, unsafe { as_slice_mut(dst) })
+    })?;
     Ok(())
+}
+
+/// The Splitter: receives a detector stream and writes every frame to NXmx HDF5, in threads that
+/// never take the GIL. `intxr.splitter.Splitter` is the Python face of this class.
+#[pyclass(name = "SplitterCore")]
+struct SplitterCore {
+    config: splitter::SplitterConfig,
+    stop: Arc<AtomicBool>,
+    counters: Arc<splitter::Counters>,
+    // A Mutex, not &mut self: a signal handler may call stop() while join() waits.
+    handle: std::sync::Mutex<Option<std::thread::JoinHandle<Result<(), String>>>>,
+}
+
+#[pymethods]
+impl SplitterCore {
+    #[new]
+    #[pyo3(signature = (endpoint, output_dir, *, bind=false, protocol="auto", frames_per_file=1000,
+                        series_timeout=10.0, max_series=None, filepath_key=None, buffer_bytes=4u64 << 30))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        endpoint: String,
+        output_dir: String,
+        bind: bool,
+        protocol: &str,
+        frames_per_file: usize,
+        series_timeout: f64,
+        max_series: Option<u64>,
+        filepath_key: Option<String>,
+        buffer_bytes: u64,
+    ) -> PyResult<Self> {
+        let protocol = match protocol {
+            "auto" => None,
+            "v1" => Some(frame::Protocol::V1),
+            "v2" => Some(frame::Protocol::V2),
+            "cbftoeiger" => Some(frame::Protocol::CbfToEiger),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "protocol {other:?}: expected auto, v1, v2 or cbftoeiger"
+                )))
+            }
+        };
+        if frames_per_file == 0 || series_timeout.is_nan() || series_timeout <= 0.0 {
+            return Err(PyValueError::new_err(
+                "frames_per_file and series_timeout must be positive",
+            ));
+        }
+        Ok(SplitterCore {
+            config: splitter::SplitterConfig {
+                endpoint,
+                bind,
+                protocol,
+                output_dir: output_dir.into(),
+                frames_per_file,
+                series_timeout: std::time::Duration::from_secs_f64(series_timeout),
+                max_series,
+                filepath_key,
+                buffer_bytes,
+            },
+            stop: Arc::new(AtomicBool::new(false)),
+            counters: Arc::new(splitter::Counters::default()),
+            handle: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Start receiving in a background thread.
+    fn start(&self) -> PyResult<()> {
+        let mut handle = self
+            .handle
+            .lock()
+            .map_err(|_| PyValueError::new_err("splitter state poisoned"))?;
+        if handle.is_some() {
+            return Err(PyValueError::new_err("the splitter is already running"));
+        }
+        let (config, stop, counters) = (
+            self.config.clone(),
+            self.stop.clone(),
+            self.counters.clone(),
+        );
+        *handle = Some(std::thread::spawn(move || {
+            splitter::run(config, stop, counters)
+        }));
+        Ok(())
+    }
+
+    /// Ask the threads to stop: frames already received are still written and files closed.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Wait (without the GIL) until the run ends or `timeout` seconds pass; True when it ended.
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let deadline =
+            timeout.map(|t| std::time::Instant::now() + std::time::Duration::from_secs_f64(t));
+        loop {
+            let finished_handle = {
+                let mut guard = self
+                    .handle
+                    .lock()
+                    .map_err(|_| PyValueError::new_err("splitter state poisoned"))?;
+                if guard.as_ref().is_none_or(|h| h.is_finished()) {
+                    Some(guard.take())
+                } else {
+                    None
+                }
+            };
+            if let Some(finished) = finished_handle {
+                if let Some(handle) = finished {
+                    let result = py.detach(|| handle.join());
+                    match result {
+                        Ok(Ok(())) => {}
+                        Ok(Err(message)) => return Err(PyValueError::new_err(message)),
+                        Err(_) => {
+                            return Err(PyValueError::new_err("the splitter thread panicked"))
+                        }
+                    }
+                }
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+            py.detach(|| std::thread::sleep(std::time::Duration::from_millis(20)));
+            py.check_signals()?;
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.handle
+            .lock()
+            .map(|h| h.as_ref().is_some_and(|h| !h.is_finished()))
+            .unwrap_or(false)
+    }
+
+    /// Counters of this run, plus `last_error` and `files` (master files written).
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (name, value) in self.counters.snapshot() {
+            dict.set_item(name, value)?;
+        }
+        dict.set_item(
+            "last_error",
+            self.counters
+                .last_error
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
+        )?;
+        dict.set_item(
+            "files",
+            self.counters
+                .files
+                .lock()
+                .map(|f| f.clone())
+                .unwrap_or_default(),
+        )?;
+        Ok(dict)
+    }
 }
 
 #[pymodule]
@@ -92,5 +282,6 @@ fn _splitter(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bslz4_header, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_compress, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_decompress_into, m)?)?;
+    m.add_class::<SplitterCore>()?;
     Ok(())
 }

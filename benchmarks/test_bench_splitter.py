@@ -1,0 +1,125 @@
+"""Splitter throughput on loopback: frames/s and GB/s from the detector socket to files on disk.
+
+(a) the Rust Splitter, (b) a plain pyzmq + h5py `write_direct_chunk` loop doing the same work,
+(c) raw sequential writes of the same bytes with no HDF5. Realistic compressed frames: the real
+thaumatin frame as bs16-lz4, at 6M and as a 16M frame tiled from it."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+import zmq
+
+from intxr import codec, stream_format
+from intxr.images import read_cbf
+from intxr.models import Geometry
+from intxr.simulate import pixels_for
+from intxr.splitter import Splitter
+from intxr.testing import shared_path
+
+N_FRAMES = 40
+
+
+@pytest.fixture(scope="module", params=["6M", "16M"])
+def series(request):
+    frame = read_cbf(str(shared_path("data", "cbf", "thaumatin_grid", "thau_3_2_0005.cbf.bz2"))).data
+    if request.param == "16M":
+        frame = np.tile(frame, (2, 2))[:4362, :4148]
+    pixels = pixels_for(np.ascontiguousarray(frame), "bs16-lz4")
+    blob = codec.encode(pixels, "bs16-lz4<")
+    config = stream_format.detector_config(Geometry(), pixels.shape, pixels.dtype, nimages=N_FRAMES)
+    messages = [stream_format.v1_header(1, "basic", config)]
+    messages += [
+        stream_format.v1_image(1, k, blob, "bs16-lz4<", pixels.shape, pixels.dtype, 0, 1) for k in range(N_FRAMES)
+    ]
+    messages.append(stream_format.v1_end(1))
+    return request.param, pixels.shape, blob, messages
+
+
+def push(endpoint: str, messages) -> None:
+    socket = zmq.Context.instance().socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 10000)
+    socket.bind(endpoint)
+    for parts in messages:
+        socket.send_multipart(parts, copy=False)
+    socket.close()
+
+
+def endpoint() -> str:
+    s = zmq.Context.instance().socket(zmq.PUSH)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    s.close(linger=0)
+    return f"tcp://127.0.0.1:{port}"
+
+
+def record(benchmark, size, blob, role):
+    benchmark.group = f"splitter {size} bs16-lz4"
+    benchmark.extra_info["role"] = role
+    benchmark.extra_info["bytes_per_frame"] = len(blob)
+
+
+def test_splitter_rust(benchmark, series):
+    size, shape, blob, messages = series
+    record(benchmark, size, blob, "intxr")
+
+    def run():
+        with tempfile.TemporaryDirectory() as out:
+            ep = endpoint()
+            with Splitter(ep, out, max_series=1) as splitter:
+                threading.Thread(target=push, args=(ep, messages), daemon=True).start()
+                splitter.join(120)
+            assert splitter.counters()["frames_written"] == N_FRAMES
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+
+
+def test_pyzmq_h5py_loop(benchmark, series):
+    size, shape, blob, messages = series
+    record(benchmark, size, blob, "baseline:pyzmq+h5py")
+
+    def run():
+        with tempfile.TemporaryDirectory() as out:
+            ep = endpoint()
+            socket = zmq.Context.instance().socket(zmq.PULL)
+            socket.connect(ep)
+            threading.Thread(target=push, args=(ep, messages), daemon=True).start()
+            with h5py.File(Path(out) / "data.h5", "w") as f:
+                ds = f.create_dataset(
+                    "entry/data/data",
+                    shape=(0, *shape),
+                    maxshape=(None, *shape),
+                    dtype=np.uint16,
+                    chunks=(1, *shape),
+                    **hdf5plugin.Bitshuffle(cname="lz4"),
+                )
+                n = 0
+                while True:
+                    parts = socket.recv_multipart(copy=False)
+                    if len(parts) == 4:
+                        ds.resize(n + 1, axis=0)
+                        ds.id.write_direct_chunk((n, 0, 0), parts[2].buffer)
+                        n += 1
+                    elif b"dseries_end" in parts[0].bytes:
+                        break
+            socket.close(linger=0)
+            assert n == N_FRAMES
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+
+
+def test_raw_sequential_write(benchmark, series):
+    size, shape, blob, messages = series
+    record(benchmark, size, blob, "baseline:raw write")
+
+    def run():
+        with tempfile.TemporaryDirectory() as out, open(Path(out) / "raw.bin", "wb") as f:
+            for _ in range(N_FRAMES):
+                f.write(blob)
+
+    benchmark.pedantic(run, rounds=3, iterations=1)

@@ -1,0 +1,87 @@
+"""The Splitter: the detector stream in, every frame to NXmx HDF5 (still compressed, byte for byte).
+
+The work happens in Rust threads that never take the GIL (`intxr._splitter.SplitterCore`); this
+is its Python face: a context manager, counters, and construction from the startup config.
+"""
+
+from __future__ import annotations
+
+from intxr import _splitter
+
+
+class Splitter:
+    """Receive a detector stream and write every frame to `<output_dir>/<prefix>_master.h5` +
+    `<prefix>_data_NNNNNN.h5`.
+
+    with Splitter("tcp://127.0.0.1:9999", "/data/run") as splitter:
+        splitter.join()          # until stopped, or `max_series` series have ended
+    splitter.counters()          # frames received / written, malformed, md5 mismatches, ...
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        output_dir: str,
+        *,
+        bind: bool = False,
+        protocol: str = "auto",
+        frames_per_file: int = 1000,
+        series_timeout: float = 10.0,
+        max_series: int | None = None,
+        filepath_key: str | None = None,
+        buffer_mb: int = 4096,
+    ):
+        self._core = _splitter.SplitterCore(
+            endpoint,
+            str(output_dir),
+            bind=bind,
+            protocol=protocol,
+            frames_per_file=frames_per_file,
+            series_timeout=series_timeout,
+            max_series=max_series,
+            filepath_key=filepath_key,
+            buffer_bytes=int(buffer_mb) << 20,
+        )
+
+    @classmethod
+    def from_config(cls, beamline, **overrides) -> Splitter:
+        """From a validated startup-config section (intxr.config.BeamlineConfig)."""
+        settings = dict(
+            endpoint=beamline.detector_endpoint,
+            output_dir=beamline.output_dir,
+            bind=beamline.detector_socket == "bind",
+            protocol=beamline.protocol,
+            frames_per_file=beamline.frames_per_file,
+            series_timeout=beamline.timeout or 10.0,
+            filepath_key=beamline.filepath_key,
+            buffer_mb=beamline.splitter_buffer_mb,
+        )
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        endpoint, output_dir = settings.pop("endpoint"), settings.pop("output_dir")
+        return cls(endpoint, output_dir, **settings)
+
+    def start(self) -> Splitter:
+        self._core.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop receiving; frames already received are written and the files closed."""
+        self._core.stop()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end (stop() or max_series); True when it has."""
+        return self._core.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._core.is_running()
+
+    def counters(self) -> dict:
+        return self._core.counters()
+
+    def __enter__(self) -> Splitter:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.join()
