@@ -23,7 +23,7 @@ from intxr.simulate import pixels_for
 from intxr.splitter import Splitter
 from intxr.testing import shared_path
 
-N_FRAMES = 40
+N_FRAMES = 200
 
 
 @pytest.fixture(scope="module", params=["6M", "16M"])
@@ -42,19 +42,18 @@ def series(request):
     return request.param, pixels.shape, blob, messages
 
 
-def push(endpoint: str, messages) -> None:
+def detector(messages) -> str:
+    """A bound PUSH socket (as a detector binds) sending the series from a thread; its endpoint."""
     socket = zmq.Context.instance().socket(zmq.PUSH)
     socket.setsockopt(zmq.LINGER, 10000)
-    socket.bind(endpoint)
-    for parts in messages:
-        socket.send_multipart(parts, copy=False)
-    socket.close()
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
 
+    def send():
+        for parts in messages:
+            socket.send_multipart(parts, copy=False)
+        socket.close()
 
-def endpoint() -> str:
-    s = zmq.Context.instance().socket(zmq.PUSH)
-    port = s.bind_to_random_port("tcp://127.0.0.1")
-    s.close(linger=0)
+    threading.Thread(target=send, daemon=True).start()
     return f"tcp://127.0.0.1:{port}"
 
 
@@ -70,9 +69,7 @@ def test_splitter_rust(benchmark, series):
 
     def run():
         with tempfile.TemporaryDirectory() as out:
-            ep = endpoint()
-            with Splitter(ep, out, max_series=1) as splitter:
-                threading.Thread(target=push, args=(ep, messages), daemon=True).start()
+            with Splitter(detector(messages), out, max_series=1) as splitter:
                 splitter.join(120)
             assert splitter.counters()["frames_written"] == N_FRAMES
 
@@ -85,10 +82,8 @@ def test_pyzmq_h5py_loop(benchmark, series):
 
     def run():
         with tempfile.TemporaryDirectory() as out:
-            ep = endpoint()
             socket = zmq.Context.instance().socket(zmq.PULL)
-            socket.connect(ep)
-            threading.Thread(target=push, args=(ep, messages), daemon=True).start()
+            socket.connect(detector(messages))
             with h5py.File(Path(out) / "data.h5", "w") as f:
                 ds = f.create_dataset(
                     "entry/data/data",

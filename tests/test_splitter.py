@@ -241,8 +241,13 @@ def test_independent_producer_libertem_dectris(tmp_path):
         assert splitter.join(60)
     counters = splitter.counters()
     assert counters["frames_written"] == 6 and counters["series_ended"] == 1, counters
+    # Its header comes as two messages (dheader, then the config alone) and its blobs have a zeroed
+    # 12-byte header: both are taken in, nothing is counted malformed.
+    assert counters["malformed"] == 0 and counters["repaired_headers"] == 6, counters
     frames = data_frames(Path(counters["files"][0]))
     assert frames.shape == (6, 512, 512) and frames.dtype == np.uint16
+    with h5py.File(counters["files"][0]) as f:
+        assert f["entry/instrument/detector/detectorSpecific/x_pixels_in_detector"][()] == 512
 
 
 def test_splitter_cli_errors_are_one_line(tmp_path):

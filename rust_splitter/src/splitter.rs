@@ -93,8 +93,23 @@ enum Job {
     Start(SeriesHeader),
     Frame(ParsedFrame, Vec<zmq::Message>),
     End(i64),
+    /// The detector configuration, sent as its own message after a dheader (libertem-dectris does).
+    Config(serde_json::Value),
     /// No message for `series_timeout`: close any open series.
     Idle,
+}
+
+/// A v1 header with header_detail basic/all may arrive without its config part, which then comes
+/// as the next message on its own: a JSON object without an htype.
+fn lone_config(parts: &[&[u8]]) -> Option<serde_json::Value> {
+    if parts.len() != 1 {
+        return None;
+    }
+    let text = parts[0].strip_suffix(b"\0").unwrap_or(parts[0]);
+    match serde_json::from_slice::<serde_json::Value>(text.trim_ascii_end()) {
+        Ok(value) if value.is_object() && value.get("htype").is_none() => Some(value),
+        _ => None,
+    }
 }
 
 /// Run until `stop` is set or `max_series` series have ended; returns the first fatal error
@@ -132,6 +147,7 @@ pub fn run(
     let mut last_message = Instant::now();
     let mut idle_sent = true;
     let mut warned_buffer = false;
+    let mut expect_config = false;
     while !stop.load(Ordering::Relaxed) {
         // The writer counts ended series; checked every poll so the run ends once it has caught up.
         if config
@@ -167,6 +183,13 @@ pub fn run(
         let size: u64 = parts.iter().map(|p| p.len() as u64).sum();
         counters.bytes_received.fetch_add(size, Ordering::Relaxed);
         let slices: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        if expect_config {
+            expect_config = false;
+            if let Some(config) = lone_config(&slices) {
+                let _ = sender.send(Job::Config(config));
+                continue;
+            }
+        }
         let parsed = match parse_message(&slices, protocol) {
             Ok(parsed) => parsed,
             Err(e) => {
@@ -184,6 +207,9 @@ pub fn run(
             match item {
                 Parsed::Start(header) => {
                     protocol.get_or_insert(header.protocol);
+                    let detail = header.header.get("header_detail").and_then(|d| d.as_str()).unwrap_or("none");
+                    let no_config = header.config.as_object().is_none_or(|c| c.is_empty());
+                    expect_config = header.protocol == Protocol::V1 && detail != "none" && no_config;
                     let _ = sender.send(Job::Start(header));
                 }
                 Parsed::Frame(frame) => {
@@ -388,6 +414,11 @@ fn write_loop(config: SplitterConfig, jobs: mpsc::Receiver<Job>, counters: Arc<C
                     close(current, &counters, false);
                 }
                 counters.series_ended.fetch_add(1, Ordering::Relaxed);
+            }
+            Job::Config(config) => {
+                if let Some(series) = open.as_mut() {
+                    series.header.config = config;
+                }
             }
             Job::Idle => {
                 if let Some(current) = open.take() {
