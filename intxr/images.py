@@ -9,7 +9,6 @@ import bz2
 import gzip
 import os
 import re
-from dataclasses import replace
 from functools import cached_property
 
 import numpy as np
@@ -359,6 +358,3 @@ def open_source(spec: str) -> ImageSource:
         return NpySource(spec)
     raise SourceError(f"{spec}: unknown image format (expected .cbf[.bz2|.gz], .h5/.nxs, .npy or synthetic:WxH)")
 
-
-def with_geometry(image: Image, **changes) -> Image:
-    return replace(image, geometry=replace(image.geometry, **changes))

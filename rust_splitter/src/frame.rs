@@ -51,8 +51,8 @@ pub struct SeriesHeader {
     pub pixel_mask: Option<(usize, usize, Vec<u32>)>,
 }
 
-/// One frame. `blob` is the index of the message part holding the compressed bytes, so the bytes are
-/// never copied out of the receive buffer (see `Message`).
+/// One frame's header. Its blob stays in the received message: `stream::ParsedFrame` says which
+/// part and byte range hold it, so it is never copied out of the receive buffer.
 #[derive(Debug, Clone)]
 pub struct FrameHeader {
     pub protocol: Protocol,
@@ -70,16 +70,4 @@ pub struct FrameHeader {
     pub md5_ok: Option<bool>,
     /// Header keys resent with the frame (cbfToEiger: mapping, reporting, master_file).
     pub header: Value,
-}
-
-/// What one ZeroMQ message turned into.
-#[derive(Debug, Clone)]
-pub enum Event {
-    Start(SeriesHeader),
-    /// A frame and the index of its blob among the message's parts.
-    Frame(FrameHeader, usize),
-    End {
-        protocol: Protocol,
-        series: i64,
-    },
 }
