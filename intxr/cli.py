@@ -244,11 +244,6 @@ def cmd_splitter(args) -> int:
 
     from intxr.splitter import Splitter
 
-    if args.serve:
-        raise UsageError(
-            "--serve: serving frames to readers is not in this build yet (issue #3, next step); "
-            "the Splitter writes every frame to disk"
-        )
     if args.beamline:
         from intxr import config as cfg
 
@@ -261,6 +256,10 @@ def cmd_splitter(args) -> int:
             output_dir=args.output_dir,
             frames_per_file=args.frames_per_file,
             max_series=args.max_series,
+            serve=args.serve,
+            serve_mode=args.serve_mode,
+            skip_after=args.skip_after,
+            publish=args.publish,
         )
     else:
         splitter = Splitter(
@@ -272,6 +271,10 @@ def cmd_splitter(args) -> int:
             max_series=args.max_series,
             series_timeout=args.series_timeout,
             filepath_key=args.filepath_key,
+            serve=args.serve,
+            serve_mode=args.serve_mode or "request",
+            skip_after=args.skip_after or 2.0,
+            publish=args.publish,
         )
     # SIGTERM as Ctrl-C: stop receiving, write what was received, close the files.
     signal.signal(signal.SIGTERM, lambda *_: splitter.stop())
@@ -286,6 +289,7 @@ def cmd_splitter(args) -> int:
     c = splitter.counters()
     print(
         f"splitter: {c['frames_written']} of {c['frames_received']} frames written in {c['series_ended']} series, "
+        f"{c['frames_forwarded']} forwarded to readers, {c['frames_skipped']} skipped for processing, "
         f"{c['malformed']} malformed messages, {c['md5_mismatches']} hash mismatches, "
         f"{c['write_errors']} write errors",
         file=sys.stderr,
@@ -393,7 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--bind", metavar="ENDPOINT")
     p.add_argument("--protocol", choices=["auto", "v1", "v2", "cbftoeiger"], default="auto")
     p.add_argument("--output-dir", metavar="DIR")
-    p.add_argument("--serve", metavar="ENDPOINT", help="where readers request frames")
+    p.add_argument("--serve", metavar="ENDPOINT", help="bind here for readers (REQ asks, the Splitter answers)")
+    p.add_argument("--serve-mode", choices=["request", "push"], default=None,
+                   help="request: readers ask (default); push: round-robin fan-out")
+    p.add_argument("--skip-after", type=float, default=None,
+                   help="seconds a frame waits for a reader before it is skipped for processing (default 2)")
+    p.add_argument("--publish", metavar="ENDPOINT", help="bind a PUB socket here for counters and series accounting")
     p.add_argument("--frames-per-file", type=int, default=None, help="frames per data file (default 1000)")
     p.add_argument("--max-series", type=int, default=None, help="exit cleanly after N series have ended")
     p.add_argument(

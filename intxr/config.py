@@ -173,6 +173,31 @@ class BeamlineConfig:
     gui_host: str
     gui_port: int
     start_gui: bool
+    skip_after: float  # seconds a frame waits for a reader before it is skipped for processing
+    splitter_pub_port: int | None  # Splitter counters and series accounting (PUB); None: port + 2
+    collector_port: int | None  # readers push results to the Collector here; None: port + 3
+    results_pub_port: int | None  # the Collector publishes JSON results here (GUI); None: port + 4
+
+    @property
+    def serve_bind_endpoint(self) -> str:
+        """Where the Splitter binds for readers: the host when it is an address, else every interface."""
+        return f"tcp://{_bind_host(self.host)}:{self.port}"
+
+    @property
+    def splitter_publish_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.splitter_pub_port or self.port + 2}"
+
+    @property
+    def splitter_publish_bind_endpoint(self) -> str:
+        return f"tcp://{_bind_host(self.host)}:{self.splitter_pub_port or self.port + 2}"
+
+    @property
+    def collector_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.collector_port or self.port + 3}"
+
+    @property
+    def results_publish_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.results_pub_port or self.port + 4}"
 
     @property
     def reader_endpoint(self) -> str:
@@ -192,7 +217,7 @@ STARTUP_KEYS: dict[str, dict] = {
     "run_mode_key_index": setting(ranged(integer, 0), "0"),
     "host": setting(text, "localhost"),
     "port": setting(ranged(integer, 1, 65535), "9999"),
-    "stype": setting(choice("req", "pull", "sub"), "req"),
+    "stype": setting(choice("req", "pull"), "req"),
     "uihost": setting(text, "localhost"),
     "uiport": setting(ranged(integer, 1, 65535), "9998"),
     "uistype": setting(choice("push", "pub"), "push"),
@@ -216,7 +241,20 @@ STARTUP_KEYS: dict[str, dict] = {
     "gui_host": setting(text, "127.0.0.1"),
     "gui_port": setting(ranged(integer, 1, 65535), "8080"),
     "start_gui": setting(boolean, "False"),
+    "skip_after": setting(ranged(number, 0.001), "2"),
+    "splitter_pub_port": setting(optional(ranged(integer, 1, 65535)), "None"),
+    "collector_port": setting(optional(ranged(integer, 1, 65535)), "None"),
+    "results_pub_port": setting(optional(ranged(integer, 1, 65535)), "None"),
 }
+
+
+def _bind_host(host: str) -> str:
+    """ZeroMQ binds to an interface address; a host name (localhost, a node name) means all."""
+    parts = host.split(".")
+    if len(parts) == 4 and all(p.isdigit() for p in parts):
+        return host
+    return "*"
+
 
 
 @dataclass(frozen=True)

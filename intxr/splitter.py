@@ -11,7 +11,9 @@ from intxr import _splitter
 
 class Splitter:
     """Receive a detector stream and write every frame to `<output_dir>/<prefix>_master.h5` +
-    `<prefix>_data_NNNNNN.h5`.
+    `<prefix>_data_NNNNNN.h5`; with `serve`, hand frames to readers that ask for them
+    (`intxr.reader.source.FrameSource`), and with `publish`, publish counters and per-series
+    accounting (`counters`, `series_start`, `series_end`, `series_written` topics).
 
     with Splitter("tcp://127.0.0.1:9999", "/data/run") as splitter:
         splitter.join()          # until stopped, or `max_series` series have ended
@@ -30,6 +32,11 @@ class Splitter:
         max_series: int | None = None,
         filepath_key: str | None = None,
         buffer_mb: int = 4096,
+        serve: str | None = None,
+        serve_mode: str = "request",
+        skip_after: float = 2.0,
+        heartbeat: float = 1.0,
+        publish: str | None = None,
     ):
         self._core = _splitter.SplitterCore(
             endpoint,
@@ -41,6 +48,11 @@ class Splitter:
             max_series=max_series,
             filepath_key=filepath_key,
             buffer_bytes=int(buffer_mb) << 20,
+            serve=serve,
+            serve_mode=serve_mode,
+            skip_after=skip_after,
+            heartbeat=heartbeat,
+            publish=publish,
         )
 
     @classmethod
@@ -55,6 +67,10 @@ class Splitter:
             series_timeout=beamline.timeout or 10.0,
             filepath_key=beamline.filepath_key,
             buffer_mb=beamline.splitter_buffer_mb,
+            serve=beamline.serve_bind_endpoint,
+            serve_mode="push" if beamline.stype == "pull" else "request",
+            skip_after=beamline.skip_after,
+            publish=beamline.splitter_publish_bind_endpoint,
         )
         settings.update({k: v for k, v in overrides.items() if v is not None})
         endpoint, output_dir = settings.pop("endpoint"), settings.pop("output_dir")

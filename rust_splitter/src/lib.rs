@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod frame;
 pub mod nxmx;
+pub mod serve;
 pub mod splitter;
 pub mod stream;
 
@@ -130,7 +131,8 @@ struct SplitterCore {
 impl SplitterCore {
     #[new]
     #[pyo3(signature = (endpoint, output_dir, *, bind=false, protocol="auto", frames_per_file=1000,
-                        series_timeout=10.0, max_series=None, filepath_key=None, buffer_bytes=4u64 << 30))]
+                        series_timeout=10.0, max_series=None, filepath_key=None, buffer_bytes=4u64 << 30,
+                        serve=None, serve_mode="request", skip_after=2.0, heartbeat=1.0, publish=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         endpoint: String,
@@ -142,7 +144,26 @@ impl SplitterCore {
         max_series: Option<u64>,
         filepath_key: Option<String>,
         buffer_bytes: u64,
+        serve: Option<String>,
+        serve_mode: &str,
+        skip_after: f64,
+        heartbeat: f64,
+        publish: Option<String>,
     ) -> PyResult<Self> {
+        let mode = match serve_mode {
+            "request" => serve::ServeMode::Request,
+            "push" => serve::ServeMode::Push,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "serve_mode {other:?}: expected request or push"
+                )))
+            }
+        };
+        for (name, value) in [("skip_after", skip_after), ("heartbeat", heartbeat)] {
+            if value.is_nan() || value <= 0.0 {
+                return Err(PyValueError::new_err(format!("{name} must be positive, not {value}")));
+            }
+        }
         let protocol = match protocol {
             "auto" => None,
             "v1" => Some(frame::Protocol::V1),
@@ -170,6 +191,13 @@ impl SplitterCore {
                 max_series,
                 filepath_key,
                 buffer_bytes,
+                serve: serve::ServeConfig {
+                    endpoint: serve,
+                    mode,
+                    skip_after: std::time::Duration::from_secs_f64(skip_after),
+                    heartbeat: std::time::Duration::from_secs_f64(heartbeat),
+                    publish,
+                },
             },
             stop: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(splitter::Counters::default()),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame::{Protocol, SeriesHeader};
 use crate::nxmx::SeriesWriter;
+use crate::serve::{open_sockets, serve_loop, unix_time, Received, ServeConfig, ServeJob};
 use crate::stream::{parse_message, Parsed, ParsedFrame};
 
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct SplitterConfig {
     pub filepath_key: Option<String>,
     /// Queued bytes above which the Splitter reports that the disk is falling behind.
     pub buffer_bytes: u64,
+    /// Frames to readers and accounting to listeners.
+    pub serve: ServeConfig,
 }
 
 /// Per-run counters, shared with Python and the threads.
@@ -42,6 +45,11 @@ pub struct Counters {
     pub messages: AtomicU64,
     pub frames_received: AtomicU64,
     pub frames_written: AtomicU64,
+    pub frames_forwarded: AtomicU64,
+    pub frames_skipped: AtomicU64,
+    pub requests: AtomicU64,
+    pub pending_frames: AtomicU64,
+    pub readers_waiting: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_written: AtomicU64,
     pub malformed: AtomicU64,
@@ -72,6 +80,11 @@ impl Counters {
             ("messages", get(&self.messages)),
             ("frames_received", get(&self.frames_received)),
             ("frames_written", get(&self.frames_written)),
+            ("frames_forwarded", get(&self.frames_forwarded)),
+            ("frames_skipped", get(&self.frames_skipped)),
+            ("requests", get(&self.requests)),
+            ("pending_frames", get(&self.pending_frames)),
+            ("readers_waiting", get(&self.readers_waiting)),
             ("bytes_received", get(&self.bytes_received)),
             ("bytes_written", get(&self.bytes_written)),
             ("malformed", get(&self.malformed)),
@@ -91,7 +104,7 @@ impl Counters {
 /// What the receiver hands the writer.
 enum Job {
     Start(SeriesHeader),
-    Frame(ParsedFrame, Vec<zmq::Message>),
+    Frame(ParsedFrame, Arc<Received>),
     End(i64),
     /// The detector configuration, sent as its own message after a dheader (libertem-dectris does).
     Config(serde_json::Value),
@@ -134,13 +147,24 @@ pub fn run(
             .connect(&config.endpoint)
             .map_err(|e| format!("cannot connect {}: {e}", config.endpoint))?;
     }
+    let sockets = open_sockets(&context, &config.serve)?;
+    let (serve_sender, serve_receiver) = mpsc::channel::<ServeJob>();
+    let server = {
+        let (config, counters, stop) = (config.clone(), counters.clone(), stop.clone());
+        let serve = config.serve.clone();
+        thread::Builder::new()
+            .name("splitter-server".into())
+            .spawn(move || serve_loop(config, serve, sockets, serve_receiver, counters, stop))
+            .map_err(|e| format!("cannot start the server thread: {e}"))?
+    };
     let (sender, receiver) = mpsc::channel::<Job>();
     let writer = {
         let config = config.clone();
         let counters = counters.clone();
+        let serve_sender = serve_sender.clone();
         thread::Builder::new()
             .name("splitter-writer".into())
-            .spawn(move || write_loop(config, receiver, counters))
+            .spawn(move || write_loop(config, receiver, counters, serve_sender))
             .map_err(|e| format!("cannot start the writer thread: {e}"))?
     };
     let mut protocol = config.protocol;
@@ -160,6 +184,7 @@ pub fn run(
             Ok(0) => {
                 if !idle_sent && last_message.elapsed() >= config.series_timeout {
                     let _ = sender.send(Job::Idle);
+                    let _ = serve_sender.send(ServeJob::TimedOut);
                     idle_sent = true;
                 }
                 continue;
@@ -177,6 +202,7 @@ pub fn run(
                 continue;
             }
         };
+        let received_at = unix_time();
         last_message = Instant::now();
         idle_sent = false;
         let n = counters.messages.fetch_add(1, Ordering::Relaxed) + 1;
@@ -210,6 +236,7 @@ pub fn run(
                     let detail = header.header.get("header_detail").and_then(|d| d.as_str()).unwrap_or("none");
                     let no_config = header.config.as_object().is_none_or(|c| c.is_empty());
                     expect_config = header.protocol == Protocol::V1 && detail != "none" && no_config;
+                    let _ = serve_sender.send(ServeJob::Start(header.clone()));
                     let _ = sender.send(Job::Start(header));
                 }
                 Parsed::Frame(frame) => {
@@ -218,14 +245,13 @@ pub fn run(
                 }
                 Parsed::End { series, .. } => {
                     let _ = sender.send(Job::End(series));
+                    let _ = serve_sender.send(ServeJob::End(series));
                 }
             }
         }
-        // The frames share this message's parts: the last one takes them, the others get clones
-        // of the part handles only when a message holds more than one frame (never in practice).
-        let count = frames.len();
-        let mut parts = Some(parts);
-        for (k, frame) in frames.into_iter().enumerate() {
+        // The writer and the server share this message's parts (and any frames in it).
+        let parts = Arc::new(Received(parts));
+        for frame in frames {
             counters.frames_received.fetch_add(1, Ordering::Relaxed);
             if frame.header.md5_ok == Some(false) {
                 counters.md5_mismatches.fetch_add(1, Ordering::Relaxed);
@@ -251,21 +277,22 @@ pub fn run(
             } else {
                 warned_buffer = false;
             }
-            let owned = if k + 1 == count {
-                parts.take().unwrap_or_default()
-            } else {
-                parts
-                    .as_ref()
-                    .map(|p| p.iter().map(|m| zmq::Message::from(&m[..])).collect())
-                    .unwrap_or_default()
-            };
-            let _ = sender.send(Job::Frame(frame, owned));
+            let _ = serve_sender.send(ServeJob::Frame {
+                header: frame.header.clone(),
+                parts: parts.clone(),
+                part: frame.part,
+                range: frame.range.clone(),
+                received: received_at,
+            });
+            let _ = sender.send(Job::Frame(frame, parts.clone()));
         }
     }
     drop(sender);
-    writer
-        .join()
-        .map_err(|_| "the writer thread panicked".to_string())?;
+    drop(serve_sender);
+    let written = writer.join();
+    let served = server.join();
+    written.map_err(|_| "the writer thread panicked".to_string())?;
+    served.map_err(|_| "the server thread panicked".to_string())?;
     Ok(())
 }
 
@@ -304,7 +331,12 @@ struct OpenSeries {
     writer: Option<SeriesWriter>,
 }
 
-fn write_loop(config: SplitterConfig, jobs: mpsc::Receiver<Job>, counters: Arc<Counters>) {
+fn write_loop(
+    config: SplitterConfig,
+    jobs: mpsc::Receiver<Job>,
+    counters: Arc<Counters>,
+    serve: mpsc::Sender<ServeJob>,
+) {
     let mut open: Option<OpenSeries> = None;
     for job in jobs.iter() {
         match job {
@@ -320,7 +352,7 @@ fn write_loop(config: SplitterConfig, jobs: mpsc::Receiver<Job>, counters: Arc<C
                             header.series, previous.series
                         ));
                     }
-                    close(previous, &counters, false);
+                    close(previous, &counters, &serve, false);
                 }
                 counters.series_started.fetch_add(1, Ordering::Relaxed);
                 open = Some(OpenSeries {
@@ -330,7 +362,7 @@ fn write_loop(config: SplitterConfig, jobs: mpsc::Receiver<Job>, counters: Arc<C
                 });
             }
             Job::Frame(frame, parts) => {
-                let received = &parts[frame.part][frame.range.clone()];
+                let received = &parts.0[frame.part][frame.range.clone()];
                 let len = received.len() as u64;
                 let repaired = repair_bslz4_header(&frame.header, received);
                 if repaired.is_some() {
@@ -346,7 +378,7 @@ fn write_loop(config: SplitterConfig, jobs: mpsc::Receiver<Job>, counters: Arc<C
                             "series {} frame {} arrived in series {}: closing it",
                             frame.header.series, frame.header.frame, previous.series
                         ));
-                        close(previous, &counters, false);
+                        close(previous, &counters, &serve, false);
                     } else {
                         counters.error(format!(
                             "series {} frame {} arrived before any header: written with what the frame says",
@@ -411,7 +443,7 @@ fn write_loop(config: SplitterConfig, jobs: mpsc::Receiver<Job>, counters: Arc<C
                             current.series
                         ));
                     }
-                    close(current, &counters, false);
+                    close(current, &counters, &serve, false);
                 }
                 counters.series_ended.fetch_add(1, Ordering::Relaxed);
             }
@@ -426,18 +458,18 @@ fn write_loop(config: SplitterConfig, jobs: mpsc::Receiver<Job>, counters: Arc<C
                         "series {}: no message for the series timeout: closing it",
                         current.series
                     ));
-                    close(current, &counters, true);
+                    close(current, &counters, &serve, true);
                 }
             }
         }
     }
     // The receiver has stopped and the queue is drained: close what is open.
     if let Some(current) = open.take() {
-        close(current, &counters, false);
+        close(current, &counters, &serve, false);
     }
 }
 
-fn close(series: OpenSeries, counters: &Counters, timed_out: bool) {
+fn close(series: OpenSeries, counters: &Counters, serve: &mpsc::Sender<ServeJob>, timed_out: bool) {
     if timed_out {
         counters.series_timed_out.fetch_add(1, Ordering::Relaxed);
         counters.series_ended.fetch_add(1, Ordering::Relaxed);
@@ -445,6 +477,11 @@ fn close(series: OpenSeries, counters: &Counters, timed_out: bool) {
     if let Some(writer) = series.writer {
         match writer.finish() {
             Ok(summary) => {
+                let _ = serve.send(ServeJob::Written {
+                    series: series.series,
+                    frames: summary.frames,
+                    master: summary.master.display().to_string(),
+                });
                 if let Ok(mut files) = counters.files.lock() {
                     files.push(summary.master.display().to_string());
                 }
@@ -462,7 +499,7 @@ fn close(series: OpenSeries, counters: &Counters, timed_out: bool) {
 
 /// The file prefix of a series: the basename of the header's file-path key value without
 /// `_master.h5`, else `series_NNNNNN`; always under the output directory.
-fn prefix_for(
+pub(crate) fn prefix_for(
     config: &SplitterConfig,
     header: &SeriesHeader,
     frame_header: &serde_json::Value,

@@ -1,0 +1,178 @@
+"""A reader's first stage: ask the Splitter for a frame and receive it without copying the blob.
+
+The Splitter's ROUTER answers a request with [frame meta JSON, series JSON, blob] or, when it has
+had nothing to give for a while, [idle JSON]. A reader never blocks forever on a silent Splitter
+(the original's readers did): after `timeout` seconds without any reply it closes its socket,
+opens a new one and asks again (the Lazy Pirate pattern, ZeroMQ guide ch. 4), counting it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from intxr.codec import DecodeError, decode_into
+
+FRAME_HTYPE = "intxr-frame-1.0"
+SERIES_HTYPE = "intxr-series-1.0"
+IDLE_HTYPE = "intxr-idle-1.0"
+
+
+@dataclass
+class ServedFrame:
+    """One frame as the Splitter served it; `blob` is a read-only view of the ZeroMQ message."""
+
+    meta: dict
+    series_info: dict
+    blob: memoryview
+    received: float  # when this reader had it (Unix time)
+
+    @property
+    def series(self) -> int:
+        return int(self.meta["series"])
+
+    @property
+    def frame(self) -> int:
+        return int(self.meta["frame"])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.meta["shape"]
+        return int(rows), int(cols)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["type"])
+
+    def header(self, key: str):
+        """A header value as the detector sent it: per-frame keys first (cbfToEiger resends
+        mapping, reporting, master_file with each frame), then the series header and config."""
+        for source in (self.meta.get("header"), self.series_info.get("header"), self.series_info.get("config")):
+            if isinstance(source, dict) and key in source:
+                return source[key]
+        return None
+
+    def pixels(self, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode the blob (Rust, GIL released) into `out` or a new array."""
+        if out is None or out.shape != self.shape or out.dtype != self.dtype:
+            out = np.empty(self.shape, self.dtype)
+        blob = self.blob
+        if self.meta["compression"] == "bslz4" and bytes(blob[:12]) == bytes(12):
+            blob = _with_bslz4_header(blob, out)
+        return decode_into(blob, self.meta["encoding"], out)
+
+
+def _with_bslz4_header(blob: memoryview, out: np.ndarray) -> bytes:
+    # Some producers (libertem-dectris) zero the 12-byte bitshuffle header; the shape gives it back
+    # (total bytes, bitshuffle's default block of 8 KiB / element size elements).
+    block = max(128, (8192 // out.dtype.itemsize) // 8 * 8) * out.dtype.itemsize
+    return out.nbytes.to_bytes(8, "big") + block.to_bytes(4, "big") + bytes(blob[12:])
+
+
+@dataclass
+class SourceCounters:
+    requests: int = 0
+    frames: int = 0
+    idle_replies: int = 0
+    reconnects: int = 0
+    bad_replies: int = 0
+    last_error: str = ""
+    series_seen: set = field(default_factory=set)
+
+
+class FrameSource:
+    """Frames from the Splitter, one request at a time.
+
+    source = FrameSource("tcp://127.0.0.1:5600", timeout=10)
+    frame = source.next_frame()   # ServedFrame, or None after an idle reply or a reconnect
+    """
+
+    def __init__(self, endpoint: str, *, timeout: float = 10.0, identity: dict | None = None,
+                 context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.timeout = float(timeout)
+        self.context = context or zmq.Context.instance()
+        self.counters = SourceCounters()
+        self._request = json.dumps(identity or {"host": socket.gethostname(), "pid": os.getpid()}).encode()
+        self._socket: zmq.Socket | None = None
+        self._asked = False
+        # The series JSON is the same bytes for every frame of a series: parse it once.
+        self._series_bytes = b""
+        self._series_info: dict = {}
+
+    def _open(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _reconnect(self, why: str) -> None:
+        self.counters.reconnects += 1
+        self.counters.last_error = f"{self.endpoint}: {why}; reconnecting"
+        self.close()
+
+    def next_frame(self, wait: float | None = None) -> ServedFrame | None:
+        """Ask for a frame and wait up to `wait` seconds (default: the timeout) for the reply.
+
+        None: the Splitter had nothing (idle reply), or `wait` passed (the request stays open and
+        the next call waits for its reply), or it was silent for `timeout` (the socket is renewed).
+        """
+        if self._socket is None:
+            self._socket = self._open()
+            self._asked = False
+            self._asked_at = time.monotonic()
+        if not self._asked:
+            self._socket.send(self._request)
+            self._asked = True
+            self._asked_at = time.monotonic()
+            self.counters.requests += 1
+        wait = self.timeout if wait is None else min(wait, self.timeout)
+        if not self._socket.poll(int(wait * 1000), zmq.POLLIN):
+            if time.monotonic() - self._asked_at >= self.timeout:
+                self._reconnect(f"no reply in {self.timeout:g} s")
+            return None
+        parts = self._socket.recv_multipart(copy=False)
+        received = time.time()
+        self._asked = False
+        try:
+            meta = json.loads(parts[0].bytes)
+            htype = meta.get("htype")
+        except (ValueError, AttributeError) as exc:
+            self.counters.bad_replies += 1
+            self.counters.last_error = f"{self.endpoint}: reply is not JSON: {exc}"
+            return None
+        if htype == IDLE_HTYPE:
+            self.counters.idle_replies += 1
+            return None
+        if htype != FRAME_HTYPE or len(parts) != 3:
+            self.counters.bad_replies += 1
+            self.counters.last_error = f"{self.endpoint}: unexpected reply {htype!r} with {len(parts)} parts"
+            return None
+        series_bytes = parts[1].bytes
+        if series_bytes != self._series_bytes:
+            self._series_bytes, self._series_info = series_bytes, json.loads(series_bytes)
+        self.counters.frames += 1
+        self.counters.series_seen.add(meta.get("series"))
+        # zmq.Frame.buffer: a memoryview of libzmq's message, no copy (pyzmq's copy=False).
+        return ServedFrame(meta, self._series_info, parts[2].buffer.toreadonly(), received)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+            self._asked = False
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["DecodeError", "FrameSource", "ServedFrame", "SourceCounters"]
