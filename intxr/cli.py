@@ -9,7 +9,6 @@ import argparse
 import glob
 import os
 import sys
-import threading
 from collections.abc import Callable
 
 from intxr import __version__
@@ -505,6 +504,7 @@ def build_daemon_parser(prog: str) -> argparse.ArgumentParser:
         help="run the built-in simulated detector on these sources (overrides the config)",
     )
     parser.add_argument("--max_series", type=int, default=None, help="stop after N series (tests, demos)")
+    parser.add_argument("--no_prescreen", action="store_true", help="run the full spot finder on every frame")
     return parser
 
 
@@ -513,61 +513,14 @@ def daemon_main(argv: list[str] | None, prog: str) -> int:
 
     def run() -> int:
         from intxr import config as cfg
-        from intxr.monitor import monitor
-        from intxr.simulate import Simulator, SimulatorSettings
+        from intxr.daemon import run_daemon
 
         path = args.config_file or cfg.default_startup_file()
-        loaded = cfg.load(path, args.beamline)  # validated here: a bad config stops before anything starts
-        bl = loaded.beamline
+        bl = cfg.load(path, args.beamline).beamline  # validated here: a bad config stops before anything starts
         sources = args.simulate or (
             [] if bl.simulate is None else default_sources() if bl.simulate == "auto" else bl.simulate.split()
         )
-        if args.dry_run:
-            print(f"{prog}: beamline [{bl.name}] from {path}")
-            if sources:
-                print(
-                    f"  simulated detector: intxr simulate --protocol {bl.simulate_protocol} --endpoint "
-                    f"{bl.detector_endpoint} --rate {bl.simulate_rate:g} --loop {' '.join(sources)}"
-                )
-            print(f"  stream: {bl.detector_socket} {bl.detector_endpoint} (protocol {bl.protocol})")
-            print("  pipeline: stream monitor (the Splitter and MPI readers arrive with issues #3 and #6)")
-            return 0
-        simulator = None
-        if sources:
-            simulator = Simulator(
-                sources,
-                SimulatorSettings(
-                    protocol=bl.simulate_protocol,
-                    endpoint=bl.detector_endpoint,
-                    rate=bl.simulate_rate,
-                    loop=args.max_series is None,
-                    series=args.max_series or 1,
-                    keys={"reporting": "", "mapping": "rastering"} if bl.simulate_protocol == "cbftoeiger" else {},
-                ),
-            )
-            threading.Thread(target=simulator.run, name="simulator", daemon=True).start()
-            simulator.ready.wait(30)
-        print(
-            f"{prog}: [{bl.name}] receiving {bl.protocol} stream on {bl.detector_endpoint}"
-            + (f" from the simulated detector ({len(sources)} sources)" if simulator else ""),
-            file=sys.stderr,
-        )
-        record = open(args.record, "a") if args.record else None
-        try:
-            counters = monitor(
-                bl.detector_endpoint,
-                protocol=bl.protocol,
-                bind=bl.detector_socket == "bind",
-                timeout=None if simulator else bl.timeout,
-                max_series=args.max_series,
-                record=record,
-            )
-        finally:
-            if simulator:
-                simulator.stop()
-            if record:
-                record.close()
-        return 0 if counters.frames or not counters.errors else 1
+        return run_daemon(args, prog, sources)
 
     return _run(run, prog)
 

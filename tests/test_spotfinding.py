@@ -208,3 +208,28 @@ def test_dials_backend_without_dials_is_a_clear_error():
         pytest.skip("DIALS is installed here; the error path cannot occur")
     with pytest.raises(ValueError, match="spf_backend = dials needs DIALS"):
         SpotFinder(SpotFinderParams(backend="dials"), Geometry())
+
+
+def test_spots_touching_saturated_pixels_same_with_many_pixels():
+    """The summed-area path (many saturated pixels) agrees with the direct comparison."""
+    from intxr.reader.spots import Spots, spots_touching
+
+    rng = np.random.default_rng(5)
+    n, width, height = 400, 300, 200
+    x0 = rng.integers(0, width - 5, n)
+    y0 = rng.integers(0, height - 5, n)
+    bbox = np.stack([x0, x0 + rng.integers(1, 5, n), y0, y0 + rng.integers(1, 5, n)], axis=1)
+    z = np.zeros(n)
+    spots = Spots(z, z, z, np.ones(n, np.int64), bbox, z, z)
+    few = np.sort(rng.choice(width * height, 50, replace=False))
+    many = np.sort(rng.choice(width * height, 6000, replace=False))
+    for pixels in (few, many):
+        py, px = np.divmod(pixels, width)
+        direct = (
+            (px[None, :] >= bbox[:, 0:1] - 1)
+            & (px[None, :] <= bbox[:, 1:2])
+            & (py[None, :] >= bbox[:, 2:3] - 1)
+            & (py[None, :] <= bbox[:, 3:4])
+        ).any(axis=1)
+        np.testing.assert_array_equal(spots_touching(spots, pixels, width), direct)
+    assert spots_touching(spots, many, width).sum() > 0

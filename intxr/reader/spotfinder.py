@@ -180,6 +180,9 @@ class SpotFinder:
         t = time.perf_counter()
         dss = d_star_sq(self.geometry, spots.x, spots.y)
         stats = per_image_stats(dss, spots.intensity)
+        if image.dtype.kind == "u" and len(overloaded):
+            # 2^bits-1 and 2^bits-2 mark gaps and dead pixels (dxtbx reads them as -1, -2): not saturated.
+            overloaded = overloaded[image.ravel()[overloaded] < np.iinfo(image.dtype).max - 1]
         n_overloads = int(spots_touching(spots, overloaded, image.shape[1]).sum())
         score = score_frame(
             dss,

@@ -71,6 +71,16 @@ def spots_touching(spots: Spots, pixels: np.ndarray, width: int) -> np.ndarray:
         return np.zeros(len(spots), dtype=bool)
     py, px = np.divmod(np.asarray(pixels), width)
     b = spots.bbox
+    if len(spots) * len(pixels) > 1_000_000:
+        # Many saturated pixels: count them in each grown bbox with a summed-area table instead of
+        # comparing every spot with every pixel.
+        height = int(max(py.max(), b[:, 3].max())) + 1
+        sat = np.zeros((height + 1, width + 1), np.int32)
+        np.add.at(sat, (py + 1, px + 1), 1)
+        table = sat.cumsum(0).cumsum(1)
+        x0, x1 = np.clip(b[:, 0] - 1, 0, width), np.clip(b[:, 1] + 1, 0, width)
+        y0, y1 = np.clip(b[:, 2] - 1, 0, height), np.clip(b[:, 3] + 1, 0, height)
+        return (table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]) > 0
     inside = (
         (px[None, :] >= b[:, 0:1] - 1)
         & (px[None, :] <= b[:, 1:2])

@@ -150,7 +150,7 @@ enum Pending {
 struct SeriesTally {
     series: i64,
     received: u64,
-    forwarded: u64,
+    forwarded: Vec<i64>,
     skipped: Vec<i64>,
     json: Vec<u8>,
 }
@@ -283,7 +283,8 @@ impl Server {
                 "series": series,
                 "timed_out": timed_out,
                 "received": tally.received,
-                "forwarded": tally.forwarded,
+                "forwarded": tally.forwarded.len(),
+                "forwarded_frames": tally.forwarded,
                 "skipped": tally.skipped.len(),
                 "skipped_frames": tally.skipped,
                 "time": unix_time(),
@@ -358,7 +359,7 @@ impl Server {
             match sent {
                 Ok(()) => {
                     self.counters.frames_forwarded.fetch_add(1, Ordering::Relaxed);
-                    self.tally(frame.header.series).forwarded += 1;
+                    self.tally(frame.header.series).forwarded.push(frame.header.frame);
                     return true;
                 }
                 // ROUTER_MANDATORY: that reader has gone; try the next one.

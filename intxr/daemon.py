@@ -1,0 +1,134 @@
+"""`intxrd` / `connect_mpi`: start the Splitter and the MPI pipeline for one beamline and keep them
+running until SIGTERM / Ctrl-C (or, for demos and tests, until `--max_series` series are done).
+
+Order of things: the config is validated first (nothing starts on a bad one); the Splitter
+binds its reader and publishing endpoints; mpirun starts the Collector and the Readers; the
+simulated detector starts last when the config asks for one. Stopping drains in the same
+direction data flows: the detector stops, the Splitter writes and serves what it has and closes
+the files, the Collector sums up every series, then the readers stop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from intxr import config as cfg
+from intxr.launch import plan_launch
+
+
+def pipeline_program(args, config_path: str, beamline: str) -> list[str]:
+    program = [sys.executable, "-m", "intxr.pipeline", "-c", config_path, "-b", beamline]
+    if args.verbose:
+        program.append("--verbose")
+    if args.time:
+        program.append("--time")
+    if args.record:
+        program += ["--record", os.path.abspath(args.record)]
+    if args.result_format != "line":
+        program += ["-f", args.result_format]
+    if args.max_series is not None:
+        program += ["--max_series", str(args.max_series)]
+    if getattr(args, "no_prescreen", False):
+        program.append("--no-prescreen")
+    return program
+
+
+def run_daemon(args, prog: str, sources: list[str]) -> int:
+    path = os.path.abspath(args.config_file or cfg.default_startup_file())
+    configuration = cfg.load(path, args.beamline)  # validated here: a bad config stops before anything starts
+    bl = configuration.beamline
+    launch = plan_launch(
+        pipeline_program(args, path, bl.name),
+        mpirun=args.mpirun,
+        n_ranks=args.n_proc,
+        mpi_bind=args.mpi_bind,
+        hosts=args.host,
+        hostfile=args.hostfile,
+    )
+    if args.dry_run:
+        print(f"{prog}: beamline [{bl.name}] from {path}")
+        print(f"  splitter: {bl.detector_socket} {bl.detector_endpoint} ({bl.protocol}) -> {bl.output_dir}; "
+              f"readers ask on {bl.serve_bind_endpoint}; accounting published on {bl.splitter_publish_bind_endpoint}")
+        print(f"  collector: results on {bl.collector_endpoint}, published on {bl.results_publish_endpoint}, "
+              f"result lines to {bl.ui_endpoint}" + ("" if bl.send_to_ui else " (send_to_ui off)"))
+        if sources:
+            print(f"  simulated detector: intxr simulate --protocol {bl.simulate_protocol} --endpoint "
+                  f"{bl.detector_endpoint} --rate {bl.simulate_rate:g} {' '.join(sources[:3])}"
+                  + (f" ... ({len(sources)} sources)" if len(sources) > 3 else ""))
+        print(launch.describe())
+        return 0
+
+    from intxr.simulate import Simulator, SimulatorSettings
+    from intxr.splitter import Splitter
+
+    Path(bl.output_dir).mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        print(f"{prog}: {signal.Signals(signum).name}: draining and stopping", file=sys.stderr, flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    splitter = Splitter.from_config(bl, max_series=args.max_series).start()
+    print(f"{prog}: [{bl.name}] splitter receiving {bl.protocol} on {bl.detector_endpoint}, writing {bl.output_dir}",
+          file=sys.stderr, flush=True)
+    env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
+    mpi = subprocess.Popen(launch.command, env=env)
+    print(f"{prog}: started {' '.join(launch.command)}", file=sys.stderr, flush=True)
+    simulator = None
+    if sources:
+        simulator = Simulator(
+            sources,
+            SimulatorSettings(
+                protocol=bl.simulate_protocol,
+                endpoint=bl.detector_endpoint,
+                rate=bl.simulate_rate,
+                loop=args.max_series is None,
+                series=args.max_series or 1,
+                keys={"reporting": "", "mapping": "rastering"} if bl.simulate_protocol == "cbftoeiger" else {},
+            ),
+        )
+        threading.Thread(target=simulator.run, name="simulator", daemon=True).start()
+        simulator.ready.wait(30)
+    code = 0
+    try:
+        while mpi.poll() is None and not stop.is_set():
+            time.sleep(0.2)
+        if mpi.poll() is not None and not stop.is_set() and args.max_series is None:
+            print(f"{prog}: the MPI job ended (exit {mpi.returncode}) while it should run", file=sys.stderr)
+            code = 1
+    finally:
+        if simulator is not None:
+            simulator.stop()
+        splitter.stop()
+        splitter.join(60)
+        if mpi.poll() is None:
+            # Give the Collector the Splitter's last series_end, then stop the ranks.
+            deadline = time.monotonic() + 3.0
+            while mpi.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if mpi.poll() is None:
+                mpi.send_signal(signal.SIGTERM)
+            try:
+                mpi.wait(30)
+            except subprocess.TimeoutExpired:
+                mpi.kill()
+                mpi.wait()
+    c = splitter.counters()
+    print(
+        f"{prog}: splitter: {c['frames_received']} frames received, {c['frames_written']} written, "
+        f"{c['frames_forwarded']} forwarded, {c['frames_skipped']} skipped, {c['malformed']} malformed, "
+        f"{c['series_ended']} series; files: {', '.join(c['files']) or 'none'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if mpi.returncode not in (0, None) and not stop.is_set():
+        code = code or 1
+    return code
