@@ -86,32 +86,6 @@ def test_dry_run_shows_the_plan():
     assert "intxr simulate --protocol cbftoeiger --endpoint tcp://127.0.0.1:5599" in result.stdout
 
 
-def test_daemon_demo_prints_a_line_per_real_frame(thaumatin_cbfs, tmp_path):
-    """The README's main command, one series long: every real thaumatin frame shows up, decoded."""
-    record = tmp_path / "record.jsonl"
-    result = run(
-        exe("intxrd"),
-        "-b",
-        "demo",
-        "--max_series",
-        "1",
-        "--simulate",
-        *thaumatin_cbfs,
-        "--record",
-        str(record),
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith("series 1 frame")]
-    assert len(lines) == 12
-    assert "2463x2527 uint32 bs32-lz4<" in lines[0]
-    rows = [json.loads(line) for line in record.read_text().splitlines()]
-    assert [r["frame"] for r in rows] == list(range(1, 13))
-    # The lattice frames (0001-0010) have many bright pixels; the blank ones (0016, 0017) almost none.
-    bright = [r["n_bright"] for r in rows]
-    assert min(bright[1:10]) > 10 * max(bright[10:])
-
-
 def test_monitor_counts_bad_messages_and_goes_on():
     """Malformed messages are reported and counted; the frames after them still come through."""
     from intxr.monitor import monitor

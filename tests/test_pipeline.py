@@ -1,0 +1,249 @@
+"""The whole pipeline under a real mpirun: simulated detector -> Splitter -> Readers -> Collector,
+on loopback, with the real thaumatin frames; result lines, accounting, HDF5, a killed reader,
+SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401
+import pytest
+import zmq
+
+from intxr import config as cfg
+from intxr.images import open_source
+from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
+from intxr.simulate import pixels_for
+
+EXE = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    """Ports below the ephemeral range (no TCP self-connect while a peer is not bound yet)."""
+    ports: list[int] = []
+    rng = random.Random()
+    while len(ports) < n:
+        port = rng.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def write_config(tmp_path: Path, **overrides) -> tuple[Path, dict]:
+    detector, port, pub, collector, results, ui = _free_ports(6)
+    keys = {
+        "beamline": "test",
+        "custom_keys": "mapping, reporting, master_file",
+        "filepath_key": "master_file",
+        "run_mode_key": "mapping",
+        "host": "127.0.0.1",
+        "port": port,
+        "splitter_pub_port": pub,
+        "collector_port": collector,
+        "results_pub_port": results,
+        "uihost": "127.0.0.1",
+        "uiport": ui,
+        "send_to_ui": "True",
+        "timeout": "3",
+        "detector_endpoint": f"tcp://127.0.0.1:{detector}",
+        "output_dir": str(tmp_path / "data"),
+        "simulate_protocol": "cbftoeiger",
+        "simulate_rate": "8",
+        "skip_after": "20",
+        **overrides,
+    }
+    path = tmp_path / "startup.cfg"
+    path.write_text("[t]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+    return path, keys
+
+
+class UiListener:
+    """What BluIce would read: a PULL socket bound at uihost:uiport."""
+
+    def __init__(self, port: int):
+        self.sock = zmq.Context.instance().socket(zmq.PULL)
+        self.sock.bind(f"tcp://127.0.0.1:{port}")
+        self.lines: list[str] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.running:
+            if self.sock.poll(100):
+                self.lines.append(self.sock.recv_string())
+
+    def close(self):
+        self.running = False
+        self.thread.join(5)
+        self.sock.close(linger=0)
+
+
+def daemon(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(EXE / "intxrd"), "-c", str(config), "-b", "t", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def records(path: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if "frame" in r], [r["summary"] for r in rows if "summary" in r]
+
+
+def test_every_real_frame_gets_its_result_line_under_mpirun(tmp_path, thaumatin_cbfs):
+    config, keys = write_config(tmp_path)
+    ui = UiListener(keys["uiport"])
+    record = tmp_path / "results.jsonl"
+    try:
+        proc = daemon(config, "-n", "3", "--max_series", "1", "--verbose", "--record", str(record),
+                      "--simulate", *thaumatin_cbfs)
+        out, err = proc.communicate(timeout=240)
+        time.sleep(0.3)
+    finally:
+        ui.close()
+    assert proc.returncode == 0, err
+    assert re.search(r"rank +2 reader .* on CPU \d", err), err  # every rank says where it runs
+    results, summaries = records(record)
+    assert sorted(r["frame"] for r in results) == list(range(1, 13))  # cbfToEiger counts from 1
+    # The spot finder run directly on the same pixels, with the section the run mode picks.
+    loaded = cfg.load(str(config), "t")
+    section = loaded.processing.for_run_mode("rastering")
+    by_frame = {r["frame"]: r for r in results}
+    for k, path in enumerate(thaumatin_cbfs, start=1):
+        image = open_source(path).read(0)
+        expected = SpotFinder(SpotFinderParams.from_processing(section), image.geometry).find(
+            pixels_for(image.data, "bs32-lz4")
+        )
+        r = by_frame[k]
+        assert r["processing_section"] == section.name == "rastering"
+        assert r["status"] == ("blank" if expected.prescreened else "processed")
+        assert r["n_spots"] == expected.score.n_spots, (k, r["n_spots"], expected.score.n_spots)
+        assert r["score"] == expected.score.score
+        assert set(r["timing"]) >= {"receive", "decode", "total"}
+    statuses = [by_frame[k]["status"] for k in range(1, 13)]
+    assert statuses[:10] == ["processed"] * 10 and statuses[10:] == ["blank"] * 2  # hits are hits, blanks blank
+    assert all(by_frame[k]["n_spots"] >= 10 for k in range(1, 11))
+    # The result lines: printed with --verbose and sent to the UI endpoint, identical.
+    printed = [line for line in out.splitlines() if line.startswith("RESULTS:")]
+    assert len(printed) == 12 and sorted(printed) == sorted(ui.lines)
+    line = next(p for p in printed if " frame 3 " in p)
+    assert re.fullmatch(
+        r"RESULTS: series 1 frame 3 result \{\d+ \d+ \d+ \d+\.\d\d \d+ \d+\.\d\d NA NA NA NA NA NA NA \{.*\}\} "
+        r"mapping \{rastering\} filename intxr_sim_000001_master\.h5",
+        line,
+    ), line
+    [summary] = summaries
+    assert summary["received"] == summary["written"] == 12
+    assert (summary["processed"], summary["hits"], summary["blank"], summary["skipped"], summary["failed"]) == (
+        10, 10, 2, 0, 0)
+    assert "SERIES 1: received 12, written 12, processed 10 (hits 10" in out
+    with h5py.File(Path(keys["output_dir"]) / "intxr_sim_000001_master.h5") as f:
+        assert f["entry/data/data_000001"].shape == (12, 2527, 2463)
+
+
+def _stream_lines(pipe, sink: list[str]) -> threading.Thread:
+    def run():
+        for line in pipe:
+            sink.append(line)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_reader_is_reported_and_every_frame_is_accounted(tmp_path, thaumatin_cbfs):
+    config, keys = write_config(tmp_path, simulate_rate="4", send_to_ui="False")
+    record = tmp_path / "results.jsonl"
+    sources = [*thaumatin_cbfs, *thaumatin_cbfs]  # 24 frames, 6 s
+    proc = daemon(config, "-n", "3", "--max_series", "1", "--verbose", "--record", str(record),
+                  "--simulate", *sources)
+    out: list[str] = []
+    err: list[str] = []
+    threads = [_stream_lines(proc.stdout, out), _stream_lines(proc.stderr, err)]
+    deadline = time.monotonic() + 120
+    pid = None
+    while time.monotonic() < deadline and pid is None:
+        for line in err:
+            m = re.search(r"rank +1 reader .* pid (\d+)", line)
+            if m:
+                pid = int(m.group(1))
+        time.sleep(0.1)
+    assert pid, "".join(err)
+    while time.monotonic() < deadline and sum(line.startswith("RESULTS:") for line in out) < 3:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    proc.wait(240)
+    for t in threads:
+        t.join(10)
+    results, [summary] = records(record)
+    assert summary["received"] == 24 and summary["written"] == 24
+    accounted = summary["processed"] + summary["blank"] + summary["skipped"] + summary["failed"]
+    assert accounted == 24, summary
+    frames = {r["frame"] for r in results} | set(summary["skipped_frames"]) | set(summary["lost_frames"])
+    assert frames == set(range(1, 25))
+    assert any(r["rank"] == 2 for r in results)  # the other reader went on
+    assert any("reader rank 1" in line and "lost" in line for line in err), "".join(err)
+
+
+def test_sigterm_drains_and_leaves_complete_files(tmp_path, thaumatin_cbfs):
+    config, keys = write_config(tmp_path, simulate_rate="5", send_to_ui="False")
+    proc = daemon(config, "-n", "2", "--verbose", "--simulate", *thaumatin_cbfs[:4])  # loops until stopped
+    out: list[str] = []
+    err: list[str] = []
+    threads = [_stream_lines(proc.stdout, out), _stream_lines(proc.stderr, err)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum(line.startswith("RESULTS:") for line in out) < 6:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0, "".join(err)
+    for t in threads:
+        t.join(10)
+    summaries = [line for line in out if line.startswith("SERIES ")]
+    assert summaries, "".join(out)
+    masters = sorted(Path(keys["output_dir"]).glob("*_master.h5"))
+    assert masters
+    splitter_line = next(line for line in err if "splitter:" in line and "frames received" in line)
+    written = int(re.search(r"(\d+) written", splitter_line).group(1))
+    total = 0
+    for master in masters:
+        with h5py.File(master) as f:
+            total += sum(f["entry/data"][k].shape[0] for k in f["entry/data"] if k.startswith("data_"))
+    assert total == written > 0
+
+
+def test_a_broken_config_stops_the_daemon_before_anything_starts(tmp_path):
+    config, _ = write_config(tmp_path, output_format="series, frame, result {}, nosuchkey")
+    result = subprocess.run([str(EXE / "intxrd"), "-c", str(config), "-b", "t"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert f"{config}: [t] output_format" in result.stderr and "nosuchkey" in result.stderr
+
+
+@pytest.mark.parametrize("prog", ["intxrd", "connect_mpi"])
+def test_both_names_run_the_dry_run(prog, tmp_path):
+    config, _ = write_config(tmp_path)
+    result = subprocess.run([str(EXE / prog), "-c", str(config), "-b", "t", "--dry_run", "-n", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--map-by core --bind-to core --enable-recovery --np 2" in result.stdout
+    assert "-m intxr.pipeline" in result.stdout
