@@ -89,7 +89,10 @@ def test_hosts_leave_placement_to_mpirun():
     assert all(r.cpu is None for r in launch.plan)
 
 
-REPORT = "import json, os; from mpi4py import MPI; print(json.dumps([MPI.COMM_WORLD.Get_rank(), sorted(os.sched_getaffinity(0))]))"
+REPORT = (
+    "import json, os; from mpi4py import MPI; "
+    "print(json.dumps([MPI.COMM_WORLD.Get_rank(), sorted(os.sched_getaffinity(0))]))"
+)
 
 
 @pytest.mark.parametrize("spelling", [None, "[1,0]", "1 0", "1-1,0"])
