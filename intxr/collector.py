@@ -23,7 +23,7 @@ from intxr.config import Configuration, _bind_host
 from intxr.sinks.result_line import format_result_line
 
 HEALTH_INTERVAL = 1.0
-RANK_SILENT_AFTER = 5.0  # seconds without a status message before a reader is reported lost
+RANK_SILENT_AFTER = 3.0  # seconds without a status message before a reader is reported lost
 
 
 def bind_form(endpoint: str) -> str:
@@ -326,6 +326,9 @@ class Collector:
             kind, body = self.results.recv_multipart()
             if kind == b"result":
                 self.take_result(json.loads(body))
+            elif kind == b"status":
+                self.take_status(json.loads(body))
+        self.health()  # a reader that died near the end is reported too
         for account in self.series.values():
             if not account.done and (account.statuses or account.end):
                 self.finish_series(account)

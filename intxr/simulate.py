@@ -92,8 +92,12 @@ class Simulator:
         if not sources:
             raise ValueError("no image source given")
         self.settings = settings
-        self.sources: list[ImageSource] = [open_source(s) for s in sources]
-        self.plan = [(si, i) for si, src in enumerate(self.sources) for i in range(len(src))]
+        # A file named twice is opened (and its frames prepared) once.
+        unique = list(dict.fromkeys(sources))
+        self.sources: list[ImageSource] = [open_source(s) for s in unique]
+        self.plan = [
+            (si, i) for si in (unique.index(name) for name in sources) for i in range(len(self.sources[si]))
+        ]
         self._prepared: dict[tuple[int, int], PreparedFrame] = {}
         self._stop = threading.Event()
         self.log = log
@@ -244,6 +248,10 @@ class Simulator:
                 file=self.log,
                 flush=True,
             )
+            if s.rate == 0 and len(set(self.plan)) <= 256:
+                # As fast as possible means as a detector does: compress every frame before the first send.
+                for k in range(len(self.plan)):
+                    self.prepared(k)
             started = time.monotonic()
             series = s.first_series
             period = 1.0 / s.rate if s.rate > 0 else 0.0

@@ -1,0 +1,77 @@
+"""End to end on this machine: simulated detector -> Splitter -> MPI readers -> Collector.
+
+Frames/s (first frame received by the Splitter to last result at the Collector) and per-frame
+latency (Splitter receipt -> result at the Collector, p50/p99) for real PILATUS 6M frames, all
+hits and a raster-like mix (90% blank), with the pre-screen on (intxr) and off (baseline, the
+same pipeline running the full spot finder on every frame). Every frame is written and
+accounted: skip_after is long, so none is skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from intxr.testing import shared_path
+
+EXE = Path(sys.executable).parent
+N_FRAMES = 60
+N_RANKS = 3  # the collector (mostly idle) and two readers on this 2-core machine
+
+
+def _sources(mix: str) -> list[str]:
+    frames = sorted(str(p) for p in shared_path("data", "cbf", "thaumatin_grid").glob("thau_3_2_*.cbf.bz2"))
+    hits, blanks = frames[:10], frames[10:]
+    if mix == "hits":
+        return [hits[k % len(hits)] for k in range(N_FRAMES)]
+    # A raster row: one frame in ten crosses the crystal.
+    return [hits[k // 10 % len(hits)] if k % 10 == 5 else blanks[k % len(blanks)] for k in range(N_FRAMES)]
+
+
+def run_pipeline(sources: list[str], prescreen: bool) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from test_pipeline import write_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config, _ = write_config(Path(tmp), simulate_rate="0", send_to_ui="False", skip_after="600",
+                                 timeout="30")
+        record = Path(tmp) / "results.jsonl"
+        args = [str(EXE / "intxrd"), "-c", str(config), "-b", "t", "-n", str(N_RANKS), "--max_series", "1",
+                "--record", str(record), "--simulate", *sources]
+        if not prescreen:
+            args.append("--no_prescreen")
+        done = subprocess.run(args, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert done.returncode == 0, done.stderr
+        rows = [json.loads(line) for line in record.read_text().splitlines()]
+    results = [r for r in rows if "frame" in r]
+    [summary] = [r["summary"] for r in rows if "summary" in r]
+    assert summary["received"] == summary["written"] == len(sources) == len(results)
+    first = min(r["received"] for r in results)
+    last = max(r["received"] + r["latency"] for r in results)
+    latencies = sorted(r["latency"] for r in results)
+    return {
+        "frames_per_s": len(results) / (last - first),
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "blank": summary["blank"],
+        "hits": summary["hits"],
+    }
+
+
+@pytest.mark.parametrize("mix", ["hits", "raster90blank"])
+@pytest.mark.parametrize("prescreen", [True, False], ids=["prescreen", "no-prescreen"])
+def test_pipeline_end_to_end(benchmark, mix, prescreen):
+    sources = _sources(mix)
+    benchmark.group = f"pipeline {mix} {N_FRAMES} frames (6M)"
+    benchmark.extra_info["role"] = "intxr" if prescreen else "baseline:no-prescreen"
+    figures = benchmark.pedantic(run_pipeline, args=(sources, prescreen), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: round(v, 4) for k, v in figures.items()})
+    print(f"\n{mix} prescreen={prescreen}: {figures}")
+    assert figures["hits"] >= (N_FRAMES // 10 if mix != "hits" else N_FRAMES) - 1
