@@ -316,14 +316,26 @@ def cmd_config(args) -> int:
     return 0
 
 
-def _not_yet(what: str, issue: int):
-    def run(args) -> int:
-        raise UsageError(
-            f"{what} is not part of this build yet (tracked in issue #{issue}); "
-            f"`intxrd -b demo` and `intxr monitor` show the stream meanwhile"
-        )
+def cmd_gui(args) -> int:
+    from intxr import config as cfg
+    from intxr.gui.server import run_gui
 
-    return run
+    host, port, results, row_length, min_peaks = "127.0.0.1", 8080, None, None, 10
+    if args.beamline:
+        loaded = cfg.load(args.config_file or cfg.default_startup_file(), args.beamline)
+        bl = loaded.beamline
+        host, port, results, row_length = bl.gui_host, bl.gui_port, bl.results_publish_endpoint, bl.raster_row_length
+        min_peaks = loaded.processing.default.min_bragg_peaks
+    results = args.results or results
+    if not results:
+        raise UsageError("give --results ENDPOINT (the Collector's PUB) or -b BEAMLINE")
+    return run_gui(
+        results,
+        args.host or host,
+        args.port if args.port is not None else port,
+        min_bragg_peaks=args.min_bragg_peaks if args.min_bragg_peaks is not None else min_peaks,
+        row_length=args.row_length or row_length,
+    )
 
 
 def _pair_of_ints(text: str) -> tuple[int, int]:
@@ -453,10 +465,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per frame per line")
     p.set_defaults(func=cmd_find_spots)
 
-    p = sub.add_parser("gui", help="serve the live web view of runs")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
-    p.set_defaults(func=_not_yet("the GUI", 5))
+    p = sub.add_parser(
+        "gui",
+        help="serve the live web view of runs",
+        description="A web page any browser can open: series, strip chart, raster map, frame view, health. "
+        "Subscribes to the Collector's published results (the beamline section's results_pub_port, or --results).",
+    )
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the section's gui_port, else 8080)")
+    p.add_argument("--host", default=None, help="bind address (default: the section's gui_host, else 127.0.0.1)")
+    p.add_argument("--results", metavar="ENDPOINT", help="the Collector's PUB endpoint")
+    p.add_argument("--row-length", type=int, default=None, help="frames per raster row when headers give no grid")
+    p.add_argument("--min-bragg-peaks", type=int, default=None, help="hit threshold (default: processing config)")
+    p.add_argument("-c", "--config_file", help="startup config")
+    p.add_argument("-b", "--beamline", help="section of the startup config")
+    p.set_defaults(func=cmd_gui)
 
     p = sub.add_parser("config", help="validate the startup and processing configs and show what they resolve to")
     p.add_argument("-c", "--config_file", help="startup config (default configs/startup.cfg)")

@@ -61,6 +61,8 @@ def run_daemon(args, prog: str, sources: list[str]) -> int:
             print(f"  simulated detector: intxr simulate --protocol {bl.simulate_protocol} --endpoint "
                   f"{bl.detector_endpoint} --rate {bl.simulate_rate:g} {' '.join(sources[:3])}"
                   + (f" ... ({len(sources)} sources)" if len(sources) > 3 else ""))
+        if bl.start_gui:
+            print(f"  gui: intxr gui -c {path} -b {bl.name} (http://{bl.gui_host}:{bl.gui_port}/)")
         print(launch.describe())
         return 0
 
@@ -80,6 +82,11 @@ def run_daemon(args, prog: str, sources: list[str]) -> int:
     print(f"{prog}: [{bl.name}] splitter receiving {bl.protocol} on {bl.detector_endpoint}, writing {bl.output_dir}",
           file=sys.stderr, flush=True)
     env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
+    gui = None
+    if bl.start_gui:
+        # Its own process: drawing for browsers never competes with the Splitter's Python side.
+        gui = subprocess.Popen([sys.executable, "-m", "intxr.cli", "gui", "-c", path, "-b", bl.name], env=env)
+        print(f"{prog}: GUI on http://{bl.gui_host}:{bl.gui_port}/", file=sys.stderr, flush=True)
     mpi = subprocess.Popen(launch.command, env=env)
     print(f"{prog}: started {' '.join(launch.command)}", file=sys.stderr, flush=True)
     simulator = None
@@ -121,6 +128,9 @@ def run_daemon(args, prog: str, sources: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 mpi.kill()
                 mpi.wait()
+        if gui is not None:
+            gui.terminate()
+            gui.wait(10)
     c = splitter.counters()
     print(
         f"{prog}: splitter: {c['frames_received']} frames received, {c['frames_written']} written, "

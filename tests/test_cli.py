@@ -75,9 +75,9 @@ def test_config_command_validates_shipped_configs():
     assert result.returncode == 0 and "[demo] ok" in result.stdout and "[12-1] ok" in result.stdout
 
 
-def test_not_yet_built_commands_say_so():
+def test_gui_needs_somewhere_to_get_results():
     result = run(exe("intxr"), "gui", "--port", "8999")
-    assert result.returncode == 2 and "issue #5" in result.stderr
+    assert result.returncode == 2 and "--results ENDPOINT" in result.stderr
 
 
 def test_dry_run_shows_the_plan():

@@ -14,12 +14,13 @@ import glob
 import json
 import os
 import random
+import socket
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from test_serve import Listener, _free_endpoint
+from test_serve import Listener
 from test_splitter import Pusher, capture_messages, data_frames
 
 from intxr.codec import DecodeError, decode
@@ -269,6 +270,30 @@ def fuzz_stream(rng: random.Random, real: list[list[bytes]], foreign: list[list[
 # The run
 
 
+def quiet_endpoints(n: int) -> list[str]:
+    """`n` free loopback ports outside the kernel's ephemeral range, for the Splitter to bind. A port
+    the kernel handed out (bound to port 0, then closed) is often handed out again at once as the
+    source port of the next connect (the Splitter's own PULL connecting to the Pusher included), and
+    the Splitter's bind then fails with "Address already in use"."""
+    low, high = 32768, 60999
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        pass
+    candidates = [*range(high + 1, 65536), *range(max(1024, low - 10_000), low)]
+    endpoints = []
+    for port in random.SystemRandom().sample(candidates, 100):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        endpoints.append(f"tcp://127.0.0.1:{port}")
+        if len(endpoints) == n:
+            return endpoints
+    raise AssertionError("no free ports outside the ephemeral range")
+
+
 class Reader(threading.Thread):
     """Asks the Splitter for frames until stopped; decodes the ones whose blob is not a clean one
     (mutated blobs must give a DecodeError or pixels, nothing worse) and keeps the clean series'."""
@@ -316,7 +341,7 @@ def test_fuzzed_messages_then_a_clean_series(tmp_path, shared_data):
     blobs = [m[2] for m in frames]
     expected = [decode(blob, "lz4<", np.uint32, SHAPE) for blob in blobs]
 
-    serve, publish = _free_endpoint(), _free_endpoint()
+    serve, publish = quiet_endpoints(2)
     pusher = Pusher()
     started = time.monotonic()
     splitter = Splitter(

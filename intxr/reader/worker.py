@@ -169,8 +169,9 @@ class Reader:
                 indexing="not available",
             )
             if len(found.spots):
-                # What the GUI circles: spot centroids (x, y) in pixels, at most 500.
-                xs, ys = found.spots.x[:500], found.spots.y[:500]
+                # What the GUI circles: centroids (x, y) in pixels of the 500 strongest spots.
+                strongest = np.argsort(-found.spots.intensity, kind="stable")[:500]
+                xs, ys = found.spots.x[strongest], found.spots.y[strongest]
                 result["spots_xy"] = [[round(float(x), 1), round(float(y), 1)] for x, y in zip(xs, ys, strict=True)]
             for name, seconds in found.timing.items():
                 # The spot finder's stages under the result's names: threshold + labelling = spot finding.

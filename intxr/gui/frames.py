@@ -1,0 +1,105 @@
+"""The frame view: a frame read back from the HDF5 files the Splitter wrote, scaled down for a
+browser, with a contrast that shows spots, and the geometry for resolution and ice rings."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle and LZ4 filters)
+import numpy as np
+
+RESOLUTION_RINGS_A = (10.0, 6.0, 4.0, 3.0, 2.5, 2.0, 1.8, 1.6, 1.4, 1.2)
+# The strong powder rings of hexagonal ice Ih, in A (the rings DIALS's ice filter and beamline
+# viewers mark).
+ICE_RING_D = (3.897, 3.669, 3.441, 2.671, 2.249, 2.072, 1.948, 1.918, 1.883)
+
+
+@dataclass
+class FrameView:
+    image: np.ndarray  # uint8, dark = strong (as crystallographers view frames)
+    scale: int  # detector pixels per view pixel
+    shape: tuple[int, int]  # the detector frame (rows, columns)
+    rings: list[dict]  # {"d": A, "radius": view px, "ice": bool}
+    beam: tuple[float, float]  # view px (x, y)
+
+
+def _detector_geometry(f: h5py.File) -> dict | None:
+    det = f.get("entry/instrument/detector")
+    beam = f.get("entry/instrument/beam")
+    if det is None or beam is None:
+        return None
+    try:
+        return {
+            "beam_x": float(det["beam_center_x"][()]),
+            "beam_y": float(det["beam_center_y"][()]),
+            "distance_m": float(det["detector_distance"][()]),
+            "pixel_m": float(det["x_pixel_size"][()]),
+            "wavelength": float(beam["incident_wavelength"][()]),
+        }
+    except KeyError:
+        return None
+
+
+def read_frame(master_file: str, frame_index: int) -> tuple[np.ndarray, dict | None, np.ndarray | None]:
+    """Frame `frame_index` (0-based position in the series) through the master's data links."""
+    with h5py.File(master_file, "r") as f:
+        names = sorted(k for k in f["entry/data"] if k.startswith("data_"))
+        k = frame_index
+        for name in names:
+            ds = f["entry/data"][name]
+            if k < ds.shape[0]:
+                data = ds[k]
+                break
+            k -= ds.shape[0]
+        else:
+            raise IndexError(f"{master_file} holds no frame {frame_index}")
+        mask_ds = f.get("entry/instrument/detector/detectorSpecific/pixel_mask")
+        mask = mask_ds[()] if mask_ds is not None and mask_ds.shape == data.shape else None
+        return data, _detector_geometry(f), mask
+
+
+def render(data: np.ndarray, geometry: dict | None, mask: np.ndarray | None, max_size: int = 1024) -> FrameView:
+    rows, cols = data.shape
+    scale = max(1, math.ceil(max(rows, cols) / max_size))
+    valid = np.ones(data.shape, bool) if mask is None else mask == 0
+    if data.dtype.kind == "u":
+        valid &= data < np.iinfo(data.dtype).max - 1  # gap and dead pixels
+    else:
+        valid &= data >= 0
+    counts = np.where(valid, data, 0).astype(np.float32)
+    # Block maximum keeps a one-pixel spot visible when the frame is shown smaller.
+    r, c = rows // scale * scale, cols // scale * scale
+    blocks = counts[:r, :c].reshape(r // scale, scale, c // scale, scale).max(axis=(1, 3))
+    sample = counts[valid][:: max(1, int(valid.sum()) // 200_000)]
+    high = float(np.percentile(sample, 99.5)) if sample.size else 1.0
+    high = max(high, 1.0)
+    image = 255 - np.clip(blocks / high * 255, 0, 255).astype(np.uint8)
+    gaps = ~valid[:r, :c].reshape(r // scale, scale, c // scale, scale).all(axis=(1, 3))
+    image[gaps] = 200  # gaps in light grey
+    rings: list[dict] = []
+    beam = (cols / 2 / scale, rows / 2 / scale)
+    if geometry:
+        beam = (geometry["beam_x"] / scale, geometry["beam_y"] / scale)
+        for d, ice in [(d, False) for d in RESOLUTION_RINGS_A] + [(d, True) for d in ICE_RING_D]:
+            s = geometry["wavelength"] / (2 * d)  # Bragg: sin(theta) = lambda / 2d
+            if s >= 1:
+                continue
+            radius_px = geometry["distance_m"] * math.tan(2 * math.asin(s)) / geometry["pixel_m"]
+            rings.append({"d": d, "radius": radius_px / scale, "ice": ice})
+    return FrameView(image, scale, (rows, cols), rings, beam)
+
+
+def png_bytes(gray: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG (RFC 2083): signature, IHDR, one zlib IDAT, IEND."""
+    height, width = gray.shape
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    raw = np.hstack([np.zeros((height, 1), np.uint8), np.ascontiguousarray(gray, np.uint8)]).tobytes()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 3)) + chunk(b"IEND", b"")

@@ -1,0 +1,322 @@
+// Interceptor live view. Plain JavaScript on canvases, fed by Server-Sent Events from `intxr gui`.
+// State for tests and curious users: window.intxr.
+"use strict";
+
+const state = {
+  series: new Map(),      // series number -> {points: Map(frame -> point), counts, grid}
+  order: [],              // series numbers, newest first
+  selected: null,         // series shown
+  userSelected: false,    // a tab was clicked: stop jumping to the newest series
+  threshold: null,
+  view: null,             // strip chart x range [lo, hi] when zoomed; null = all
+  health: {}, splitter: {}, errors: [],
+  frameView: { series: null, frame: null, spots: 0, loaded: false, pinned: false },
+  version: 0,
+};
+window.intxr = {
+  state,
+  points: () => { const s = current(); return s ? s.points.size : 0; },
+  hits: () => { const s = current(); return s ? [...s.points.values()].filter(isHit).length : 0; },
+  rasterCells: () => rasterCells.length,
+  frameView: () => ({ ...state.frameView }),
+  // Page coordinates of a frame's raster cell (for clicking it from a test or a script).
+  cellCenter: (frame) => {
+    const cell = rasterCells.find((c) => c.frame === frame);
+    if (!cell) return null;
+    const rect = document.getElementById("raster").getBoundingClientRect();
+    return { x: rect.left + cell.x + cell.size / 2, y: rect.top + cell.y + cell.size / 2 };
+  },
+};
+
+const $ = (id) => document.getElementById(id);
+const current = () => state.series.get(state.selected);
+const isHit = (p) => p.status === "processed" && p.n_spots >= threshold();
+const threshold = () => (state.threshold === null ? 10 : state.threshold);
+let dirty = true;
+
+// ---- data in --------------------------------------------------------------------------------
+
+function apply(delta) {
+  state.version = delta.version;
+  if (state.threshold === null && delta.min_bragg_peaks !== undefined) {
+    state.threshold = delta.min_bragg_peaks;
+    $("threshold").value = state.threshold;
+  }
+  for (const s of delta.series) {
+    let series = state.series.get(s.series);
+    if (!series) { series = { points: new Map() }; state.series.set(s.series, series); }
+    for (const p of s.points) series.points.set(p.frame, p);
+    series.counts = s.counts;
+    series.grid = s.grid;
+  }
+  state.order = delta.series.map((s) => s.series);
+  if (!state.userSelected || !state.series.has(state.selected)) state.selected = state.order[0] ?? null;
+  state.health = delta.health || {};
+  state.splitter = delta.splitter || {};
+  state.errors = delta.errors || [];
+  dirty = true;
+}
+
+function connect() {
+  const source = new EventSource(`/events?since=${state.version}`);
+  source.onopen = () => { $("status").textContent = "live"; };
+  source.onmessage = (event) => apply(JSON.parse(event.data));
+  source.onerror = () => { $("status").textContent = "reconnecting..."; };
+}
+
+// ---- drawing --------------------------------------------------------------------------------
+
+function fitCanvas(canvas) {
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth, h = canvas.clientHeight;
+  if (canvas.width !== Math.round(w * ratio) || canvas.height !== Math.round(h * ratio)) {
+    canvas.width = Math.round(w * ratio); canvas.height = Math.round(h * ratio);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  return [ctx, w, h];
+}
+
+const fmt = (v, digits = 2) => (v === null || v === undefined ? "-" : typeof v === "number" ? v.toFixed(digits) : v);
+
+function drawTabs() {
+  const tabs = $("tabs");
+  const wanted = state.order.map((n) => `${n}`).join(",");
+  if (tabs.dataset.order !== wanted) {
+    tabs.dataset.order = wanted;
+    tabs.innerHTML = "";
+    for (const n of state.order) {
+      const b = document.createElement("button");
+      b.dataset.series = n;
+      b.onclick = () => { state.selected = n; state.userSelected = n !== state.order[0]; state.view = null; dirty = true; };
+      tabs.appendChild(b);
+    }
+  }
+  for (const b of tabs.children) {
+    const s = state.series.get(Number(b.dataset.series));
+    const c = (s && s.counts) || {};
+    b.textContent = `series ${b.dataset.series} (${c.hits ?? 0} hits / ${c.results ?? 0})${c.ended ? "" : " live"}`;
+    b.classList.toggle("active", Number(b.dataset.series) === state.selected);
+  }
+}
+
+function drawCounts() {
+  const s = current();
+  const c = (s && s.counts) || {};
+  $("seriesNo").textContent = state.selected ?? "-";
+  const cells = [
+    ["hits", c.hits], ["hit rate", c.hit_rate !== undefined ? `${(100 * c.hit_rate).toFixed(0)}%` : "-"],
+    ["median hres (A)", fmt(c.median_hres)], ["frames/s", fmt(c.rate, 1)],
+    ["received", c.received ?? "-"], ["written", c.written ?? "-"], ["processed", c.processed ?? 0],
+    ["blank", c.blank ?? 0], ["skipped", c.skipped ?? "-"], ["failed", c.failed ?? 0],
+    ["latency p50 (s)", fmt(c.latency_p50, 3)], ["results", c.results ?? 0],
+  ];
+  $("counts").innerHTML = cells.map(([k, v]) => `<div>${k}<span>${v ?? "-"}</span></div>`).join("");
+}
+
+function stripRange(points) {
+  if (!points.length) return [0, 1];
+  let lo = Infinity, hi = -Infinity;
+  for (const p of points) { lo = Math.min(lo, p.frame); hi = Math.max(hi, p.frame); }
+  if ($("follow").checked && state.view) {
+    const width = state.view[1] - state.view[0];
+    return [hi - width, hi + width * 0.02];
+  }
+  return state.view || [lo - 0.5, hi + 0.5];
+}
+
+function drawStrip() {
+  const canvas = $("strip");
+  const [ctx, w, h] = fitCanvas(canvas);
+  ctx.clearRect(0, 0, w, h);
+  const s = current();
+  const points = s ? [...s.points.values()] : [];
+  const pad = { l: 44, r: 44, t: 8, b: 22 };
+  const [x0, x1] = stripRange(points);
+  const maxSpots = Math.max(threshold() * 1.5, ...points.map((p) => p.n_spots || 0), 1);
+  const hresVals = points.map((p) => p.hres).filter((v) => v && v > 0 && v < 99);
+  const maxHres = Math.max(5, ...hresVals);
+  const X = (f) => pad.l + ((f - x0) / (x1 - x0 || 1)) * (w - pad.l - pad.r);
+  const Y = (n) => h - pad.b - (n / maxSpots) * (h - pad.t - pad.b);
+  const YH = (d) => pad.t + (d / maxHres) * (h - pad.t - pad.b);  // resolution: better (smaller) is higher
+  ctx.strokeStyle = "#888"; ctx.fillStyle = "#444"; ctx.lineWidth = 1; ctx.font = "11px system-ui";
+  ctx.strokeRect(pad.l, pad.t, w - pad.l - pad.r, h - pad.t - pad.b);
+  for (let k = 0; k <= 4; k++) {
+    const n = (maxSpots * k) / 4;
+    ctx.fillText(n.toFixed(0), 4, Y(n) + 4);
+    ctx.fillText(((maxHres * k) / 4).toFixed(1), w - pad.r + 4, YH((maxHres * k) / 4) + 4);
+  }
+  ctx.fillText(`frame ${Math.round(x0)} - ${Math.round(x1)}`, pad.l, h - 6);
+  ctx.save();
+  ctx.beginPath(); ctx.rect(pad.l, pad.t, w - pad.l - pad.r, h - pad.t - pad.b); ctx.clip();
+  ctx.strokeStyle = "#1a9850"; ctx.setLineDash([4, 3]);
+  ctx.beginPath(); ctx.moveTo(pad.l, Y(threshold())); ctx.lineTo(w - pad.r, Y(threshold())); ctx.stroke();
+  ctx.setLineDash([]);
+  let drawn = 0;
+  for (const p of points) {
+    if (p.frame < x0 || p.frame > x1) continue;
+    ctx.fillStyle = isHit(p) ? "#1a9850" : "#999";
+    ctx.beginPath(); ctx.arc(X(p.frame), Y(p.n_spots || 0), 3, 0, 2 * Math.PI); ctx.fill();
+    if (p.hres && p.hres > 0 && p.hres < 99) {
+      ctx.fillStyle = "#d95f02"; ctx.fillRect(X(p.frame) - 2, YH(p.hres) - 2, 4, 4);
+    }
+    drawn++;
+  }
+  ctx.restore();
+  canvas.dataset.points = drawn;
+}
+
+let rasterCells = [];
+function drawRaster() {
+  const canvas = $("raster");
+  const [ctx, w, h] = fitCanvas(canvas);
+  ctx.clearRect(0, 0, w, h);
+  rasterCells = [];
+  const s = current();
+  const grid = (s && s.grid) || {};
+  const frames = Object.keys(grid);
+  if (!frames.length) {
+    $("rasterNote").textContent = "no grid positions (mapping header key or raster_row_length)";
+    return;
+  }
+  let rows = 0, cols = 0;
+  for (const f of frames) { rows = Math.max(rows, grid[f][0] + 1); cols = Math.max(cols, grid[f][1] + 1); }
+  $("rasterNote").textContent = `${rows} x ${cols}; click a cell for its frame`;
+  const by = $("rasterBy").value;
+  const values = frames.map((f) => (s.points.get(Number(f)) || {})[by] || 0);
+  const vmax = Math.max(1, ...values);
+  const cell = Math.min((w - 2) / cols, (h - 2) / rows);
+  frames.forEach((f, k) => {
+    const [r, c] = grid[f];
+    const v = Math.max(0, values[k]) / vmax;
+    // white -> dark blue: where the crystal is stands out
+    ctx.fillStyle = `rgb(${Math.round(255 - 225 * v)}, ${Math.round(255 - 180 * v)}, ${Math.round(255 - 80 * v)})`;
+    const x = 1 + c * cell, y = 1 + r * cell;
+    ctx.fillRect(x, y, cell - 1, cell - 1);
+    ctx.strokeStyle = "#d0d4da"; ctx.lineWidth = 1; ctx.strokeRect(x + 0.5, y + 0.5, cell - 2, cell - 2);
+    if (state.frameView.series === state.selected && state.frameView.frame === Number(f)) {
+      ctx.strokeStyle = "#d95f02"; ctx.lineWidth = 2; ctx.strokeRect(x + 1, y + 1, cell - 3, cell - 3);
+    }
+    rasterCells.push({ frame: Number(f), x, y, size: cell - 1 });
+  });
+}
+
+function drawHealth() {
+  const ranks = (state.health.ranks || []).filter((r) => r.rank > 0);
+  $("ranks").querySelector("tbody").innerHTML = ranks.map((r) =>
+    `<tr><td>${r.rank}</td><td>${r.host ?? "-"}</td><td>${r.cpu ?? "-"}</td><td>${r.numa ?? "-"}</td>` +
+    `<td>${r.frames ?? r.results ?? 0}</td><td>${fmt(r.rate, 1)}</td>` +
+    `<td class="${r.lost ? "lost" : ""}">${r.lost ? "LOST" : "ok"}</td></tr>`).join("");
+  const sp = state.splitter || {};
+  const fill = sp.buffer_bytes ? `${((100 * (sp.queued_bytes || 0)) / sp.buffer_bytes).toFixed(1)}%` : "-";
+  const cells = [["splitter received", sp.frames_received], ["written", sp.frames_written],
+    ["forwarded", sp.frames_forwarded], ["skipped", sp.frames_skipped], ["malformed", sp.malformed],
+    ["buffer fill", fill], ["UI lines dropped", state.health.ui_dropped], ["readers waiting", sp.readers_waiting]];
+  $("splitter").innerHTML = cells.map(([k, v]) => `<div>${k}<span>${v ?? "-"}</span></div>`).join("");
+  $("errors").textContent = (state.errors || []).join("\n");
+}
+
+// ---- frame view -----------------------------------------------------------------------------
+
+let frameRequest = null;
+function showFrame(series, frame, pinned) {
+  if (state.frameView.series === series && state.frameView.frame === frame) return;
+  state.frameView = { series, frame, spots: 0, loaded: false, pinned };
+  $("frameTitle").textContent = `series ${series} frame ${frame}${pinned ? "" : " (latest hit)"}`;
+  const request = (frameRequest = fetch(`/api/frame?series=${series}&frame=${frame}`).then((r) => r.json()));
+  request.then((info) => {
+    if (request !== frameRequest) return;
+    if (info.error) { $("frameTitle").textContent += ` - ${info.error}`; state.frameView.frame = null; return; }
+    const img = $("frameImg");
+    img.onload = () => { drawOverlay(info); state.frameView.loaded = true; state.frameView.spots = info.spots.length; };
+    img.src = info.png;
+  });
+}
+
+function drawOverlay(info) {
+  const canvas = $("frameOverlay");
+  const [ctx, w] = fitCanvas(canvas);
+  const k = w / info.width;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.lineWidth = 1.2; ctx.font = "11px system-ui";
+  for (const ring of info.rings) {
+    ctx.strokeStyle = ring.ice ? "rgba(0,120,255,0.55)" : "rgba(217,95,2,0.8)";
+    ctx.setLineDash(ring.ice ? [3, 3] : []);
+    ctx.beginPath(); ctx.arc(info.beam[0] * k, info.beam[1] * k, ring.radius * k, 0, 2 * Math.PI); ctx.stroke();
+    if (!ring.ice) {
+      ctx.fillStyle = "rgba(217,95,2,0.95)";
+      ctx.fillText(`${ring.d.toFixed(1)} A`, info.beam[0] * k + 3, info.beam[1] * k - ring.radius * k - 2);
+    }
+  }
+  ctx.setLineDash([]);
+  ctx.strokeStyle = "#e7298a";
+  for (const [x, y] of info.spots) {
+    ctx.beginPath(); ctx.arc(x * k, y * k, 5, 0, 2 * Math.PI); ctx.stroke();
+  }
+}
+
+function latestHit() {
+  const s = current();
+  if (!s) return null;
+  let best = null;
+  for (const p of s.points.values()) if (isHit(p) && (!best || p.frame > best.frame)) best = p;
+  return best;
+}
+
+// ---- interaction ----------------------------------------------------------------------------
+
+function setupInteraction() {
+  $("threshold").oninput = (e) => { state.threshold = Number(e.target.value) || 0; dirty = true; };
+  $("rasterBy").onchange = () => { dirty = true; };
+  $("follow").onchange = () => { dirty = true; };
+  $("resetZoom").onclick = () => { state.view = null; dirty = true; };
+  const strip = $("strip");
+  strip.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const s = current(); if (!s) return;
+    const [x0, x1] = stripRange([...s.points.values()]);
+    const rect = strip.getBoundingClientRect();
+    const at = x0 + ((e.clientX - rect.left - 44) / (rect.width - 88)) * (x1 - x0);
+    const f = e.deltaY < 0 ? 0.8 : 1.25;
+    state.view = [at - (at - x0) * f, at + (x1 - at) * f];
+    dirty = true;
+  }, { passive: false });
+  let drag = null;
+  strip.addEventListener("mousedown", (e) => {
+    const s = current(); if (!s) return;
+    drag = { x: e.clientX, range: stripRange([...s.points.values()]) };
+    $("follow").checked = false;
+  });
+  window.addEventListener("mouseup", () => { drag = null; });
+  window.addEventListener("mousemove", (e) => {
+    if (!drag) return;
+    const rect = strip.getBoundingClientRect();
+    const per = (drag.range[1] - drag.range[0]) / (rect.width - 88);
+    const shift = (drag.x - e.clientX) * per;
+    state.view = [drag.range[0] + shift, drag.range[1] + shift];
+    dirty = true;
+  });
+  $("raster").addEventListener("click", (e) => {
+    const rect = $("raster").getBoundingClientRect();
+    const x = e.clientX - rect.left, y = e.clientY - rect.top;
+    const cell = rasterCells.find((c) => x >= c.x && x <= c.x + c.size && y >= c.y && y <= c.y + c.size);
+    if (cell) { showFrame(state.selected, cell.frame, true); dirty = true; }
+  });
+  window.addEventListener("resize", () => { dirty = true; });
+}
+
+function frame() {
+  if (dirty) {
+    dirty = false;
+    drawTabs(); drawCounts(); drawStrip(); drawRaster(); drawHealth();
+    if (!state.frameView.pinned || state.frameView.series !== state.selected) {
+      const hit = latestHit();
+      if (hit) showFrame(state.selected, hit.frame, false);
+    }
+  }
+  requestAnimationFrame(frame);
+}
+
+setupInteraction();
+connect();
+requestAnimationFrame(frame);

@@ -1,0 +1,152 @@
+"""The GUI: its data model, its frame rendering, and the page in a real headless Chromium while the
+pipeline runs the real thaumatin frames."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from intxr.gui.frames import png_bytes, render
+from intxr.gui.model import MAX_SERIES, RunModel, grid_position
+
+EXE = Path(sys.executable).parent
+
+
+def result(series: int, frame: int, n_spots: int = 20, status: str = "processed", **extra) -> dict:
+    return {"series": series, "frame": frame, "n_spots": n_spots, "hres": 2.0, "score": 5, "status": status,
+            "rank": 1, "latency": 0.1, "done": 1000.0 + frame, **extra}
+
+
+def test_bursts_are_coalesced_into_one_delta_with_only_new_points():
+    model = RunModel(min_bragg_peaks=10)
+    for k in range(500):
+        model.add_result(result(1, k, n_spots=k % 20))
+    first = model.delta(0)
+    assert len(first["series"][0]["points"]) == 500 and first["version"] == 500
+    for k in range(500, 520):
+        model.add_result(result(1, k))
+    second = model.delta(first["version"])
+    assert [p["frame"] for p in second["series"][0]["points"]] == list(range(500, 520))
+    counts = second["series"][0]["counts"]
+    assert counts["results"] == 520 and counts["hits"] == 250 + 20  # n_spots >= 10 of 0..19, then 20 hits
+    assert model.delta(second["version"])["series"][0]["points"] == []
+
+
+def test_series_newest_first_and_old_ones_dropped():
+    model = RunModel()
+    for series in range(1, MAX_SERIES + 6):
+        model.add_result(result(series, 0))
+    numbers = [s["series"] for s in model.delta(0)["series"]]
+    assert numbers == list(range(MAX_SERIES + 5, 5, -1))
+    model.add_event("splitter_series_end", {"series": 7, "received": 3, "skipped": 1})
+    model.add_event("series", {"series": 7, "master_file": "/data/x_master.h5"})
+    seven = next(s for s in model.delta(0)["series"] if s["series"] == 7)
+    assert seven["counts"]["received"] == 3 and seven["counts"]["ended"] and model.master_file(7) == "/data/x_master.h5"
+
+
+def test_raster_layout_from_row_length_and_from_mapping():
+    assert grid_position(None, 7, 4, 1) == (1, 2)
+    assert grid_position("row 2 col 5", 7, 4, 1) == (2, 5)
+    assert grid_position("3,9", 7, None, 1) == (3, 9)
+    assert grid_position("rastering", 7, None, 1) is None
+    model = RunModel(row_length=3)
+    for frame in (5, 3, 4, 1, 2):  # out of order: the grid follows the first frame seen so far
+        model.add_result(result(1, frame))
+    grid = model.delta(0)["series"][0]["grid"]
+    assert grid == {"1": (0, 0), "2": (0, 1), "3": (0, 2), "4": (1, 0), "5": (1, 1)}
+
+
+def test_frame_rendering_and_png():
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    data = rng.poisson(3, (300, 200)).astype(np.uint32)
+    data[100, 50] = 5000  # a spot
+    data[:, 120] = 2**32 - 1  # a gap column
+    geometry = {"beam_x": 100.0, "beam_y": 150.0, "distance_m": 0.2, "pixel_m": 0.000172, "wavelength": 1.0}
+    view = render(data, geometry, None, max_size=150)
+    assert view.scale == 2 and view.image.shape == (150, 100)
+    assert view.image[50, 25] == 0  # the spot is black at any scale (block maximum)
+    assert view.image[0, 60] == 200  # the gap is grey
+    ring = next(r for r in view.rings if r["d"] == 3.0)
+    # Bragg: 2 theta = 2 asin(1 / 6); radius = 0.2 m tan(2 theta) / 172 um, halved by the scale
+    expected = 0.2 * np.tan(2 * np.arcsin(1.0 / 6.0)) / 0.000172 / 2
+    assert ring["radius"] == pytest.approx(expected)
+    decoded = np.asarray(Image.open(io.BytesIO(png_bytes(view.image))))
+    np.testing.assert_array_equal(decoded, view.image)
+
+
+@pytest.fixture
+def chromium():
+    from browser import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium")
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    return path
+
+
+def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
+    from browser import Browser
+    from PIL import Image
+    from test_pipeline import _free_ports, write_config
+
+    [gui_port] = _free_ports(1)
+    config, keys = write_config(tmp_path, send_to_ui="False", raster_row_length="4", gui_port=gui_port,
+                                simulate_rate="6")
+    gui = subprocess.Popen([str(EXE / "intxr"), "gui", "-c", str(config), "-b", "t"], stderr=subprocess.PIPE,
+                           text=True)
+    browser = None
+    try:
+        url = f"http://127.0.0.1:{gui_port}/"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        browser = Browser(chromium)
+        browser.goto(url)
+        browser.wait_for("document.getElementById('status').textContent === 'live'")
+        run = subprocess.run([str(EXE / "intxrd"), "-c", str(config), "-b", "t", "-n", "2", "--max_series", "1",
+                              "--simulate", *thaumatin_cbfs], capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr
+        # The strip chart shows every frame, the hits counted with the threshold line at 10 spots.
+        browser.wait_for("window.intxr.points() === 12")
+        assert browser.js("window.intxr.hits()") == 10
+        assert int(browser.js("document.getElementById('strip').dataset.points")) == 12
+        assert browser.js("window.intxr.rasterCells()") == 12  # 3 rows of 4
+        browser.wait_for("document.querySelector('#counts').textContent.includes('written12')")
+        # Click the raster cell of frame 3 (a hit): the frame view shows it with its spots circled.
+        center = browser.js("window.intxr.cellCenter(3)")
+        browser.click(center["x"], center["y"])
+        view = browser.wait_for("(v => v.frame === 3 && v.loaded && v.pinned && v)(window.intxr.frameView())")
+        assert view["spots"] > 100
+        health = browser.js("document.getElementById('ranks').textContent")
+        assert "ok" in health
+        shot = browser.screenshot()
+        (tmp_path / "gui.png").write_bytes(shot)
+        pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), dtype=np.float64)
+        assert pixels.shape[0] > 500 and pixels.std() > 20, "the screenshot is blank"
+        assert len(np.unique(pixels)) > 50
+        # The page's own data agrees with the API it is drawn from.
+        with urllib.request.urlopen(f"{url}api/frame?series=1&frame=3") as r:
+            info = json.load(r)
+        assert len(info["spots"]) == view["spots"] and any(ring["ice"] for ring in info["rings"])
+    finally:
+        if browser is not None:
+            browser.close()
+        gui.terminate()
+        gui.wait(10)
