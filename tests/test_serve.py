@@ -196,3 +196,32 @@ def test_bad_messages_between_good_frames_do_not_reach_readers(tmp_path, shared_
         assert splitter.join(30)
     assert len(got) == len(frames)
     assert splitter.counters()["malformed"] == len(garbage)
+
+
+def test_splitter_command_serves_and_publishes(tmp_path, thaumatin_cbfs):
+    """`intxr splitter --serve EP --publish EP`, as a beamline script would start it."""
+    import subprocess
+    import sys
+
+    serve, publish = _free_endpoint(), _free_endpoint()
+    thread, endpoint = simulate(thaumatin_cbfs[:3], protocol="v1", encoding="bs16-lz4")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "intxr"), "splitter", "--connect", endpoint, "--output-dir", str(tmp_path),
+         "--serve", serve, "--publish", publish, "--skip-after", "30", "--max-series", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    listener = Listener(publish)
+    frames = []
+    with FrameSource(serve, timeout=10) as source:
+        deadline = time.monotonic() + 60
+        while len(frames) < 3 and time.monotonic() < deadline:
+            frame = source.next_frame(wait=0.5)
+            if frame is not None:
+                frames.append(frame.frame)
+    end = listener.wait_for("series_end")
+    out, err = proc.communicate(timeout=60)
+    thread.join(10)
+    assert proc.returncode == 0, err
+    assert sorted(frames) == [0, 1, 2] and end["forwarded"] == 3
+    assert "3 forwarded to readers, 0 skipped for processing" in err
+    assert out.strip().endswith("series_000001_master.h5")
