@@ -225,3 +225,33 @@ def test_splitter_command_serves_and_publishes(tmp_path, thaumatin_cbfs):
     assert sorted(frames) == [0, 1, 2] and end["forwarded"] == 3
     assert "3 forwarded to readers, 0 skipped for processing" in err
     assert out.strip().endswith("series_000001_master.h5")
+
+
+def test_a_reader_survives_a_splitter_restart(tmp_path, thaumatin_cbfs):
+    """The Splitter goes away and comes back on the same endpoint: the waiting reader times out,
+    renews its socket (Lazy Pirate) and gets the new Splitter's frames."""
+    serve = _free_endpoint()
+    source = FrameSource(serve, timeout=1.0)
+    thread, endpoint = simulate(thaumatin_cbfs[:2], protocol="v1", encoding="bs16-lz4")
+    with _splitter(tmp_path / "a", endpoint, serve=serve, skip_after=1) as splitter:
+        first = None
+        while first is None:
+            first = source.next_frame(wait=1)
+        # Stopped with the second frame still waiting: it is skipped after skip_after, then the
+        # Splitter is gone.
+        splitter.stop()
+        splitter.join(30)
+    thread.join(10)
+    assert first.series == 1 and splitter.counters()["frames_skipped"] + splitter.counters()["frames_forwarded"] == 2
+    # Gone: the reader's request goes unanswered; after its timeout it renews its socket.
+    assert source.next_frame(wait=1.5) is None
+    assert source.counters.reconnects == 1 and "no reply" in source.counters.last_error
+    thread, endpoint = simulate(thaumatin_cbfs[2:4], protocol="v1", encoding="bs16-lz4", first_series=7)
+    with _splitter(tmp_path / "b", endpoint, serve=serve, skip_after=1) as splitter:
+        got = None
+        deadline = time.monotonic() + 30
+        while got is None and time.monotonic() < deadline:
+            got = source.next_frame(wait=0.5)
+    thread.join(10)
+    source.close()
+    assert got is not None and got.series == 7
