@@ -23,6 +23,7 @@ from intxr.config import Configuration, _bind_host
 from intxr.sinks.result_line import format_result_line
 
 HEALTH_INTERVAL = 1.0
+KEEP_SERIES = 100  # finished series whose accounts are kept
 RANK_SILENT_AFTER = 3.0  # seconds without a status message before a reader is reported lost
 
 
@@ -129,6 +130,8 @@ class Collector:
             self.ui = self.context.socket(kind)
             self.ui.setsockopt(zmq.SNDHWM, 1000)
             self.ui.setsockopt(zmq.LINGER, 0)
+            # Queue only to a listener that is there: with none, a send fails at once and is counted.
+            self.ui.setsockopt(zmq.IMMEDIATE, 1)
             if kind == zmq.PUB:
                 self.ui.bind(bind_form(bl.ui_endpoint))
             else:
@@ -219,9 +222,13 @@ class Collector:
             return
         series = self.series.setdefault(body["series"], SeriesAccount(body["series"]))
         if topic == "series_end":
+            if series.end is not None:
+                return  # the Splitter repeats series events for late subscribers
             series.end = body
             series.ended_at = time.monotonic()
         elif topic == "series_written":
+            if series.written is not None:
+                return
             series.written = body.get("frames_written")
             series.master_file = body.get("master_file")
         self._publish(f"splitter_{topic}", body)
@@ -249,6 +256,10 @@ class Collector:
             self.record.flush()
         self._publish("series", summary)
         self.series_done += 1
+        # A daemon runs for weeks: keep the accounts of the latest series only.
+        done = [n for n, a in self.series.items() if a.done]
+        for number in sorted(done)[:-KEEP_SERIES]:
+            del self.series[number]
         if self.settings.max_series is not None and self.series_done >= self.settings.max_series:
             self.stopping = True
 
@@ -276,7 +287,8 @@ class Collector:
     def print_rate(self) -> None:
         elapsed = time.monotonic() - self.started
         rates = ", ".join(
-            f"rank {r['rank']} cpu {r.get('cpu')} numa {r.get('numa')} {r.get('rate', 0):.1f}/s"
+            f"rank {r['rank']} cpu {r.get('cpu')} numa {r.get('numa')} (buffers {r.get('buffer_numa', '?')}) "
+            f"{r.get('rate', 0):.1f}/s"
             + (" LOST" if r.get("lost") else "")
             for r in sorted(self.ranks.values(), key=lambda r: r["rank"])
             if r["rank"] > 0
@@ -334,6 +346,9 @@ class Collector:
                 self.finish_series(account)
         if self.settings.show_time:
             self.print_rate()
+        if self.ui is not None:
+            print(f"collector: {self.ui_sent} result lines sent to {self.configuration.beamline.ui_endpoint}, "
+                  f"{self.ui_dropped} dropped (no listener or a slow one)", file=sys.stderr, flush=True)
         # Readers stop when told; a few repeats so that late subscribers hear it too.
         for _ in range(5):
             self._publish("stop", {"time": time.time()})

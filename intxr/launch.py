@@ -74,6 +74,23 @@ def physical_cores(cpus: list[Cpu]) -> list[Cpu]:
     return firsts
 
 
+def page_numa_node(address: int) -> int | None:
+    """The NUMA node holding the memory page at `address` of this process (move_pages(2) with no
+    target nodes only reports), or None where the kernel does not say."""
+    import ctypes
+
+    numbers = {"x86_64": 279, "aarch64": 239, "ppc64le": 301}
+    number = numbers.get(os.uname().machine)
+    if number is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = (ctypes.c_void_p * 1)(address & ~(os.sysconf("SC_PAGE_SIZE") - 1))
+    status = (ctypes.c_int * 1)(-1)
+    if libc.syscall(number, 0, 1, pages, None, status, 0) != 0 or status[0] < 0:
+        return None
+    return int(status[0])
+
+
 def current_placement() -> dict:
     """Where this process runs: allowed CPUs, the CPU it is on now, that CPU's NUMA node."""
     allowed = sorted(os.sched_getaffinity(0))

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: where the real data in ../shared lives."""
+"""Helpers for tests and benchmarks: where the real data in ../shared lives; free loopback ports."""
 
 from __future__ import annotations
 
@@ -21,3 +21,30 @@ def shared_path(*parts: str) -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` free loopback ports outside the kernel's ephemeral range. A port the kernel hands out
+    (bound to port 0, then closed) is often handed out again at once as the source port of the next
+    connect, and a later bind of it then fails; a connect to a port nobody has bound yet can even
+    connect to itself (TCP self-connect) when the port is an ephemeral one."""
+    import random
+    import socket
+
+    low, high = 32768, 60999
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        pass
+    candidates = [*range(high + 1, 65536), *range(max(1024, low - 12_000), low)]
+    ports: list[int] = []
+    for port in random.SystemRandom().sample(candidates, min(len(candidates), 200)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError("no free ports outside the ephemeral range")

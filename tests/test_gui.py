@@ -150,3 +150,28 @@ def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
             browser.close()
         gui.terminate()
         gui.wait(10)
+
+
+def test_intxrd_starts_the_gui_when_the_config_says_so(tmp_path, thaumatin_cbfs):
+    from test_pipeline import _free_ports, write_config
+
+    [gui_port] = _free_ports(1)
+    config, _ = write_config(tmp_path, send_to_ui="False", start_gui="True", gui_port=gui_port, simulate_rate="4")
+    daemon = subprocess.Popen([str(EXE / "intxrd"), "-c", str(config), "-b", "t", "-n", "2", "--max_series", "1",
+                               "--simulate", *thaumatin_cbfs[:8]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    seen = 0
+    deadline = time.monotonic() + 120
+    while daemon.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{gui_port}/api/state", timeout=2) as r:
+                state = json.load(r)
+            if state["series"]:
+                seen = max(seen, state["series"][0]["counts"]["results"])
+        except OSError:
+            pass
+        time.sleep(0.2)
+    out, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    assert f"GUI on http://127.0.0.1:{gui_port}/" in err
+    assert seen >= 4  # the GUI the daemon started showed the run while it ran

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,24 +23,13 @@ from intxr import config as cfg
 from intxr.images import open_source
 from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
 from intxr.simulate import pixels_for
+from intxr.testing import free_ports
 
 EXE = Path(sys.executable).parent
 
 
 def _free_ports(n: int) -> list[int]:
-    """Ports below the ephemeral range (no TCP self-connect while a peer is not bound yet)."""
-    ports: list[int] = []
-    rng = random.Random()
-    while len(ports) < n:
-        port = rng.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
+    return free_ports(n)
 
 
 def write_config(tmp_path: Path, **overrides) -> tuple[Path, dict]:
@@ -247,3 +234,12 @@ def test_both_names_run_the_dry_run(prog, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "--map-by core --bind-to core --enable-recovery --np 2" in result.stdout
     assert "-m intxr.pipeline" in result.stdout
+
+
+def test_an_absent_ui_listener_costs_nothing_and_drops_are_counted(tmp_path, thaumatin_cbfs):
+    config, _ = write_config(tmp_path, send_to_ui="True", simulate_rate="10")  # nobody listens on uiport
+    proc = daemon(config, "-n", "2", "--max_series", "1", "--simulate", *thaumatin_cbfs[:4])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SERIES 1: received 4, written 4" in out
+    assert "0 result lines sent to" in err and "4 dropped" in err

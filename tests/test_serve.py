@@ -16,6 +16,7 @@ from intxr.images import open_source
 from intxr.reader.source import FrameSource
 from intxr.simulate import pixels_for
 from intxr.splitter import Splitter
+from intxr.testing import free_ports
 
 
 def _loopback(socket_type) -> tuple[zmq.Socket, str]:
@@ -25,10 +26,7 @@ def _loopback(socket_type) -> tuple[zmq.Socket, str]:
 
 
 def _free_endpoint() -> str:
-    # Bind, note the port, close: the Splitter binds it right after (no self-connect on a bind).
-    sock, endpoint = _loopback(zmq.PAIR)
-    sock.close(linger=0)
-    return endpoint
+    return f"tcp://127.0.0.1:{free_ports(1)[0]}"
 
 
 class Listener:

@@ -13,7 +13,7 @@ import numpy as np
 import zmq
 
 from intxr.config import Configuration
-from intxr.launch import current_placement
+from intxr.launch import current_placement, page_numa_node
 from intxr.models import Geometry
 from intxr.reader.source import FrameSource, ServedFrame
 from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
@@ -148,7 +148,8 @@ class Reader:
                 result.setdefault("header", {})[bl.output_prefix_key] = prefix
         try:
             if self._buffer is None or self._buffer.shape != frame.shape or self._buffer.dtype != frame.dtype:
-                self._buffer = np.empty(frame.shape, frame.dtype)
+                self._buffer = np.zeros(frame.shape, frame.dtype)  # touched here, so placed on this rank's node
+                self.placement["buffer_numa"] = page_numa_node(self._buffer.ctypes.data)
             image = frame.pixels(self._buffer)
             timing["decode"] = time.perf_counter() - t0
             finder, section = self.finder_for(frame)

@@ -826,8 +826,18 @@ impl Meta {
     fn expected_frames(&self) -> u64 {
         self.nimages.saturating_mul(self.ntrigger)
     }
+
+    /// What the master file links and sizes before the frames arrive: the announcement, capped so
+    /// that a header announcing absurdly many frames (10^15) cannot stall the writer building
+    /// links and angle arrays for them; a longer series extends the master as its files open.
+    fn announced_frames(&self) -> u64 {
+        self.expected_frames().min(MAX_ANNOUNCED_FRAMES)
+    }
 }
 
+
+/// The most frames a series' first master file is built for (see `announced_frames`).
+const MAX_ANNOUNCED_FRAMES: u64 = 1_000_000;
 // ------------------------------------------------------------------------------------------------
 // The writer
 
@@ -950,7 +960,7 @@ impl SeriesWriter {
             scratch: Vec::new(),
             finished: false,
         };
-        let expected = writer.meta.expected_frames() as usize;
+        let expected = writer.meta.announced_frames() as usize;
         let files = expected.div_ceil(frames_per_file).max(1);
         {
             let _lock = hdf5_metno_sys::LOCK.lock();
@@ -984,7 +994,7 @@ impl SeriesWriter {
                 // More files than announced: keep the master on disk linking all of them.
                 let frames =
                     self.meta
-                        .expected_frames()
+                        .announced_frames()
                         .max((number * self.frames_per_file) as u64) as usize;
                 self.write_master(number, frames, false)?;
             }

@@ -15,7 +15,8 @@
 //! (htypes `intxr-frame-1.0`, `intxr-series-1.0`), or [idle JSON] (`intxr-idle-1.0`).
 //! Published (PUB, two parts: topic, JSON): `counters` twice a second, `series_end` when every
 //! frame of a series has been forwarded or skipped (with the skipped frame numbers), and
-//! `series_written` when its files are closed.
+//! `series_written` when its files are closed; the series events are repeated with the next three
+//! counter ticks for subscribers still joining (listeners take the first and ignore repeats).
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -167,7 +168,12 @@ struct Server {
     /// Series still being served, oldest first (a new series may start while the old drains).
     series: VecDeque<SeriesTally>,
     headers: Option<SeriesHeader>,
+    /// Series events to publish again with the next counter ticks: (topic, body, repeats left).
+    recent: VecDeque<(&'static str, Value, u32)>,
 }
+
+/// How many times a series event is published again (twice a second) after the first time.
+const REPEATS: u32 = 3;
 
 impl Server {
     fn publish(&mut self, topic: &str, body: &Value) {
@@ -175,6 +181,13 @@ impl Server {
             let text = body.to_string();
             let _ = publisher.send_multipart([topic.as_bytes(), text.as_bytes()], zmq::DONTWAIT);
         }
+    }
+
+    /// Publish a series event now and again with the next few counter ticks: a subscriber that
+    /// was still joining (PUB drops what is sent before a subscription arrives) gets it too.
+    fn publish_event(&mut self, topic: &'static str, body: Value) {
+        self.publish(topic, &body);
+        self.recent.push_back((topic, body, REPEATS));
     }
 
     fn tally(&mut self, series: i64) -> &mut SeriesTally {
@@ -259,9 +272,9 @@ impl Server {
                 series,
                 frames,
                 master,
-            } => self.publish(
+            } => self.publish_event(
                 "series_written",
-                &json!({"series": series, "frames_written": frames, "master_file": master}),
+                json!({"series": series, "frames_written": frames, "master_file": master}),
             ),
         }
     }
@@ -273,13 +286,13 @@ impl Server {
 
     fn end_series(&mut self, series: i64, timed_out: bool) {
         let Some(index) = self.series.iter().position(|s| s.series == series) else {
-            self.publish("series_end", &json!({"series": series, "timed_out": timed_out, "received": 0}));
+            self.publish_event("series_end", json!({"series": series, "timed_out": timed_out, "received": 0}));
             return;
         };
         let tally = self.series.remove(index).expect("index is valid");
-        self.publish(
+        self.publish_event(
             "series_end",
-            &json!({
+            json!({
                 "series": series,
                 "timed_out": timed_out,
                 "received": tally.received,
@@ -447,6 +460,13 @@ impl Server {
         );
         body.insert("buffer_bytes".into(), self.config.buffer_bytes.into());
         self.publish("counters", &Value::Object(body));
+        let recent = std::mem::take(&mut self.recent);
+        for (topic, body, left) in recent {
+            self.publish(topic, &body);
+            if left > 1 {
+                self.recent.push_back((topic, body, left - 1));
+            }
+        }
     }
 }
 
@@ -470,6 +490,7 @@ pub fn serve_loop(
         waiting: VecDeque::new(),
         series: VecDeque::new(),
         headers: None,
+        recent: VecDeque::new(),
     };
     let mut last_published = Instant::now() - Duration::from_secs(1);
     let mut senders_gone = false;

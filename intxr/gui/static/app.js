@@ -205,6 +205,7 @@ function drawHealth() {
   const ranks = (state.health.ranks || []).filter((r) => r.rank > 0);
   $("ranks").querySelector("tbody").innerHTML = ranks.map((r) =>
     `<tr><td>${r.rank}</td><td>${r.host ?? "-"}</td><td>${r.cpu ?? "-"}</td><td>${r.numa ?? "-"}</td>` +
+    `<td>${r.buffer_numa ?? "-"}</td>` +
     `<td>${r.frames ?? r.results ?? 0}</td><td>${fmt(r.rate, 1)}</td>` +
     `<td class="${r.lost ? "lost" : ""}">${r.lost ? "LOST" : "ok"}</td></tr>`).join("");
   const sp = state.splitter || {};
