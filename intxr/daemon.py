@@ -105,9 +105,18 @@ def run_daemon(args, prog: str, sources: list[str]) -> int:
         threading.Thread(target=simulator.run, name="simulator", daemon=True).start()
         simulator.ready.wait(30)
     code = 0
+    splitter_done = None
     try:
         while mpi.poll() is None and not stop.is_set():
             time.sleep(0.2)
+            if not splitter.running:
+                # The Splitter has ended (--max_series): the Collector sums up within its grace
+                # time and the ranks stop; a job still running long after that is stopped.
+                splitter_done = splitter_done or time.monotonic()
+                if time.monotonic() - splitter_done > 30 + 2 * (bl.timeout or 10):
+                    print(f"{prog}: the MPI job did not end after the last series: stopping it", file=sys.stderr)
+                    code = 1
+                    break
         if mpi.poll() is not None and not stop.is_set() and args.max_series is None:
             print(f"{prog}: the MPI job ended (exit {mpi.returncode}) while it should run", file=sys.stderr)
             code = 1

@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def rank_and_size() -> tuple[int, int, object]:
+    import mpi4py
+
+    # No MPI_Finalize at exit: it waits on every rank, so one dead reader would hang the others
+    # at the end of a run (seen with Open MPI 5 and --enable-recovery). After the placement gather
+    # the ranks talk only over ZeroMQ, so there is nothing for it to finish.
+    mpi4py.rc.finalize = False
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD

@@ -82,14 +82,33 @@ class UiListener:
         self.sock.close(linger=0)
 
 
+RUNNING: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind():
+    """A failed test must not leave a daemon and its MPI job running."""
+    yield
+    while RUNNING:
+        proc = RUNNING.pop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def daemon(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [str(EXE / "intxrd"), "-c", str(config), "-b", "t", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    RUNNING.append(proc)
+    return proc
 
 
 def records(path: Path) -> tuple[list[dict], list[dict]]:
