@@ -142,6 +142,7 @@ def test_frames_nobody_asks_for_are_skipped_counted_and_still_written(tmp_path, 
     assert counters["frames_skipped"] == 5 and counters["frames_forwarded"] == 0
     assert counters["frames_written"] == 5
     assert end["skipped"] == 5 and sorted(end["skipped_frames"]) == [0, 1, 2, 3, 4]
+    assert end["bytes"] == counters["bytes_written"] and end["md5_mismatches"] == 0 and end["malformed"] == 0
     thread.join(10)
 
 
@@ -180,9 +181,11 @@ def test_bad_messages_between_good_frames_do_not_reach_readers(tmp_path, shared_
     ends = [i for i, m in enumerate(messages) if len(m) == 1]
     header, frames, end = messages[0], messages[1 : ends[0]], messages[ends[0]]
     garbage = [[b"\x00garbage"], [b'{"htype": "dimage-1.0", "series": 1}']]
-    serve = _free_endpoint()
+    serve, publish = _free_endpoint(), _free_endpoint()
     pusher = Pusher()
-    with _splitter(tmp_path, pusher.endpoint, serve=serve, skip_after=10) as splitter:
+    with _splitter(tmp_path, pusher.endpoint, serve=serve, publish=publish, skip_after=10) as splitter:
+        listener = Listener(publish)
+        listener.wait_for("counters")
         with FrameSource(serve, timeout=10) as source:
             pusher.send([header, *garbage, *frames, end])
             got = []
@@ -192,8 +195,10 @@ def test_bad_messages_between_good_frames_do_not_reach_readers(tmp_path, shared_
                 if frame is not None:
                     got.append(frame.frame)
         assert splitter.join(30)
+        end = listener.wait_for("series_end")
     assert len(got) == len(frames)
     assert splitter.counters()["malformed"] == len(garbage)
+    assert end["malformed"] == len(garbage) and end["md5_mismatches"] == 0  # the firmware's hashes verify
 
 
 def test_splitter_command_serves_and_publishes(tmp_path, thaumatin_cbfs):

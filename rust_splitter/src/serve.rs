@@ -56,7 +56,8 @@ pub struct ServeConfig {
 
 /// What the receiver and the writer tell the server.
 pub enum ServeJob {
-    Start(SeriesHeader),
+    /// A series header, and the run's malformed-message count when it arrived.
+    Start(SeriesHeader, u64),
     Frame {
         header: FrameHeader,
         parts: Arc<Received>,
@@ -151,6 +152,11 @@ enum Pending {
 struct SeriesTally {
     series: i64,
     received: u64,
+    bytes: u64,
+    md5_mismatches: u64,
+    /// The run's malformed-message count when the series began: the difference at its end is what
+    /// arrived malformed during the series (a malformed message cannot always say its series).
+    malformed_before: u64,
     forwarded: Vec<i64>,
     skipped: Vec<i64>,
     json: Vec<u8>,
@@ -213,9 +219,11 @@ impl Server {
         })
         .to_string()
         .into_bytes();
+        let malformed_before = self.counters.malformed.load(Ordering::Relaxed);
         self.series.push_back(SeriesTally {
             series,
             json,
+            malformed_before,
             ..Default::default()
         });
         self.series.back_mut().expect("just pushed")
@@ -223,14 +231,17 @@ impl Server {
 
     fn take_job(&mut self, job: ServeJob) {
         match job {
-            ServeJob::Start(header) => {
+            ServeJob::Start(header, malformed) => {
                 if self.headers.as_ref().is_some_and(|h| h.series == header.series) {
                     return; // cbfToEiger resends its header with every frame
                 }
                 let series = header.series;
                 self.headers = Some(header);
                 self.series.retain(|s| s.series != series || s.received > 0);
-                self.tally(series);
+                let tally = self.tally(series);
+                if tally.received == 0 {
+                    tally.malformed_before = malformed;
+                }
                 self.publish("series_start", &json!({"series": series, "time": unix_time()}));
             }
             ServeJob::Frame {
@@ -242,6 +253,8 @@ impl Server {
             } => {
                 let tally = self.tally(header.series);
                 tally.received += 1;
+                tally.bytes += range.len() as u64;
+                tally.md5_mismatches += u64::from(header.md5_ok == Some(false));
                 if self.socket.is_none() {
                     // Nothing serves frames: every frame is skipped for processing.
                     self.skip(&header);
@@ -299,6 +312,9 @@ impl Server {
                 "forwarded": tally.forwarded.len(),
                 "forwarded_frames": tally.forwarded,
                 "skipped": tally.skipped.len(),
+                "bytes": tally.bytes,
+                "md5_mismatches": tally.md5_mismatches,
+                "malformed": self.counters.malformed.load(Ordering::Relaxed) - tally.malformed_before,
                 "skipped_frames": tally.skipped,
                 "time": unix_time(),
             }),

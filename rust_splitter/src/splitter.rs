@@ -236,7 +236,8 @@ pub fn run(
                     let detail = header.header.get("header_detail").and_then(|d| d.as_str()).unwrap_or("none");
                     let no_config = header.config.as_object().is_none_or(|c| c.is_empty());
                     expect_config = header.protocol == Protocol::V1 && detail != "none" && no_config;
-                    let _ = serve_sender.send(ServeJob::Start(header.clone()));
+                    let malformed = counters.malformed.load(Ordering::Relaxed);
+                    let _ = serve_sender.send(ServeJob::Start(header.clone(), malformed));
                     let _ = sender.send(Job::Start(header));
                 }
                 Parsed::Frame(frame) => {
