@@ -34,12 +34,12 @@ def _sources(mix: str) -> list[str]:
     return [hits[k // 10 % len(hits)] if k % 10 == 5 else blanks[k % len(blanks)] for k in range(N_FRAMES)]
 
 
-def run_pipeline(sources: list[str], prescreen: bool) -> dict:
+def run_pipeline(sources: list[str], prescreen: bool, rate: str) -> dict:
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
     from test_pipeline import write_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        config, _ = write_config(Path(tmp), simulate_rate="0", send_to_ui="False", skip_after="600",
+        config, _ = write_config(Path(tmp), simulate_rate=rate, send_to_ui="False", skip_after="600",
                                  timeout="30")
         record = Path(tmp) / "results.jsonl"
         args = [str(EXE / "intxrd"), "-c", str(config), "-b", "t", "-n", str(N_RANKS), "--max_series", "1",
@@ -65,13 +65,16 @@ def run_pipeline(sources: list[str], prescreen: bool) -> dict:
     }
 
 
+@pytest.mark.parametrize("rate", ["0", "15"], ids=["burst", "15Hz"])
 @pytest.mark.parametrize("mix", ["hits", "raster90blank"])
 @pytest.mark.parametrize("prescreen", [True, False], ids=["prescreen", "no-prescreen"])
-def test_pipeline_end_to_end(benchmark, mix, prescreen):
+def test_pipeline_end_to_end(benchmark, mix, prescreen, rate):
+    """burst: every frame sent at once (throughput; latency then includes the queue);
+    15Hz: paced below capacity (latency of a frame that does not wait for others)."""
     sources = _sources(mix)
-    benchmark.group = f"pipeline {mix} {N_FRAMES} frames (6M)"
+    benchmark.group = f"pipeline {mix} {N_FRAMES} frames (6M) {'burst' if rate == '0' else rate + ' Hz'}"
     benchmark.extra_info["role"] = "intxr" if prescreen else "baseline:no-prescreen"
-    figures = benchmark.pedantic(run_pipeline, args=(sources, prescreen), rounds=1, iterations=1)
+    figures = benchmark.pedantic(run_pipeline, args=(sources, prescreen, rate), rounds=1, iterations=1)
     benchmark.extra_info.update({k: round(v, 4) for k, v in figures.items()})
-    print(f"\n{mix} prescreen={prescreen}: {figures}")
+    print(f"\n{mix} prescreen={prescreen} rate={rate}: {figures}")
     assert figures["hits"] >= (N_FRAMES // 10 if mix != "hits" else N_FRAMES) - 1
