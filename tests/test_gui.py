@@ -175,3 +175,28 @@ def test_intxrd_starts_the_gui_when_the_config_says_so(tmp_path, thaumatin_cbfs)
     assert daemon.returncode == 0, err
     assert f"GUI on http://127.0.0.1:{gui_port}/" in err
     assert seen >= 4  # the GUI the daemon started showed the run while it ran
+
+
+def test_frame_view_reads_a_series_while_the_splitter_writes_it(tmp_path, shared_data):
+    """The latest hit is shown during the run: the Splitter flushes its open data file, and the GUI
+    reads it without taking HDF5's file lock."""
+    from test_splitter import Pusher, capture_messages
+
+    from intxr.codec import decode
+    from intxr.gui.frames import read_frame
+    from intxr.splitter import Splitter
+
+    messages = capture_messages(shared_data / "stream_v1/eiger2_1m_lz4")
+    header, frames = messages[0], messages[1:4]  # no series end: the series stays open
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path, series_timeout=60) as splitter:
+        pusher.send([header, *frames])
+        deadline = time.monotonic() + 20
+        while splitter.counters()["frames_written"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.2)  # the writer flushes within FLUSH_INTERVAL (0.5 s) when idle
+        assert splitter.running and splitter.counters()["series_ended"] == 0
+        [master] = tmp_path.glob("*_master.h5")
+        data, geometry, _ = read_frame(str(master), 2)
+        np.testing.assert_array_equal(data, decode(frames[2][2], "lz4<", np.uint32, (1062, 1028)))
+        assert geometry is not None and geometry["wavelength"] > 0

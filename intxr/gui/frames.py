@@ -4,13 +4,18 @@ browser, with a contrast that shows spots, and the geometry for resolution and i
 from __future__ import annotations
 
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
 
-import h5py
-import hdf5plugin  # noqa: F401  (registers the bitshuffle and LZ4 filters)
-import numpy as np
+# Data files reached through the master's external links are opened by HDF5 itself: no lock there
+# either (read at each open by HDF5 1.10.7 and later).
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+import h5py  # noqa: E402
+import hdf5plugin  # noqa: F401,E402  (registers the bitshuffle and LZ4 filters)
+import numpy as np  # noqa: E402
 
 RESOLUTION_RINGS_A = (10.0, 6.0, 4.0, 3.0, 2.5, 2.0, 1.8, 1.6, 1.4, 1.2)
 # The strong powder rings of hexagonal ice Ih, in A (the rings DIALS's ice filter and beamline
@@ -44,9 +49,18 @@ def _detector_geometry(f: h5py.File) -> dict | None:
         return None
 
 
+def _open(path: str) -> h5py.File:
+    # The Splitter may still be writing this series (it flushes every half second): no file lock,
+    # which HDF5 would refuse while the writer holds its own.
+    try:
+        return h5py.File(path, "r", locking=False)
+    except TypeError:  # h5py built without the locking option
+        return h5py.File(path, "r")
+
+
 def read_frame(master_file: str, frame_index: int) -> tuple[np.ndarray, dict | None, np.ndarray | None]:
     """Frame `frame_index` (0-based position in the series) through the master's data links."""
-    with h5py.File(master_file, "r") as f:
+    with _open(master_file) as f:
         names = sorted(k for k in f["entry/data"] if k.startswith("data_"))
         k = frame_index
         for name in names:

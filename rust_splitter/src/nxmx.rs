@@ -30,7 +30,7 @@ use hdf5_metno_sys::h5d::{H5Dclose, H5Dcreate2, H5Dset_extent, H5Dwrite, H5Dwrit
 use hdf5_metno_sys::h5e::{
     H5E_error2_t, H5Eclear2, H5Eset_auto2, H5Ewalk2, H5E_DEFAULT, H5E_WALK_DOWNWARD,
 };
-use hdf5_metno_sys::h5f::{H5Fclose, H5Fcreate, H5F_ACC_TRUNC};
+use hdf5_metno_sys::h5f::{H5Fclose, H5Fcreate, H5Fflush, H5F_scope_t, H5F_ACC_TRUNC};
 use hdf5_metno_sys::h5g::{H5Gclose, H5Gcreate2};
 use hdf5_metno_sys::h5i::hid_t;
 use hdf5_metno_sys::h5l::{H5Lcreate_external, H5Lcreate_hard};
@@ -876,7 +876,14 @@ pub struct SeriesWriter {
     /// For raw LZ4 blocks: the prefixed chunk.
     scratch: Vec<u8>,
     finished: bool,
+    /// Frames written since the open data file's metadata last reached the disk, and when that was.
+    unflushed: usize,
+    flushed_at: std::time::Instant,
 }
+
+/// How often an open data file's metadata (its extent, its chunk index) is flushed, so that a
+/// reader opening the series while it is written (the GUI's frame view) sees the frames so far.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl SeriesWriter {
     /// Start a series: checks the frame layout, creates the directories and writes a first master
@@ -959,6 +966,8 @@ impl SeriesWriter {
             bytes: 0,
             scratch: Vec::new(),
             finished: false,
+            unflushed: 0,
+            flushed_at: std::time::Instant::now(),
         };
         let expected = writer.meta.announced_frames() as usize;
         let files = expected.div_ceil(frames_per_file).max(1);
@@ -1062,7 +1071,29 @@ impl SeriesWriter {
         file.count += 1;
         self.frames += 1;
         self.bytes += chunk.len() as u64;
+        self.unflushed += 1;
+        if self.flushed_at.elapsed() >= FLUSH_INTERVAL {
+            self.flush_locked();
+        }
         Ok(())
+    }
+
+    /// Flush the open data file's metadata when frames were written since the last flush and
+    /// FLUSH_INTERVAL has passed (the Splitter calls this when idle too).
+    pub fn flush_if_due(&mut self) {
+        if self.unflushed > 0 && self.flushed_at.elapsed() >= FLUSH_INTERVAL {
+            let _lock = hdf5_metno_sys::LOCK.lock();
+            self.flush_locked();
+        }
+    }
+
+    fn flush_locked(&mut self) {
+        if let Some(file) = self.current.as_ref() {
+            // A failed flush costs nothing but freshness: the file is complete when it is closed.
+            unsafe { H5Fflush(file.file.id, H5F_scope_t::H5F_SCOPE_LOCAL) };
+        }
+        self.unflushed = 0;
+        self.flushed_at = std::time::Instant::now();
     }
 
     /// Close the current data file and write the final master file.

@@ -339,7 +339,18 @@ fn write_loop(
     serve: mpsc::Sender<ServeJob>,
 ) {
     let mut open: Option<OpenSeries> = None;
-    for job in jobs.iter() {
+    loop {
+        let job = match jobs.recv_timeout(crate::nxmx::FLUSH_INTERVAL) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: let readers of the open series see its last frames.
+                if let Some(writer) = open.as_mut().and_then(|o| o.writer.as_mut()) {
+                    writer.flush_if_due();
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match job {
             Job::Start(header) => {
                 // cbfToEiger resends its header with every frame: only a new series number starts one.
