@@ -200,3 +200,53 @@ def test_frame_view_reads_a_series_while_the_splitter_writes_it(tmp_path, shared
         data, geometry, _ = read_frame(str(master), 2)
         np.testing.assert_array_equal(data, decode(frames[2][2], "lz4<", np.uint32, (1062, 1028)))
         assert geometry is not None and geometry["wavelength"] > 0
+
+
+def test_page_keeps_up_with_500_results_per_second(tmp_path, chromium):
+    """Results published faster than anyone draws (500/s for 4 s) reach the page coalesced: every
+    point is there soon after, and the page never fell behind by more than a few updates."""
+    import zmq
+    from browser import Browser
+    from test_pipeline import _free_ports
+
+    results_port, gui_port = _free_ports(2)
+    endpoint = f"tcp://127.0.0.1:{results_port}"
+    publisher = zmq.Context.instance().socket(zmq.PUB)
+    publisher.bind(endpoint)
+    gui = subprocess.Popen([str(EXE / "intxr"), "gui", "--results", endpoint, "--port", str(gui_port),
+                            "--row-length", "50"], stderr=subprocess.DEVNULL)
+    browser = None
+    try:
+        url = f"http://127.0.0.1:{gui_port}/"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(0.5)  # the GUI's subscription reaches the publisher
+        browser = Browser(chromium)
+        browser.goto(url)
+        browser.wait_for("document.getElementById('status').textContent === 'live'")
+        n, start = 2000, time.monotonic()
+        seen_while_running = []
+        for k in range(n):
+            body = result(3, k, n_spots=(k * 7) % 40, spots_xy=[[1.0, 2.0]])
+            publisher.send_multipart([b"result", json.dumps(body).encode()])
+            if k % 500 == 499:
+                seen_while_running.append(browser.js("window.intxr.points()"))
+            time.sleep(max(0.0, start + (k + 1) / 500 - time.monotonic()))
+        browser.wait_for(f"window.intxr.points() === {n}", timeout=10)
+        lag = time.monotonic() - (start + n / 500)
+        assert lag < 3, f"the page caught up {lag:.1f} s after the last result"
+        assert seen_while_running[-1] > n // 2  # it drew along the way, not only at the end
+        hits = sum(1 for k in range(n) if (k * 7) % 40 >= 10)
+        assert browser.js("window.intxr.hits()") == hits
+        assert browser.js("window.intxr.rasterCells()") == n
+    finally:
+        if browser is not None:
+            browser.close()
+        gui.terminate()
+        gui.wait(10)
+        publisher.close(linger=0)
