@@ -6,6 +6,8 @@ is its Python face: a context manager, counters, and construction from the start
 
 from __future__ import annotations
 
+import json
+
 from intxr import _splitter
 
 
@@ -93,7 +95,12 @@ class Splitter:
         return self._core.is_running()
 
     def counters(self) -> dict:
-        return self._core.counters()
+        """Run counters, `last_error`, `files` (master files written) and `series`: per series,
+        received / forwarded / skipped (with frame numbers) / bytes / md5_mismatches / malformed,
+        and frames_written + master_file once its files are closed (the latest 100 series)."""
+        counters = self._core.counters()
+        counters["series"] = [json.loads(text) for text in counters["series"]]
+        return counters
 
     def __enter__(self) -> Splitter:
         return self.start()

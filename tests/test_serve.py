@@ -143,6 +143,10 @@ def test_frames_nobody_asks_for_are_skipped_counted_and_still_written(tmp_path, 
     assert counters["frames_written"] == 5
     assert end["skipped"] == 5 and sorted(end["skipped_frames"]) == [0, 1, 2, 3, 4]
     assert end["bytes"] == counters["bytes_written"] and end["md5_mismatches"] == 0 and end["malformed"] == 0
+    # The same account from Python, with the files' side merged in.
+    [series] = counters["series"]
+    assert series["skipped_frames"] == end["skipped_frames"] and series["frames_written"] == 5
+    assert series["master_file"] == counters["files"][0]
     thread.join(10)
 
 

@@ -297,6 +297,14 @@ impl SplitterCore {
                 .map(|f| f.clone())
                 .unwrap_or_default(),
         )?;
+        // Per-series accounting as JSON text; intxr.splitter.Splitter.counters() parses it.
+        let series: Vec<String> = self
+            .counters
+            .series
+            .lock()
+            .map(|s| s.iter().map(|v| v.to_string()).collect())
+            .unwrap_or_default();
+        dict.set_item("series", series)?;
         Ok(dict)
     }
 }

@@ -192,6 +192,7 @@ impl Server {
     /// Publish a series event now and again with the next few counter ticks: a subscriber that
     /// was still joining (PUB drops what is sent before a subscription arrives) gets it too.
     fn publish_event(&mut self, topic: &'static str, body: Value) {
+        self.counters.record_series(&body);
         self.publish(topic, &body);
         self.recent.push_back((topic, body, REPEATS));
     }

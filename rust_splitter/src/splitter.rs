@@ -64,6 +64,33 @@ pub struct Counters {
     pub repaired_headers: AtomicU64,
     pub last_error: Mutex<String>,
     pub files: Mutex<Vec<String>>,
+    /// The latest series' accounting (`series_end` JSON, the files' `series_written` merged in).
+    pub series: Mutex<std::collections::VecDeque<serde_json::Value>>,
+}
+
+/// Series accounts kept for `Counters::series` (a daemon runs for weeks).
+pub const KEEP_SERIES: usize = 100;
+
+impl Counters {
+    /// Record a series event: a new account for `series_end`, merged into it for `series_written`.
+    pub fn record_series(&self, body: &serde_json::Value) {
+        let Ok(mut series) = self.series.lock() else {
+            return;
+        };
+        let number = body.get("series").cloned();
+        if let Some(existing) = series.iter_mut().rev().find(|s| s.get("series") == number.as_ref()) {
+            if let (Some(into), Some(from)) = (existing.as_object_mut(), body.as_object()) {
+                for (key, value) in from {
+                    into.insert(key.clone(), value.clone());
+                }
+            }
+            return;
+        }
+        series.push_back(body.clone());
+        while series.len() > KEEP_SERIES {
+            series.pop_front();
+        }
+    }
 }
 
 impl Counters {
