@@ -161,7 +161,9 @@ impl SplitterCore {
         };
         for (name, value) in [("skip_after", skip_after), ("heartbeat", heartbeat)] {
             if value.is_nan() || value <= 0.0 {
-                return Err(PyValueError::new_err(format!("{name} must be positive, not {value}")));
+                return Err(PyValueError::new_err(format!(
+                    "{name} must be positive, not {value}"
+                )));
             }
         }
         let protocol = match protocol {

@@ -30,7 +30,7 @@ use hdf5_metno_sys::h5d::{H5Dclose, H5Dcreate2, H5Dset_extent, H5Dwrite, H5Dwrit
 use hdf5_metno_sys::h5e::{
     H5E_error2_t, H5Eclear2, H5Eset_auto2, H5Ewalk2, H5E_DEFAULT, H5E_WALK_DOWNWARD,
 };
-use hdf5_metno_sys::h5f::{H5Fclose, H5Fcreate, H5Fflush, H5F_scope_t, H5F_ACC_TRUNC};
+use hdf5_metno_sys::h5f::{H5F_scope_t, H5Fclose, H5Fcreate, H5Fflush, H5F_ACC_TRUNC};
 use hdf5_metno_sys::h5g::{H5Gclose, H5Gcreate2};
 use hdf5_metno_sys::h5i::hid_t;
 use hdf5_metno_sys::h5l::{H5Lcreate_external, H5Lcreate_hard};
@@ -834,7 +834,6 @@ impl Meta {
         self.expected_frames().min(MAX_ANNOUNCED_FRAMES)
     }
 }
-
 
 /// The most frames a series' first master file is built for (see `announced_frames`).
 const MAX_ANNOUNCED_FRAMES: u64 = 1_000_000;

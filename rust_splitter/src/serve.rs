@@ -145,7 +145,10 @@ struct PendingFrame {
 enum Pending {
     Frame(PendingFrame),
     /// Every frame of the series before this has been forwarded or skipped.
-    End { series: i64, timed_out: bool },
+    End {
+        series: i64,
+        timed_out: bool,
+    },
 }
 
 #[derive(Default)]
@@ -233,7 +236,11 @@ impl Server {
     fn take_job(&mut self, job: ServeJob) {
         match job {
             ServeJob::Start(header, malformed) => {
-                if self.headers.as_ref().is_some_and(|h| h.series == header.series) {
+                if self
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.series == header.series)
+                {
                     return; // cbfToEiger resends its header with every frame
                 }
                 let series = header.series;
@@ -243,7 +250,10 @@ impl Server {
                 if tally.received == 0 {
                     tally.malformed_before = malformed;
                 }
-                self.publish("series_start", &json!({"series": series, "time": unix_time()}));
+                self.publish(
+                    "series_start",
+                    &json!({"series": series, "time": unix_time()}),
+                );
             }
             ServeJob::Frame {
                 header,
@@ -300,7 +310,10 @@ impl Server {
 
     fn end_series(&mut self, series: i64, timed_out: bool) {
         let Some(index) = self.series.iter().position(|s| s.series == series) else {
-            self.publish_event("series_end", json!({"series": series, "timed_out": timed_out, "received": 0}));
+            self.publish_event(
+                "series_end",
+                json!({"series": series, "timed_out": timed_out, "received": 0}),
+            );
             return;
         };
         let tally = self.series.remove(index).expect("index is valid");
@@ -388,8 +401,12 @@ impl Server {
             })();
             match sent {
                 Ok(()) => {
-                    self.counters.frames_forwarded.fetch_add(1, Ordering::Relaxed);
-                    self.tally(frame.header.series).forwarded.push(frame.header.frame);
+                    self.counters
+                        .frames_forwarded
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.tally(frame.header.series)
+                        .forwarded
+                        .push(frame.header.frame);
                     return true;
                 }
                 // ROUTER_MANDATORY: that reader has gone; try the next one.
@@ -610,7 +627,10 @@ mod tests {
         sender.bind("inproc://shared").unwrap();
         receiver.connect("inproc://shared").unwrap();
         let blob: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let received = Arc::new(Received(vec![zmq::Message::from(&b"head"[..]), zmq::Message::from(blob.clone())]));
+        let received = Arc::new(Received(vec![
+            zmq::Message::from(&b"head"[..]),
+            zmq::Message::from(blob.clone()),
+        ]));
         let address = received.0[1][10..].as_ptr() as usize;
         send_shared(&mut sender, &received, 1, 10..blob.len(), 0).unwrap();
         let message = receiver.recv_msg(0).unwrap();

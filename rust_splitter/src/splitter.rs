@@ -78,7 +78,11 @@ impl Counters {
             return;
         };
         let number = body.get("series").cloned();
-        if let Some(existing) = series.iter_mut().rev().find(|s| s.get("series") == number.as_ref()) {
+        if let Some(existing) = series
+            .iter_mut()
+            .rev()
+            .find(|s| s.get("series") == number.as_ref())
+        {
             if let (Some(into), Some(from)) = (existing.as_object_mut(), body.as_object()) {
                 for (key, value) in from {
                     into.insert(key.clone(), value.clone());
@@ -260,9 +264,14 @@ pub fn run(
             match item {
                 Parsed::Start(header) => {
                     protocol.get_or_insert(header.protocol);
-                    let detail = header.header.get("header_detail").and_then(|d| d.as_str()).unwrap_or("none");
+                    let detail = header
+                        .header
+                        .get("header_detail")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or("none");
                     let no_config = header.config.as_object().is_none_or(|c| c.is_empty());
-                    expect_config = header.protocol == Protocol::V1 && detail != "none" && no_config;
+                    expect_config =
+                        header.protocol == Protocol::V1 && detail != "none" && no_config;
                     let malformed = counters.malformed.load(Ordering::Relaxed);
                     let _ = serve_sender.send(ServeJob::Start(header.clone(), malformed));
                     let _ = sender.send(Job::Start(header));
@@ -329,7 +338,10 @@ pub fn run(
 /// (total bytes; bitshuffle's default block of 8 KiB). Returns a copy with the header filled in, or
 /// None when the blob needs nothing.
 fn repair_bslz4_header(frame: &crate::frame::FrameHeader, blob: &[u8]) -> Option<Vec<u8>> {
-    if frame.compression != crate::frame::Compression::BsLz4 || blob.len() < 12 || blob[..12] != [0u8; 12] {
+    if frame.compression != crate::frame::Compression::BsLz4
+        || blob.len() < 12
+        || blob[..12] != [0u8; 12]
+    {
         return None;
     }
     let total = (frame.shape.0 * frame.shape.1 * frame.elem_size) as u64;
@@ -509,10 +521,6 @@ fn write_loop(
 }
 
 fn close(series: OpenSeries, counters: &Counters, serve: &mpsc::Sender<ServeJob>, timed_out: bool) {
-    if timed_out {
-        counters.series_timed_out.fetch_add(1, Ordering::Relaxed);
-        counters.series_ended.fetch_add(1, Ordering::Relaxed);
-    }
     if let Some(writer) = series.writer {
         match writer.finish() {
             Ok(summary) => {
@@ -533,6 +541,11 @@ fn close(series: OpenSeries, counters: &Counters, serve: &mpsc::Sender<ServeJob>
                 ));
             }
         }
+    }
+    // Counted once the files are complete: whoever sees the count can open them.
+    if timed_out {
+        counters.series_timed_out.fetch_add(1, Ordering::Relaxed);
+        counters.series_ended.fetch_add(1, Ordering::Relaxed);
     }
 }
 
