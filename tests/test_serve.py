@@ -210,14 +210,21 @@ def test_splitter_command_serves_and_publishes(tmp_path, thaumatin_cbfs):
     import subprocess
     import sys
 
-    serve, publish = _free_endpoint(), _free_endpoint()
-    thread, endpoint = simulate(thaumatin_cbfs[:3], protocol="v1", encoding="bs16-lz4")
+    from intxr.simulate import Simulator, SimulatorSettings
+
+    serve, publish, endpoint = _free_endpoint(), _free_endpoint(), _free_endpoint()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "intxr"), "splitter", "--connect", endpoint, "--output-dir", str(tmp_path),
          "--serve", serve, "--publish", publish, "--skip-after", "30", "--max-series", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    # A short-lived Splitter publishes its series_end and exits: subscribe before the detector starts.
     listener = Listener(publish)
+    listener.wait_for("counters")
+    settings = SimulatorSettings(endpoint=endpoint, rate=0, protocol="v1", encoding="bs16-lz4")
+    sim = Simulator(thaumatin_cbfs[:3], settings)
+    thread = threading.Thread(target=sim.run, daemon=True)
+    thread.start()
     frames = []
     with FrameSource(serve, timeout=10) as source:
         deadline = time.monotonic() + 60
