@@ -68,6 +68,7 @@ def test_readers_get_every_frame_with_its_header_and_the_blob_that_is_on_disk(tm
     with _splitter(tmp_path, endpoint, serve=serve, publish=publish, filepath_key="master_file",
                    skip_after=20) as splitter:
         listener = Listener(publish)
+        listener.wait_for("counters")  # subscribed before any series event (frames wait for readers)
 
         def reader():
             with FrameSource(serve, timeout=10) as source:
@@ -134,8 +135,9 @@ def test_served_blob_is_not_copied_in_python(tmp_path):
 def test_frames_nobody_asks_for_are_skipped_counted_and_still_written(tmp_path, thaumatin_cbfs):
     serve, publish = _free_endpoint(), _free_endpoint()
     thread, endpoint = simulate([str(p) for p in thaumatin_cbfs[:5]], protocol="v1", encoding="bs32-lz4")
-    with _splitter(tmp_path, endpoint, serve=serve, publish=publish, skip_after=0.2) as splitter:
+    with _splitter(tmp_path, endpoint, serve=serve, publish=publish, skip_after=1.5) as splitter:
         listener = Listener(publish)
+        listener.wait_for("counters")  # subscribed before the frames are skipped and the series ends
         end = listener.wait_for("series_end")
         assert splitter.join(30)
     counters = splitter.counters()
