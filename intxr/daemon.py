@@ -22,6 +22,22 @@ from intxr import config as cfg
 from intxr.launch import plan_launch
 
 
+def _collector_ready(endpoint: str, mpi: subprocess.Popen, timeout: float) -> bool:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"health")
+    sock.connect(endpoint)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and mpi.poll() is None:
+            if sock.poll(200):
+                return True
+        return False
+    finally:
+        sock.close(linger=0)
+
+
 def pipeline_program(args, config_path: str, beamline: str) -> list[str]:
     program = [sys.executable, "-m", "intxr.pipeline", "-c", config_path, "-b", beamline]
     if args.verbose:
@@ -91,6 +107,10 @@ def run_daemon(args, prog: str, sources: list[str]) -> int:
     print(f"{prog}: started {' '.join(launch.command)}", file=sys.stderr, flush=True)
     simulator = None
     if sources:
+        # The simulated detector starts once the Collector is up (its first health message), so
+        # that even a short first series is accounted from its first frame.
+        if not _collector_ready(bl.results_publish_endpoint, mpi, timeout=60):
+            print(f"{prog}: no word from the Collector in 60 s: starting the detector anyway", file=sys.stderr)
         simulator = Simulator(
             sources,
             SimulatorSettings(
