@@ -33,7 +33,8 @@ def _free_port() -> int:
 
 class Browser:
     def __init__(self, executable: str, width: int = 1400, height: int = 1000):
-        self.profile = tempfile.TemporaryDirectory()
+        # Chromium's helper processes may still write to the profile as it exits.
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         port = _free_port()
         self.process = subprocess.Popen(
             [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",

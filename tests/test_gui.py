@@ -146,10 +146,10 @@ def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
             info = json.load(r)
         assert len(info["spots"]) == view["spots"] and any(ring["ice"] for ring in info["rings"])
     finally:
-        if browser is not None:
-            browser.close()
         gui.terminate()
         gui.wait(10)
+        if browser is not None:
+            browser.close()
 
 
 def test_intxrd_starts_the_gui_when_the_config_says_so(tmp_path, thaumatin_cbfs):
@@ -245,8 +245,8 @@ def test_page_keeps_up_with_500_results_per_second(tmp_path, chromium):
         assert browser.js("window.intxr.hits()") == hits
         assert browser.js("window.intxr.rasterCells()") == n
     finally:
-        if browser is not None:
-            browser.close()
         gui.terminate()
         gui.wait(10)
+        if browser is not None:
+            browser.close()
         publisher.close(linger=0)
