@@ -62,17 +62,8 @@ class ServedFrame:
         """Decode the blob (Rust, GIL released) into `out` or a new array."""
         if out is None or out.shape != self.shape or out.dtype != self.dtype:
             out = np.empty(self.shape, self.dtype)
-        blob = self.blob
-        if self.meta["compression"] == "bslz4" and bytes(blob[:12]) == bytes(12):
-            blob = _with_bslz4_header(blob, out)
-        return decode_into(blob, self.meta["encoding"], out)
-
-
-def _with_bslz4_header(blob: memoryview, out: np.ndarray) -> bytes:
-    # Some producers (libertem-dectris) zero the 12-byte bitshuffle header; the shape gives it back
-    # (total bytes, bitshuffle's default block of 8 KiB / element size elements).
-    block = max(128, (8192 // out.dtype.itemsize) // 8 * 8) * out.dtype.itemsize
-    return out.nbytes.to_bytes(8, "big") + block.to_bytes(4, "big") + bytes(blob[12:])
+        # A zeroed bitshuffle header (libertem-dectris) was already repaired by the Splitter.
+        return decode_into(self.blob, self.meta["encoding"], out)
 
 
 @dataclass

@@ -422,7 +422,20 @@ mod tests {
     fn simd_unshuffle_equals_scalar() {
         let mut state = 0x2545F4914F6CDD1Du64;
         for elem_size in [1usize, 2, 4, 8] {
-            for groups in [1usize, 15, 16, 17, 31, 32, 33, 47, 64, 95, 128, 1024 / elem_size] {
+            for groups in [
+                1usize,
+                15,
+                16,
+                17,
+                31,
+                32,
+                33,
+                47,
+                64,
+                95,
+                128,
+                1024 / elem_size,
+            ] {
                 let n = 8 * groups;
                 let data: Vec<u8> = (0..n * elem_size)
                     .map(|_| {

@@ -162,7 +162,10 @@ struct SeriesTally {
     malformed_before: u64,
     forwarded: Vec<i64>,
     skipped: Vec<i64>,
-    json: Vec<u8>,
+    /// The `intxr-series-1.0` part, the same bytes for every frame of the series.
+    json: Arc<[u8]>,
+    /// Where the writer puts the series (fixed by its header and first frame, as the writer's).
+    master: Option<Arc<str>>,
 }
 
 struct Server {
@@ -204,25 +207,21 @@ impl Server {
         if let Some(index) = self.series.iter().position(|s| s.series == series) {
             return &mut self.series[index];
         }
-        let header = match self.headers.as_ref() {
-            Some(h) if h.series == series => h.clone(),
-            _ => SeriesHeader {
-                protocol: crate::frame::Protocol::V1,
-                series,
-                header: Value::Null,
-                config: Value::Null,
-                pixel_mask: None,
-            },
+        static NULL: Value = Value::Null;
+        let (protocol, header, config) = match self.headers.as_ref() {
+            Some(h) if h.series == series => (h.protocol.name(), &h.header, &h.config),
+            _ => ("v1", &NULL, &NULL),
         };
         let json = json!({
             "htype": "intxr-series-1.0",
             "series": series,
-            "protocol": header.protocol.name(),
-            "header": header.header,
-            "config": header.config,
+            "protocol": protocol,
+            "header": header,
+            "config": config,
         })
         .to_string()
-        .into_bytes();
+        .into_bytes()
+        .into();
         let malformed_before = self.counters.malformed.load(Ordering::Relaxed);
         self.series.push_back(SeriesTally {
             series,
@@ -262,7 +261,15 @@ impl Server {
                 range,
                 received,
             } => {
+                let master = self
+                    .tally(header.series)
+                    .master
+                    .is_none()
+                    .then(|| self.master_file(&header));
                 let tally = self.tally(header.series);
+                if master.is_some() {
+                    tally.master = master;
+                }
                 tally.received += 1;
                 tally.bytes += range.len() as u64;
                 tally.md5_mismatches += u64::from(header.md5_ok == Some(false));
@@ -335,26 +342,33 @@ impl Server {
         );
     }
 
-    fn frame_meta(&mut self, frame: &PendingFrame) -> Vec<u8> {
-        let master = {
-            let header = self
-                .headers
-                .clone()
-                .filter(|h| h.series == frame.header.series)
-                .unwrap_or(SeriesHeader {
-                    protocol: frame.header.protocol,
-                    series: frame.header.series,
+    /// The master file the writer creates for the series of `frame` (same rule, same inputs).
+    fn master_file(&self, frame: &FrameHeader) -> Arc<str> {
+        let placeholder;
+        let header = match self.headers.as_ref() {
+            Some(h) if h.series == frame.series => h,
+            _ => {
+                placeholder = SeriesHeader {
+                    protocol: frame.protocol,
+                    series: frame.series,
                     header: Value::Null,
                     config: Value::Null,
                     pixel_mask: None,
-                });
-            let prefix = prefix_for(&self.config, &header, &frame.header.header);
-            self.config
-                .output_dir
-                .join(format!("{prefix}_master.h5"))
-                .display()
-                .to_string()
+                };
+                &placeholder
+            }
         };
+        let prefix = prefix_for(&self.config, header, &frame.header);
+        let path = self.config.output_dir.join(format!("{prefix}_master.h5"));
+        path.display().to_string().into()
+    }
+
+    fn frame_meta(&mut self, frame: &PendingFrame) -> Vec<u8> {
+        let master = self
+            .tally(frame.header.series)
+            .master
+            .clone()
+            .unwrap_or_else(|| "".into());
         let h = &frame.header;
         json!({
             "htype": "intxr-frame-1.0",
@@ -368,7 +382,7 @@ impl Server {
             "md5_ok": h.md5_ok,
             "received": frame.received,
             "forwarded": unix_time(),
-            "master_file": master,
+            "master_file": &*master,
             "header": h.header,
         })
         .to_string()

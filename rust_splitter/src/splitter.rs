@@ -273,7 +273,14 @@ pub fn run(
                     expect_config =
                         header.protocol == Protocol::V1 && detail != "none" && no_config;
                     let malformed = counters.malformed.load(Ordering::Relaxed);
-                    let _ = serve_sender.send(ServeJob::Start(header.clone(), malformed));
+                    // The server needs the header's keys, not its pixel mask (up to 64 MB).
+                    let keys = SeriesHeader {
+                        pixel_mask: None,
+                        header: header.header.clone(),
+                        config: header.config.clone(),
+                        ..header
+                    };
+                    let _ = serve_sender.send(ServeJob::Start(keys, malformed));
                     let _ = sender.send(Job::Start(header));
                 }
                 Parsed::Frame(frame) => {
@@ -288,8 +295,18 @@ pub fn run(
         }
         // The writer and the server share this message's parts (and any frames in it).
         let parts = Arc::new(Received(parts));
-        for frame in frames {
+        for mut frame in frames {
             counters.frames_received.fetch_add(1, Ordering::Relaxed);
+            // Repaired here, once, so the disk and the readers get the same valid blob.
+            let mut parts = parts.clone();
+            if let Some(fixed) =
+                repair_bslz4_header(&frame.header, &parts.0[frame.part][frame.range.clone()])
+            {
+                counters.repaired_headers.fetch_add(1, Ordering::Relaxed);
+                frame.range = 0..fixed.len();
+                frame.part = 0;
+                parts = Arc::new(Received(vec![zmq::Message::from(fixed)]));
+            }
             if frame.header.md5_ok == Some(false) {
                 counters.md5_mismatches.fetch_add(1, Ordering::Relaxed);
                 counters.error(format!(
@@ -321,7 +338,7 @@ pub fn run(
                 range: frame.range.clone(),
                 received: received_at,
             });
-            let _ = sender.send(Job::Frame(frame, parts.clone()));
+            let _ = sender.send(Job::Frame(frame, parts));
         }
     }
     drop(sender);
@@ -413,13 +430,8 @@ fn write_loop(
                 });
             }
             Job::Frame(frame, parts) => {
-                let received = &parts.0[frame.part][frame.range.clone()];
-                let len = received.len() as u64;
-                let repaired = repair_bslz4_header(&frame.header, received);
-                if repaired.is_some() {
-                    counters.repaired_headers.fetch_add(1, Ordering::Relaxed);
-                }
-                let blob: &[u8] = repaired.as_deref().unwrap_or(received);
+                let blob = &parts.0[frame.part][frame.range.clone()];
+                let len = blob.len() as u64;
                 if open
                     .as_ref()
                     .is_none_or(|o| o.series != frame.header.series)
