@@ -94,13 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             configuration,
         )
-        original = reader.stop_requested
-
-        def stop_requested() -> bool:
-            return stopping["now"] or original()
-
-        reader.stop_requested = stop_requested
-        code = reader.run()
+        code = reader.run(stop=lambda: stopping["now"])
     sys.stdout.flush()
     sys.stderr.flush()
     return code

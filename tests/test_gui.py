@@ -85,6 +85,16 @@ def test_frame_rendering_and_png():
     np.testing.assert_array_equal(decoded, view.image)
 
 
+def _wait_until_served(url: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+
+
 @pytest.fixture
 def chromium():
     from browser import find_chromium
@@ -110,13 +120,7 @@ def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
     browser = None
     try:
         url = f"http://127.0.0.1:{gui_port}/"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(url, timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.2)
+        _wait_until_served(url)
         browser = Browser(chromium)
         browser.goto(url)
         browser.wait_for("document.getElementById('status').textContent === 'live'")
@@ -218,13 +222,7 @@ def test_page_keeps_up_with_500_results_per_second(tmp_path, chromium):
     browser = None
     try:
         url = f"http://127.0.0.1:{gui_port}/"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(url, timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.2)
+        _wait_until_served(url)
         time.sleep(0.5)  # the GUI's subscription reaches the publisher
         browser = Browser(chromium)
         browser.goto(url)

@@ -195,10 +195,11 @@ class Reader:
             self.stopping = True
         return self.stopping
 
-    def run(self) -> int:
+    def run(self, stop=None) -> int:
+        """Until the Collector says stop, or `stop()` (a signal) does."""
         started = time.monotonic()
         last_status = 0.0
-        while not self.stop_requested():
+        while not (self.stop_requested() or (stop is not None and stop())):
             frame = self.source.next_frame(wait=0.25)
             if frame is not None:
                 result = self.process(frame)
