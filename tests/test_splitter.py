@@ -22,6 +22,7 @@ from intxr.codec import decode
 from intxr.images import open_source
 from intxr.simulate import Simulator, SimulatorSettings, pixels_for
 from intxr.splitter import Splitter
+from intxr.testing import free_ports
 
 # Producers bind first (as a detector does) and the Splitter connects to the port they got: a
 # "free" port picked in advance can be taken by a TCP self-connect on loopback.
@@ -226,9 +227,8 @@ def test_sigterm_leaves_complete_files(tmp_path, shared_data):
 def test_independent_producer_libertem_dectris(tmp_path):
     """libertem-dectris's own stream v1 simulator drives the Splitter."""
     libertem_dectris = pytest.importorskip("libertem_dectris")
-    port = Pusher()  # reserve a bound port number the same way, then hand it to libertem's simulator
-    endpoint = port.endpoint
-    port.socket.close(linger=0)
+    # A port outside the ephemeral range: one the kernel just handed out can be reused at once.
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     sim = libertem_dectris.DectrisSim.new_mocked(endpoint, 6, dwelltime=None)  # binds PUSH now
     with Splitter(endpoint, tmp_path, max_series=1) as splitter:
 
