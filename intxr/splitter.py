@@ -7,15 +7,35 @@ is its Python face: a context manager, counters, and construction from the start
 from __future__ import annotations
 
 import json
+import re
 
 from intxr import _splitter
 
+# A bind endpoint naming this host by a name ZeroMQ would not bind as meant: localhost is loopback,
+# never every interface.
+_LOOPBACK_NAMES = re.compile(r"^tcp://(localhost)(?=:\d+$)")
+
+
+def bind_endpoint(endpoint: str | None) -> str | None:
+    """Where to bind for `endpoint`: `tcp://localhost:P` binds 127.0.0.1 only."""
+    if endpoint is None:
+        return None
+    return _LOOPBACK_NAMES.sub("tcp://127.0.0.1", endpoint)
+
+
+def _loopback_host(host: str | None) -> bool:
+    return host in ("localhost", "::1") or (host or "").startswith("127.")
+
 
 class Splitter:
-    """Receive a detector stream and write every frame to `<output_dir>/<prefix>_master.h5` +
-    `<prefix>_data_NNNNNN.h5`; with `serve`, hand frames to readers that ask for them
+    """Receive a detector stream and write every frame to `<output_dir>/<name>_master.h5` +
+    `<name>_data_NNNNNN.h5`; with `serve`, hand frames to readers that ask for them
     (`intxr.reader.source.FrameSource`), and with `publish`, publish counters and per-series
     accounting (`counters`, `series_start`, `series_end`, `series_written` topics).
+
+    `<name>` (`series_name`) is the series' prefix, made unique in `output_dir` (`_r2`, `_r3`, ...):
+    files are never replaced. Below `disk_reserve_mb` (plus the queued frames) of free space the
+    open files are closed and frames are counted as not written until space returns.
 
     with Splitter("tcp://127.0.0.1:9999", "/data/run") as splitter:
         splitter.join()          # until stopped, or `max_series` series have ended
@@ -34,6 +54,7 @@ class Splitter:
         max_series: int | None = None,
         filepath_key: str | None = None,
         buffer_mb: int = 4096,
+        disk_reserve_mb: float = 16,
         serve: str | None = None,
         serve_mode: str = "request",
         skip_after: float = 2.0,
@@ -50,16 +71,21 @@ class Splitter:
             max_series=max_series,
             filepath_key=filepath_key,
             buffer_bytes=int(buffer_mb) << 20,
-            serve=serve,
+            disk_reserve=int(disk_reserve_mb * (1 << 20)),
+            serve=bind_endpoint(serve),
             serve_mode=serve_mode,
             skip_after=skip_after,
             heartbeat=heartbeat,
-            publish=publish,
+            publish=bind_endpoint(publish),
         )
 
     @classmethod
     def from_config(cls, beamline, **overrides) -> Splitter:
         """From a validated startup-config section (intxr.config.BeamlineConfig)."""
+        serve, publish = beamline.serve_bind_endpoint, beamline.splitter_publish_bind_endpoint
+        if _loopback_host(beamline.host):
+            # host = localhost means this machine only: never every interface.
+            serve, publish = (re.sub(r"^tcp://\*(?=:)", "tcp://127.0.0.1", e) for e in (serve, publish))
         settings = dict(
             endpoint=beamline.detector_endpoint,
             output_dir=beamline.output_dir,
@@ -69,10 +95,10 @@ class Splitter:
             series_timeout=beamline.timeout or 10.0,
             filepath_key=beamline.filepath_key,
             buffer_mb=beamline.splitter_buffer_mb,
-            serve=beamline.serve_bind_endpoint,
+            serve=serve,
             serve_mode="push" if beamline.stype == "pull" else "request",
             skip_after=beamline.skip_after,
-            publish=beamline.splitter_publish_bind_endpoint,
+            publish=publish,
         )
         settings.update({k: v for k, v in overrides.items() if v is not None})
         endpoint, output_dir = settings.pop("endpoint"), settings.pop("output_dir")
@@ -95,9 +121,11 @@ class Splitter:
         return self._core.is_running()
 
     def counters(self) -> dict:
-        """Run counters, `last_error`, `files` (master files written) and `series`: per series,
-        received / forwarded / skipped (with frame numbers) / bytes / md5_mismatches / malformed,
-        and frames_written + master_file once its files are closed (the latest 100 series)."""
+        """Run counters, `last_error`, `files` (master files written) and `series`: per series
+        opened (`series`, `series_name`), received / forwarded / skipped (with
+        `forwarded_ranges` / `skipped_ranges`) / bytes / md5_mismatches / malformed, and
+        frames_written / not_written / write_error / master_file once its files are closed (the
+        latest 100 series)."""
         counters = self._core.counters()
         counters["series"] = [json.loads(text) for text in counters["series"]]
         return counters

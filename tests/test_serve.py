@@ -93,16 +93,20 @@ def test_readers_get_every_frame_with_its_header_and_the_blob_that_is_on_disk(tm
     counters = splitter.counters()
     assert counters["frames_forwarded"] == len(sources) == counters["frames_written"]
     assert counters["frames_skipped"] == 0
-    assert end["received"] == end["forwarded"] == len(sources) and end["skipped_frames"] == []
+    assert end["received"] == end["forwarded"] == len(sources) and end["skipped_ranges"] == []
+    assert end["forwarded_ranges"] == [[1, len(sources)]]  # cbfToEiger counts from 1
     master = Path(written["master_file"])
     assert master.exists() and written["frames_written"] == len(sources)
+    assert written["not_written"] == 0 and written["write_error"] is None
     assert master.name == "intxr_sim_000001_master.h5"  # from the header's master_file key
+    assert end["series_name"] == written["series_name"] == "intxr_sim_000001"
     chunks = raw_chunks(master)
     by_frame = sorted(served, key=lambda s: s[0]["frame"])
     assert [m["frame"] for m, *_ in by_frame] == list(range(1, len(sources) + 1))  # cbfToEiger counts from 1
     for (meta, series_info, blob, pixels), chunk, path in zip(by_frame, chunks, sources, strict=True):
         assert blob == chunk  # the reader's blob is the one on disk, byte for byte
-        assert meta["master_file"] == str(master)
+        assert meta["master_file"] == str(master) and meta["series_name"] == "intxr_sim_000001"
+        assert series_info["series_name"] == "intxr_sim_000001"
         assert meta["header"]["master_file"] == master.name
         assert series_info["protocol"] == "cbftoeiger" and series_info["htype"] == "intxr-series-1.0"
         np.testing.assert_array_equal(pixels, pixels_for(open_source(path).read(0).data, "bs32-lz4"))
@@ -143,11 +147,12 @@ def test_frames_nobody_asks_for_are_skipped_counted_and_still_written(tmp_path, 
     counters = splitter.counters()
     assert counters["frames_skipped"] == 5 and counters["frames_forwarded"] == 0
     assert counters["frames_written"] == 5
-    assert end["skipped"] == 5 and sorted(end["skipped_frames"]) == [0, 1, 2, 3, 4]
+    assert end["skipped"] == 5 and end["skipped_ranges"] == [[0, 4]] and end["forwarded_ranges"] == []
     assert end["bytes"] == counters["bytes_written"] and end["md5_mismatches"] == 0 and end["malformed"] == 0
     # The same account from Python, with the files' side merged in.
     [series] = counters["series"]
-    assert series["skipped_frames"] == end["skipped_frames"] and series["frames_written"] == 5
+    assert series["skipped_ranges"] == end["skipped_ranges"] and series["frames_written"] == 5
+    assert series["series_name"] == "series_000001" and series["not_written"] == 0
     assert series["master_file"] == counters["files"][0]
     thread.join(10)
 

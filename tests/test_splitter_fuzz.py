@@ -531,7 +531,9 @@ def check_clean_series(run: Run, master: Path, clean_series: int, expected: list
     assert on_disk.shape == (len(expected), *expected[0].shape), run.summary
     for k, pixels in enumerate(expected):
         assert np.array_equal(on_disk[k], pixels), f"seed {SEED}: frame {k} of the clean series differs on disk"
-    written = {"series": clean_series, "frames_written": len(expected), "master_file": str(master)}
+    name = master.name.removesuffix("_master.h5")
+    written = {"series": clean_series, "series_name": name, "frames_written": len(expected),
+               "master_file": str(master), "not_written": 0, "write_error": None}  # fmt: skip
     assert written in [body for topic, body in run.published if topic == "series_written"]
     served = [run.reader.clean[k] for k in sorted(run.reader.clean)]
     assert len(served) == len(expected), f"seed {SEED}: the reader got frames {sorted(run.reader.clean)}"

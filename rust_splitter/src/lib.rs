@@ -132,7 +132,7 @@ impl SplitterCore {
     #[new]
     #[pyo3(signature = (endpoint, output_dir, *, bind=false, protocol="auto", frames_per_file=1000,
                         series_timeout=10.0, max_series=None, filepath_key=None, buffer_bytes=4u64 << 30,
-                        serve=None, serve_mode="request", skip_after=2.0, heartbeat=1.0, publish=None))]
+                        disk_reserve=16u64 << 20, serve=None, serve_mode="request", skip_after=2.0, heartbeat=1.0, publish=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         endpoint: String,
@@ -144,6 +144,7 @@ impl SplitterCore {
         max_series: Option<u64>,
         filepath_key: Option<String>,
         buffer_bytes: u64,
+        disk_reserve: u64,
         serve: Option<String>,
         serve_mode: &str,
         skip_after: f64,
@@ -193,6 +194,7 @@ impl SplitterCore {
                 max_series,
                 filepath_key,
                 buffer_bytes,
+                disk_reserve,
                 serve: serve::ServeConfig {
                     endpoint: serve,
                     mode,

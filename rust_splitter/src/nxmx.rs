@@ -30,7 +30,7 @@ use hdf5_metno_sys::h5d::{H5Dclose, H5Dcreate2, H5Dset_extent, H5Dwrite, H5Dwrit
 use hdf5_metno_sys::h5e::{
     H5E_error2_t, H5Eclear2, H5Eset_auto2, H5Ewalk2, H5E_DEFAULT, H5E_WALK_DOWNWARD,
 };
-use hdf5_metno_sys::h5f::{H5F_scope_t, H5Fclose, H5Fcreate, H5Fflush, H5F_ACC_TRUNC};
+use hdf5_metno_sys::h5f::{H5F_scope_t, H5Fclose, H5Fcreate, H5Fflush, H5F_ACC_EXCL};
 use hdf5_metno_sys::h5g::{H5Gclose, H5Gcreate2};
 use hdf5_metno_sys::h5i::hid_t;
 use hdf5_metno_sys::h5l::{H5Lcreate_external, H5Lcreate_hard};
@@ -97,6 +97,13 @@ pub struct WriteSummary {
     pub bytes: u64,
 }
 
+/// What `SeriesWriter::close` left: the summary (frames readable on disk) and the first error.
+#[derive(Debug)]
+pub struct Closed {
+    pub summary: WriteSummary,
+    pub error: Option<NxmxError>,
+}
+
 type Result<T> = std::result::Result<T, NxmxError>;
 
 // ------------------------------------------------------------------------------------------------
@@ -152,11 +159,18 @@ fn h5_error_detail() -> String {
         );
         H5Eclear2(H5E_DEFAULT);
     }
-    match messages.len() {
+    let text = match messages.len() {
         0 => "no HDF5 error message".to_string(),
         1 => messages.remove(0),
         n => format!("{}; {}", messages[0], messages[n - 1]),
-    }
+    };
+    one_line(&text)
+}
+
+/// HDF5's messages may span lines (its write errors embed a ctime() date with a newline): one
+/// line, whitespace collapsed, so an error is one line in a log.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 type CloseFn = unsafe extern "C" fn(hid_t) -> herr_t;
@@ -564,9 +578,11 @@ impl H5Writer<'_> {
     }
 }
 
+/// Create a new file; never truncate one that exists (the disk is sacred: an existing file is an
+/// error, the caller picks names that do not exist).
 fn create_file(path: &Path) -> Result<Handle> {
     let name = c_path(path)?;
-    let id = unsafe { H5Fcreate(name.as_ptr(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT) };
+    let id = unsafe { H5Fcreate(name.as_ptr(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT) };
     if id < 0 {
         return Err(h5_error(path, "H5Fcreate".to_string()));
     }
@@ -875,6 +891,10 @@ pub struct SeriesWriter {
     /// For raw LZ4 blocks: the prefixed chunk.
     scratch: Vec<u8>,
     finished: bool,
+    /// A write, flush or close failed: no more writes; at the end only closed files count.
+    failed: Option<String>,
+    /// Frames in data files that could not be closed cleanly (not counted as readable).
+    lost: usize,
     /// Frames written since the open data file's metadata last reached the disk, and when that was.
     unflushed: usize,
     flushed_at: std::time::Instant,
@@ -965,6 +985,8 @@ impl SeriesWriter {
             bytes: 0,
             scratch: Vec::new(),
             finished: false,
+            failed: None,
+            lost: 0,
             unflushed: 0,
             flushed_at: std::time::Instant::now(),
         };
@@ -980,14 +1002,26 @@ impl SeriesWriter {
     }
 
     /// Write one frame's blob unchanged as the next chunk of the series (frames go in arrival order).
+    /// A frame that does not fit the series is refused and changes nothing; after an HDF5 or file
+    /// error the writer refuses every frame (a broken file is never written to again): close it.
     pub fn write_frame(&mut self, frame: &FrameHeader, blob: &[u8]) -> Result<()> {
         if self.finished {
             return Err(self.frame_error(frame, "the series is already finished".to_string()));
         }
+        if let Some(first) = &self.failed {
+            return Err(self.frame_error(frame, format!("not written after an error: {first}")));
+        }
         self.check_frame(frame, blob)?;
         let _lock = hdf5_metno_sys::LOCK.lock();
         h5_init();
+        let written = self.write_chunk(blob);
+        if let Err(e) = &written {
+            self.failed = Some(e.to_string());
+        }
+        written
+    }
 
+    fn write_chunk(&mut self, blob: &[u8]) -> Result<()> {
         if self
             .current
             .as_ref()
@@ -1097,11 +1131,27 @@ impl SeriesWriter {
 
     /// Close the current data file and write the final master file.
     pub fn finish(mut self) -> Result<WriteSummary> {
-        self.finish_inner()
+        let Closed { summary, error } = self.close_inner();
+        match error {
+            Some(e) => Err(e),
+            None => Ok(summary),
+        }
     }
 
+    /// Close the current data file and write the final master, also after an error: what was
+    /// written stays readable. `summary.frames` counts only frames in cleanly closed data files.
+    pub fn close(mut self) -> Closed {
+        self.close_inner()
+    }
+
+    /// Frames written so far (in files not yet known to be lost).
     pub fn frames_written(&self) -> usize {
-        self.frames
+        self.frames - self.lost
+    }
+
+    /// The first write error, if any: the writer takes no more frames.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     /// The master file, then the data files written so far (the open one included).
@@ -1111,7 +1161,7 @@ impl SeriesWriter {
             .collect()
     }
 
-    fn finish_inner(&mut self) -> Result<WriteSummary> {
+    fn close_inner(&mut self) -> Closed {
         self.finished = true;
         let _lock = hdf5_metno_sys::LOCK.lock();
         h5_init();
@@ -1119,15 +1169,22 @@ impl SeriesWriter {
             Some(file) => self.close_data_file(file),
             None => Ok(()),
         };
-        let master = self.write_master(self.data_files.len(), self.frames, true);
-        closed?;
-        master?;
-        Ok(WriteSummary {
-            master: self.master.clone(),
-            data_files: self.data_files.clone(),
-            frames: self.frames,
-            bytes: self.bytes,
-        })
+        let readable = self.frames - self.lost;
+        let master = self.write_master(self.data_files.len(), readable, true);
+        let error = match (&self.failed, closed, master) {
+            (Some(first), _, _) => Some(NxmxError::Invalid(first.clone())),
+            (None, Err(e), _) | (None, Ok(()), Err(e)) => Some(e),
+            (None, Ok(()), Ok(())) => None,
+        };
+        Closed {
+            summary: WriteSummary {
+                master: self.master.clone(),
+                data_files: self.data_files.clone(),
+                frames: readable,
+                bytes: self.bytes,
+            },
+            error,
+        }
     }
 
     fn frame_error(&self, frame: &FrameHeader, reason: String) -> NxmxError {
@@ -1290,8 +1347,18 @@ impl SeriesWriter {
         })
     }
 
-    /// Set image_nr_low/high (1-based) and close: the file is then complete and valid.
-    fn close_data_file(&self, file: DataFile) -> Result<()> {
+    /// Set image_nr_low/high (1-based) and close: the file is then complete and valid. A file that
+    /// cannot be closed cleanly (a full disk) may not be readable: its frames no longer count.
+    fn close_data_file(&mut self, file: DataFile) -> Result<()> {
+        let count = file.count;
+        let closed = self.close_data_file_inner(file);
+        if closed.is_err() {
+            self.lost += count;
+        }
+        closed
+    }
+
+    fn close_data_file_inner(&self, file: DataFile) -> Result<()> {
         let DataFile {
             path,
             dset,
@@ -1313,23 +1380,50 @@ impl SeriesWriter {
 
     /// Write the master file, linking data files 1..=`files`, for a series of `frames` frames.
     /// It is written beside its final name and renamed over it, so a reader never sees half a file.
+    /// The first master never replaces a file (it is linked to its name, which fails if the name
+    /// is taken); later ones replace only this writer's own master.
     fn write_master(&mut self, files: usize, frames: usize, last: bool) -> Result<()> {
         let tmp = PathBuf::from(format!("{}.tmp", self.master.display()));
-        let result = self.write_master_to(&tmp, files, frames, last);
+        // A tmp file that exists is not ours: an error, and left alone.
+        let file = create_file(&tmp)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| NxmxError::Io { path, source }
+        };
+        let result = self
+            .write_master_to(&tmp, file, files, frames, last)
+            .and_then(|()| {
+                if self.linked > 0 {
+                    return std::fs::rename(&tmp, &self.master).map_err(io(&self.master));
+                }
+                match std::fs::hard_link(&tmp, &self.master) {
+                    Ok(()) => std::fs::remove_file(&tmp).map_err(io(&tmp)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Err(io(&self.master)(e))
+                    }
+                    // A file system without hard links: check, then rename.
+                    Err(_) if self.master.exists() => {
+                        Err(io(&self.master)(std::io::ErrorKind::AlreadyExists.into()))
+                    }
+                    Err(_) => std::fs::rename(&tmp, &self.master).map_err(io(&self.master)),
+                }
+            });
         if let Err(e) = result {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        std::fs::rename(&tmp, &self.master).map_err(|source| NxmxError::Io {
-            path: self.master.clone(),
-            source,
-        })?;
         self.linked = files;
         Ok(())
     }
 
-    fn write_master_to(&self, path: &Path, files: usize, frames: usize, last: bool) -> Result<()> {
-        let file = create_file(path)?;
+    fn write_master_to(
+        &self,
+        path: &Path,
+        file: Handle,
+        files: usize,
+        frames: usize,
+        last: bool,
+    ) -> Result<()> {
         let w = H5Writer {
             path,
             file: file.id,
@@ -1604,7 +1698,7 @@ impl Drop for SeriesWriter {
     /// and writes the final master, so what was written stays readable.
     fn drop(&mut self) {
         if !self.finished {
-            if let Err(e) = self.finish_inner() {
+            if let Some(e) = self.close_inner().error {
                 eprintln!(
                     "nxmx: closing series {} ({}) failed: {e}",
                     self.series,

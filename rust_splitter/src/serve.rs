@@ -13,10 +13,15 @@
 //!
 //! Reply to a reader, after the ROUTER envelope: [frame meta JSON, series JSON, blob] for a frame
 //! (htypes `intxr-frame-1.0`, `intxr-series-1.0`), or [idle JSON] (`intxr-idle-1.0`).
-//! Published (PUB, two parts: topic, JSON): `counters` twice a second, `series_end` when every
-//! frame of a series has been forwarded or skipped (with the skipped frame numbers), and
-//! `series_written` when its files are closed; the series events are repeated with the next three
-//! counter ticks for subscribers still joining (listeners take the first and ignore repeats).
+//! Published (PUB, two parts: topic, JSON): `counters` twice a second, `series_start`, `series_end`
+//! when every frame of a series has been forwarded or skipped (with the forwarded and skipped frame
+//! numbers as ranges), and `series_written` when its files are closed; the series events are
+//! repeated with the next three counter ticks for subscribers still joining (listeners take the
+//! first and ignore repeats).
+//!
+//! Accounts are kept per series name (`series_name`, unique in the output directory, decided by
+//! the receiver when it opens a series): a detector restart at series 1 or a series reopened after
+//! the timeout is a new account with its own `series_end`.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -28,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::frame::{Compression, FrameHeader, SeriesHeader};
-use crate::splitter::{prefix_for, Counters, SplitterConfig};
+use crate::splitter::{Counters, SplitterConfig};
 
 /// One received multipart message, shared read-only by the writer and the server.
 pub struct Received(pub Vec<zmq::Message>);
@@ -56,24 +61,78 @@ pub struct ServeConfig {
 
 /// What the receiver and the writer tell the server.
 pub enum ServeJob {
-    /// A series header, and the run's malformed-message count when it arrived.
-    Start(SeriesHeader, u64),
+    /// The receiver opened a series under `name` (the header without its pixel mask).
+    Start {
+        name: Arc<str>,
+        header: SeriesHeader,
+        master: Arc<str>,
+    },
     Frame {
+        name: Arc<str>,
         header: FrameHeader,
         parts: Arc<Received>,
         part: usize,
         range: Range<usize>,
         received: f64,
     },
-    End(i64),
-    /// The receiver closed an open series after the series timeout.
-    TimedOut,
-    /// The writer closed a series' files.
-    Written {
-        series: i64,
-        frames: usize,
-        master: String,
+    /// The receiver closed the series `name`: by its end message, a new series, or the timeout.
+    End {
+        name: Arc<str>,
+        timed_out: bool,
+        /// Messages judged malformed while it was open.
+        malformed: u64,
     },
+    /// The writer closed a series' files (or had none to close).
+    Written(Value),
+}
+
+/// Sorted, merged, inclusive ranges of frame numbers: a 10^6-frame series served in order is one
+/// range, not a million numbers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Ranges(Vec<(i64, i64)>);
+
+impl Ranges {
+    pub fn insert(&mut self, n: i64) {
+        // Frames come nearly in order: extending the last range is the common case.
+        if let Some(last) = self.0.last_mut() {
+            if n == last.1.saturating_add(1) {
+                last.1 = n;
+                return;
+            }
+            if n > last.1 {
+                self.0.push((n, n));
+                return;
+            }
+        }
+        // The first range starting after n; the one before it may hold or touch n.
+        let i = self.0.partition_point(|r| r.0 <= n);
+        if i > 0 && self.0[i - 1].1 >= n {
+            return;
+        }
+        let joins_left = i > 0 && self.0[i - 1].1.saturating_add(1) == n;
+        let joins_right = i < self.0.len() && n.saturating_add(1) == self.0[i].0;
+        match (joins_left, joins_right) {
+            (true, true) => {
+                self.0[i - 1].1 = self.0[i].1;
+                self.0.remove(i);
+            }
+            (true, false) => self.0[i - 1].1 = n,
+            (false, true) => self.0[i].0 = n,
+            (false, false) => self.0.insert(i, (n, n)),
+        }
+    }
+
+    /// How many frame numbers the ranges hold.
+    pub fn count(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|(a, b)| (*b as i128 - *a as i128 + 1) as u64)
+            .sum()
+    }
+
+    pub fn to_json(&self) -> Value {
+        Value::Array(self.0.iter().map(|(a, b)| json!([a, b])).collect())
+    }
 }
 
 pub fn unix_time() -> f64 {
@@ -143,29 +202,27 @@ struct PendingFrame {
 }
 
 enum Pending {
-    Frame(PendingFrame),
+    Frame(PendingFrame, Arc<str>),
     /// Every frame of the series before this has been forwarded or skipped.
     End {
-        series: i64,
+        name: Arc<str>,
         timed_out: bool,
+        malformed: u64,
     },
 }
 
-#[derive(Default)]
 struct SeriesTally {
     series: i64,
+    name: Arc<str>,
     received: u64,
     bytes: u64,
     md5_mismatches: u64,
-    /// The run's malformed-message count when the series began: the difference at its end is what
-    /// arrived malformed during the series (a malformed message cannot always say its series).
-    malformed_before: u64,
-    forwarded: Vec<i64>,
-    skipped: Vec<i64>,
+    forwarded: Ranges,
+    skipped: Ranges,
     /// The `intxr-series-1.0` part, the same bytes for every frame of the series.
     json: Arc<[u8]>,
-    /// Where the writer puts the series (fixed by its header and first frame, as the writer's).
-    master: Option<Arc<str>>,
+    /// Where the writer puts the series (decided with its name by the receiver).
+    master: Arc<str>,
 }
 
 struct Server {
@@ -179,7 +236,6 @@ struct Server {
     waiting: VecDeque<(Vec<u8>, Instant)>,
     /// Series still being served, oldest first (a new series may start while the old drains).
     series: VecDeque<SeriesTally>,
-    headers: Option<SeriesHeader>,
     /// Series events to publish again with the next counter ticks: (topic, body, repeats left).
     recent: VecDeque<(&'static str, Value, u32)>,
 }
@@ -203,18 +259,35 @@ impl Server {
         self.recent.push_back((topic, body, REPEATS));
     }
 
-    fn tally(&mut self, series: i64) -> &mut SeriesTally {
-        if let Some(index) = self.series.iter().position(|s| s.series == series) {
+    /// The account of series `name`; one is made (without header keys) if its Start was missed.
+    fn tally(&mut self, name: &Arc<str>, series: i64) -> &mut SeriesTally {
+        if let Some(index) = self.series.iter().position(|s| s.name == *name) {
             return &mut self.series[index];
         }
-        static NULL: Value = Value::Null;
-        let (protocol, header, config) = match self.headers.as_ref() {
-            Some(h) if h.series == series => (h.protocol.name(), &h.header, &h.config),
-            _ => ("v1", &NULL, &NULL),
-        };
+        let master = self.master_file(name);
+        self.open_tally(
+            name.clone(),
+            series,
+            "v1",
+            &Value::Null,
+            &Value::Null,
+            master,
+        )
+    }
+
+    fn open_tally(
+        &mut self,
+        name: Arc<str>,
+        series: i64,
+        protocol: &str,
+        header: &Value,
+        config: &Value,
+        master: Arc<str>,
+    ) -> &mut SeriesTally {
         let json = json!({
             "htype": "intxr-series-1.0",
             "series": series,
+            "series_name": &*name,
             "protocol": protocol,
             "header": header,
             "config": config,
@@ -222,157 +295,127 @@ impl Server {
         .to_string()
         .into_bytes()
         .into();
-        let malformed_before = self.counters.malformed.load(Ordering::Relaxed);
         self.series.push_back(SeriesTally {
             series,
+            name,
+            received: 0,
+            bytes: 0,
+            md5_mismatches: 0,
+            forwarded: Ranges::default(),
+            skipped: Ranges::default(),
             json,
-            malformed_before,
-            ..Default::default()
+            master,
         });
         self.series.back_mut().expect("just pushed")
     }
 
     fn take_job(&mut self, job: ServeJob) {
         match job {
-            ServeJob::Start(header, malformed) => {
-                if self
-                    .headers
-                    .as_ref()
-                    .is_some_and(|h| h.series == header.series)
-                {
-                    return; // cbfToEiger resends its header with every frame
-                }
+            ServeJob::Start {
+                name,
+                header,
+                master,
+            } => {
                 let series = header.series;
-                self.headers = Some(header);
-                self.series.retain(|s| s.series != series || s.received > 0);
-                let tally = self.tally(series);
-                if tally.received == 0 {
-                    tally.malformed_before = malformed;
-                }
+                self.open_tally(
+                    name.clone(),
+                    series,
+                    header.protocol.name(),
+                    &header.header,
+                    &header.config,
+                    master,
+                );
                 self.publish(
                     "series_start",
-                    &json!({"series": series, "time": unix_time()}),
+                    &json!({"series": series, "series_name": &*name, "time": unix_time()}),
                 );
             }
             ServeJob::Frame {
+                name,
                 header,
                 parts,
                 part,
                 range,
                 received,
             } => {
-                let master = self
-                    .tally(header.series)
-                    .master
-                    .is_none()
-                    .then(|| self.master_file(&header));
-                let tally = self.tally(header.series);
-                if master.is_some() {
-                    tally.master = master;
-                }
+                let tally = self.tally(&name, header.series);
                 tally.received += 1;
                 tally.bytes += range.len() as u64;
                 tally.md5_mismatches += u64::from(header.md5_ok == Some(false));
                 if self.socket.is_none() {
                     // Nothing serves frames: every frame is skipped for processing.
-                    self.skip(&header);
+                    self.skip(&name, &header);
                     return;
                 }
-                self.pending.push_back(Pending::Frame(PendingFrame {
-                    header,
-                    parts,
-                    part,
-                    range,
-                    received,
-                    queued: Instant::now(),
-                }));
+                self.pending.push_back(Pending::Frame(
+                    PendingFrame {
+                        header,
+                        parts,
+                        part,
+                        range,
+                        received,
+                        queued: Instant::now(),
+                    },
+                    name,
+                ));
             }
-            ServeJob::End(series) => self.pending.push_back(Pending::End {
-                series,
-                timed_out: false,
+            ServeJob::End {
+                name,
+                timed_out,
+                malformed,
+            } => self.pending.push_back(Pending::End {
+                name,
+                timed_out,
+                malformed,
             }),
-            ServeJob::TimedOut => {
-                if let Some(series) = self.headers.as_ref().map(|h| h.series) {
-                    self.pending.push_back(Pending::End {
-                        series,
-                        timed_out: true,
-                    });
-                }
-            }
-            ServeJob::Written {
-                series,
-                frames,
-                master,
-            } => self.publish_event(
-                "series_written",
-                json!({"series": series, "frames_written": frames, "master_file": master}),
-            ),
+            ServeJob::Written(body) => self.publish_event("series_written", body),
         }
     }
 
-    fn skip(&mut self, header: &FrameHeader) {
+    fn skip(&mut self, name: &Arc<str>, header: &FrameHeader) {
         self.counters.frames_skipped.fetch_add(1, Ordering::Relaxed);
-        self.tally(header.series).skipped.push(header.frame);
+        self.tally(name, header.series).skipped.insert(header.frame);
     }
 
-    fn end_series(&mut self, series: i64, timed_out: bool) {
-        let Some(index) = self.series.iter().position(|s| s.series == series) else {
-            self.publish_event(
-                "series_end",
-                json!({"series": series, "timed_out": timed_out, "received": 0}),
-            );
-            return;
+    fn end_series(&mut self, name: &Arc<str>, timed_out: bool, malformed: u64) {
+        let Some(index) = self.series.iter().position(|s| s.name == *name) else {
+            return; // already ended (a shutdown ends what is left)
         };
         let tally = self.series.remove(index).expect("index is valid");
         self.publish_event(
             "series_end",
             json!({
-                "series": series,
+                "series": tally.series,
+                "series_name": &*tally.name,
                 "timed_out": timed_out,
                 "received": tally.received,
-                "forwarded": tally.forwarded.len(),
-                "forwarded_frames": tally.forwarded,
-                "skipped": tally.skipped.len(),
+                "forwarded": tally.forwarded.count(),
+                "skipped": tally.skipped.count(),
+                "forwarded_ranges": tally.forwarded.to_json(),
+                "skipped_ranges": tally.skipped.to_json(),
+                "malformed": malformed,
                 "bytes": tally.bytes,
                 "md5_mismatches": tally.md5_mismatches,
-                "malformed": self.counters.malformed.load(Ordering::Relaxed) - tally.malformed_before,
-                "skipped_frames": tally.skipped,
                 "time": unix_time(),
             }),
         );
     }
 
-    /// The master file the writer creates for the series of `frame` (same rule, same inputs).
-    fn master_file(&self, frame: &FrameHeader) -> Arc<str> {
-        let placeholder;
-        let header = match self.headers.as_ref() {
-            Some(h) if h.series == frame.series => h,
-            _ => {
-                placeholder = SeriesHeader {
-                    protocol: frame.protocol,
-                    series: frame.series,
-                    header: Value::Null,
-                    config: Value::Null,
-                    pixel_mask: None,
-                };
-                &placeholder
-            }
-        };
-        let prefix = prefix_for(&self.config, header, &frame.header);
-        let path = self.config.output_dir.join(format!("{prefix}_master.h5"));
-        path.display().to_string().into()
+    /// The master file of the series `name` (the receiver's choice; the writer uses the same).
+    fn master_file(&self, name: &str) -> Arc<str> {
+        crate::splitter::master_path(&self.config.output_dir, name)
+            .display()
+            .to_string()
+            .into()
     }
 
-    fn frame_meta(&mut self, frame: &PendingFrame) -> Vec<u8> {
-        let master = self
-            .tally(frame.header.series)
-            .master
-            .clone()
-            .unwrap_or_else(|| "".into());
+    fn frame_meta(&mut self, frame: &PendingFrame, name: &Arc<str>) -> Vec<u8> {
+        let master = self.tally(name, frame.header.series).master.clone();
         let h = &frame.header;
         json!({
             "htype": "intxr-frame-1.0",
             "series": h.series,
+            "series_name": &**name,
             "frame": h.frame,
             "shape": [h.shape.0, h.shape.1],
             "type": format!("uint{}", h.elem_size * 8),
@@ -391,9 +434,9 @@ impl Server {
 
     /// Send one frame: to the oldest waiting reader (ROUTER) or round-robin (PUSH). Returns false
     /// when nobody could take it now.
-    fn forward(&mut self, frame: &PendingFrame) -> bool {
-        let meta = self.frame_meta(frame);
-        let series_json = self.tally(frame.header.series).json.clone();
+    fn forward(&mut self, frame: &PendingFrame, name: &Arc<str>) -> bool {
+        let meta = self.frame_meta(frame, name);
+        let series_json = self.tally(name, frame.header.series).json.clone();
         loop {
             let identity = match self.serve.mode {
                 ServeMode::Request => match self.waiting.pop_front() {
@@ -418,9 +461,9 @@ impl Server {
                     self.counters
                         .frames_forwarded
                         .fetch_add(1, Ordering::Relaxed);
-                    self.tally(frame.header.series)
+                    self.tally(name, frame.header.series)
                         .forwarded
-                        .push(frame.header.frame);
+                        .insert(frame.header.frame);
                     return true;
                 }
                 // ROUTER_MANDATORY: that reader has gone; try the next one.
@@ -457,16 +500,20 @@ impl Server {
     fn dispatch(&mut self) {
         while let Some(head) = self.pending.pop_front() {
             match head {
-                Pending::End { series, timed_out } => self.end_series(series, timed_out),
-                Pending::Frame(frame) => {
-                    if self.forward(&frame) {
+                Pending::End {
+                    name,
+                    timed_out,
+                    malformed,
+                } => self.end_series(&name, timed_out, malformed),
+                Pending::Frame(frame, name) => {
+                    if self.forward(&frame, &name) {
                         continue;
                     }
                     if frame.queued.elapsed() >= self.serve.skip_after {
-                        self.skip(&frame.header);
+                        self.skip(&name, &frame.header);
                         continue;
                     }
-                    self.pending.push_front(Pending::Frame(frame));
+                    self.pending.push_front(Pending::Frame(frame, name));
                     break;
                 }
             }
@@ -537,7 +584,6 @@ pub fn serve_loop(
         pending: VecDeque::new(),
         waiting: VecDeque::new(),
         series: VecDeque::new(),
-        headers: None,
         recent: VecDeque::new(),
     };
     let mut last_published = Instant::now() - Duration::from_secs(1);
@@ -576,8 +622,14 @@ pub fn serve_loop(
             _ => std::thread::sleep(Duration::from_millis(wait as u64)),
         }
     }
-    for series in server.series.iter().map(|s| s.series).collect::<Vec<_>>() {
-        server.end_series(series, false);
+    // The receiver ends every series it opened; anything left was cut short by a stop.
+    for name in server
+        .series
+        .iter()
+        .map(|s| s.name.clone())
+        .collect::<Vec<_>>()
+    {
+        server.end_series(&name, false, 0);
     }
     server.publish_counters();
 }

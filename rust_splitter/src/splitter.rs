@@ -5,16 +5,29 @@
 //! drains the queue into NXmx files. The queue is unbounded: a frame received is a frame written.
 //! When the queued bytes pass `buffer_bytes` the Splitter says so loudly and counts it, but keeps
 //! every frame. No PyO3 here.
+//!
+//! The receiver alone decides what a series is, so the writer and the server follow one truth: it
+//! opens a series (a header; a frame when none is open; frames of a series the timeout closed; a
+//! disk with space again) under a name unique in the output directory (`series_name`: the prefix,
+//! `_r2`, `_r3`, ... when it is taken), and closes it (its end, a new header, the timeout). A frame
+//! that disagrees with the open series (another series id without a header, another shape, pixel
+//! type or compression, a blob that cannot be the frame) is malformed: counted, reported, and it
+//! changes nothing. Files are never truncated or replaced. The receiver also checks the free space
+//! before each frame: when it runs short the open files are closed cleanly, frames still go to
+//! readers and are counted as not written, and writing resumes under a new name when space returns.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::frame::{Protocol, SeriesHeader};
-use crate::nxmx::SeriesWriter;
+use serde_json::{json, Value};
+
+use crate::frame::{Compression, FrameHeader, Protocol, SeriesHeader};
+use crate::nxmx::{one_line, Closed, SeriesWriter};
 use crate::serve::{open_sockets, serve_loop, unix_time, Received, ServeConfig, ServeJob};
 use crate::stream::{parse_message, Parsed, ParsedFrame};
 
@@ -35,6 +48,9 @@ pub struct SplitterConfig {
     pub filepath_key: Option<String>,
     /// Queued bytes above which the Splitter reports that the disk is falling behind.
     pub buffer_bytes: u64,
+    /// Free space kept on the output file system beyond what the queued frames and a few more
+    /// need: below it the open files are closed and frames are not written until space returns.
+    pub disk_reserve: u64,
     /// Frames to readers and accounting to listeners.
     pub serve: ServeConfig,
 }
@@ -45,6 +61,8 @@ pub struct Counters {
     pub messages: AtomicU64,
     pub frames_received: AtomicU64,
     pub frames_written: AtomicU64,
+    /// Frames received but not on disk (a full disk, a write error).
+    pub frames_not_written: AtomicU64,
     pub frames_forwarded: AtomicU64,
     pub frames_skipped: AtomicU64,
     pub requests: AtomicU64,
@@ -58,6 +76,10 @@ pub struct Counters {
     pub series_ended: AtomicU64,
     pub series_timed_out: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Series names that were taken and replaced by a `_rN` name.
+    pub renamed_series: AtomicU64,
+    /// Times the free space ran short and writing stopped.
+    pub disk_full: AtomicU64,
     pub queued_bytes: AtomicU64,
     pub max_queued_bytes: AtomicU64,
     pub buffer_overruns: AtomicU64,
@@ -66,22 +88,25 @@ pub struct Counters {
     pub files: Mutex<Vec<String>>,
     /// The latest series' accounting (`series_end` JSON, the files' `series_written` merged in).
     pub series: Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// The writer's word to the receiver: writing series `name` failed (`true`: for want of space).
+    write_failed: Mutex<Option<(Arc<str>, bool)>>,
 }
 
 /// Series accounts kept for `Counters::series` (a daemon runs for weeks).
 pub const KEEP_SERIES: usize = 100;
 
 impl Counters {
-    /// Record a series event: a new account for `series_end`, merged into it for `series_written`.
+    /// Record a series event: a new account for `series_end`, merged into it for `series_written`
+    /// (accounts are told apart by `series_name`, unique per series opened).
     pub fn record_series(&self, body: &serde_json::Value) {
         let Ok(mut series) = self.series.lock() else {
             return;
         };
-        let number = body.get("series").cloned();
+        let name = body.get("series_name").cloned();
         if let Some(existing) = series
             .iter_mut()
             .rev()
-            .find(|s| s.get("series") == number.as_ref())
+            .find(|s| s.get("series_name") == name.as_ref())
         {
             if let (Some(into), Some(from)) = (existing.as_object_mut(), body.as_object()) {
                 for (key, value) in from {
@@ -111,6 +136,7 @@ impl Counters {
             ("messages", get(&self.messages)),
             ("frames_received", get(&self.frames_received)),
             ("frames_written", get(&self.frames_written)),
+            ("frames_not_written", get(&self.frames_not_written)),
             ("frames_forwarded", get(&self.frames_forwarded)),
             ("frames_skipped", get(&self.frames_skipped)),
             ("requests", get(&self.requests)),
@@ -124,6 +150,8 @@ impl Counters {
             ("series_ended", get(&self.series_ended)),
             ("series_timed_out", get(&self.series_timed_out)),
             ("write_errors", get(&self.write_errors)),
+            ("renamed_series", get(&self.renamed_series)),
+            ("disk_full", get(&self.disk_full)),
             ("queued_bytes", get(&self.queued_bytes)),
             ("max_queued_bytes", get(&self.max_queued_bytes)),
             ("buffer_overruns", get(&self.buffer_overruns)),
@@ -134,13 +162,21 @@ impl Counters {
 
 /// What the receiver hands the writer.
 enum Job {
-    Start(SeriesHeader),
+    /// Open a series under `name`, unique in the output directory.
+    Start {
+        name: Arc<str>,
+        header: Arc<SeriesHeader>,
+    },
     Frame(ParsedFrame, Arc<Received>),
-    End(i64),
+    /// The free space ran short: close the open series' files cleanly and write no more of it.
+    Suspend(String),
+    /// Close the open series; `ended` by its end message or the timeout (counted as ended).
+    End {
+        timed_out: bool,
+        ended: bool,
+    },
     /// The detector configuration, sent as its own message after a dheader (libertem-dectris does).
-    Config(serde_json::Value),
-    /// No message for `series_timeout`: close any open series.
-    Idle,
+    Config(Value),
 }
 
 /// A v1 header with header_detail basic/all may arrive without its config part, which then comes
@@ -178,6 +214,8 @@ pub fn run(
             .connect(&config.endpoint)
             .map_err(|e| format!("cannot connect {}: {e}", config.endpoint))?;
     }
+    // So the free space can be checked before the first series.
+    let _ = std::fs::create_dir_all(&config.output_dir);
     let sockets = open_sockets(&context, &config.serve)?;
     let (serve_sender, serve_receiver) = mpsc::channel::<ServeJob>();
     let server = {
@@ -198,10 +236,19 @@ pub fn run(
             .spawn(move || write_loop(config, receiver, counters, serve_sender))
             .map_err(|e| format!("cannot start the writer thread: {e}"))?
     };
+    let mut series = Series {
+        config: &config,
+        counters: &counters,
+        writer: sender,
+        server: serve_sender,
+        open: None,
+        timed_out: None,
+        names: HashSet::new(),
+        reports: Reports::default(),
+    };
     let mut protocol = config.protocol;
     let mut last_message = Instant::now();
     let mut idle_sent = true;
-    let mut warned_buffer = false;
     let mut expect_config = false;
     while !stop.load(Ordering::Relaxed) {
         // The writer counts ended series; checked every poll so the run ends once it has caught up.
@@ -214,10 +261,10 @@ pub fn run(
         match socket.poll(zmq::POLLIN, 100) {
             Ok(0) => {
                 if !idle_sent && last_message.elapsed() >= config.series_timeout {
-                    let _ = sender.send(Job::Idle);
-                    let _ = serve_sender.send(ServeJob::TimedOut);
+                    series.timeout();
                     idle_sent = true;
                 }
+                series.reports.flush(&counters);
                 continue;
             }
             Ok(_) => {}
@@ -243,15 +290,14 @@ pub fn run(
         if expect_config {
             expect_config = false;
             if let Some(config) = lone_config(&slices) {
-                let _ = sender.send(Job::Config(config));
+                series.config_part(config);
                 continue;
             }
         }
         let parsed = match parse_message(&slices, protocol) {
             Ok(parsed) => parsed,
             Err(e) => {
-                counters.malformed.fetch_add(1, Ordering::Relaxed);
-                counters.error(format!(
+                series.malformed(format!(
                     "message {n} ({} parts, {size} bytes) skipped: {e}",
                     parts.len()
                 ));
@@ -259,7 +305,8 @@ pub fn run(
             }
         };
         drop(slices);
-        let mut frames = Vec::new();
+        // The writer and the server share this message's parts (and any frames in it).
+        let parts = Arc::new(Received(parts));
         for item in parsed {
             match item {
                 Parsed::Start(header) => {
@@ -272,77 +319,20 @@ pub fn run(
                     let no_config = header.config.as_object().is_none_or(|c| c.is_empty());
                     expect_config =
                         header.protocol == Protocol::V1 && detail != "none" && no_config;
-                    let malformed = counters.malformed.load(Ordering::Relaxed);
-                    // The server needs the header's keys, not its pixel mask (up to 64 MB).
-                    let keys = SeriesHeader {
-                        pixel_mask: None,
-                        header: header.header.clone(),
-                        config: header.config.clone(),
-                        ..header
-                    };
-                    let _ = serve_sender.send(ServeJob::Start(keys, malformed));
-                    let _ = sender.send(Job::Start(header));
+                    series.start(header);
                 }
                 Parsed::Frame(frame) => {
                     protocol.get_or_insert(frame.header.protocol);
-                    frames.push(frame);
+                    series.frame(frame, &parts, received_at);
                 }
-                Parsed::End { series, .. } => {
-                    let _ = sender.send(Job::End(series));
-                    let _ = serve_sender.send(ServeJob::End(series));
-                }
+                Parsed::End { series: number, .. } => series.end(number),
             }
-        }
-        // The writer and the server share this message's parts (and any frames in it).
-        let parts = Arc::new(Received(parts));
-        for mut frame in frames {
-            counters.frames_received.fetch_add(1, Ordering::Relaxed);
-            // Repaired here, once, so the disk and the readers get the same valid blob.
-            let mut parts = parts.clone();
-            if let Some(fixed) =
-                repair_bslz4_header(&frame.header, &parts.0[frame.part][frame.range.clone()])
-            {
-                counters.repaired_headers.fetch_add(1, Ordering::Relaxed);
-                frame.range = 0..fixed.len();
-                frame.part = 0;
-                parts = Arc::new(Received(vec![zmq::Message::from(fixed)]));
-            }
-            if frame.header.md5_ok == Some(false) {
-                counters.md5_mismatches.fetch_add(1, Ordering::Relaxed);
-                counters.error(format!(
-                    "series {} frame {}: dimage hash does not match the dimage_d part",
-                    frame.header.series, frame.header.frame
-                ));
-            }
-            let blob_len = frame.range.len() as u64;
-            let queued = counters.queued_bytes.fetch_add(blob_len, Ordering::Relaxed) + blob_len;
-            counters
-                .max_queued_bytes
-                .fetch_max(queued, Ordering::Relaxed);
-            if queued > config.buffer_bytes {
-                counters.buffer_overruns.fetch_add(1, Ordering::Relaxed);
-                if !warned_buffer {
-                    counters.error(format!(
-                        "disk is falling behind: {queued} bytes queued (limit {}); every frame is kept",
-                        config.buffer_bytes
-                    ));
-                    warned_buffer = true;
-                }
-            } else {
-                warned_buffer = false;
-            }
-            let _ = serve_sender.send(ServeJob::Frame {
-                header: frame.header.clone(),
-                parts: parts.clone(),
-                part: frame.part,
-                range: frame.range.clone(),
-                received: received_at,
-            });
-            let _ = sender.send(Job::Frame(frame, parts));
         }
     }
-    drop(sender);
-    drop(serve_sender);
+    // Close what is open (not an end: the stop cut it short), then let the threads drain.
+    series.close(false, false);
+    series.reports.flush(&counters);
+    drop(series);
     let written = writer.join();
     let served = server.join();
     written.map_err(|_| "the writer thread panicked".to_string())?;
@@ -350,18 +340,539 @@ pub fn run(
     Ok(())
 }
 
+/// Malformed-message reports, rate-limited: the first few in each 10 s, then how many more.
+#[derive(Default)]
+struct Reports {
+    window: Option<Instant>,
+    shown: u32,
+    suppressed: u64,
+}
+
+const REPORTS_PER_WINDOW: u32 = 10;
+const REPORT_WINDOW: Duration = Duration::from_secs(10);
+
+impl Reports {
+    fn report(&mut self, counters: &Counters, message: String) {
+        self.flush(counters);
+        self.window.get_or_insert_with(Instant::now);
+        if self.shown < REPORTS_PER_WINDOW {
+            self.shown += 1;
+            counters.error(message);
+        } else {
+            self.suppressed += 1;
+            if let Ok(mut last) = counters.last_error.lock() {
+                *last = message;
+            }
+        }
+    }
+
+    /// A new window: say how many were not shown in the last one.
+    fn flush(&mut self, counters: &Counters) {
+        if self.window.is_some_and(|w| w.elapsed() >= REPORT_WINDOW) {
+            if self.suppressed > 0 {
+                counters.error(format!(
+                    "{} more malformed messages in the last {} s (counted, not shown)",
+                    self.suppressed,
+                    REPORT_WINDOW.as_secs()
+                ));
+            }
+            *self = Reports::default();
+        }
+    }
+}
+
+/// What every frame of a series must share (fixed by its first frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    shape: (usize, usize),
+    elem_size: usize,
+    compression: Compression,
+}
+
+impl Layout {
+    fn of(frame: &FrameHeader) -> Layout {
+        Layout {
+            shape: frame.shape,
+            elem_size: frame.elem_size,
+            compression: frame.compression,
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}x{} uint{} {:?}",
+            self.shape.0,
+            self.shape.1,
+            self.elem_size * 8,
+            self.compression
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disk {
+    Writing,
+    /// The free space ran short: files closed; a new part opens when space returns.
+    Short,
+    /// Writing failed for another reason: nothing more of this series is written.
+    Broken,
+}
+
+/// The series the receiver has open.
+struct Account {
+    series: i64,
+    name: Arc<str>,
+    /// The prefix before it was made unique (a reopened part starts from it again).
+    base: String,
+    header: Arc<SeriesHeader>,
+    layout: Option<Layout>,
+    /// Messages judged malformed while it was open.
+    malformed: u64,
+    disk: Disk,
+}
+
+/// The receiver's view of the stream: the one place where series open and close.
+struct Series<'a> {
+    config: &'a SplitterConfig,
+    counters: &'a Counters,
+    writer: mpsc::Sender<Job>,
+    server: mpsc::Sender<ServeJob>,
+    open: Option<Account>,
+    /// The last series the timeout closed: its frames may come again.
+    timed_out: Option<Account>,
+    /// Names used by this run (a name whose files were never created is still not reused).
+    names: HashSet<String>,
+    reports: Reports,
+}
+
+/// The master file of series `name` in `dir`.
+pub fn master_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}_master.h5"))
+}
+
+/// Whether a series name has files in `dir` (its master, the master's temporary, its first data file).
+fn name_taken(dir: &Path, name: &str) -> bool {
+    [
+        format!("{name}_master.h5"),
+        format!("{name}_master.h5.tmp"),
+        format!("{name}_data_000001.h5"),
+    ]
+    .iter()
+    .any(|file| dir.join(file).symlink_metadata().is_ok())
+}
+
+/// Free bytes for an unprivileged writer on the file system of `dir`; None when unknown.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs struct to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Whether a blob can be the frame its header describes: the sizes the compressed formats declare
+/// must be the frame's, an LZ4 block cannot expand past LZ4's limit, raw pixels must fill it.
+fn blob_fits(frame: &FrameHeader, blob: &[u8]) -> Result<(), String> {
+    let (rows, cols) = frame.shape;
+    let raw = rows
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(frame.elem_size))
+        .map(|n| n as u64)
+        .ok_or_else(|| format!("shape {rows}x{cols} is too large"))?;
+    let pixels = || format!("{rows}x{cols} pixels of {} bytes", frame.elem_size);
+    let declared = |min: usize| -> Result<(), String> {
+        if blob.len() < min {
+            return Err(format!("blob of {} bytes is too short", blob.len()));
+        }
+        let size = u64::from_be_bytes(blob[..8].try_into().expect("8 bytes"));
+        if size != raw {
+            return Err(format!(
+                "blob declares {size} bytes, {} are {raw}",
+                pixels()
+            ));
+        }
+        Ok(())
+    };
+    match frame.compression {
+        // Both headers start with the uncompressed size as a big-endian u64.
+        Compression::BsLz4 => declared(12),
+        Compression::Lz4Hdf5 => declared(16),
+        Compression::Lz4Raw => {
+            // An LZ4 block expands at most 255 times; incompressible data grows by 1/255 + 16.
+            let len = blob.len() as u64;
+            if blob.is_empty()
+                || raw > u32::MAX as u64
+                || raw > len.saturating_mul(255) + 255
+                || len > raw + raw / 255 + 16
+            {
+                return Err(format!(
+                    "an LZ4 block of {len} bytes cannot hold {}",
+                    pixels()
+                ));
+            }
+            Ok(())
+        }
+        Compression::None => {
+            if blob.len() as u64 != raw {
+                return Err(format!("{} bytes, {} are {raw}", blob.len(), pixels()));
+            }
+            Ok(())
+        }
+    }
+}
+
+impl Series<'_> {
+    /// A malformed message or frame: counted (for the open series too) and reported.
+    fn malformed(&mut self, message: String) {
+        self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        if let Some(open) = self.open.as_mut() {
+            open.malformed += 1;
+        }
+        self.reports.report(self.counters, message);
+    }
+
+    /// `base`, else `base_r2`, `base_r3`, ...: the first name with no files in the output
+    /// directory and not used before by this run.
+    fn unique_name(&mut self, base: &str) -> String {
+        let dir = &self.config.output_dir;
+        let mut k = 1u64;
+        loop {
+            let name = if k == 1 {
+                base.to_string()
+            } else {
+                format!("{base}_r{k}")
+            };
+            if !self.names.contains(&name) && !name_taken(dir, &name) {
+                self.names.insert(name.clone());
+                return name;
+            }
+            k += 1;
+        }
+    }
+
+    /// Open a series: its unique name goes to the writer and the server, one truth for both.
+    fn open(
+        &mut self,
+        header: Arc<SeriesHeader>,
+        base: String,
+        layout: Option<Layout>,
+        why: Option<String>,
+    ) {
+        let name = self.unique_name(&base);
+        let series = header.series;
+        if name != base {
+            self.counters.renamed_series.fetch_add(1, Ordering::Relaxed);
+        }
+        match (why, name != base) {
+            (Some(why), _) => self
+                .counters
+                .error(format!("series {series}: {why}: writing it as {name}")),
+            (None, true) => self.counters.error(format!(
+                "series {series}: {base} is already used in {}: writing it as {name}",
+                self.config.output_dir.display()
+            )),
+            (None, false) => {}
+        }
+        let name: Arc<str> = name.into();
+        self.counters.series_started.fetch_add(1, Ordering::Relaxed);
+        // The server needs the header's keys, not its pixel mask (up to 64 MB).
+        let keys = SeriesHeader {
+            protocol: header.protocol,
+            series,
+            header: header.header.clone(),
+            config: header.config.clone(),
+            pixel_mask: None,
+        };
+        let master: Arc<str> = master_path(&self.config.output_dir, &name)
+            .display()
+            .to_string()
+            .into();
+        let _ = self.writer.send(Job::Start {
+            name: name.clone(),
+            header: header.clone(),
+        });
+        let _ = self.server.send(ServeJob::Start {
+            name: name.clone(),
+            header: keys,
+            master,
+        });
+        self.open = Some(Account {
+            series,
+            name,
+            base,
+            header,
+            layout,
+            malformed: 0,
+            disk: Disk::Writing,
+        });
+    }
+
+    /// Close the open series, if any. `ended`: by its end message or the timeout.
+    fn close(&mut self, timed_out: bool, ended: bool) -> Option<Account> {
+        let account = self.open.take()?;
+        let _ = self.writer.send(Job::End { timed_out, ended });
+        let _ = self.server.send(ServeJob::End {
+            name: account.name.clone(),
+            timed_out,
+            malformed: account.malformed,
+        });
+        Some(account)
+    }
+
+    fn start(&mut self, header: SeriesHeader) {
+        if let Some(open) = self.open.as_ref() {
+            // cbfToEiger resends its header with every frame: only a new series number is new.
+            if header.protocol == Protocol::CbfToEiger && open.series == header.series {
+                return;
+            }
+            self.counters.error(format!(
+                "series {} started while series {} ({}) was open: closing it",
+                header.series, open.series, open.name
+            ));
+            self.close(false, false);
+        }
+        self.timed_out = None;
+        let base = prefix_for(self.config, &header, &Value::Null);
+        self.open(Arc::new(header), base, None, None);
+    }
+
+    fn config_part(&mut self, config: Value) {
+        if let Some(open) = self.open.as_mut() {
+            Arc::make_mut(&mut open.header).config = config.clone();
+            let _ = self.writer.send(Job::Config(config));
+        }
+    }
+
+    fn end(&mut self, series: i64) {
+        match self.open.as_ref() {
+            Some(open) if open.series == series => {
+                self.close(false, true);
+                self.timed_out = None;
+            }
+            Some(open) => {
+                let text = format!(
+                    "end of series {series} while series {} ({}) is open: ignored",
+                    open.series, open.name
+                );
+                self.malformed(text);
+            }
+            None if self.timed_out.as_ref().is_some_and(|t| t.series == series) => {
+                let name = self.timed_out.take().map(|t| t.name).expect("checked");
+                self.counters.error(format!(
+                    "series {series}: its end came after the series timeout had closed it ({name})"
+                ));
+            }
+            None => self.counters.error(format!(
+                "end of series {series} without its series open: ignored"
+            )),
+        }
+    }
+
+    fn timeout(&mut self) {
+        if let Some(open) = self.open.as_ref() {
+            self.counters.error(format!(
+                "series {} ({}): no message for the series timeout: closing it",
+                open.series, open.name
+            ));
+        }
+        if let Some(account) = self.close(true, true) {
+            self.timed_out = Some(account);
+        }
+    }
+
+    fn frame(&mut self, mut frame: ParsedFrame, parts: &Arc<Received>, received_at: f64) {
+        let (number, index) = (frame.header.series, frame.header.frame);
+        // Repaired here, once, so the disk and the readers get the same valid blob.
+        let mut parts = parts.clone();
+        if let Some(fixed) =
+            repair_bslz4_header(&frame.header, &parts.0[frame.part][frame.range.clone()])
+        {
+            self.counters
+                .repaired_headers
+                .fetch_add(1, Ordering::Relaxed);
+            frame.range = 0..fixed.len();
+            frame.part = 0;
+            parts = Arc::new(Received(vec![zmq::Message::from(fixed)]));
+        }
+        let blob_len = frame.range.len() as u64;
+        if let Err(reason) = blob_fits(&frame.header, &parts.0[frame.part][frame.range.clone()]) {
+            self.malformed(format!("series {number} frame {index}: {reason}: skipped"));
+            return;
+        }
+        match self.open.as_ref() {
+            None => {
+                if self.timed_out.as_ref().is_some_and(|t| t.series == number) {
+                    let closed = self.timed_out.take().expect("checked");
+                    let why = format!(
+                        "frame {index} came after the series timeout had closed {}",
+                        closed.name
+                    );
+                    self.open(closed.header, closed.base, closed.layout, Some(why));
+                } else {
+                    // Started mid-series (or the header was lost): the frame says what it can.
+                    let header = SeriesHeader {
+                        protocol: frame.header.protocol,
+                        series: number,
+                        header: frame.header.header.clone(),
+                        config: Value::Null,
+                        pixel_mask: None,
+                    };
+                    let base = prefix_for(self.config, &header, &frame.header.header);
+                    self.timed_out = None;
+                    let why = format!("frame {index} arrived before any header");
+                    self.open(Arc::new(header), base, None, Some(why));
+                }
+            }
+            Some(open) if open.series != number => {
+                let text = format!(
+                    "series {number} frame {index}: no header for series {number} while series {} ({}) is open: skipped",
+                    open.series, open.name
+                );
+                self.malformed(text);
+                return;
+            }
+            Some(_) => {}
+        }
+        let layout = Layout::of(&frame.header);
+        let open = self.open.as_mut().expect("a series is open");
+        match open.layout {
+            Some(series) if series != layout => {
+                let text = format!(
+                    "series {number} frame {index}: {layout} differs from the series' {series}: skipped"
+                );
+                self.malformed(text);
+                return;
+            }
+            Some(_) => {}
+            None => open.layout = Some(layout),
+        }
+        self.check_disk(blob_len);
+        let name = self.open.as_ref().expect("a series is open").name.clone();
+        self.counters
+            .frames_received
+            .fetch_add(1, Ordering::Relaxed);
+        if frame.header.md5_ok == Some(false) {
+            self.counters.md5_mismatches.fetch_add(1, Ordering::Relaxed);
+            self.counters.error(format!(
+                "series {number} frame {index}: dimage hash does not match the dimage_d part"
+            ));
+        }
+        let queued = self
+            .counters
+            .queued_bytes
+            .fetch_add(blob_len, Ordering::Relaxed)
+            + blob_len;
+        self.counters
+            .max_queued_bytes
+            .fetch_max(queued, Ordering::Relaxed);
+        // Said once per episode (the first frame over the limit), counted for every frame.
+        if queued > self.config.buffer_bytes
+            && (self
+                .counters
+                .buffer_overruns
+                .fetch_add(1, Ordering::Relaxed)
+                == 0
+                || queued - blob_len <= self.config.buffer_bytes)
+        {
+            self.counters.error(format!(
+                "disk is falling behind: {queued} bytes queued (limit {}); every frame is kept",
+                self.config.buffer_bytes
+            ));
+        }
+        let _ = self.server.send(ServeJob::Frame {
+            name,
+            header: frame.header.clone(),
+            parts: parts.clone(),
+            part: frame.part,
+            range: frame.range.clone(),
+            received: received_at,
+        });
+        let _ = self.writer.send(Job::Frame(frame, parts));
+    }
+
+    /// Before a frame of the open series: is there room for it, the frames queued before it and a
+    /// margin? When not, the files are closed cleanly; when space returns, a new part opens.
+    fn check_disk(&mut self, blob_len: u64) {
+        let failed = self
+            .counters
+            .write_failed
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take());
+        let open = self.open.as_mut().expect("a series is open");
+        if let Some((name, space)) = failed {
+            if name == open.name && open.disk == Disk::Writing {
+                open.disk = if space { Disk::Short } else { Disk::Broken };
+            }
+        }
+        if open.disk == Disk::Broken {
+            return;
+        }
+        let dir = &self.config.output_dir;
+        let Some(free) = free_bytes(dir) else {
+            return;
+        };
+        let queued = self.counters.queued_bytes.load(Ordering::Relaxed);
+        // Room for what is queued, this frame and a few more, and the reserve (HDF5 metadata,
+        // the master file rewritten at the end).
+        let need = queued + 5 * blob_len + self.config.disk_reserve;
+        match open.disk {
+            Disk::Writing if free < need => {
+                open.disk = Disk::Short;
+                self.counters.disk_full.fetch_add(1, Ordering::Relaxed);
+                let text = format!(
+                    "{} free in {}, {} needed: closing its files; frames still go to readers, writing resumes when space returns",
+                    mib(free),
+                    dir.display(),
+                    mib(need)
+                );
+                self.counters
+                    .error(format!("series {} ({}): {text}", open.series, open.name));
+                let _ = self.writer.send(Job::Suspend(format!(
+                    "disk full: {} free in {}",
+                    mib(free),
+                    dir.display()
+                )));
+            }
+            // Resumes with room to spare, so it does not stop again at once.
+            Disk::Short if free >= need + self.config.disk_reserve => {
+                let account = self.close(false, false).expect("a series is open");
+                let why = format!(
+                    "space again in {} ({} free) after {}",
+                    dir.display(),
+                    mib(free),
+                    account.name
+                );
+                self.open(account.header, account.base, account.layout, Some(why));
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Some producers (libertem-dectris's simulator) send bitshuffle-LZ4 blobs whose 12-byte header is
 /// all zeros. The blocks are fine; only the header is missing, and the frame's shape gives it back
 /// (total bytes; bitshuffle's default block of 8 KiB). Returns a copy with the header filled in, or
 /// None when the blob needs nothing.
-fn repair_bslz4_header(frame: &crate::frame::FrameHeader, blob: &[u8]) -> Option<Vec<u8>> {
-    if frame.compression != crate::frame::Compression::BsLz4
-        || blob.len() < 12
-        || blob[..12] != [0u8; 12]
-    {
+fn repair_bslz4_header(frame: &FrameHeader, blob: &[u8]) -> Option<Vec<u8>> {
+    if frame.compression != Compression::BsLz4 || blob.len() < 12 || blob[..12] != [0u8; 12] {
         return None;
     }
-    let total = (frame.shape.0 * frame.shape.1 * frame.elem_size) as u64;
+    let total = frame
+        .shape
+        .0
+        .checked_mul(frame.shape.1)?
+        .checked_mul(frame.elem_size)? as u64;
     let block = (crate::codec::default_block_elems(frame.elem_size) * frame.elem_size) as u32;
     let mut fixed = blob.to_vec();
     fixed[..8].copy_from_slice(&total.to_be_bytes());
@@ -382,10 +893,73 @@ fn receive_parts(socket: &zmq::Socket) -> Result<Vec<zmq::Message>, zmq::Error> 
     }
 }
 
+/// The writer's side of one series.
 struct OpenSeries {
     series: i64,
-    header: SeriesHeader,
+    name: Arc<str>,
+    header: Arc<SeriesHeader>,
     writer: Option<SeriesWriter>,
+    /// Writing has stopped for this series (a full disk, an error): its files are closed.
+    stopped: bool,
+    /// What the closed files hold: readable frames and the master file.
+    written: usize,
+    master: Option<String>,
+    not_written: u64,
+    write_error: Option<String>,
+}
+
+/// A write error that means "no space": writing may resume when space returns.
+fn is_space_error(text: &str) -> bool {
+    [
+        "No space left",
+        "errno = 28",
+        "os error 28",
+        "Disk quota exceeded",
+        "errno = 122",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
+impl OpenSeries {
+    fn not_written(&mut self, counters: &Counters) {
+        self.not_written += 1;
+        counters.frames_not_written.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Close the files (cleanly, so what was written stays readable); frames counted as written
+    /// that are not readable after all (a data file that could not be closed) move to not written.
+    fn close_files(&mut self, counters: &Counters) -> Option<String> {
+        let writer = self.writer.take()?;
+        let claimed = writer.frames_written();
+        let Closed { summary, error } = writer.close();
+        let lost = claimed.saturating_sub(summary.frames) as u64;
+        if lost > 0 {
+            counters.frames_written.fetch_sub(lost, Ordering::Relaxed);
+            counters
+                .frames_not_written
+                .fetch_add(lost, Ordering::Relaxed);
+            self.not_written += lost;
+        }
+        self.written = summary.frames;
+        self.master = Some(summary.master.display().to_string());
+        error.map(|e| one_line(&e.to_string()))
+    }
+
+    /// Writing failed: close what is open, never write to it again, tell the receiver.
+    fn fail(&mut self, counters: &Counters, error: String) {
+        counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.stopped = true;
+        self.close_files(counters);
+        counters.error(format!(
+            "series {} ({}): writing failed: {error}; files closed with {} frames readable",
+            self.series, self.name, self.written
+        ));
+        if let Ok(mut failed) = counters.write_failed.lock() {
+            *failed = Some((self.name.clone(), is_space_error(&error)));
+        }
+        self.write_error.get_or_insert(error);
+    }
 }
 
 fn write_loop(
@@ -408,155 +982,161 @@ fn write_loop(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         match job {
-            Job::Start(header) => {
-                // cbfToEiger resends its header with every frame: only a new series number starts one.
-                if open.as_ref().is_some_and(|o| o.series == header.series) {
-                    continue;
-                }
+            Job::Start { name, header } => {
                 if let Some(previous) = open.take() {
-                    if previous.writer.is_some() {
-                        counters.error(format!(
-                            "series {} started while series {} was open: closing it",
-                            header.series, previous.series
-                        ));
-                    }
-                    close(previous, &counters, &serve, false);
+                    close(previous, &counters, &serve, false, false);
                 }
-                counters.series_started.fetch_add(1, Ordering::Relaxed);
                 open = Some(OpenSeries {
                     series: header.series,
+                    name,
                     header,
                     writer: None,
+                    stopped: false,
+                    written: 0,
+                    master: None,
+                    not_written: 0,
+                    write_error: None,
                 });
             }
             Job::Frame(frame, parts) => {
                 let blob = &parts.0[frame.part][frame.range.clone()];
                 let len = blob.len() as u64;
-                if open
-                    .as_ref()
-                    .is_none_or(|o| o.series != frame.header.series)
-                {
-                    if let Some(previous) = open.take() {
-                        counters.error(format!(
-                            "series {} frame {} arrived in series {}: closing it",
-                            frame.header.series, frame.header.frame, previous.series
-                        ));
-                        close(previous, &counters, &serve, false);
-                    } else {
-                        counters.error(format!(
-                            "series {} frame {} arrived before any header: written with what the frame says",
-                            frame.header.series, frame.header.frame
-                        ));
-                    }
-                    counters.series_started.fetch_add(1, Ordering::Relaxed);
-                    open = Some(OpenSeries {
-                        series: frame.header.series,
-                        header: SeriesHeader {
-                            protocol: frame.header.protocol,
-                            series: frame.header.series,
-                            header: frame.header.header.clone(),
-                            config: serde_json::Value::Null,
-                            pixel_mask: None,
-                        },
-                        writer: None,
-                    });
-                }
-                let series = open.as_mut().expect("a series is open");
-                if series.writer.is_none() {
-                    let prefix = prefix_for(&config, &series.header, &frame.header.header);
-                    match SeriesWriter::create(
-                        &config.output_dir,
-                        &prefix,
-                        &series.header,
-                        &frame.header,
-                        config.frames_per_file,
-                    ) {
-                        Ok(writer) => series.writer = Some(writer),
-                        Err(e) => {
-                            counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                            counters.error(format!(
-                                "series {}: cannot create files for {prefix}: {e}",
-                                series.series
-                            ));
-                        }
-                    }
-                }
-                if let Some(writer) = series.writer.as_mut() {
-                    match writer.write_frame(&frame.header, blob) {
-                        Ok(()) => {
-                            counters.frames_written.fetch_add(1, Ordering::Relaxed);
-                            counters.bytes_written.fetch_add(len, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                            counters.error(format!(
-                                "series {} frame {}: {e}",
-                                frame.header.series, frame.header.frame
-                            ));
-                        }
-                    }
-                }
+                write_frame(&config, open.as_mut(), &frame, blob, &counters);
                 counters.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             }
-            Job::End(series) => {
-                if let Some(current) = open.take() {
-                    if current.series != series {
+            Job::Suspend(reason) => {
+                if let Some(series) = open.as_mut() {
+                    series.stopped = true;
+                    if let Some(error) = series.close_files(&counters) {
+                        counters.write_errors.fetch_add(1, Ordering::Relaxed);
                         counters.error(format!(
-                            "end of series {series} while series {} was open",
-                            current.series
+                            "series {} ({}): closing its files failed: {error}",
+                            series.series, series.name
                         ));
                     }
-                    close(current, &counters, &serve, false);
+                    series.write_error.get_or_insert(reason);
                 }
-                counters.series_ended.fetch_add(1, Ordering::Relaxed);
+            }
+            Job::End { timed_out, ended } => {
+                if let Some(current) = open.take() {
+                    close(current, &counters, &serve, timed_out, ended);
+                }
             }
             Job::Config(config) => {
                 if let Some(series) = open.as_mut() {
-                    series.header.config = config;
-                }
-            }
-            Job::Idle => {
-                if let Some(current) = open.take() {
-                    counters.error(format!(
-                        "series {}: no message for the series timeout: closing it",
-                        current.series
-                    ));
-                    close(current, &counters, &serve, true);
+                    Arc::make_mut(&mut series.header).config = config;
                 }
             }
         }
     }
     // The receiver has stopped and the queue is drained: close what is open.
     if let Some(current) = open.take() {
-        close(current, &counters, &serve, false);
+        close(current, &counters, &serve, false, false);
     }
 }
 
-fn close(series: OpenSeries, counters: &Counters, serve: &mpsc::Sender<ServeJob>, timed_out: bool) {
-    if let Some(writer) = series.writer {
-        match writer.finish() {
-            Ok(summary) => {
-                let _ = serve.send(ServeJob::Written {
-                    series: series.series,
-                    frames: summary.frames,
-                    master: summary.master.display().to_string(),
-                });
-                if let Ok(mut files) = counters.files.lock() {
-                    files.push(summary.master.display().to_string());
-                }
-            }
+fn write_frame(
+    config: &SplitterConfig,
+    open: Option<&mut OpenSeries>,
+    frame: &ParsedFrame,
+    blob: &[u8],
+    counters: &Counters,
+) {
+    let Some(series) = open else {
+        // The receiver opens a series before its frames: not reached.
+        counters.frames_not_written.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    if series.stopped {
+        series.not_written(counters);
+        return;
+    }
+    if series.writer.is_none() {
+        match SeriesWriter::create(
+            &config.output_dir,
+            &series.name,
+            &series.header,
+            &frame.header,
+            config.frames_per_file,
+        ) {
+            Ok(writer) => series.writer = Some(writer),
             Err(e) => {
-                counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                counters.error(format!(
-                    "series {}: closing its files failed: {e}",
-                    series.series
-                ));
+                series.not_written(counters);
+                series.fail(
+                    counters,
+                    format!(
+                        "cannot create files for {}: {}",
+                        series.name,
+                        one_line(&e.to_string())
+                    ),
+                );
+                return;
             }
         }
     }
+    let writer = series.writer.as_mut().expect("created above");
+    match writer.write_frame(&frame.header, blob) {
+        Ok(()) => {
+            counters.frames_written.fetch_add(1, Ordering::Relaxed);
+            counters
+                .bytes_written
+                .fetch_add(blob.len() as u64, Ordering::Relaxed);
+        }
+        // A frame the series cannot take (the receiver refuses these first): that frame only.
+        Err(e) if writer.failed().is_none() => {
+            series.not_written(counters);
+            counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            counters.error(one_line(&e.to_string()));
+        }
+        Err(e) => {
+            series.not_written(counters);
+            series.fail(counters, one_line(&e.to_string()));
+        }
+    }
+}
+
+fn close(
+    mut series: OpenSeries,
+    counters: &Counters,
+    serve: &mpsc::Sender<ServeJob>,
+    timed_out: bool,
+    ended: bool,
+) {
+    if let Some(error) = series.close_files(counters) {
+        counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        counters.error(format!(
+            "series {} ({}): closing its files failed: {error}",
+            series.series, series.name
+        ));
+        series.write_error.get_or_insert(error);
+    }
+    if series.not_written > 0 {
+        counters.error(format!(
+            "series {} ({}): {} frames not written ({}); {} frames on disk",
+            series.series,
+            series.name,
+            series.not_written,
+            series.write_error.as_deref().unwrap_or("no reason known"),
+            series.written
+        ));
+    }
+    let master = series.master.clone();
+    if let (Some(path), Ok(mut files)) = (master.as_ref(), counters.files.lock()) {
+        files.push(path.clone());
+    }
+    let _ = serve.send(ServeJob::Written(json!({
+        "series": series.series,
+        "series_name": &*series.name,
+        "frames_written": series.written,
+        "master_file": master,
+        "not_written": series.not_written,
+        "write_error": series.write_error,
+    })));
     // Counted once the files are complete: whoever sees the count can open them.
-    if timed_out {
-        counters.series_timed_out.fetch_add(1, Ordering::Relaxed);
+    if ended {
+        if timed_out {
+            counters.series_timed_out.fetch_add(1, Ordering::Relaxed);
+        }
         counters.series_ended.fetch_add(1, Ordering::Relaxed);
     }
 }
