@@ -5,16 +5,30 @@ stdout (`--verbose`), a JSON-lines record (`--record`) and the GUI (PUB).
 Every frame number of a series ends up exactly once in one of: processed, blank (pre-screened),
 skipped (no reader free; from the Splitter), failed (an error, or its reader died with it).
 A series is summed up once the Splitter has ended it and every forwarded frame has a result,
-or, when a reader died holding frames, after the reader timeout.
+or, when a reader died holding frames, after the reader timeout. Accounts are keyed by the
+Splitter's `series_name` and kept as frame-number ranges and binned counts, so a series of 10^6
+frames costs a few kilobytes.
+
+It also supervises the readers: a reader on this host that dies is noticed within a second and
+replaced by a plain process on the dead rank's CPUs (readers talk ZeroMQ only, so no MPI is
+needed for that); "no readers left" is said when it starts and when it ends.
+
+Every message on its sockets is untrusted: one that does not parse, lacks a field or has a wrong
+type is counted and reported (the first at once, then a count at most every 10 s), never raised.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import statistics
+import re
+import signal
+import subprocess
 import sys
 import time
+from bisect import bisect_left, bisect_right
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -24,62 +38,208 @@ from intxr.sinks.result_line import format_result_line
 
 HEALTH_INTERVAL = 1.0
 KEEP_SERIES = 100  # finished series whose accounts are kept
+KEEP_DONE_NAMES = 10_000  # names of series summed up (never summed up twice)
 RANK_SILENT_AFTER = 3.0  # seconds without a status message before a reader is reported lost
+READER_CHECK_INTERVAL = 0.5  # seconds between checks that the readers on this host are alive
+REPORT_INTERVAL = 10.0  # seconds between repeated reports of malformed messages
+REPLACE_LIMIT = 5  # replacements of one reader rank within REPLACE_WINDOW before giving up on it
+REPLACE_WINDOW = 600.0
+MAX_RANK = 1 << 16
+STATUSES = ("processed", "blank", "failed")
 
 
 def bind_form(endpoint: str) -> str:
-    """tcp://HOST:PORT as a bind address (a host name binds every interface)."""
+    """tcp://HOST:PORT as a bind address (localhost binds 127.0.0.1; see config._bind_host)."""
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
     return f"tcp://{_bind_host(host)}:{port}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact accounts
+
+
+class RangeSet:
+    """A set of frame numbers as sorted, merged, inclusive ranges: results arrive nearly in
+    order, so a series of 10^6 frames is a handful of ranges."""
+
+    __slots__ = ("starts", "ends", "count")
+
+    def __init__(self, ranges=()):
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.count = 0
+        for first, last in ranges:
+            self.add_range(first, last)
+
+    @classmethod
+    def of(cls, values) -> RangeSet:
+        out = cls()
+        for value in sorted(values):
+            out.add_range(value, value)
+        return out
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, value: int) -> bool:
+        i = bisect_right(self.starts, value) - 1
+        return i >= 0 and value <= self.ends[i]
+
+    def add(self, value: int) -> bool:
+        """Add one number; False when it was there already."""
+        return self.add_range(value, value) == 1
+
+    def add_range(self, first: int, last: int) -> int:
+        """Add [first, last]; the count of numbers that were not there yet."""
+        if last < first:
+            return 0
+        i = bisect_left(self.ends, first - 1)  # the first range that ends at or after first - 1
+        j = bisect_right(self.starts, last + 1)  # ranges before j start at or before last + 1
+        if i >= j:
+            self.starts.insert(i, first)
+            self.ends.insert(i, last)
+            self.count += last - first + 1
+            return last - first + 1
+        old = sum(e - s + 1 for s, e in zip(self.starts[i:j], self.ends[i:j], strict=True))
+        start, end = min(first, self.starts[i]), max(last, self.ends[j - 1])
+        self.starts[i:j] = [start]
+        self.ends[i:j] = [end]
+        added = (end - start + 1) - old
+        self.count += added
+        return added
+
+    def ranges(self) -> list[list[int]]:
+        return [[s, e] for s, e in zip(self.starts, self.ends, strict=True)]
+
+    def minus(self, other: RangeSet) -> RangeSet:
+        """The numbers here that are not in `other`."""
+        out = RangeSet()
+        j = 0
+        for start, end in zip(self.starts, self.ends, strict=True):
+            cursor = start
+            while j < len(other.starts) and other.ends[j] < cursor:
+                j += 1
+            k = j
+            while k < len(other.starts) and other.starts[k] <= end and cursor <= end:
+                if other.starts[k] > cursor:
+                    out.add_range(cursor, other.starts[k] - 1)
+                cursor = max(cursor, other.ends[k] + 1)
+                k += 1
+            if cursor <= end:
+                out.add_range(cursor, end)
+        return out
+
+
+class Quantiles:
+    """Counts in fixed bins (a linear step, or ~1% wide on a log scale): the median and p99 of a
+    million values from a few hundred counters."""
+
+    __slots__ = ("step", "log", "bins", "n")
+
+    def __init__(self, step: float, log: bool = False):
+        self.step, self.log = step, log
+        self.bins: dict[int, int] = {}
+        self.n = 0
+
+    def add(self, value: float) -> None:
+        if self.log:
+            key = -(1 << 30) if value <= 0 else round(math.log(value) / math.log1p(self.step))
+        else:
+            key = round(value / self.step)
+        self.bins[key] = self.bins.get(key, 0) + 1
+        self.n += 1
+
+    def _value(self, key: int) -> float:
+        if self.log:
+            return 0.0 if key == -(1 << 30) else math.exp(key * math.log1p(self.step))
+        return key * self.step
+
+    def at_rank(self, k: int) -> float | None:
+        """The k-th smallest value (0-based), to the bin's resolution."""
+        if not self.n:
+            return None
+        seen = 0
+        for key in sorted(self.bins):
+            seen += self.bins[key]
+            if seen > k:
+                return self._value(key)
+        return self._value(max(self.bins))
+
+    def median(self) -> float | None:
+        return self.at_rank(self.n // 2)
+
+
+def _ranges_of(end: dict, name: str) -> RangeSet:
+    """`<name>_ranges` of a series_end, else the older `<name>_frames` list (validated before)."""
+    ranges = end.get(f"{name}_ranges")
+    if ranges is not None:
+        return RangeSet(ranges)
+    return RangeSet.of(end.get(f"{name}_frames") or [])
+
+
+def series_label(series: int, name: str | None) -> str:
+    """`1`, or `1 r2` when the Splitter gave the series a repeat name (`series_000001_r2`)."""
+    m = re.search(r"_r(\d+)$", name or "")
+    return f"{series} r{m.group(1)}" if m else str(series)
 
 
 @dataclass
 class SeriesAccount:
     series: int
-    statuses: dict[int, str] = field(default_factory=dict)  # frame -> processed | blank | failed
+    name: str
+    results: RangeSet = field(default_factory=RangeSet)  # every frame with a result
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
     hits: int = 0
-    hres: list[float] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
+    hres: Quantiles = field(default_factory=lambda: Quantiles(0.01))
+    latencies: Quantiles = field(default_factory=lambda: Quantiles(0.01, log=True))
     first: float | None = None
     last: float | None = None
     end: dict | None = None  # the Splitter's series_end
     ended_at: float | None = None  # monotonic time the series_end arrived
+    forwarded: RangeSet | None = None
+    skipped: RangeSet | None = None
     written: int | None = None
     master_file: str | None = None
     done: bool = False
 
+    def take_end(self, body: dict) -> None:
+        self.end = body
+        self.ended_at = time.monotonic()
+        self.forwarded = _ranges_of(body, "forwarded")
+        self.skipped = _ranges_of(body, "skipped")
+
+    def lost(self) -> RangeSet:
+        """Frames forwarded to readers that have no result (their reader, or the job, died)."""
+        return (self.forwarded or RangeSet()).minus(self.results)
+
     def complete(self) -> bool:
-        if self.end is None:
-            return False
-        forwarded = set(self.end.get("forwarded_frames", []))
-        return forwarded <= set(self.statuses)
+        return self.end is not None and len(self.lost()) == 0
 
     def summary(self) -> dict:
         end = self.end or {}
-        skipped = set(end.get("skipped_frames", []))
-        lost = sorted(set(end.get("forwarded_frames", [])) - set(self.statuses))
-        counts = {s: 0 for s in ("processed", "blank", "failed")}
-        for status in self.statuses.values():
-            counts[status] = counts.get(status, 0) + 1
+        lost = self.lost()
+        skipped = self.skipped or RangeSet()
         elapsed = (self.last - self.first) if self.first and self.last and self.last > self.first else None
-        n_results = len(self.statuses)
-        lat = sorted(self.latencies)
+        n_results = len(self.results)
+        lat = self.latencies
         return {
             "series": self.series,
+            "series_name": self.name,
             "received": end.get("received", n_results),
             "written": self.written,
-            "processed": counts["processed"],
+            "processed": self.counts["processed"],
             "hits": self.hits,
-            "blank": counts["blank"],
+            "blank": self.counts["blank"],
             "skipped": len(skipped),
-            "failed": counts["failed"] + len(lost),
-            "lost_frames": lost,
-            "skipped_frames": sorted(skipped),
+            "failed": self.counts["failed"] + len(lost),
+            "lost": len(lost),
+            "lost_ranges": lost.ranges(),
+            "skipped_ranges": skipped.ranges(),
             "hit_rate": self.hits / n_results if n_results else 0.0,
-            "median_hres": statistics.median(self.hres) if self.hres else None,
+            "median_hres": self.hres.median(),
             "rate": (n_results - 1) / elapsed if elapsed and n_results > 1 else None,
-            "latency_p50": lat[len(lat) // 2] if lat else None,
-            "latency_p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "latency_p50": lat.at_rank(lat.n // 2),
+            "latency_p99": lat.at_rank(min(lat.n - 1, int(0.99 * lat.n))) if lat.n else None,
             "master_file": self.master_file,
             "timed_out": bool(end.get("timed_out")),
         }
@@ -94,10 +254,177 @@ def summary_line(s: dict) -> str:
     )
     hres = f"{s['median_hres']:.2f} A" if s["median_hres"] is not None else "n/a"
     return (
-        f"SERIES {s['series']}: received {s['received']}, written {s['written'] if s['written'] is not None else '?'}, "
+        f"SERIES {series_label(s['series'], s.get('series_name'))}: received {s['received']}, "
+        f"written {s['written'] if s['written'] is not None else '?'}, "
         f"processed {s['processed']} (hits {s['hits']}, median hres {hres}), blank {s['blank']}, "
         f"skipped {s['skipped']}, failed {s['failed']}; {rate}, {lat}"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every message is untrusted
+
+
+class BadMessage(ValueError):
+    pass
+
+
+def _int(body: dict, key: str, *, required: bool = False, low: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise BadMessage(f"no {key!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadMessage(f"{key!r} is {_show(value)}, not an integer")
+    if low is not None and value < low:
+        raise BadMessage(f"{key!r} is {value}, below {low}")
+    return value
+
+
+def _number(body: dict, key: str) -> None:
+    value = body.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not math.isfinite(value)):
+        raise BadMessage(f"{key!r} is {_show(value)}, not a number")
+
+
+def _text(body: dict, key: str, *, required: bool = False) -> None:
+    value = body.get(key)
+    if value is None and required:
+        raise BadMessage(f"no {key!r}")
+    if value is not None and not isinstance(value, str):
+        raise BadMessage(f"{key!r} is {_show(value)}, not text")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _parse_json(body: bytes) -> dict:
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadMessage(f"not JSON ({_show(bytes(body[:30]))}: {exc})") from None
+    if not isinstance(message, dict):
+        raise BadMessage(f"JSON {type(message).__name__}, not an object")
+    return message
+
+
+def validate_result(r: dict) -> None:
+    _int(r, "series", required=True)
+    _int(r, "frame", required=True, low=0)
+    _text(r, "series_name")
+    status = r.get("status")
+    if status not in STATUSES:
+        raise BadMessage(f"'status' is {_show(status)}, not one of {', '.join(STATUSES)}")
+    _int(r, "rank")
+    _int(r, "n_spots", low=0)
+    _int(r, "n_overloads", low=0)
+    _int(r, "n_ice_rings", low=0)
+    for key in ("score", "hres", "received", "mean_shape_ratio"):
+        _number(r, key)
+    for key in ("processing_section", "master_file"):
+        _text(r, key)
+    if r.get("header") is not None and not isinstance(r["header"], dict):
+        raise BadMessage(f"'header' is {_show(r['header'])}, not an object")
+    errors = r.get("errors")
+    if errors is not None and not (isinstance(errors, list) and all(isinstance(e, str) for e in errors)):
+        raise BadMessage(f"'errors' is {_show(errors)}, not a list of text")
+
+
+def validate_status(s: dict) -> None:
+    rank = _int(s, "rank", required=True, low=1)
+    if rank >= MAX_RANK:
+        raise BadMessage(f"'rank' {rank} is not a reader rank")
+    _int(s, "pid", low=1)
+    _text(s, "host")
+    for key in ("frames", "failed", "reconnects"):
+        _int(s, key, low=0)
+    _number(s, "rate")
+    cpus = s.get("cpus")
+    if cpus is not None and not (isinstance(cpus, list) and all(isinstance(c, int) and c >= 0 for c in cpus)):
+        raise BadMessage(f"'cpus' is {_show(cpus)}, not a list of CPU numbers")
+
+
+def _check_ranges(body: dict, name: str) -> None:
+    ranges = body.get(f"{name}_ranges")
+    if ranges is None:
+        frames = body.get(f"{name}_frames")
+        if frames is not None and not (isinstance(frames, list) and all(
+                isinstance(f, int) and not isinstance(f, bool) for f in frames)):
+            raise BadMessage(f"'{name}_frames' is {_show(frames)}, not a list of frame numbers")
+        return
+    if not isinstance(ranges, list):
+        raise BadMessage(f"'{name}_ranges' is {_show(ranges)}, not a list")
+    for pair in ranges:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in pair) and pair[0] <= pair[1]):
+            raise BadMessage(f"'{name}_ranges' holds {_show(pair)}, not [first, last]")
+
+
+def validate_splitter(topic: str, body: dict) -> None:
+    if topic in ("series_end", "series_written", "series_start"):
+        _int(body, "series", required=True)
+        _text(body, "series_name")
+    if topic == "series_end":
+        for key in ("received", "forwarded", "skipped", "malformed"):
+            _int(body, key, low=0)
+        _check_ranges(body, "forwarded")
+        _check_ranges(body, "skipped")
+    elif topic == "series_written":
+        _int(body, "frames_written", low=0)
+        _text(body, "master_file")
+
+
+class Complaints:
+    """Reports malformed messages on one socket: the first at once, then at most one line every
+    REPORT_INTERVAL seconds with the count since the last line."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.count = 0
+        self.unreported = 0
+        self.last_reason = ""
+        self.reported_at: float | None = None
+
+    def __call__(self, reason: str) -> None:
+        self.count += 1
+        self.unreported += 1
+        self.last_reason = reason
+        self.tick()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self.unreported or (self.reported_at is not None and now - self.reported_at < REPORT_INTERVAL):
+            return
+        if self.count == 1:
+            print(f"collector: malformed message on {self.where}: {self.last_reason}; counted and ignored",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"collector: {self.unreported} more malformed message(s) on {self.where} "
+                  f"({self.count} in all; last: {self.last_reason})", file=sys.stderr, flush=True)
+        self.unreported = 0
+        self.reported_at = now
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers on this host: alive or not
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def _clean_env() -> dict[str, str]:
+    # A replacement reader is no MPI process: it must not try to join the job's PMIx server.
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
 
 
 @dataclass
@@ -108,6 +435,9 @@ class CollectorSettings:
     result_format: str = "line"  # line | json
     max_series: int | None = None
     grace: float = 10.0  # seconds to wait for results of a series after its end
+    reader_command: list[str] | None = None  # a replacement reader: this + [--reader RANK --parent PID]
+    job_restarts: int = 0  # times the daemon restarted the MPI job before this Collector
+    resume_file: str | None = None  # the daemon's accounts after a job restart (see daemon.py)
 
 
 class Collector:
@@ -117,6 +447,7 @@ class Collector:
         bl = configuration.beamline
         self.context = zmq.Context.instance()
         self.results = self.context.socket(zmq.PULL)
+        self.results.setsockopt(zmq.RCVHWM, 100_000)
         self.results.bind(bind_form(bl.collector_endpoint))
         self.splitter = self.context.socket(zmq.SUB)
         self.splitter.setsockopt(zmq.SUBSCRIBE, b"")
@@ -137,9 +468,19 @@ class Collector:
             else:
                 self.ui.connect(bl.ui_endpoint)
         self.record = open(settings.record, "a", encoding="utf-8") if settings.record else None
-        self.series: dict[int, SeriesAccount] = {}
+        self.series: dict[str, SeriesAccount] = {}
+        self.done_names: deque[str] = deque(maxlen=KEEP_DONE_NAMES)
+        self.done_set: set[str] = set()
         self.ranks: dict[int, dict] = {r["rank"]: dict(r) for r in (ranks or [])}
+        self.host = os.uname().nodename
+        self.children: dict[int, subprocess.Popen] = {}  # replacement readers by rank
+        self.reader_restarts = 0
+        self.no_readers_since: float | None = None
+        self.bad_results = Complaints(f"the results socket {bl.collector_endpoint}")
+        self.bad_splitter = Complaints(f"the Splitter's socket {bl.splitter_publish_endpoint}")
         self.splitter_counters: dict = {}
+        self.splitter_heard = False
+        self.resumed = settings.resume_file is None
         self.ui_sent = 0
         self.ui_dropped = 0
         self.results_total = 0
@@ -157,13 +498,13 @@ class Collector:
 
     def result_line(self, result: dict) -> str:
         bl = self.configuration.beamline
-        header = result.get("header", {})
+        header = result.get("header") or {}
         master = result.get("master_file") or header.get("master_file") or ""
         info = {
             **header,
             "series": result["series"],
             "frame": result["frame"],
-            "filename": os.path.basename(header.get("master_file") or master),
+            "filename": os.path.basename(str(header.get("master_file") or master)),
             "run_mode": result.get("processing_section"),
             "beamline": bl.beamline,
             **{k: result.get(k) for k in ("n_spots", "n_overloads", "score", "hres", "n_ice_rings")},
@@ -172,23 +513,34 @@ class Collector:
             info, result, bl.output_format, bl.output_delimiter, bl.output_prefix_key, bl.default_output_prefix
         )
 
+    def account(self, series: int, name: str | None) -> SeriesAccount | None:
+        """The account of a series (created on first sight); None for one already summed up."""
+        name = name or str(series)
+        if name in self.done_set and name not in self.series:
+            return None
+        account = self.series.get(name)
+        if account is None:
+            account = self.series[name] = SeriesAccount(series, name)
+        return account
+
     def take_result(self, result: dict) -> None:
-        series = self.series.setdefault(result["series"], SeriesAccount(result["series"]))
-        status = result.get("status", "failed")
-        if result["frame"] in series.statuses:
-            print(f"collector: series {result['series']} frame {result['frame']}: second result ignored",
-                  file=sys.stderr)
-            return
-        series.statuses[result["frame"]] = status
+        series = self.account(result["series"], result.get("series_name"))
+        if series is None or series.done:
+            raise BadMessage(f"series {result['series']} frame {result['frame']}: a result after the series "
+                             f"was summed up")
+        status = result["status"]
+        if not series.results.add(result["frame"]):
+            raise BadMessage(f"series {result['series']} frame {result['frame']}: a second result")
+        series.counts[status] += 1
         min_peaks = self.configuration.processing.default.min_bragg_peaks
-        if status == "processed" and result.get("n_spots", 0) >= min_peaks:
+        if status == "processed" and (result.get("n_spots") or 0) >= min_peaks:
             series.hits += 1
             if result.get("hres") and 0 < result["hres"] < 99:
-                series.hres.append(result["hres"])
+                series.hres.add(result["hres"])
         now = time.time()
         if result.get("received"):
             result["latency"] = now - result["received"]
-            series.latencies.append(result["latency"])
+            series.latencies.add(result["latency"])
         series.first = series.first or now
         series.last = now
         self.results_total += 1
@@ -205,33 +557,132 @@ class Collector:
         if self.record is not None:
             self.record.write(json.dumps(result) + "\n")
             self.record.flush()
-        rank = self.ranks.setdefault(result.get("rank", -1), {"rank": result.get("rank", -1)})
-        rank["results"] = rank.get("results", 0) + 1
+        rank = self.ranks.get(result.get("rank", -1))
+        if rank is not None:
+            rank["results"] = rank.get("results", 0) + 1
         self._publish("result", result)
 
     def take_status(self, status: dict) -> None:
-        rank = self.ranks.setdefault(status["rank"], {"rank": status["rank"]})
+        number = status["rank"]
+        rank = self.ranks.get(number)
+        child = self.children.get(number)
+        if rank is None:
+            rank = self.ranks[number] = {"rank": number}
+        elif child is not None and status.get("pid") not in (None, child.pid):
+            return  # a late word from the reader this one replaced
+        elif rank.get("dead") and status.get("pid") == rank.get("pid"):
+            return
         if rank.get("lost"):
-            print(f"collector: reader rank {status['rank']} is back", file=sys.stderr)
-        rank.update(status, seen=time.monotonic(), lost=False)
+            print(f"collector: reader rank {number} is back", file=sys.stderr, flush=True)
+        rank.update(status, seen=time.monotonic(), lost=False, starting=False, dead=False)
 
     def take_splitter(self, topic: str, body: dict) -> None:
+        self.splitter_heard = True
         if topic == "counters":
             self.splitter_counters = body
             self._publish("splitter", body)
             return
-        series = self.series.setdefault(body["series"], SeriesAccount(body["series"]))
-        if topic == "series_end":
-            if series.end is not None:
-                return  # the Splitter repeats series events for late subscribers
-            series.end = body
-            series.ended_at = time.monotonic()
-        elif topic == "series_written":
-            if series.written is not None:
-                return
+        if topic not in ("series_end", "series_written", "series_start"):
+            raise BadMessage(f"unknown topic {_show(topic)}")
+        self.take_series_event(topic, body)
+        self._publish(f"splitter_{topic}", body)
+
+    def take_series_event(self, topic: str, body: dict) -> None:
+        series = self.account(body["series"], body.get("series_name"))
+        if series is None or series.done:
+            return  # the Splitter repeats series events for late subscribers
+        if topic == "series_end" and series.end is None:
+            series.take_end(body)
+        elif topic == "series_written" and series.written is None:
             series.written = body.get("frames_written")
             series.master_file = body.get("master_file")
-        self._publish(f"splitter_{topic}", body)
+
+    def take_resume(self) -> None:
+        """After a job restart: the series the last Collector summed up (never again), and the
+        Splitter's accounts of series that ended while no Collector listened. Read once this
+        Collector hears the Splitter, so a later series_end comes on the socket (see daemon.py)."""
+        self.resumed = True
+        try:
+            with open(self.settings.resume_file, encoding="utf-8") as f:
+                state = json.load(f)
+            done = [n for n in state.get("done", []) if isinstance(n, str)]
+            accounts = [a for a in state.get("accounts", []) if isinstance(a, dict)]
+        except (OSError, ValueError, AttributeError) as exc:
+            print(f"collector: cannot read the daemon's accounts {self.settings.resume_file}: {exc}",
+                  file=sys.stderr, flush=True)
+            return
+        for name in done:
+            self.mark_done(name)
+        for body in accounts:
+            try:
+                validate_splitter("series_end", body)
+                validate_splitter("series_written", body)
+            except BadMessage as exc:
+                self.bad_splitter(f"the daemon's account of series {body.get('series')}: {exc}")
+                continue
+            self.take_series_event("series_end", body)
+            self.take_series_event("series_written", body)
+
+    def mark_done(self, name: str) -> None:
+        if name in self.done_set:
+            return
+        if len(self.done_names) == self.done_names.maxlen:
+            self.done_set.discard(self.done_names[0])
+        self.done_names.append(name)
+        self.done_set.add(name)
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def receive_results(self, block_ms: int = 0) -> int:
+        n = 0
+        for _ in range(1000):
+            try:
+                parts = self.results.recv_multipart(zmq.NOBLOCK if not block_ms else 0)
+            except zmq.Again:
+                break
+            n += 1
+            try:
+                if len(parts) != 2:
+                    raise BadMessage(f"{len(parts)} parts, not 2 (kind, JSON)")
+                kind = parts[0]
+                if kind not in (b"result", b"status"):
+                    raise BadMessage(f"unknown kind {_show(bytes(kind[:30]))}")
+                message = _parse_json(parts[1])
+                if kind == b"result":
+                    validate_result(message)
+                    self.take_result(message)
+                else:
+                    validate_status(message)
+                    self.take_status(message)
+            except BadMessage as exc:
+                self.bad_results(str(exc))
+            except Exception as exc:  # a message that passed the checks and still broke something
+                self.bad_results(f"{type(exc).__name__}: {exc}")
+        return n
+
+    def receive_splitter(self) -> int:
+        n = 0
+        for _ in range(1000):
+            try:
+                parts = self.splitter.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            n += 1
+            try:
+                if len(parts) != 2:
+                    raise BadMessage(f"{len(parts)} parts, not 2 (topic, JSON)")
+                try:
+                    topic = parts[0].decode()
+                except UnicodeDecodeError:
+                    raise BadMessage(f"topic {_show(bytes(parts[0][:30]))} is not text") from None
+                message = _parse_json(parts[1])
+                validate_splitter(topic, message)
+                self.take_splitter(topic, message)
+            except BadMessage as exc:
+                self.bad_splitter(str(exc))
+            except Exception as exc:
+                self.bad_splitter(f"{type(exc).__name__}: {exc}")
+        return n
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -246,42 +697,160 @@ class Collector:
 
     def finish_series(self, account: SeriesAccount) -> None:
         account.done = True
+        self.mark_done(account.name)
         summary = account.summary()
         print(summary_line(summary), flush=True)
-        if summary["lost_frames"]:
-            print(f"collector: series {account.series}: no result for frames {summary['lost_frames']} "
-                  f"(their reader died or timed out): counted as failed", file=sys.stderr)
+        if summary["lost"]:
+            print(f"collector: series {series_label(account.series, account.name)}: no result for "
+                  f"{summary['lost']} frame(s) {_show_ranges(summary['lost_ranges'])} (their reader or the job "
+                  f"died, or they timed out): counted as failed", file=sys.stderr, flush=True)
         if self.record is not None:
             self.record.write(json.dumps({"summary": summary}) + "\n")
             self.record.flush()
         self._publish("series", summary)
         self.series_done += 1
         # A daemon runs for weeks: keep the accounts of the latest series only.
-        done = [n for n, a in self.series.items() if a.done]
-        for number in sorted(done)[:-KEEP_SERIES]:
-            del self.series[number]
+        done = [a for a in self.series.values() if a.done]
+        for old in done[:-KEEP_SERIES]:
+            del self.series[old.name]
         if self.settings.max_series is not None and self.series_done >= self.settings.max_series:
             self.stopping = True
+
+    # -- readers -------------------------------------------------------------------------------
+
+    def readers_alive(self) -> int:
+        return sum(1 for r in self.ranks.values()
+                   if r["rank"] > 0 and not (r.get("dead") or r.get("lost") or r.get("starting")))
+
+    def check_readers(self) -> None:
+        now = time.monotonic()
+        for number, rank in sorted(self.ranks.items()):
+            if number <= 0 or rank.get("dead"):
+                continue
+            child = self.children.get(number)
+            if child is not None:
+                code = child.poll()
+                died = code is not None
+                how = f"exit status {code}" if code is not None and code >= 0 else \
+                    f"killed by {signal.Signals(-code).name}" if code is not None else ""
+            elif rank.get("host") == self.host and isinstance(rank.get("pid"), int):
+                died, how = not pid_alive(rank["pid"]), "its process is gone"
+            else:
+                died = False  # on another host: silence says it (health())
+            if not died:
+                if rank.get("starting") and now - rank.get("started_at", now) > 60:
+                    rank.update(starting=False, dead=True)
+                    print(f"collector: replacement reader rank {number} (pid {rank.get('pid')}) said nothing "
+                          f"in 60 s: given up", file=sys.stderr, flush=True)
+                continue
+            rank.update(dead=True, lost=False, starting=False)
+            print(f"collector: reader rank {number} (pid {rank.get('pid')}, CPU {rank.get('cpu')}) died ({how}); "
+                  f"the frame it held is counted failed", file=sys.stderr, flush=True)
+            self.replace_reader(number, rank)
+        self.check_no_readers()
+
+    def replace_reader(self, number: int, rank: dict) -> None:
+        if self.stopping or not self.settings.reader_command:
+            return
+        if rank.get("host") not in (None, self.host):
+            print(f"collector: reader rank {number} ran on {rank['host']}: a reader on another host is not "
+                  f"replaced; {self.readers_alive()} reader(s) left", file=sys.stderr, flush=True)
+            return
+        now = time.monotonic()
+        history = [t for t in rank.get("replaced_at", []) if now - t < REPLACE_WINDOW]
+        if len(history) >= REPLACE_LIMIT:
+            if not rank.get("given_up"):
+                rank["given_up"] = True
+                print(f"collector: reader rank {number} died {len(history) + 1} times in "
+                      f"{REPLACE_WINDOW / 60:.0f} min: not replaced again; {self.readers_alive()} reader(s) left",
+                      file=sys.stderr, flush=True)
+            return
+        cpus = [c for c in rank.get("cpus") or [] if isinstance(c, int)] or sorted(os.sched_getaffinity(0))
+        command = [*self.settings.reader_command, "--reader", str(number), "--parent", str(os.getpid())]
+        try:
+            child = subprocess.Popen(command, env=_clean_env(), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            print(f"collector: cannot start a replacement for reader rank {number}: {exc}",
+                  file=sys.stderr, flush=True)
+            return
+        try:
+            os.sched_setaffinity(child.pid, cpus)
+        except OSError as exc:
+            print(f"collector: replacement reader rank {number}: cannot bind it to CPUs {cpus}: {exc}",
+                  file=sys.stderr, flush=True)
+        self.children[number] = child  # the one it replaces has exited (poll() reaped it)
+        history.append(now)
+        self.reader_restarts += 1
+        rank.update(pid=child.pid, dead=False, starting=True, started_at=now, replaced_at=history,
+                    restarts=rank.get("restarts", 0) + 1, host=self.host)
+        print(f"collector: reader rank {number} replaced: pid {child.pid} on CPU(s) {_show_cpus(cpus)} "
+              f"(replacement {rank['restarts']} of this rank, {self.reader_restarts} in all)",
+              file=sys.stderr, flush=True)
+
+    def check_no_readers(self) -> None:
+        readers = [r for r in self.ranks.values() if r["rank"] > 0]
+        if not readers:
+            return
+        alive = self.readers_alive()
+        if alive == 0 and self.no_readers_since is None:
+            self.no_readers_since = time.monotonic()
+            print(f"collector: NO READERS LEFT: frames are not processed (the Splitter writes them and counts "
+                  f"them skipped) until a reader is back ({len(readers)} rank(s) dead or lost)",
+                  file=sys.stderr, flush=True)
+        elif alive and self.no_readers_since is not None:
+            print(f"collector: readers back: {alive} reader(s) processing again after "
+                  f"{time.monotonic() - self.no_readers_since:.1f} s without any", file=sys.stderr, flush=True)
+            self.no_readers_since = None
+
+    def stop_children(self) -> None:
+        deadline = time.monotonic() + 3.0
+        for child in self.children.values():
+            while child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(3)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+
+    # -- health --------------------------------------------------------------------------------
 
     def health(self) -> dict:
         now = time.monotonic()
         for rank in self.ranks.values():
-            if rank.get("rank", 0) <= 0 or "seen" not in rank:
+            if rank.get("rank", 0) <= 0 or "seen" not in rank or rank.get("dead"):
                 continue
             if not rank.get("lost") and now - rank["seen"] > RANK_SILENT_AFTER:
                 rank["lost"] = True
                 print(f"collector: reader rank {rank['rank']} (pid {rank.get('pid')}, host {rank.get('host')}) "
-                      f"silent for {now - rank['seen']:.0f} s: lost; the other readers go on", file=sys.stderr)
+                      f"silent for {now - rank['seen']:.0f} s: lost; the other readers go on",
+                      file=sys.stderr, flush=True)
+        self.check_no_readers()
+        hidden = ("seen", "started_at", "replaced_at")
         body = {
             "time": time.time(),
-            "ranks": [{k: v for k, v in r.items() if k != "seen"} for r in sorted(self.ranks.values(),
-                                                                                 key=lambda r: r["rank"])],
+            "collector_pid": os.getpid(),
+            "ranks": [{k: v for k, v in r.items() if k not in hidden}
+                      for r in sorted(self.ranks.values(), key=lambda r: r["rank"])],
+            "readers_alive": self.readers_alive(),
+            "no_readers": self.no_readers_since is not None,
+            "no_readers_for": round(now - self.no_readers_since, 1) if self.no_readers_since is not None else 0.0,
+            "reader_restarts": self.reader_restarts,
+            "job_restarts": self.settings.job_restarts,
+            "resumed": self.resumed,
+            "malformed_results": self.bad_results.count,
+            "malformed_splitter": self.bad_splitter.count,
             "results": self.results_total,
+            "series_done": self.series_done,
             "ui_sent": self.ui_sent,
             "ui_dropped": self.ui_dropped,
             "splitter": self.splitter_counters,
         }
         self._publish("health", body)
+        self.bad_results.tick()
+        self.bad_splitter.tick()
         return body
 
     def print_rate(self) -> None:
@@ -289,73 +858,96 @@ class Collector:
         rates = ", ".join(
             f"rank {r['rank']} cpu {r.get('cpu')} numa {r.get('numa')} (buffers {r.get('buffer_numa', '?')}) "
             f"{r.get('rate', 0):.1f}/s"
-            + (" LOST" if r.get("lost") else "")
+            + (" LOST" if r.get("lost") else "") + (" DEAD" if r.get("dead") else "")
             for r in sorted(self.ranks.values(), key=lambda r: r["rank"])
             if r["rank"] > 0
         )
         print(f"collector: {self.results_total} results in {elapsed:.1f} s "
               f"({self.results_total / max(elapsed, 1e-9):.1f} frames/s); {rates}", file=sys.stderr, flush=True)
 
+    # -- the loop ------------------------------------------------------------------------------
+
+    def step(self, poller: zmq.Poller, timeout_ms: int = 100) -> int:
+        events = dict(poller.poll(timeout_ms))
+        n = 0
+        if self.results in events:
+            n += self.receive_results()
+        if self.splitter in events:
+            n += self.receive_splitter()
+        if not self.resumed and (self.splitter_heard or time.monotonic() - self.started > 10):
+            self.take_resume()
+        return n
+
     def run(self, stop=None) -> int:
         poller = zmq.Poller()
         poller.register(self.results, zmq.POLLIN)
         poller.register(self.splitter, zmq.POLLIN)
-        last_health = last_rate = time.monotonic()
+        last_health = last_rate = last_check = time.monotonic()
+        self.health()  # the daemon starts the detector on the first health: say it at once
         while not self.stopping and not (stop is not None and stop()):
-            events = dict(poller.poll(100))
-            if self.results in events:
-                for _ in range(1000):
-                    try:
-                        kind, body = self.results.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    message = json.loads(body)
-                    if kind == b"result":
-                        self.take_result(message)
-                    elif kind == b"status":
-                        self.take_status(message)
-            if self.splitter in events:
-                for _ in range(1000):
-                    try:
-                        topic, body = self.splitter.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.take_splitter(topic.decode(), json.loads(body))
+            self.step(poller)
             self.check_series()
             now = time.monotonic()
+            if now - last_check >= READER_CHECK_INTERVAL:
+                self.check_readers()
+                last_check = now
             if now - last_health >= HEALTH_INTERVAL:
                 self.health()
                 last_health = now
             if self.settings.show_time and now - last_rate >= 5.0:
                 self.print_rate()
                 last_rate = now
-        return self.shutdown()
+        return self.shutdown(poller)
 
-    def shutdown(self) -> int:
-        # Results still in flight for series not summed up yet: sum them up now.
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and self.results.poll(100):
-            kind, body = self.results.recv_multipart()
-            if kind == b"result":
-                self.take_result(json.loads(body))
-            elif kind == b"status":
-                self.take_status(json.loads(body))
+    def shutdown(self, poller: zmq.Poller | None = None) -> int:
+        """Sum up every series before the readers stop. The daemon stops the Splitter (its last
+        series_end is published) before it asks this Collector to stop, so the accounts are whole:
+        wait a little for results still in flight, and for series whose end has come to complete."""
+        self.stopping = True
+        if poller is None:
+            poller = zmq.Poller()
+            poller.register(self.results, zmq.POLLIN)
+            poller.register(self.splitter, zmq.POLLIN)
+        deadline = time.monotonic() + min(self.settings.grace, 5.0)
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if self.step(poller, 50):
+                quiet_since = time.monotonic()
+            self.check_series()
+            waiting = [a for a in self.series.values() if not a.done and a.end is not None]
+            if not waiting and time.monotonic() - quiet_since > 0.5:
+                break
+        if not self.resumed:
+            self.take_resume()
         self.health()  # a reader that died near the end is reported too
-        for account in self.series.values():
-            if not account.done and (account.statuses or account.end):
+        for account in list(self.series.values()):
+            if not account.done and (len(account.results) or account.end):
                 self.finish_series(account)
         if self.settings.show_time:
             self.print_rate()
         if self.ui is not None:
             print(f"collector: {self.ui_sent} result lines sent to {self.configuration.beamline.ui_endpoint}, "
                   f"{self.ui_dropped} dropped (no listener or a slow one)", file=sys.stderr, flush=True)
+        for complaints in (self.bad_results, self.bad_splitter):
+            complaints.reported_at = None
+            complaints.tick()
         # Readers stop when told; a few repeats so that late subscribers hear it too.
         for _ in range(5):
             self._publish("stop", {"time": time.time()})
             time.sleep(0.05)
+        self.stop_children()
         if self.record is not None:
             self.record.close()
         for sock in (self.results, self.splitter, self.publisher, self.ui):
             if sock is not None:
                 sock.close(linger=500)
         return 0
+
+
+def _show_ranges(ranges: list[list[int]], limit: int = 8) -> str:
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges[:limit])
+    return text + (f", ... ({len(ranges)} ranges)" if len(ranges) > limit else "")
+
+
+def _show_cpus(cpus: list[int]) -> str:
+    return _show_ranges(RangeSet.of(cpus).ranges(), 16)

@@ -179,6 +179,8 @@ class BeamlineConfig:
     splitter_pub_port: int | None  # Splitter counters and series accounting (PUB); None: port + 2
     collector_port: int | None  # readers push results to the Collector here; None: port + 3
     results_pub_port: int | None  # the Collector publishes JSON results here (GUI); None: port + 4
+    output_retention_gb: float | None  # the oldest complete series in output_dir go beyond this; None: keep all
+    max_restarts: int  # MPI job restarts within 10 minutes before the daemon gives up
 
     @property
     def serve_bind_endpoint(self) -> str:
@@ -249,16 +251,29 @@ STARTUP_KEYS: dict[str, dict] = {
     "splitter_pub_port": setting(optional(ranged(integer, 1, 65535)), "None"),
     "collector_port": setting(optional(ranged(integer, 1, 65535)), "None"),
     "results_pub_port": setting(optional(ranged(integer, 1, 65535)), "None"),
+    "output_retention_gb": setting(optional(ranged(number, 0.001)), "None"),
+    "max_restarts": setting(ranged(integer, 0), "5"),
 }
 
 
 def _bind_host(host: str) -> str:
-    """ZeroMQ binds to an interface address; a host name (localhost, a node name) means all."""
+    """Where ZeroMQ binds for `host`: exactly that interface. `localhost` binds loopback only,
+    an address itself, `*` or `0.0.0.0` every interface, and another name the address it
+    resolves to (ValueError when it does not resolve)."""
+    host = host.strip()
+    if host in ("*", "0.0.0.0", ""):
+        return "*"
+    if host.lower() == "localhost":
+        return "127.0.0.1"
     parts = host.split(".")
     if len(parts) == 4 and all(p.isdigit() for p in parts):
         return host
-    return "*"
+    import socket
 
+    try:
+        return socket.gethostbyname(host)
+    except OSError as exc:
+        raise ValueError(f"host {host!r} does not resolve to an address to bind ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -367,6 +382,10 @@ def load_beamline(path: str, beamline: str) -> BeamlineConfig:
         sections = ", ".join(parser.sections()) or "none"
         raise ConfigError(f"{path}: [{beamline}]: no such beamline section (sections: {sections})")
     config = _build(BeamlineConfig, STARTUP_KEYS, parser, beamline, path)
+    try:
+        _bind_host(config.host)  # the Splitter and Collector bind there: it must be this host's
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [{beamline}] host: {exc}") from None
     if config.output_format:
         from intxr.sinks.result_line import validate_output_format
 

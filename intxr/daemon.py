@@ -4,16 +4,31 @@ running until SIGTERM / Ctrl-C (or, for demos and tests, until `--max_series` se
 Order of things: the config is validated first (nothing starts on a bad one); the Splitter
 binds its reader and publishing endpoints; mpirun starts the Collector and the Readers; the
 simulated detector starts last when the config asks for one. Stopping drains in the same
-direction data flows: the detector stops, the Splitter writes and serves what it has and closes
-the files, the Collector sums up every series, then the readers stop.
+direction data flows: the detector stops, the Splitter writes and serves what it has, closes the
+files and publishes its last series_end, the Collector (told alone) sums up every series, then
+the readers stop.
+
+Supervision: the MPI job runs in its own session. The daemon listens to the Collector's health
+(once a second) and watches mpirun; a Collector that dies or goes silent for a few seconds, or
+an mpirun that ends, is said loudly and the whole job is killed and started again, while the
+Splitter, its files and its per-series accounts go on (frames that arrive meanwhile are skipped
+for processing and counted, never lost from disk). The new Collector is handed the series the
+old one summed up and the Splitter's accounts of series that ended meanwhile, so every series
+gets exactly one SERIES line. Too many restarts in 10 minutes and the daemon gives up and exits
+non-zero. Dead readers are the Collector's business (it replaces them).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,21 +36,15 @@ from pathlib import Path
 from intxr import config as cfg
 from intxr.launch import plan_launch
 
+HEALTH_SILENT_AFTER = 4.0  # seconds without the Collector's health before the job is restarted
+START_TIMEOUT = 60.0  # seconds for a new job's Collector to say it is up
+RESTART_WINDOW = 600.0  # max_restarts count within this many seconds
+RETENTION_INTERVAL = 5.0
+KEEP_DONE = 10_000  # names of series summed up, remembered for the next job
 
-def _collector_ready(endpoint: str, mpi: subprocess.Popen, timeout: float) -> bool:
-    import zmq
 
-    sock = zmq.Context.instance().socket(zmq.SUB)
-    sock.setsockopt(zmq.SUBSCRIBE, b"health")
-    sock.connect(endpoint)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and mpi.poll() is None:
-            if sock.poll(200):
-                return True
-        return False
-    finally:
-        sock.close(linger=0)
+def say(prog: str, text: str) -> None:
+    print(f"{prog}: {text}", file=sys.stderr, flush=True)
 
 
 def pipeline_program(args, config_path: str, beamline: str) -> list[str]:
@@ -48,71 +57,314 @@ def pipeline_program(args, config_path: str, beamline: str) -> list[str]:
         program += ["--record", os.path.abspath(args.record)]
     if args.result_format != "line":
         program += ["-f", args.result_format]
-    if args.max_series is not None:
-        program += ["--max_series", str(args.max_series)]
     if getattr(args, "no_prescreen", False):
         program.append("--no-prescreen")
     return program
 
 
-def run_daemon(args, prog: str, sources: list[str]) -> int:
-    path = os.path.abspath(args.config_file or cfg.default_startup_file())
-    configuration = cfg.load(path, args.beamline)  # validated here: a bad config stops before anything starts
-    bl = configuration.beamline
-    launch = plan_launch(
-        pipeline_program(args, path, bl.name),
-        mpirun=args.mpirun or bl.mpirun,
-        n_ranks=args.n_proc,
-        mpi_bind=args.mpi_bind,
-        hosts=args.host,
-        hostfile=args.hostfile,
-    )
-    if args.dry_run:
-        print(f"{prog}: beamline [{bl.name}] from {path}")
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (mpirun's: the launcher, the ranks, replacement readers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if len(fields) > 3 and fields[3] == str(sid) and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """End mpirun and everything it started, including ranks orphaned by a dead launcher."""
+    sid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        pids = session_pids(sid)
+        if proc.poll() is None and proc.pid not in pids:
+            pids.append(proc.pid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not session_pids(sid):
+                break
+            time.sleep(0.05)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class Job:
+    """One run of the MPI job, and what its Collector says on its PUB socket."""
+
+    def __init__(self, command: list[str], env: dict, number: int):
+        self.number = number
+        # Its own session: a Ctrl-C in the terminal reaches the daemon only, which then stops
+        # things in order; and the whole job can be killed at once.
+        self.proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started = time.monotonic()
+        self.last_health: float | None = None
+        self.collector_pid: int | None = None
+        self.collector_host: str | None = None
+        self.resumed = False
+        self.series_done = 0
+
+    def take_health(self, body: dict) -> None:
+        self.last_health = time.monotonic()
+        pid = body.get("collector_pid")
+        if isinstance(pid, int):
+            self.collector_pid = pid
+        for rank in body.get("ranks") or []:
+            if isinstance(rank, dict) and rank.get("rank") == 0:
+                self.collector_host = rank.get("host")
+        self.resumed = self.resumed or body.get("resumed") is True
+
+    def failure(self) -> str | None:
+        """Why this job no longer works, or None."""
+        code = self.proc.poll()
+        if code is not None:
+            return f"the MPI job ended (mpirun exit status {code})"
+        if (self.collector_pid and self.collector_host in (None, os.uname().nodename)
+                and not pid_alive(self.collector_pid)):
+            return f"the Collector (rank 0, pid {self.collector_pid}) died"
+        now = time.monotonic()
+        if self.last_health is not None and now - self.last_health > HEALTH_SILENT_AFTER:
+            silent = now - self.last_health
+            return f"the Collector (rank 0, pid {self.collector_pid}) has been silent for {silent:.0f} s"
+        if self.last_health is None and now - self.started > START_TIMEOUT:
+            return f"the Collector did not come up within {START_TIMEOUT:.0f} s"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention: the daemon's own output directory stays under a limit
+
+
+SPLITTER_FILE = re.compile(r"^(?P<name>.+)_(?:master|data_\d{6})\.h5$")
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+class Retention:
+    """Deletes the oldest complete series (master + data files together) while the Splitter's
+    files in `directory` hold more than `limit_gb`. Only files named as the Splitter names them
+    and that are HDF5 files count, and only series that are complete: closed by this Splitter
+    (its `files`) or already there when the daemon started. Never an open series."""
+
+    def __init__(self, directory: str, limit_gb: float):
+        self.directory = Path(directory)
+        self.limit = int(limit_gb * 1e9)
+        self.deleted_series = 0
+        self.deleted_bytes = 0
+        self.preexisting = {name for name, _ in self._groups().items()}
+
+    def _groups(self) -> dict[str, list[tuple[Path, int, float]]]:
+        groups: dict[str, list[tuple[Path, int, float]]] = {}
+        for entry in os.scandir(self.directory):
+            m = SPLITTER_FILE.match(entry.name)
+            if m is None or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                with open(entry.path, "rb") as f:
+                    if f.read(8) != HDF5_MAGIC:
+                        continue
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            groups.setdefault(m.group("name"), []).append((Path(entry.path), st.st_size, st.st_mtime))
+        return groups
+
+    def run(self, closed_masters: list[str]) -> list[str]:
+        """Delete what is over the limit; the lines to say."""
+        groups = self._groups()
+        total = sum(size for files in groups.values() for _, size, _ in files)
+        if total <= self.limit:
+            return []
+        closed = {Path(m).name.removesuffix("_master.h5") for m in closed_masters}
+        complete = [name for name, files in groups.items()
+                    if (name in closed or name in self.preexisting)
+                    and any(p.name == f"{name}_master.h5" for p, _, _ in files)]
+        complete.sort(key=lambda name: max(mtime for _, _, mtime in groups[name]))
+        deleted, freed = [], 0
+        for name in complete:
+            if total <= self.limit:
+                break
+            size = 0
+            for path, nbytes, _ in groups[name]:
+                try:
+                    path.unlink()
+                    size += nbytes
+                except FileNotFoundError:
+                    pass
+            total -= size
+            freed += size
+            deleted.append(name)
+            self.preexisting.discard(name)
+        self.deleted_series += len(deleted)
+        self.deleted_bytes += freed
+        if not deleted:
+            return [f"retention: {total / 1e9:.2f} GB in {self.directory} is over output_retention_gb = "
+                    f"{self.limit / 1e9:g}, but no complete series is left to delete"]
+        names = ", ".join(deleted[:3]) + (f" and {len(deleted) - 3} more" if len(deleted) > 3 else "")
+        return [f"retention: deleted {len(deleted)} oldest complete series ({freed / 1e6:.0f} MB: {names}) "
+                f"from {self.directory} to stay under {self.limit / 1e9:g} GB"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The GUI
+
+
+def port_taken(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon
+
+
+class Daemon:
+    def __init__(self, args, prog: str, sources: list[str]):
+        self.args = args
+        self.prog = prog
+        self.sources = sources
+        self.path = os.path.abspath(args.config_file or cfg.default_startup_file())
+        # Validated here: a bad config stops before anything starts.
+        self.configuration = cfg.load(self.path, args.beamline)
+        self.bl = self.configuration.beamline
+        self.launch = plan_launch(
+            pipeline_program(args, self.path, self.bl.name),
+            mpirun=args.mpirun or self.bl.mpirun,
+            n_ranks=args.n_proc,
+            mpi_bind=args.mpi_bind,
+            hosts=args.host,
+            hostfile=args.hostfile,
+        )
+        self.stop = threading.Event()
+        self.done_names: list[str] = []  # series the Collectors summed up, in order
+        self.done_set: set[str] = set()
+        self.restarts: list[float] = []
+        self.job: Job | None = None
+        self.job_clean = False  # the last job ended by itself after summing up
+        self.gui: subprocess.Popen | None = None
+        self.simulator = None
+        self.state_dir = Path(tempfile.mkdtemp(prefix="intxrd-"))
+        self.resume_path = self.state_dir / "resume.json"
+        self.resume_ended = -1
+
+    def dry_run(self) -> int:
+        bl, prog = self.bl, self.prog
+        print(f"{prog}: beamline [{bl.name}] from {self.path}")
         print(f"  splitter: {bl.detector_socket} {bl.detector_endpoint} ({bl.protocol}) -> {bl.output_dir}; "
               f"readers ask on {bl.serve_bind_endpoint}; accounting published on {bl.splitter_publish_bind_endpoint}")
         print(f"  collector: results on {bl.collector_endpoint}, published on {bl.results_publish_endpoint}, "
               f"result lines to {bl.ui_endpoint}" + ("" if bl.send_to_ui else " (send_to_ui off)"))
-        if sources:
+        if bl.output_retention_gb is not None:
+            print(f"  retention: at most {bl.output_retention_gb:g} GB of series files in {bl.output_dir}")
+        if self.sources:
             print(f"  simulated detector: intxr simulate --protocol {bl.simulate_protocol} --endpoint "
-                  f"{bl.detector_endpoint} --rate {bl.simulate_rate:g} {' '.join(sources[:3])}"
-                  + (f" ... ({len(sources)} sources)" if len(sources) > 3 else ""))
+                  f"{bl.detector_endpoint} --rate {bl.simulate_rate:g} {' '.join(self.sources[:3])}"
+                  + (f" ... ({len(self.sources)} sources)" if len(self.sources) > 3 else ""))
         if bl.start_gui:
-            print(f"  gui: intxr gui -c {path} -b {bl.name} (http://{bl.gui_host}:{bl.gui_port}/)")
-        print(launch.describe())
+            print(f"  gui: intxr gui -c {self.path} -b {bl.name} (http://{bl.gui_host}:{bl.gui_port}/)")
+        print(self.launch.describe())
         return 0
 
-    from intxr.simulate import Simulator, SimulatorSettings
-    from intxr.splitter import Splitter
+    # -- pieces --------------------------------------------------------------------------------
 
-    Path(bl.output_dir).mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
+    def say(self, text: str) -> None:
+        say(self.prog, text)
 
-    def on_signal(signum, _frame):
-        print(f"{prog}: {signal.Signals(signum).name}: draining and stopping", file=sys.stderr, flush=True)
-        stop.set()
+    def start_job(self) -> Job:
+        number = len(self.restarts)
+        command = list(self.launch.command)
+        if number:
+            command += ["--job-restarts", str(number), "--resume", str(self.resume_path)]
+        if self.args.max_series is not None:
+            command += ["--max_series", str(max(1, self.args.max_series - len(self.done_names)))]
+        env = {**os.environ, **self.launch.env, "PYTHONUNBUFFERED": "1"}
+        self.job = Job(command, env, number)
+        if number == 0:
+            self.say(f"started {' '.join(command)}")
+        return self.job
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    splitter = Splitter.from_config(bl, max_series=args.max_series).start()
-    print(f"{prog}: [{bl.name}] splitter receiving {bl.protocol} on {bl.detector_endpoint}, writing {bl.output_dir}",
-          file=sys.stderr, flush=True)
-    env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
-    gui = None
-    if bl.start_gui:
-        # Its own process: drawing for browsers never competes with the Splitter's Python side.
-        gui = subprocess.Popen([sys.executable, "-m", "intxr.cli", "gui", "-c", path, "-b", bl.name], env=env)
-        print(f"{prog}: GUI on http://{bl.gui_host}:{bl.gui_port}/", file=sys.stderr, flush=True)
-    mpi = subprocess.Popen(launch.command, env=env)
-    print(f"{prog}: started {' '.join(launch.command)}", file=sys.stderr, flush=True)
-    simulator = None
-    if sources:
-        # The simulated detector starts once the Collector is up (its first health message), so
-        # that even a short first series is accounted from its first frame.
-        if not _collector_ready(bl.results_publish_endpoint, mpi, timeout=60):
-            print(f"{prog}: no word from the Collector in 60 s: starting the detector anyway", file=sys.stderr)
-        simulator = Simulator(
-            sources,
+    def write_resume(self, splitter) -> None:
+        """What the next Collector needs: the series summed up already and the Splitter's accounts
+        of the others. Rewritten while it starts, whenever a series ends (see Collector.take_resume)."""
+        counters = splitter.counters()
+        if counters.get("series_ended") == self.resume_ended and self.resume_path.exists():
+            return
+        self.resume_ended = counters.get("series_ended")
+        accounts = [a for a in counters.get("series", []) if self.name_of(a) not in self.done_set]
+        tmp = self.resume_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"done": self.done_names[-KEEP_DONE:], "accounts": accounts}))
+        tmp.replace(self.resume_path)
+
+    @staticmethod
+    def name_of(body: dict) -> str:
+        name = body.get("series_name")
+        return name if isinstance(name, str) else str(body.get("series"))
+
+    def take_done(self, body: dict) -> None:
+        name = self.name_of(body)
+        if name not in self.done_set:
+            self.done_set.add(name)
+            self.done_names.append(name)
+            if len(self.done_names) > 2 * KEEP_DONE:
+                for old in self.done_names[:-KEEP_DONE]:
+                    self.done_set.discard(old)
+                del self.done_names[:-KEEP_DONE]
+
+    def start_gui(self) -> None:
+        bl = self.bl
+        if port_taken(bl.gui_host, bl.gui_port):
+            self.say(f"GUI: port {bl.gui_port} in use on {bl.gui_host}: set gui_port in [{bl.name}] of {self.path}; "
+                     f"going on without the GUI")
+            return
+        # Its own process (and session): drawing for browsers never competes with the Splitter's
+        # Python side, and a Ctrl-C reaches the daemon, which stops it last.
+        self.gui = subprocess.Popen([sys.executable, "-m", "intxr.cli", "gui", "-c", self.path, "-b", bl.name],
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.say(f"GUI on http://{bl.gui_host}:{bl.gui_port}/")
+
+    def check_gui(self) -> None:
+        if self.gui is not None and self.gui.poll() is not None:
+            self.say(f"GUI: `intxr gui` exited (status {self.gui.returncode}; its reason is above): going on "
+                     f"without the live view")
+            self.gui = None
+
+    def start_simulator(self) -> None:
+        from intxr.simulate import Simulator, SimulatorSettings
+
+        bl, args = self.bl, self.args
+        self.simulator = Simulator(
+            self.sources,
             SimulatorSettings(
                 protocol=bl.simulate_protocol,
                 endpoint=bl.detector_endpoint,
@@ -122,52 +374,208 @@ def run_daemon(args, prog: str, sources: list[str]) -> int:
                 keys={"reporting": "", "mapping": "rastering"} if bl.simulate_protocol == "cbftoeiger" else {},
             ),
         )
-        threading.Thread(target=simulator.run, name="simulator", daemon=True).start()
-        simulator.ready.wait(30)
-    code = 0
-    splitter_done = None
-    try:
-        while mpi.poll() is None and not stop.is_set():
-            time.sleep(0.2)
-            if not splitter.running:
-                # The Splitter has ended (--max_series): the Collector sums up within its grace
-                # time and the ranks stop; a job still running long after that is stopped.
-                splitter_done = splitter_done or time.monotonic()
-                if time.monotonic() - splitter_done > 30 + 2 * (bl.timeout or 10):
-                    print(f"{prog}: the MPI job did not end after the last series: stopping it", file=sys.stderr)
-                    code = 1
-                    break
-        if mpi.poll() is not None and not stop.is_set() and args.max_series is None:
-            print(f"{prog}: the MPI job ended (exit {mpi.returncode}) while it should run", file=sys.stderr)
-            code = 1
-    finally:
-        if simulator is not None:
-            simulator.stop()
-        splitter.stop()
-        splitter.join(60)
-        if mpi.poll() is None:
-            # Give the Collector the Splitter's last series_end, then stop the ranks.
-            deadline = time.monotonic() + 3.0
-            while mpi.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if mpi.poll() is None:
-                mpi.send_signal(signal.SIGTERM)
+
+        def run() -> None:
             try:
-                mpi.wait(30)
+                self.simulator.run()
+            except Exception as exc:  # one line, never a traceback
+                self.say(f"simulated detector: {type(exc).__name__}: {exc}")
+
+        threading.Thread(target=run, name="simulator", daemon=True).start()
+        self.simulator.ready.wait(30)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        if self.args.dry_run:
+            return self.dry_run()
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _run(self) -> int:
+        import zmq
+
+        from intxr.splitter import Splitter
+
+        bl = self.bl
+        Path(bl.output_dir).mkdir(parents=True, exist_ok=True)
+
+        def on_signal(signum, _frame):
+            self.say(f"{signal.Signals(signum).name}: draining and stopping")
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        retention = None
+        if bl.output_retention_gb is not None:
+            retention = Retention(bl.output_dir, bl.output_retention_gb)
+            self.say(f"keeping at most {bl.output_retention_gb:g} GB of series files in {bl.output_dir} "
+                     f"(output_retention_gb): the oldest complete series are deleted beyond that")
+        splitter = Splitter.from_config(bl, max_series=self.args.max_series).start()
+        self.say(f"[{bl.name}] splitter receiving {bl.protocol} on {bl.detector_endpoint}, writing {bl.output_dir}")
+        if bl.start_gui:
+            self.start_gui()
+        health = zmq.Context.instance().socket(zmq.SUB)
+        for topic in (b"health", b"series"):
+            health.setsockopt(zmq.SUBSCRIBE, topic)
+        health.connect(bl.results_publish_endpoint)
+        self.write_resume(splitter)
+        job = self.start_job()
+        code = 0
+        splitter_done = None
+        last_retention = 0.0
+        try:
+            while not self.stop.is_set():
+                self.drain(health, job)
+                if self.sources and self.simulator is None and job.last_health is not None:
+                    # The simulated detector starts once the Collector is up (its first health), so
+                    # that even a short first series is accounted from its first frame.
+                    self.start_simulator()
+                if job.number and not job.resumed:
+                    self.write_resume(splitter)
+                self.check_gui()
+                now = time.monotonic()
+                if retention is not None and now - last_retention >= RETENTION_INTERVAL:
+                    last_retention = now
+                    try:
+                        for line in retention.run(splitter.counters().get("files", [])):
+                            self.say(line)
+                    except OSError as exc:
+                        self.say(f"retention: {bl.output_dir}: {exc}")
+                if not splitter.running:
+                    if self.args.max_series is None:
+                        self.say(f"the Splitter stopped: {splitter.counters().get('last_error') or 'no reason given'}")
+                        code = 1
+                        break
+                    splitter_done = splitter_done or now
+                    if job.proc.poll() == 0:
+                        self.job_clean = True  # the Collector summed up its last series and ended
+                        break
+                    if now - splitter_done > 30 + 2 * (bl.timeout or 10):
+                        self.say("the MPI job did not end after the last series: stopping it")
+                        code = 1
+                        break
+                why = job.failure()
+                if why is not None:
+                    if job.proc.poll() == 0 and self.args.max_series is not None and (
+                            len(self.done_names) >= self.args.max_series):
+                        self.job_clean = True
+                        break
+                    job = self.restart(why, splitter)
+                    if job is None:
+                        code = 1
+                        break
+                time.sleep(0.1)
+        finally:
+            code = self.shutdown(splitter, health, code)
+        return code
+
+    def drain(self, health, job: Job) -> None:
+        while health.poll(0):
+            try:
+                topic, body = health.recv_multipart()
+                message = json.loads(body)
+            except ValueError:
+                continue  # only the Collector publishes here; a bad one is not worth a restart
+            if not isinstance(message, dict):
+                continue
+            if topic == b"health":
+                job.take_health(message)
+            elif topic == b"series":
+                self.take_done(message)
+                job.series_done += 1
+
+    def restart(self, why: str, splitter) -> Job | None:
+        """Kill what is left of the job and start it again; None when it has failed too often."""
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW]
+        limit = self.bl.max_restarts
+        self.say(f"JOB FAILED: {why}: stopping what is left of it (the Splitter goes on writing; frames are "
+                 f"skipped for processing until the job is back)")
+        kill_session(self.job.proc)
+        self.restarts.append(now)
+        if len(self.restarts) > limit:
+            self.say(f"the MPI job failed {len(self.restarts)} times in {RESTART_WINDOW / 60:.0f} min "
+                     f"(max_restarts = {limit}): giving up")
+            return None
+        self.write_resume(splitter)
+        self.resume_ended = -1  # rewrite on the next tick too: a series may end while it starts
+        job = self.start_job()
+        self.say(f"restarting the MPI job (restart {len(self.restarts)} of at most {limit} in "
+                 f"{RESTART_WINDOW / 60:.0f} min): mpirun pid {job.proc.pid}")
+        return job
+
+    def shutdown(self, splitter, health, code: int) -> int:
+        job = self.job
+        if self.simulator is not None:
+            self.simulator.stop()
+        splitter.stop()
+        if not splitter.join(60):
+            self.say("the Splitter did not finish writing within 60 s")
+            code = code or 1
+        if job is not None and job.proc.poll() is None:
+            if job.collector_pid and pid_alive(job.collector_pid):
+                # The Collector alone is told: it takes the Splitter's last series_end, sums up every
+                # series (mpirun still forwards what it prints) and stops the readers.
+                try:
+                    os.kill(job.collector_pid, signal.SIGTERM)
+                except OSError:
+                    pass
+                deadline = time.monotonic() + 20 + min(self.configuration.beamline.timeout or 10.0, 5.0)
+                while job.proc.poll() is None and time.monotonic() < deadline:
+                    self.drain(health, job)
+                    time.sleep(0.1)
+                self.job_clean = job.proc.poll() == 0
+            if job.proc.poll() is None:
+                self.say("the MPI job did not end when told: stopping it")
+                self.job_clean = False
+        if job is not None:
+            kill_session(job.proc)  # ranks a dead launcher left behind, too
+            self.drain(health, job)
+        health.close(linger=0)
+        if job is not None and not self.job_clean:
+            self.sum_up_unaccounted(splitter)
+        if self.gui is not None:
+            self.gui.terminate()
+            try:
+                self.gui.wait(10)
             except subprocess.TimeoutExpired:
-                mpi.kill()
-                mpi.wait()
-        if gui is not None:
-            gui.terminate()
-            gui.wait(10)
-    c = splitter.counters()
-    print(
-        f"{prog}: splitter: {c['frames_received']} frames received, {c['frames_written']} written, "
-        f"{c['frames_forwarded']} forwarded, {c['frames_skipped']} skipped, {c['malformed']} malformed, "
-        f"{c['series_ended']} series; files: {', '.join(c['files']) or 'none'}",
-        file=sys.stderr,
-        flush=True,
-    )
-    if mpi.returncode not in (0, None) and not stop.is_set():
-        code = code or 1
-    return code
+                self.gui.kill()
+        c = splitter.counters()
+        self.say(
+            f"splitter: {c['frames_received']} frames received, {c['frames_written']} written, "
+            f"{c['frames_forwarded']} forwarded, {c['frames_skipped']} skipped, {c['malformed']} malformed, "
+            f"{c['series_ended']} series; files: {', '.join(c['files'][-20:]) or 'none'}"
+            + (f" (and {len(c['files']) - 20} more)" if len(c["files"]) > 20 else "")
+        )
+        if self.restarts:
+            self.say(f"the MPI job was restarted {len(self.restarts)} time(s)")
+        if job is not None and not self.stop.is_set() and job.proc.returncode not in (0, None):
+            code = code or 1
+        return code
+
+    def sum_up_unaccounted(self, splitter) -> None:
+        """The job ended without summing up every series (it died, or it was given up): the SERIES
+        line of each series no Collector summed up, from the Splitter's accounts; frames forwarded
+        to the dead job have no result and count as failed."""
+        from intxr.collector import SeriesAccount, summary_line
+
+        for account in splitter.counters().get("series", []):
+            name = self.name_of(account)
+            if name in self.done_set or not isinstance(account.get("series"), int):
+                continue
+            series = SeriesAccount(account["series"], name)
+            try:
+                series.take_end(account)
+            except (TypeError, ValueError):
+                continue
+            series.written = account.get("frames_written")
+            series.master_file = account.get("master_file")
+            print(summary_line(series.summary()) + " (summed up by the daemon: no Collector was left)", flush=True)
+            self.take_done(account)
+
+
+def run_daemon(args, prog: str, sources: list[str]) -> int:
+    return Daemon(args, prog, sources).run()

@@ -190,6 +190,23 @@ def flavour_from_version(text: str, mpirun: str = "mpirun") -> MpiFlavour:
 # The plan and the command
 
 
+def hosts_are_local(hosts: str) -> bool:
+    """Whether an mpirun --host list (`a,b:4`) names only this host."""
+    here = {"localhost", "127.0.0.1", os.uname().nodename, os.uname().nodename.split(".")[0]}
+    return all(h.split(":")[0].strip() in here for h in hosts.split(",") if h.strip())
+
+
+def loopback_note(flavour: MpiFlavour) -> str:
+    if flavour.major >= 5:
+        # Checked with `ss -ltnp` (Open MPI 5.0.11, PRRTE 3.0): the PMIx server listens on
+        # 127.0.0.1; the launcher's out-of-band listener binds the wildcard address in PRRTE's
+        # code (oob_tcp_listener.c) whatever prte_if_include says.
+        return ("one host: ranks open no TCP listener (OMPI_MCA_btl=self,sm); the launcher (prterun) still "
+                "listens on every interface for its out-of-band channel (PRRTE binds it to the wildcard "
+                "address; no setting changes that): firewall it where that matters (README)")
+    return "one host: ranks open no TCP listener (OMPI_MCA_btl=self,vader)"
+
+
 @dataclass(frozen=True)
 class RankPlan:
     rank: int
@@ -250,7 +267,7 @@ def plan_launch(
     oversubscribed = len(set(placement)) < len(placement) or (not mpi_bind and n_ranks > len(physical_cores(cpus)))
     if oversubscribed:
         notes.append(f"{n_ranks} ranks share {len(set(placement))} CPUs: some ranks share a core")
-    remote = bool(hosts or hostfile)
+    remote = bool(hostfile) or bool(hosts and not hosts_are_local(hosts))
     cmd = [mpirun]
     if flavour.name == "openmpi" and flavour.major >= 5:
         if mpi_bind or oversubscribed:
@@ -284,6 +301,11 @@ def plan_launch(
     env = {}
     if flavour.name == "openmpi" and os.geteuid() == 0:
         env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    if flavour.name == "openmpi" and not remote and "OMPI_MCA_btl" not in os.environ:
+        # One host: the ranks' one collective goes through shared memory, so no rank opens a TCP
+        # listener (the tcp BTL listens on every interface). See loopback_note for the launcher.
+        env["OMPI_MCA_btl"] = "self,sm" if flavour.major >= 5 else "self,vader"
+        notes.append(loopback_note(flavour))
     plan = [
         RankPlan(
             rank,

@@ -2,6 +2,9 @@
 rank 0 the Collector, every other rank a Reader. MPI places and pins the ranks and tells each
 its number; the frames and results travel over ZeroMQ (TCP), so one rank dying leaves the
 others running, and readers on other nodes work the same way.
+
+`--reader RANK` runs one reader without MPI: the Collector starts one so when a reader rank dies
+(bound to the dead rank's CPUs; it stops when the Collector, `--parent`, is gone).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--result_format", choices=["line", "json"], default="line")
     p.add_argument("--max_series", type=int, default=None)
     p.add_argument("--no-prescreen", action="store_true", help="run the full spot finder on every frame")
+    p.add_argument("--reader", type=int, metavar="RANK", help="one reader without MPI (a replacement)")
+    p.add_argument("--parent", type=int, metavar="PID", help="with --reader: stop when this process is gone")
+    p.add_argument("--job-restarts", type=int, default=0, help="times the daemon restarted the job before")
+    p.add_argument("--resume", metavar="FILE", help="the daemon's series accounts after a job restart")
     return p
 
 
@@ -46,20 +53,41 @@ def placement_line(p: dict) -> str:
             f"on CPU {p['cpu']} (allowed {p['cpus']}), NUMA node {p['numa']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def reader_settings(configuration, rank: int, args):
+    from intxr.reader.worker import ReaderSettings
+
+    bl = configuration.beamline
+    return ReaderSettings(
+        rank=rank,
+        splitter_endpoint=bl.reader_endpoint,
+        collector_endpoint=bl.collector_endpoint,
+        control_endpoint=bl.results_publish_endpoint,
+        timeout=bl.timeout or 10.0,
+        skip_prescreen=args.no_prescreen,
+    )
+
+
+def reader_command(args) -> list[str]:
+    """How the Collector starts a replacement reader (it adds --reader RANK --parent PID)."""
+    command = [sys.executable, "-m", "intxr.pipeline", "-c", args.config_file, "-b", args.beamline]
+    return command + (["--no-prescreen"] if args.no_prescreen else [])
+
+
+def run(args, stopping: dict) -> int:
     configuration = cfg.load(args.config_file, args.beamline)
+    if args.reader is not None:
+        from intxr.reader.worker import Reader
+
+        parent = args.parent
+        reader = Reader(reader_settings(configuration, args.reader, args), configuration)
+        print("  " + placement_line({"rank": args.reader, **reader.placement}) + " (replacement, no MPI)",
+              file=sys.stderr, flush=True)
+        # A replacement outlives nothing: when its Collector is gone, so is it.
+        return reader.run(stop=lambda: stopping["now"] or (parent is not None and os.getppid() != parent))
     rank, size, comm = rank_and_size()
     placement = {"rank": rank, **current_placement()}
     # The one collective: rank 0 learns where every rank really runs (a misplaced rank stands out).
     placements = comm.gather(placement, root=0)
-    stopping = {"now": False}
-
-    def on_signal(signum, _frame):
-        stopping["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     if rank == 0:
         from intxr.collector import Collector, CollectorSettings
 
@@ -75,26 +103,36 @@ def main(argv: list[str] | None = None) -> int:
             configuration,
             CollectorSettings(verbose=args.verbose, show_time=args.time, record=args.record,
                               result_format=args.result_format, max_series=args.max_series,
-                              grace=max(configuration.beamline.timeout or 10.0, 5.0)),
+                              grace=max(configuration.beamline.timeout or 10.0, 5.0),
+                              reader_command=reader_command(args), job_restarts=args.job_restarts,
+                              resume_file=args.resume),
             ranks=placements,
         )
-        code = collector.run(stop=lambda: stopping["now"])
-    else:
-        from intxr.reader.worker import Reader, ReaderSettings
+        return collector.run(stop=lambda: stopping["now"])
+    from intxr.reader.worker import Reader
 
-        bl = configuration.beamline
-        reader = Reader(
-            ReaderSettings(
-                rank=rank,
-                splitter_endpoint=bl.reader_endpoint,
-                collector_endpoint=bl.collector_endpoint,
-                control_endpoint=bl.results_publish_endpoint,
-                timeout=bl.timeout or 10.0,
-                skip_prescreen=args.no_prescreen,
-            ),
-            configuration,
-        )
-        code = reader.run(stop=lambda: stopping["now"])
+    reader = Reader(reader_settings(configuration, rank, args), configuration)
+    return reader.run(stop=lambda: stopping["now"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.config_file = os.path.abspath(args.config_file)
+    stopping = {"now": False}
+
+    def on_signal(signum, _frame):
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    role = f"reader rank {args.reader}" if args.reader is not None else "pipeline"
+    try:
+        code = run(args, stopping)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:  # one line, never a traceback: the daemon notices the exit and acts
+        print(f"{role} (pid {os.getpid()}): error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     return code

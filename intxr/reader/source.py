@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
@@ -20,18 +20,59 @@ import zmq
 from intxr.codec import DecodeError, decode_into
 
 FRAME_HTYPE = "intxr-frame-1.0"
+MAX_PIXELS = 1 << 28  # a frame larger than any detector's (EIGER2 16M is 2^24) is not believed
+DTYPES = {"uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "<u1", "<u2", "<u4", "<i4", "<f4"}
 SERIES_HTYPE = "intxr-series-1.0"
 IDLE_HTYPE = "intxr-idle-1.0"
 
 
+class BadFrame(ValueError):
+    """A frame meta the reader cannot use; the message names the field."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_meta(meta) -> None:
+    """The frame meta is untrusted too: series and frame numbers, shape, type and encoding must
+    be what a frame can have before anything is allocated or decoded from them."""
+    if not isinstance(meta, dict):
+        raise BadFrame(f"frame meta is a JSON {type(meta).__name__}, not an object")
+    for key in ("series", "frame"):
+        if not _is_int(meta.get(key)):
+            raise BadFrame(f"frame meta {key!r} is {meta.get(key)!r:.40}, not an integer")
+    name = meta.get("series_name")
+    if name is not None and not isinstance(name, str):
+        raise BadFrame(f"frame meta 'series_name' is {name!r:.40}, not text")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v > 0 for v in shape)):
+        raise BadFrame(f"frame meta 'shape' is {shape!r:.40}, not [rows, columns]")
+    if shape[0] * shape[1] > MAX_PIXELS:
+        raise BadFrame(f"frame meta 'shape' {shape} is larger than any detector's")
+    if meta.get("type") not in DTYPES:
+        raise BadFrame(f"frame meta 'type' is {meta.get('type')!r:.40}, not a pixel type")
+    if not isinstance(meta.get("encoding"), str):
+        raise BadFrame(f"frame meta 'encoding' is {meta.get('encoding')!r:.40}, not text")
+    if meta.get("header") is not None and not isinstance(meta["header"], dict):
+        raise BadFrame(f"frame meta 'header' is {meta['header']!r:.40}, not an object")
+
+
 @dataclass
 class ServedFrame:
-    """One frame as the Splitter served it; `blob` is a read-only view of the ZeroMQ message."""
+    """One frame as the Splitter served it; `blob` is a read-only view of the ZeroMQ message.
+    `error` is set when its meta could not be used: the reader then reports the frame failed."""
 
     meta: dict
     series_info: dict
     blob: memoryview
     received: float  # when this reader had it (Unix time)
+    error: str | None = None
+
+    @property
+    def series_name(self) -> str:
+        name = self.meta.get("series_name")
+        return name if isinstance(name, str) else str(self.series)
 
     @property
     def series(self) -> int:
@@ -74,7 +115,6 @@ class SourceCounters:
     reconnects: int = 0
     bad_replies: int = 0
     last_error: str = ""
-    series_seen: set = field(default_factory=set)
 
 
 class FrameSource:
@@ -134,24 +174,44 @@ class FrameSource:
         try:
             meta = json.loads(parts[0].bytes)
             htype = meta.get("htype")
-        except (ValueError, AttributeError) as exc:
-            self.counters.bad_replies += 1
-            self.counters.last_error = f"{self.endpoint}: reply is not JSON: {exc}"
-            return None
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            return self._bad(f"reply is not a JSON object: {exc}")
         if htype == IDLE_HTYPE:
             self.counters.idle_replies += 1
             return None
         if htype != FRAME_HTYPE or len(parts) != 3:
-            self.counters.bad_replies += 1
-            self.counters.last_error = f"{self.endpoint}: unexpected reply {htype!r} with {len(parts)} parts"
-            return None
+            return self._bad(f"unexpected reply {htype!r:.40} with {len(parts)} parts")
+        error = None
+        try:
+            check_meta(meta)
+        except BadFrame as exc:
+            if not (_is_int(meta.get("series")) and _is_int(meta.get("frame"))):
+                return self._bad(str(exc))  # no frame to report a result for
+            error = str(exc)
         series_bytes = parts[1].bytes
         if series_bytes != self._series_bytes:
-            self._series_bytes, self._series_info = series_bytes, json.loads(series_bytes)
+            try:
+                info = json.loads(series_bytes)
+                if not isinstance(info, dict):
+                    raise ValueError(f"a JSON {type(info).__name__}, not an object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                info, error = {}, error or f"series JSON unreadable: {exc}"
+            else:
+                self._series_bytes, self._series_info = series_bytes, info
+            series_info = info
+        else:
+            series_info = self._series_info
+        if error is not None:
+            self.counters.bad_replies += 1
+            self.counters.last_error = f"{self.endpoint}: series {meta['series']} frame {meta['frame']}: {error}"
         self.counters.frames += 1
-        self.counters.series_seen.add(meta.get("series"))
         # zmq.Frame.buffer: a memoryview of libzmq's message, no copy (pyzmq's copy=False).
-        return ServedFrame(meta, self._series_info, parts[2].buffer.toreadonly(), received)
+        return ServedFrame(meta, series_info, parts[2].buffer.toreadonly(), received, error)
+
+    def _bad(self, why: str) -> None:
+        self.counters.bad_replies += 1
+        self.counters.last_error = f"{self.endpoint}: {why}"
+        return None
 
     def close(self) -> None:
         if self._socket is not None:

@@ -6,6 +6,7 @@ something goes wrong, so the Collector can account for every frame number.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 
@@ -93,6 +94,9 @@ class Reader:
         self.frames = 0
         self.failed = 0
         self.stopping = False
+        self._complaints = 0
+        self._complained_at: float | None = None
+        self._bad_replies = 0
 
     def _send(self, kind: str, body: dict) -> None:
         try:
@@ -111,6 +115,7 @@ class Reader:
                 "failed": self.failed,
                 "rate": self.frames / elapsed,
                 "reconnects": self.source.counters.reconnects,
+                "bad_replies": self.source.counters.bad_replies,
                 "time": time.time(),
             },
         )
@@ -128,25 +133,33 @@ class Reader:
         return self._finders[key], section.name
 
     def process(self, frame: ServedFrame) -> dict:
-        timing = {"receive": max(frame.received - frame.meta.get("forwarded", frame.received), 0.0)}
+        timing = {}
         t0 = time.perf_counter()
         bl = self.configuration.beamline
         result = {
             "series": frame.series,
+            "series_name": frame.series_name,
             "frame": frame.frame,
             "rank": self.settings.rank,
-            "received": frame.meta.get("received"),
-            "master_file": frame.meta.get("master_file"),
         }
-        for key in ("mapping", "reporting", "master_file", *(bl.custom_keys or ())):
-            value = frame.header(key)
-            if value is not None:
-                result.setdefault("header", {})[key] = value
-        if bl.output_prefix_key:
-            prefix = frame.header(bl.output_prefix_key)
-            if prefix:
-                result.setdefault("header", {})[bl.output_prefix_key] = prefix
         try:
+            if frame.error is not None:
+                raise ValueError(frame.error)
+            forwarded, received = frame.meta.get("forwarded"), frame.meta.get("received")
+            if isinstance(forwarded, int | float) and not isinstance(forwarded, bool):
+                timing["receive"] = max(frame.received - forwarded, 0.0)
+            if isinstance(received, int | float) and not isinstance(received, bool):
+                result["received"] = received
+            if isinstance(frame.meta.get("master_file"), str):
+                result["master_file"] = frame.meta["master_file"]
+            for key in ("mapping", "reporting", "master_file", *(bl.custom_keys or ())):
+                value = frame.header(key)
+                if value is not None:
+                    result.setdefault("header", {})[key] = value
+            if bl.output_prefix_key:
+                prefix = frame.header(bl.output_prefix_key)
+                if prefix:
+                    result.setdefault("header", {})[bl.output_prefix_key] = prefix
             if self._buffer is None or self._buffer.shape != frame.shape or self._buffer.dtype != frame.dtype:
                 self._buffer = np.zeros(frame.shape, frame.dtype)  # touched here, so placed on this rank's node
                 self.placement["buffer_numa"] = page_numa_node(self._buffer.ctypes.data)
@@ -180,12 +193,22 @@ class Reader:
                 timing[stage] = timing.get(stage, 0.0) + seconds
         except Exception as exc:  # a bad frame must never stop the reader
             self.failed += 1
+            self.complain(f"series {frame.series} frame {frame.frame}: {exc}")
             result.update(status="failed", errors=[f"series {frame.series} frame {frame.frame}: {exc}"],
                           n_spots=0, n_overloads=0, score=0, hres=99.9, n_ice_rings=0, mean_shape_ratio=0.0)
-        timing["total"] = time.perf_counter() - t0 + timing["receive"]
+        timing["total"] = time.perf_counter() - t0 + timing.get("receive", 0.0)
         result["timing"] = {k: round(v, 6) for k, v in timing.items()}
         result["done"] = time.time()
         return result
+
+    def complain(self, what: str) -> None:
+        """One line for the first failed frame or bad reply, then at most one every 10 s with a count."""
+        self._complaints += 1
+        now = time.monotonic()
+        if self._complained_at is None or now - self._complained_at >= 10.0:
+            more = f" ({self._complaints} in all)" if self._complaints > 1 else ""
+            print(f"reader rank {self.settings.rank}: {what}{more}", file=sys.stderr, flush=True)
+            self._complained_at = now
 
     def stop_requested(self) -> bool:
         if self.stopping:
@@ -201,6 +224,10 @@ class Reader:
         last_status = 0.0
         while not (self.stop_requested() or (stop is not None and stop())):
             frame = self.source.next_frame(wait=0.25)
+            if self.source.counters.bad_replies != self._bad_replies:
+                self._bad_replies = self.source.counters.bad_replies
+                if frame is None or frame.error is None:  # a failed frame says it itself
+                    self.complain(self.source.counters.last_error)
             if frame is not None:
                 result = self.process(frame)
                 self.frames += 1

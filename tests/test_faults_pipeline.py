@@ -1,0 +1,424 @@
+"""Faults in the pipeline, the way they happen at a beamline: the real daemon, Splitter, mpirun,
+Collector and readers on loopback, killed in the middle of a series, fed garbage, stopped mid-series.
+Every frame must be accounted exactly once and every series summed up exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from intxr.collector import Quantiles, RangeSet, SeriesAccount, summary_line
+from intxr.daemon import HDF5_MAGIC, Retention
+from intxr.testing import free_ports
+
+EXE = Path(sys.executable).parent
+SERIES_LINE = re.compile(r"^SERIES (\d+)(?: r\d+)?: received (\d+), written (\S+), processed (\d+) \(hits \d+, "
+                         r"median hres [^)]*\), blank (\d+), skipped (\d+), failed (\d+);")
+
+
+def write_config(tmp_path: Path, **overrides) -> tuple[Path, dict]:
+    detector, port, pub, collector, results = free_ports(5)
+    keys = {
+        "beamline": "test",
+        "custom_keys": "mapping, reporting, master_file",
+        "filepath_key": "master_file",
+        "run_mode_key": "mapping",
+        "host": "127.0.0.1",
+        "port": port,
+        "splitter_pub_port": pub,
+        "collector_port": collector,
+        "results_pub_port": results,
+        "timeout": "3",
+        "detector_endpoint": f"tcp://127.0.0.1:{detector}",
+        "output_dir": str(tmp_path / "data"),
+        "simulate_protocol": "cbftoeiger",
+        "simulate_rate": "6",
+        "skip_after": "2",
+        **overrides,
+    }
+    path = tmp_path / "startup.cfg"
+    path.write_text("[t]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+    return path, keys
+
+
+class Daemon:
+    """`intxrd` as a subprocess; its stdout and stderr lines as they come, with when they came."""
+
+    def __init__(self, config: Path, *args: str):
+        self.proc = subprocess.Popen(
+            [str(EXE / "intxrd"), "-c", str(config), "-b", "t", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.out: list[tuple[float, str]] = []
+        self.err: list[tuple[float, str]] = []
+        self.threads = [self._follow(self.proc.stdout, self.out), self._follow(self.proc.stderr, self.err)]
+
+    @staticmethod
+    def _follow(pipe, sink):
+        def run():
+            for line in pipe:
+                sink.append((time.monotonic(), line.rstrip("\n")))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.err) + "\n--- stdout ---\n" + "\n".join(
+            line for _, line in self.out if not line.startswith("RESULTS:"))
+
+    def wait_for(self, pattern: str, stream: str = "err", timeout: float = 60.0, after: float = 0.0,
+                 count: int = 1) -> list[tuple[float, re.Match]]:
+        """The first `count` lines matching `pattern` that came after `after` (monotonic)."""
+        lines = self.err if stream == "err" else self.out
+        deadline = time.monotonic() + timeout
+        ended = None
+        while True:
+            found = [(t, m) for t, line in list(lines) if t >= after and (m := re.search(pattern, line))]
+            if len(found) >= count:
+                return found[:count]
+            if self.proc.poll() is not None:
+                ended = ended or time.monotonic()  # its last lines may still be on their way
+            if time.monotonic() > deadline or ended and time.monotonic() - ended > 2:
+                raise AssertionError(f"no {count} x {pattern!r} in {timeout} s:\n{self.text()}")
+            time.sleep(0.05)
+
+    def rank_pid(self, rank: int) -> int:
+        (_, m), = self.wait_for(rf"rank +{rank} (?:reader|collector) .* pid (\d+)")
+        return int(m.group(1))
+
+    def results(self, after: float = 0.0) -> int:
+        return sum(1 for t, line in list(self.out) if t >= after and line.startswith("RESULTS:"))
+
+    def wait_results(self, n: int, after: float = 0.0, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.results(after) < n:
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.text()
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 90.0) -> int:
+        code = self.proc.wait(timeout)
+        for t in self.threads:
+            t.join(10)
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+RUNNING: list[Daemon] = []
+
+
+@pytest.fixture
+def start(tmp_path):
+    """Start daemons; a failed test leaves none (and no MPI job) behind."""
+
+    def run(config: Path, *args: str) -> Daemon:
+        daemon = Daemon(config, *args)
+        RUNNING.append(daemon)
+        return daemon
+
+    yield run
+    while RUNNING:
+        RUNNING.pop().stop()
+
+
+def summaries(daemon: Daemon) -> dict[int, list[tuple]]:
+    by_series: dict[int, list[tuple]] = {}
+    for _, line in daemon.out:
+        m = SERIES_LINE.match(line)
+        if m:
+            series, received, written, processed, blank, skipped, failed = m.groups()
+            by_series.setdefault(int(series), []).append(
+                (int(received), written, int(processed), int(blank), int(skipped), int(failed)))
+    return by_series
+
+
+def splitter_series(daemon: Daemon) -> int:
+    (_, m), = daemon.wait_for(r"splitter: \d+ frames received, .* (\d+) series", timeout=5)
+    return int(m.group(1))
+
+
+def records(path: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if "frame" in r], [r["summary"] for r in rows if "summary" in r]
+
+
+def frames_of(ranges: list[list[int]]) -> list[int]:
+    return [f for first, last in ranges for f in range(first, last + 1)]
+
+
+def assert_accounted_once(results: list[dict], summary: dict, n_frames: int) -> None:
+    """Every frame number of the series is in exactly one of: a result, skipped, lost (failed)."""
+    numbers = [r["frame"] for r in results] + frames_of(summary["skipped_ranges"]) + frames_of(summary["lost_ranges"])
+    assert sorted(numbers) == list(range(1, n_frames + 1)), (summary, sorted(numbers))
+    assert summary["processed"] + summary["blank"] + summary["skipped"] + summary["failed"] == n_frames, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+def test_killed_readers_are_replaced_and_no_readers_left_is_loud(tmp_path, thaumatin_cbfs, start):
+    config, _ = write_config(tmp_path, simulate_rate="5")
+    record = tmp_path / "results.jsonl"
+    n_frames = 72  # about 15 s at 5 Hz
+    daemon = start(config, "-n", "3", "--max_series", "1", "--verbose", "--record", str(record),
+                   "--simulate", *(thaumatin_cbfs * 6))
+    first, second = daemon.rank_pid(1), daemon.rank_pid(2)
+    daemon.wait_results(3)
+    killed = time.monotonic()
+    os.kill(first, signal.SIGKILL)
+    (t_died, _), = daemon.wait_for(rf"reader rank 1 \(pid {first}.*\) died \(its process is gone\)", timeout=10)
+    (t_new, m), = daemon.wait_for(r"reader rank 1 replaced: pid (\d+) on CPU\(s\) ", timeout=10)
+    assert t_died - killed < 2.0 and t_new - killed < 2.5, (t_died - killed, t_new - killed)
+    replacement = int(m.group(1))
+    # The replacement takes frames (its status makes it a reader again), then every reader dies.
+    daemon.wait_for(rf"rank +1 reader .* pid {replacement} .*\(replacement, no MPI\)", timeout=20)
+    daemon.wait_results(2, after=t_new + 2.0)
+    all_dead = time.monotonic()
+    os.kill(second, signal.SIGKILL)
+    os.kill(replacement, signal.SIGKILL)
+    (t_none, _), = daemon.wait_for(r"collector: NO READERS LEFT", timeout=10, after=all_dead)
+    (t_back, _), = daemon.wait_for(r"collector: readers back: \d reader\(s\) processing again after", timeout=30,
+                                   after=all_dead)
+    assert t_none - all_dead < 2.0 and t_back - all_dead < 20
+    assert daemon.finish(120) == 0, daemon.text()
+    results, [summary] = records(record)
+    assert summary["received"] == summary["written"] == n_frames
+    assert_accounted_once(results, summary, n_frames)
+    # Processing went on after each kill, by the replacements too.
+    done_after = [r for r in results if r["done"] > time.time() - (time.monotonic() - t_back)]
+    assert done_after, "no result after the readers came back"
+    assert len(summaries(daemon)) == 1
+    # No traceback anywhere.
+    assert "Traceback" not in daemon.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Collector, and stopping mid-series
+
+
+def test_a_killed_collector_is_noticed_the_job_restarts_and_every_series_is_summed_up_once(
+        tmp_path, thaumatin_cbfs, start):
+    config, _ = write_config(tmp_path, simulate_rate="4")
+    daemon = start(config, "-n", "3", "--verbose", "--simulate", *thaumatin_cbfs[:6])  # 1.5 s series, forever
+    collector = daemon.rank_pid(0)
+    daemon.wait_for(r"^SERIES 2: ", stream="out", timeout=60)
+    time.sleep(0.6)  # in the middle of series 3
+    killed = time.monotonic()
+    os.kill(collector, signal.SIGKILL)
+    (t_noticed, _), = daemon.wait_for(rf"JOB FAILED: the Collector \(rank 0, pid {collector}\) died", timeout=10)
+    (t_restart, _), = daemon.wait_for(r"restarting the MPI job \(restart 1 of at most 5", timeout=30)
+    daemon.wait_results(1, after=t_restart)
+    back = time.monotonic() - killed
+    (_, m), = daemon.wait_for(r"^RESULTS: series (\d+) frame", stream="out", after=t_restart)
+    resumed_in = int(m.group(1))  # the first series the new job processes: it may have begun before
+    daemon.wait_for(rf"^SERIES {resumed_in + 3}: ", stream="out", timeout=60)
+    time.sleep(0.5)  # SIGTERM in the middle of the next series
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.finish(120) == 0, daemon.text()
+    assert t_noticed - killed < 3.0, t_noticed - killed
+    print(f"collector killed: noticed after {t_noticed - killed:.2f} s, results again after {back:.1f} s")
+    by_series = summaries(daemon)
+    n_series = splitter_series(daemon)
+    # Exactly one SERIES line per series the Splitter saw, the one cut by SIGTERM included.
+    assert sorted(by_series) == list(range(1, n_series + 1)), (n_series, sorted(by_series), daemon.text())
+    assert all(len(lines) == 1 for lines in by_series.values()), by_series
+    for series, [(received, written, processed, blank, skipped, failed)] in by_series.items():
+        assert processed + blank + skipped + failed == received, (series, by_series[series])
+        assert written == str(received)
+    # Series that ran wholly under the new job are wholly processed.
+    for series in range(resumed_in + 1, resumed_in + 3):
+        received, _, processed, blank, skipped, failed = by_series[series][0]
+        assert (processed + blank, skipped, failed) == (received, 0, 0), by_series[series]
+    assert "Traceback" not in daemon.text()
+
+
+def test_the_daemon_gives_up_after_too_many_restarts_and_exits_non_zero(tmp_path, thaumatin_cbfs, start):
+    config, _ = write_config(tmp_path, simulate_rate="4", max_restarts="0")
+    daemon = start(config, "-n", "2", "--simulate", *thaumatin_cbfs[:6])
+    collector = daemon.rank_pid(0)
+    daemon.wait_for(r"^SERIES 1: ", stream="out", timeout=60)
+    os.kill(collector, signal.SIGKILL)
+    daemon.wait_for(r"JOB FAILED: the Collector", timeout=10)
+    daemon.wait_for(r"the MPI job failed 1 times in 10 min \(max_restarts = 0\): giving up", timeout=30)
+    assert daemon.finish(90) == 1, daemon.text()
+    by_series = summaries(daemon)
+    n_series = splitter_series(daemon)
+    assert sorted(by_series) == list(range(1, n_series + 1)) and all(len(v) == 1 for v in by_series.values())
+    # What no Collector summed up, the daemon did, from the Splitter's accounts.
+    assert any("summed up by the daemon" in line for _, line in daemon.out), daemon.text()
+    assert "Traceback" not in daemon.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted sockets, binding, the GUI's port
+
+
+GARBAGE = [
+    [b"result", b"not json"],
+    [b"result", b"[1, 2, 3]"],
+    [b"result", b'{"series": "one", "frame": 1, "status": "processed"}'],
+    [b"result", b'{"series": 1, "frame": -4, "status": "processed"}'],
+    [b"result", b'{"series": 1, "frame": 3, "status": "exploded"}'],
+    [b"result", b'{"series": 1, "frame": 2, "status": "processed", "n_spots": "many"}'],
+    [b"result", b'{"series": 1, "frame": 2, "status": "processed", "hres": NaN}'],
+    [b"result", b'{"series": 1, "frame": 2, "status": "processed", "header": [1]}'],
+    [b"result"],
+    [b"result", b"{}", b"{}"],
+    [b"status", b'{"rank": "x"}'],
+    [b"status", b'{"rank": 0}'],
+    [b"status", b'{"rank": 3, "cpus": "all"}'],
+    [b"hello", b"{}"],
+    [b"\xff\xfe", b"\x00" * 100],
+    [os.urandom(64), os.urandom(300)],
+]
+
+
+def test_garbage_on_the_collectors_socket_is_counted_localhost_binds_loopback_and_a_taken_gui_port_is_named(
+        tmp_path, thaumatin_cbfs, start):
+    gui_port, = free_ports(1)
+    config, keys = write_config(tmp_path, host="localhost", simulate_rate="3", start_gui="True",
+                                gui_port=str(gui_port))
+    dry = subprocess.run([str(EXE / "intxrd"), "-c", str(config), "-b", "t", "--dry_run", "-n", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert f"readers ask on tcp://127.0.0.1:{keys['port']}" in dry.stdout, dry.stdout
+    assert "OMPI_MCA_btl=self,sm" in dry.stdout
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", gui_port))
+    taken.listen()
+    record = tmp_path / "results.jsonl"
+    try:
+        daemon = start(config, "-n", "2", "--max_series", "1", "--record", str(record), "--simulate",
+                       *thaumatin_cbfs)
+        daemon.wait_for(rf"GUI: port {gui_port} in use on 127.0.0.1: set gui_port in \[t\] of {config}", timeout=30)
+        collector = daemon.rank_pid(0)
+        reader = daemon.rank_pid(1)
+        health = zmq.Context.instance().socket(zmq.SUB)
+        health.setsockopt(zmq.SUBSCRIBE, b"health")
+        health.connect(f"tcp://127.0.0.1:{keys['results_pub_port']}")
+        junk = zmq.Context.instance().socket(zmq.PUSH)
+        junk.setsockopt(zmq.LINGER, 1000)
+        junk.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
+        for _ in range(5):
+            for message in GARBAGE:
+                junk.send_multipart(message)
+        junk.close()
+        # Raw bytes that are no ZeroMQ at all.
+        with socket.create_connection(("127.0.0.1", keys["collector_port"])) as raw:
+            raw.sendall(os.urandom(2000))
+        # Where things listen: our ports on 127.0.0.1 only, and no rank listens on any other address.
+        listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+        for port_key in ("port", "splitter_pub_port", "collector_port", "results_pub_port"):
+            found = [line for line in listening if re.search(rf"\s\S+:{keys[port_key]}\s", line)]
+            assert found and all(f" 127.0.0.1:{keys[port_key]} " in line for line in found), (port_key, found)
+        for pid in (collector, reader):
+            mine = [line for line in listening if f"pid={pid}," in line]
+            assert all(" 127.0.0.1:" in line for line in mine), mine
+        daemon.wait_for(r"malformed message on the results socket .*: not JSON", timeout=30)
+        deadline = time.monotonic() + 15
+        counted = 0
+        while time.monotonic() < deadline and counted < 5 * len(GARBAGE):
+            if health.poll(500):
+                counted = json.loads(health.recv_multipart()[1])["malformed_results"]
+        health.close(linger=0)
+        assert counted == 5 * len(GARBAGE), counted
+        assert daemon.finish(120) == 0, daemon.text()
+    finally:
+        taken.close()
+    results, [summary] = records(record)
+    assert (summary["received"], summary["processed"] + summary["blank"], summary["failed"]) == (12, 12, 0), summary
+    assert_accounted_once(results, summary, 12)
+    assert "Traceback" not in daemon.text()
+    # Reported in a line, then counted: not one line per message.
+    assert sum("malformed message" in line for _, line in daemon.err) <= 3, daemon.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact accounts and retention, without processes
+
+
+def test_accounts_stay_compact_for_a_million_frame_series():
+    account = SeriesAccount(1, "series_000001")
+    for frame in range(1, 1_000_001):
+        account.results.add(frame if frame % 1000 else frame)  # in order, as readers mostly deliver
+        account.counts["processed"] += 1
+        account.latencies.add(0.05 + (frame % 100) / 1000)
+    assert len(account.results.starts) == 1
+    account.take_end({"series": 1, "series_name": "series_000001", "received": 1_000_010,
+                      "forwarded_ranges": [[1, 1_000_000]], "skipped_ranges": [[1_000_001, 1_000_010]]})
+    summary = account.summary()
+    assert (summary["skipped"], summary["lost"], summary["failed"]) == (10, 0, 0)
+    assert len(json.dumps(summary)) < 2000
+    assert abs(summary["latency_p50"] - 0.1) < 0.002
+    assert len(account.latencies.bins) < 200
+
+
+def test_range_sets_merge_out_of_order_and_subtract():
+    s = RangeSet()
+    for f in [5, 3, 4, 10, 1, 2, 12, 11]:
+        assert s.add(f)
+    assert not s.add(4)
+    assert s.ranges() == [[1, 5], [10, 12]] and len(s) == 8
+    assert RangeSet([[1, 20]]).minus(s).ranges() == [[6, 9], [13, 20]]
+    assert RangeSet([[1, 3], [8, 9]]).minus(RangeSet([[2, 8]])).ranges() == [[1, 1], [9, 9]]
+    q = Quantiles(0.01)
+    for v in [1.5, 2.0, 2.5]:
+        q.add(v)
+    assert q.median() == pytest.approx(2.0)
+
+
+def test_an_old_style_series_end_and_a_repeat_name_are_read():
+    account = SeriesAccount(1, "series_000001_r2")
+    account.take_end({"series": 1, "received": 4, "forwarded_frames": [1, 2, 4], "skipped_frames": [3]})
+    account.results.add(1)
+    account.counts["processed"] += 1
+    summary = account.summary()
+    assert summary["lost_ranges"] == [[2, 2], [4, 4]] and summary["skipped_ranges"] == [[3, 3]]
+    assert summary_line(summary).startswith("SERIES 1 r2: received 4, written ?, processed 1")
+
+
+def _series_files(directory: Path, name: str, n_data: int, size: int, mtime: float) -> None:
+    for path in [directory / f"{name}_master.h5"] + [directory / f"{name}_data_{k:06d}.h5" for k in
+                                                     range(1, n_data + 1)]:
+        path.write_bytes(HDF5_MAGIC + b"\0" * (size - len(HDF5_MAGIC)))
+        os.utime(path, (mtime, mtime))
+
+
+def test_retention_deletes_the_oldest_complete_series_only(tmp_path):
+    now = time.time()
+    _series_files(tmp_path, "old_run", 2, 300_000, now - 1000)  # from an earlier run
+    (tmp_path / "notes_master.h5").write_text("not HDF5")  # named like ours, but not ours
+    (tmp_path / "keep.txt").write_bytes(b"x" * 2_000_000)
+    retention = Retention(str(tmp_path), 0.001)  # 1 MB
+    _series_files(tmp_path, "series_000001", 2, 300_000, now - 100)
+    _series_files(tmp_path, "series_000002", 2, 300_000, now - 50)
+    _series_files(tmp_path, "series_000003", 2, 300_000, now)  # open: not closed by the Splitter
+    lines = retention.run([str(tmp_path / "series_000001_master.h5"), str(tmp_path / "series_000002_master.h5")])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # 3.6 MB of series files over a 1 MB limit: the old run, series 1 and series 2 go, oldest first,
+    # each whole; the open series 3 is never touched, nor files that are not the Splitter's.
+    assert left == ["keep.txt", "notes_master.h5", "series_000003_data_000001.h5", "series_000003_data_000002.h5",
+                    "series_000003_master.h5"], left
+    assert lines == [f"retention: deleted 3 oldest complete series (3 MB: old_run, series_000001, series_000002) "
+                     f"from {tmp_path} to stay under 0.001 GB"], lines
+    assert retention.run([]) == []  # under the limit now
