@@ -379,10 +379,11 @@ def validate_splitter(topic: str, body: dict) -> None:
 
 
 class Complaints:
-    """Reports malformed messages on one socket: the first at once, then at most one line every
-    REPORT_INTERVAL seconds with the count since the last line."""
+    """Reports messages it cannot use, on one socket: the first at once, then at most one line
+    every REPORT_INTERVAL seconds with the count since the last line."""
 
-    def __init__(self, where: str):
+    def __init__(self, what: str, where: str):
+        self.what = what  # e.g. "malformed message"
         self.where = where
         self.count = 0
         self.unreported = 0
@@ -400,13 +401,17 @@ class Complaints:
         if not self.unreported or (self.reported_at is not None and now - self.reported_at < REPORT_INTERVAL):
             return
         if self.count == 1:
-            print(f"collector: malformed message on {self.where}: {self.last_reason}; counted and ignored",
+            print(f"collector: {self.what} on {self.where}: {self.last_reason}; counted and ignored",
                   file=sys.stderr, flush=True)
         else:
-            print(f"collector: {self.unreported} more malformed message(s) on {self.where} "
+            print(f"collector: {self.unreported} more {self.what}(s) on {self.where} "
                   f"({self.count} in all; last: {self.last_reason})", file=sys.stderr, flush=True)
         self.unreported = 0
         self.reported_at = now
+
+
+class LateResult(Exception):
+    """A result for a series already summed up (its frame was counted failed there)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,8 +481,9 @@ class Collector:
         self.children: dict[int, subprocess.Popen] = {}  # replacement readers by rank
         self.reader_restarts = 0
         self.no_readers_since: float | None = None
-        self.bad_results = Complaints(f"the results socket {bl.collector_endpoint}")
-        self.bad_splitter = Complaints(f"the Splitter's socket {bl.splitter_publish_endpoint}")
+        self.bad_results = Complaints("malformed message", f"the results socket {bl.collector_endpoint}")
+        self.bad_splitter = Complaints("malformed message", f"the Splitter's socket {bl.splitter_publish_endpoint}")
+        self.late_results = Complaints("late result", "the results socket (after its series was summed up)")
         self.splitter_counters: dict = {}
         self.splitter_heard = False
         self.resumed = settings.resume_file is None
@@ -526,8 +532,7 @@ class Collector:
     def take_result(self, result: dict) -> None:
         series = self.account(result["series"], result.get("series_name"))
         if series is None or series.done:
-            raise BadMessage(f"series {result['series']} frame {result['frame']}: a result after the series "
-                             f"was summed up")
+            raise LateResult(f"series {result['series']} frame {result['frame']} (counted failed in its summary)")
         status = result["status"]
         if not series.results.add(result["frame"]):
             raise BadMessage(f"series {result['series']} frame {result['frame']}: a second result")
@@ -614,14 +619,18 @@ class Collector:
         for name in done:
             self.mark_done(name)
         for body in accounts:
+            # An account holds what the Splitter published of the series: its end (`timed_out` is
+            # always there), and its files' `frames_written` once closed (that may come first).
+            events = [t for t, key in (("series_end", "timed_out"), ("series_written", "frames_written"))
+                      if key in body]
             try:
-                validate_splitter("series_end", body)
-                validate_splitter("series_written", body)
+                for topic in events:
+                    validate_splitter(topic, body)
             except BadMessage as exc:
                 self.bad_splitter(f"the daemon's account of series {body.get('series')}: {exc}")
                 continue
-            self.take_series_event("series_end", body)
-            self.take_series_event("series_written", body)
+            for topic in events:
+                self.take_series_event(topic, body)
 
     def mark_done(self, name: str) -> None:
         if name in self.done_set:
@@ -656,6 +665,8 @@ class Collector:
                     self.take_status(message)
             except BadMessage as exc:
                 self.bad_results(str(exc))
+            except LateResult as exc:
+                self.late_results(str(exc))
             except Exception as exc:  # a message that passed the checks and still broke something
                 self.bad_results(f"{type(exc).__name__}: {exc}")
         return n
@@ -840,8 +851,10 @@ class Collector:
             "reader_restarts": self.reader_restarts,
             "job_restarts": self.settings.job_restarts,
             "resumed": self.resumed,
+            "ending": self.stopping,  # summing up to end: the daemon does not take the exit for a failure
             "malformed_results": self.bad_results.count,
             "malformed_splitter": self.bad_splitter.count,
+            "late_results": self.late_results.count,
             "results": self.results_total,
             "series_done": self.series_done,
             "ui_sent": self.ui_sent,
@@ -849,8 +862,8 @@ class Collector:
             "splitter": self.splitter_counters,
         }
         self._publish("health", body)
-        self.bad_results.tick()
-        self.bad_splitter.tick()
+        for complaints in (self.bad_results, self.bad_splitter, self.late_results):
+            complaints.tick()
         return body
 
     def print_rate(self) -> None:
@@ -904,6 +917,7 @@ class Collector:
         series_end is published) before it asks this Collector to stop, so the accounts are whole:
         wait a little for results still in flight, and for series whose end has come to complete."""
         self.stopping = True
+        self.health()
         if poller is None:
             poller = zmq.Poller()
             poller.register(self.results, zmq.POLLIN)
@@ -928,7 +942,7 @@ class Collector:
         if self.ui is not None:
             print(f"collector: {self.ui_sent} result lines sent to {self.configuration.beamline.ui_endpoint}, "
                   f"{self.ui_dropped} dropped (no listener or a slow one)", file=sys.stderr, flush=True)
-        for complaints in (self.bad_results, self.bad_splitter):
+        for complaints in (self.bad_results, self.bad_splitter, self.late_results):
             complaints.reported_at = None
             complaints.tick()
         # Readers stop when told; a few repeats so that late subscribers hear it too.

@@ -36,7 +36,7 @@ from pathlib import Path
 from intxr import config as cfg
 from intxr.launch import plan_launch
 
-HEALTH_SILENT_AFTER = 4.0  # seconds without the Collector's health before the job is restarted
+HEALTH_SILENT_AFTER = 5.0  # seconds without the Collector's health before the job is restarted
 START_TIMEOUT = 60.0  # seconds for a new job's Collector to say it is up
 RESTART_WINDOW = 600.0  # max_restarts count within this many seconds
 RETENTION_INTERVAL = 5.0
@@ -128,16 +128,20 @@ class Job:
         self.collector_pid: int | None = None
         self.collector_host: str | None = None
         self.resumed = False
+        self.ending: float | None = None  # when its Collector said it sums up to end
         self.series_done = 0
 
     def take_health(self, body: dict) -> None:
-        self.last_health = time.monotonic()
         pid = body.get("collector_pid")
-        if isinstance(pid, int):
-            self.collector_pid = pid
-        for rank in body.get("ranks") or []:
-            if isinstance(rank, dict) and rank.get("rank") == 0:
-                self.collector_host = rank.get("host")
+        host = next((r.get("host") for r in body.get("ranks") or [] if isinstance(r, dict) and r.get("rank") == 0),
+                    None)
+        if host in (None, os.uname().nodename) and not (isinstance(pid, int) and pid in session_pids(self.proc.pid)):
+            return  # from the job before this one, still queued: not this job's Collector
+        self.last_health = time.monotonic()
+        self.collector_pid = pid if isinstance(pid, int) else None
+        self.collector_host = host
+        if body.get("ending") is True:
+            self.ending = self.ending or time.monotonic()
         self.resumed = self.resumed or body.get("resumed") is True
 
     def failure(self) -> str | None:
@@ -145,6 +149,11 @@ class Job:
         code = self.proc.poll()
         if code is not None:
             return f"the MPI job ended (mpirun exit status {code})"
+        if self.ending is not None:
+            # The Collector ends by itself (--max_series, or told so): its exit is no failure.
+            if time.monotonic() - self.ending > 30:
+                return "the MPI job did not end within 30 s after its Collector summed up"
+            return None
         if (self.collector_pid and self.collector_host in (None, os.uname().nodename)
                 and not pid_alive(self.collector_pid)):
             return f"the Collector (rank 0, pid {self.collector_pid}) died"
@@ -428,7 +437,6 @@ class Daemon:
         last_retention = 0.0
         try:
             while not self.stop.is_set():
-                self.drain(health, job)
                 if self.sources and self.simulator is None and job.last_health is not None:
                     # The simulated detector starts once the Collector is up (its first health), so
                     # that even a short first series is accounted from its first frame.
@@ -444,6 +452,9 @@ class Daemon:
                             self.say(line)
                     except OSError as exc:
                         self.say(f"retention: {bl.output_dir}: {exc}")
+                # Last before judging the job: what its Collector said while the above took time.
+                self.drain(health, job)
+                now = time.monotonic()
                 if not splitter.running:
                     if self.args.max_series is None:
                         self.say(f"the Splitter stopped: {splitter.counters().get('last_error') or 'no reason given'}")
@@ -459,9 +470,8 @@ class Daemon:
                         break
                 why = job.failure()
                 if why is not None:
-                    if job.proc.poll() == 0 and self.args.max_series is not None and (
-                            len(self.done_names) >= self.args.max_series):
-                        self.job_clean = True
+                    if job.proc.poll() == 0 and job.ending and self.args.max_series is not None:
+                        self.job_clean = True  # it summed up its last series and ended
                         break
                     job = self.restart(why, splitter)
                     if job is None:
@@ -516,6 +526,7 @@ class Daemon:
             self.say("the Splitter did not finish writing within 60 s")
             code = code or 1
         if job is not None and job.proc.poll() is None:
+            self.drain(health, job)
             if job.collector_pid and pid_alive(job.collector_pid):
                 # The Collector alone is told: it takes the Splitter's last series_end, sums up every
                 # series (mpirun still forwards what it prints) and stops the readers.
@@ -528,9 +539,10 @@ class Daemon:
                     self.drain(health, job)
                     time.sleep(0.1)
                 self.job_clean = job.proc.poll() == 0
-            if job.proc.poll() is None:
-                self.say("the MPI job did not end when told: stopping it")
-                self.job_clean = False
+                if job.proc.poll() is None:
+                    self.say("the MPI job did not end when told: stopping it")
+            else:
+                self.say("no Collector is up to sum up: stopping the MPI job")
         if job is not None:
             kill_session(job.proc)  # ranks a dead launcher left behind, too
             self.drain(health, job)
@@ -564,8 +576,8 @@ class Daemon:
 
         for account in splitter.counters().get("series", []):
             name = self.name_of(account)
-            if name in self.done_set or not isinstance(account.get("series"), int):
-                continue
+            if name in self.done_set or not isinstance(account.get("series"), int) or "timed_out" not in account:
+                continue  # summed up already, or not ended (no series_end recorded)
             series = SeriesAccount(account["series"], name)
             try:
                 series.take_end(account)

@@ -112,6 +112,8 @@ class Daemon:
         code = self.proc.wait(timeout)
         for t in self.threads:
             t.join(10)
+        if os.environ.get("INTXR_TEST_LOG"):
+            Path(os.environ["INTXR_TEST_LOG"]).write_text(self.text())
         return code
 
     def stop(self) -> None:
@@ -122,6 +124,10 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if os.environ.get("INTXR_TEST_LOG"):
+            for t in self.threads:
+                t.join(5)
+            Path(os.environ["INTXR_TEST_LOG"]).write_text(self.text())
 
 
 RUNNING: list[Daemon] = []
@@ -152,9 +158,10 @@ def summaries(daemon: Daemon) -> dict[int, list[tuple]]:
     return by_series
 
 
-def splitter_series(daemon: Daemon) -> int:
-    (_, m), = daemon.wait_for(r"splitter: \d+ frames received, .* (\d+) series", timeout=5)
-    return int(m.group(1))
+def splitter_series(config: Path) -> int:
+    """Series the Splitter opened: one master file each."""
+    directory = Path(re.search(r"output_dir = (.*)", config.read_text()).group(1))
+    return len(list(directory.glob("*_master.h5")))
 
 
 def records(path: Path) -> tuple[list[dict], list[dict]]:
@@ -239,7 +246,7 @@ def test_a_killed_collector_is_noticed_the_job_restarts_and_every_series_is_summ
     assert t_noticed - killed < 3.0, t_noticed - killed
     print(f"collector killed: noticed after {t_noticed - killed:.2f} s, results again after {back:.1f} s")
     by_series = summaries(daemon)
-    n_series = splitter_series(daemon)
+    n_series = splitter_series(config)
     # Exactly one SERIES line per series the Splitter saw, the one cut by SIGTERM included.
     assert sorted(by_series) == list(range(1, n_series + 1)), (n_series, sorted(by_series), daemon.text())
     assert all(len(lines) == 1 for lines in by_series.values()), by_series
@@ -263,7 +270,7 @@ def test_the_daemon_gives_up_after_too_many_restarts_and_exits_non_zero(tmp_path
     daemon.wait_for(r"the MPI job failed 1 times in 10 min \(max_restarts = 0\): giving up", timeout=30)
     assert daemon.finish(90) == 1, daemon.text()
     by_series = summaries(daemon)
-    n_series = splitter_series(daemon)
+    n_series = splitter_series(config)
     assert sorted(by_series) == list(range(1, n_series + 1)) and all(len(v) == 1 for v in by_series.values())
     # What no Collector summed up, the daemon did, from the Splitter's accounts.
     assert any("summed up by the daemon" in line for _, line in daemon.out), daemon.text()
@@ -334,14 +341,16 @@ def test_garbage_on_the_collectors_socket_is_counted_localhost_binds_loopback_an
         for pid in (collector, reader):
             mine = [line for line in listening if f"pid={pid}," in line]
             assert all(" 127.0.0.1:" in line for line in mine), mine
-        daemon.wait_for(r"malformed message on the results socket .*: not JSON", timeout=30)
+        daemon.wait_for(r"collector: malformed message on the results socket tcp://localhost:\d+: .*; counted and ignored",
+                        timeout=30)
         deadline = time.monotonic() + 15
         counted = 0
         while time.monotonic() < deadline and counted < 5 * len(GARBAGE):
             if health.poll(500):
                 counted = json.loads(health.recv_multipart()[1])["malformed_results"]
         health.close(linger=0)
-        assert counted == 5 * len(GARBAGE), counted
+        # Every message counted (random bytes that pass for old ZMTP 1.0 framing add a few more).
+        assert counted >= 5 * len(GARBAGE), counted
         assert daemon.finish(120) == 0, daemon.text()
     finally:
         taken.close()

@@ -205,10 +205,12 @@ def test_a_killed_reader_is_reported_and_every_frame_is_accounted(tmp_path, thau
     assert summary["received"] == 24 and summary["written"] == 24
     accounted = summary["processed"] + summary["blank"] + summary["skipped"] + summary["failed"]
     assert accounted == 24, summary
-    frames = {r["frame"] for r in results} | set(summary["skipped_frames"]) | set(summary["lost_frames"])
-    assert frames == set(range(1, 25))
+    ranges = summary["skipped_ranges"] + summary["lost_ranges"]
+    frames = [r["frame"] for r in results] + [f for first, last in ranges for f in range(first, last + 1)]
+    assert sorted(frames) == list(range(1, 25))  # each frame once
     assert any(r["rank"] == 2 for r in results)  # the other reader went on
-    assert any("reader rank 1" in line and "lost" in line for line in err), "".join(err)
+    assert any(f"reader rank 1 (pid {pid}" in line and "died" in line for line in err), "".join(err)
+    assert any("reader rank 1 replaced" in line for line in err), "".join(err)
 
 
 def test_sigterm_drains_and_leaves_complete_files(tmp_path, thaumatin_cbfs):
