@@ -35,7 +35,8 @@ class Splitter:
 
     `<name>` (`series_name`) is the series' prefix, made unique in `output_dir` (`_r2`, `_r3`, ...):
     files are never replaced. Below `disk_reserve_mb` (plus the queued frames) of free space the
-    open files are closed and frames are counted as not written until space returns.
+    open files are closed and frames are counted as not written until space returns
+    (`check_free_space=False`: only when a write fails, for file systems whose statvfs misleads).
 
     with Splitter("tcp://127.0.0.1:9999", "/data/run") as splitter:
         splitter.join()          # until stopped, or `max_series` series have ended
@@ -55,6 +56,7 @@ class Splitter:
         filepath_key: str | None = None,
         buffer_mb: int = 4096,
         disk_reserve_mb: float = 16,
+        check_free_space: bool = True,
         serve: str | None = None,
         serve_mode: str = "request",
         skip_after: float = 2.0,
@@ -72,6 +74,7 @@ class Splitter:
             filepath_key=filepath_key,
             buffer_bytes=int(buffer_mb) << 20,
             disk_reserve=int(disk_reserve_mb * (1 << 20)),
+            check_free_space=check_free_space,
             serve=bind_endpoint(serve),
             serve_mode=serve_mode,
             skip_after=skip_after,

@@ -393,6 +393,45 @@ pub fn bslz4_decompress_into(
     Ok(())
 }
 
+/// Whether a bitshuffle-LZ4 chunk holds all its blocks and trailing elements, by walking the block
+/// lengths without decompressing (a truncated blob whose header is intact fails here).
+pub fn bslz4_check_layout(blob: &[u8], elem_size: usize) -> Result<(), CodecError> {
+    check_elem_size(elem_size)?;
+    let (total, block_bytes) = bslz4_header(blob)?;
+    let block_elems = block_bytes as usize / elem_size;
+    if block_bytes == 0
+        || !(block_bytes as usize).is_multiple_of(elem_size)
+        || !block_elems.is_multiple_of(8)
+    {
+        return Err(CodecError::BadBlockSize(block_bytes, elem_size));
+    }
+    let n = usize::try_from(total / elem_size as u64).unwrap_or(usize::MAX);
+    let mut pos = 12usize;
+    let mut start = 0usize;
+    // Each block takes at least its 4-byte length: at most blob.len() / 4 steps.
+    while start < n - n % 8 {
+        let count = block_elems.min(n - start);
+        let count = count - count % 8;
+        let Some(head) = blob.get(pos..pos + 4) else {
+            return Err(CodecError::Truncated("block length missing"));
+        };
+        let len = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
+        pos = pos.saturating_add(4 + len);
+        if pos > blob.len() {
+            return Err(CodecError::Truncated(
+                "LZ4 block shorter than its declared length",
+            ));
+        }
+        start += count;
+    }
+    if blob.len() - pos < (n - start) * elem_size {
+        return Err(CodecError::Truncated(
+            "trailing uncompressed elements missing",
+        ));
+    }
+    Ok(())
+}
+
 /// A v1 `lz4<` blob: one raw LZ4 block, no size prefix.
 pub fn lz4_compress(data: &[u8]) -> Vec<u8> {
     lz4_flex::block::compress(data)

@@ -132,7 +132,7 @@ impl SplitterCore {
     #[new]
     #[pyo3(signature = (endpoint, output_dir, *, bind=false, protocol="auto", frames_per_file=1000,
                         series_timeout=10.0, max_series=None, filepath_key=None, buffer_bytes=4u64 << 30,
-                        disk_reserve=16u64 << 20, serve=None, serve_mode="request", skip_after=2.0, heartbeat=1.0, publish=None))]
+                        disk_reserve=16u64 << 20, check_free_space=true, serve=None, serve_mode="request", skip_after=2.0, heartbeat=1.0, publish=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         endpoint: String,
@@ -145,6 +145,7 @@ impl SplitterCore {
         filepath_key: Option<String>,
         buffer_bytes: u64,
         disk_reserve: u64,
+        check_free_space: bool,
         serve: Option<String>,
         serve_mode: &str,
         skip_after: f64,
@@ -195,6 +196,7 @@ impl SplitterCore {
                 filepath_key,
                 buffer_bytes,
                 disk_reserve,
+                check_free_space,
                 serve: serve::ServeConfig {
                     endpoint: serve,
                     mode,

@@ -24,7 +24,7 @@ use std::ffi::{c_char, c_uint, c_void, CStr, CString};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Once;
 
-use hdf5_metno_sys::h5::{herr_t, hsize_t, H5open};
+use hdf5_metno_sys::h5::{herr_t, hsize_t, H5dont_atexit, H5open};
 use hdf5_metno_sys::h5a::{H5Aclose, H5Acreate2, H5Awrite};
 use hdf5_metno_sys::h5d::{H5Dclose, H5Dcreate2, H5Dset_extent, H5Dwrite, H5Dwrite_chunk};
 use hdf5_metno_sys::h5e::{
@@ -116,8 +116,13 @@ thread_local! {
 
 /// Open the library once per process and, once per thread (a thread-safe libhdf5 keeps one error
 /// stack per thread), turn off HDF5's automatic printing of error stacks: errors are returned.
+///
+/// Without HDF5's exit handler: the writer closes every file itself, and a file whose close failed
+/// (a full disk) stays registered in the library, whose exit handler then crashed closing it again
+/// (a segfault at exit after a disk error).
 fn h5_init() {
     H5_OPEN.call_once(|| unsafe {
+        H5dont_atexit();
         H5open();
     });
     ERR_PRINT_OFF.with(|off| {
@@ -159,11 +164,15 @@ fn h5_error_detail() -> String {
         );
         H5Eclear2(H5E_DEFAULT);
     }
-    let text = match messages.len() {
+    let mut text = match messages.len() {
         0 => "no HDF5 error message".to_string(),
         1 => messages.remove(0),
         n => format!("{}; {}", messages[0], messages[n - 1]),
     };
+    // A failed write's message goes on with buffer addresses and byte counts after the errno.
+    if let Some(cut) = text.find(", buf = ") {
+        text.truncate(cut);
+    }
     one_line(&text)
 }
 
@@ -582,9 +591,16 @@ impl H5Writer<'_> {
 /// error, the caller picks names that do not exist).
 fn create_file(path: &Path) -> Result<Handle> {
     let name = c_path(path)?;
+    let existed = path.symlink_metadata().is_ok();
     let id = unsafe { H5Fcreate(name.as_ptr(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT) };
     if id < 0 {
-        return Err(h5_error(path, "H5Fcreate".to_string()));
+        let err = h5_error(path, "H5Fcreate".to_string());
+        // A file this call made before HDF5 failed (a full disk) is removed; one that was there
+        // (EEXIST, errno 17) is not ours.
+        if !existed && !err.to_string().contains("errno = 17") {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(err);
     }
     Ok(Handle {
         id,
@@ -895,6 +911,10 @@ pub struct SeriesWriter {
     failed: Option<String>,
     /// Frames in data files that could not be closed cleanly (not counted as readable).
     lost: usize,
+    /// The last data file could not be closed cleanly.
+    last_file_broken: bool,
+    /// The final master (files, frames) that could not be written.
+    master_pending: Option<(usize, usize)>,
     /// Frames written since the open data file's metadata last reached the disk, and when that was.
     unflushed: usize,
     flushed_at: std::time::Instant,
@@ -987,6 +1007,8 @@ impl SeriesWriter {
             finished: false,
             failed: None,
             lost: 0,
+            last_file_broken: false,
+            master_pending: None,
             unflushed: 0,
             flushed_at: std::time::Instant::now(),
         };
@@ -1140,8 +1162,37 @@ impl SeriesWriter {
 
     /// Close the current data file and write the final master, also after an error: what was
     /// written stays readable. `summary.frames` counts only frames in cleanly closed data files.
-    pub fn close(mut self) -> Closed {
+    pub fn close(&mut self) -> Closed {
+        if self.finished {
+            return self.closed_summary(None);
+        }
         self.close_inner()
+    }
+
+    /// After `close`: write the final master again if it could not be written then (a full disk:
+    /// the master on disk may still link a data file that could not be finished). None when
+    /// nothing was pending.
+    pub fn retry_master(&mut self) -> Option<Result<()>> {
+        let (files, frames) = self.master_pending?;
+        let _lock = hdf5_metno_sys::LOCK.lock();
+        h5_init();
+        let written = self.write_master(files, frames, true);
+        if written.is_ok() {
+            self.master_pending = None;
+        }
+        Some(written)
+    }
+
+    fn closed_summary(&self, error: Option<NxmxError>) -> Closed {
+        Closed {
+            summary: WriteSummary {
+                master: self.master.clone(),
+                data_files: self.data_files.clone(),
+                frames: self.frames - self.lost,
+                bytes: self.bytes,
+            },
+            error,
+        }
     }
 
     /// Frames written so far (in files not yet known to be lost).
@@ -1170,21 +1221,19 @@ impl SeriesWriter {
             None => Ok(()),
         };
         let readable = self.frames - self.lost;
-        let master = self.write_master(self.data_files.len(), readable, true);
+        // A data file that could not be closed cleanly is the last one (nothing is written after
+        // an error): the final master leaves it out, so every file it links can be read.
+        let files = self.data_files.len() - usize::from(self.last_file_broken);
+        let master = self.write_master(files, readable, true);
+        if master.is_err() {
+            self.master_pending = Some((files, readable));
+        }
         let error = match (&self.failed, closed, master) {
             (Some(first), _, _) => Some(NxmxError::Invalid(first.clone())),
             (None, Err(e), _) | (None, Ok(()), Err(e)) => Some(e),
             (None, Ok(()), Ok(())) => None,
         };
-        Closed {
-            summary: WriteSummary {
-                master: self.master.clone(),
-                data_files: self.data_files.clone(),
-                frames: readable,
-                bytes: self.bytes,
-            },
-            error,
-        }
+        self.closed_summary(error)
     }
 
     fn frame_error(&self, frame: &FrameHeader, reason: String) -> NxmxError {
@@ -1354,6 +1403,7 @@ impl SeriesWriter {
         let closed = self.close_data_file_inner(file);
         if closed.is_err() {
             self.lost += count;
+            self.last_file_broken = true;
         }
         closed
     }
@@ -2263,6 +2313,37 @@ mod tests {
         );
         let name = c_name("/entry/data/data_000003").unwrap();
         assert!(unsafe { hdf5_metno_sys::h5l::H5Lexists(m.0, name.as_ptr(), H5P_DEFAULT) } <= 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn nxmx_never_replaces_a_file() {
+        let dir = test_dir("excl");
+        std::fs::create_dir_all(&dir).unwrap();
+        let header = v1_header();
+        let first = frame(0, (4, 4), 2, Compression::BsLz4);
+        // Someone's master under the name: the writer refuses it and leaves it as it was.
+        std::fs::write(dir.join("taken_master.h5"), b"not ours").unwrap();
+        let err = SeriesWriter::create(&dir, "taken", &header, &first, 2)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("taken_master.h5"), "{err}");
+        assert_eq!(
+            std::fs::read(dir.join("taken_master.h5")).unwrap(),
+            b"not ours"
+        );
+        assert!(!dir.join("taken_master.h5.tmp").exists());
+        // A data file under the name: the frame is refused, the file is left as it was.
+        std::fs::write(dir.join("d_data_000001.h5"), b"not ours either").unwrap();
+        let mut writer = SeriesWriter::create(&dir, "d", &header, &first, 2).unwrap();
+        let blob = codec::bslz4_compress(&pixels(0, 4, 4, 2), 2, 0).unwrap();
+        assert!(writer.write_frame(&first, &blob).is_err());
+        assert!(writer.failed().is_some());
+        assert_eq!(
+            std::fs::read(dir.join("d_data_000001.h5")).unwrap(),
+            b"not ours either"
+        );
+        drop(writer);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

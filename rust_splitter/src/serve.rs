@@ -708,3 +708,32 @@ mod tests {
         assert_eq!(Arc::strong_count(&received), 1);
     }
 }
+
+#[cfg(test)]
+mod range_tests {
+    use super::Ranges;
+
+    #[test]
+    fn ranges_merge_in_any_order_and_count() {
+        let mut r = Ranges::default();
+        for n in [5, 6, 7, 1, 3, 2, 9, 9, 4, 8, -2, i64::MAX, i64::MIN] {
+            r.insert(n);
+        }
+        assert_eq!(
+            r.to_json().to_string(),
+            format!(
+                "[[{},{}],[-2,-2],[1,9],[{},{}]]",
+                i64::MIN,
+                i64::MIN,
+                i64::MAX,
+                i64::MAX
+            )
+        );
+        assert_eq!(r.count(), 12);
+        // A million frames in order are one range.
+        let mut big = Ranges::default();
+        (0..1_000_000).for_each(|n| big.insert(n));
+        assert_eq!(big.0, vec![(0, 999_999)]);
+        assert_eq!(big.count(), 1_000_000);
+    }
+}

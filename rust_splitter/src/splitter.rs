@@ -51,6 +51,9 @@ pub struct SplitterConfig {
     /// Free space kept on the output file system beyond what the queued frames and a few more
     /// need: below it the open files are closed and frames are not written until space returns.
     pub disk_reserve: u64,
+    /// Check the free space before each frame (off: write until a write fails, for file systems
+    /// whose free space statvfs does not tell, e.g. some network or quota-limited ones).
+    pub check_free_space: bool,
     /// Frames to readers and accounting to listeners.
     pub serve: ServeConfig,
 }
@@ -348,7 +351,7 @@ struct Reports {
     suppressed: u64,
 }
 
-const REPORTS_PER_WINDOW: u32 = 10;
+const REPORTS_PER_WINDOW: u32 = 20;
 const REPORT_WINDOW: Duration = Duration::from_secs(10);
 
 impl Reports {
@@ -505,7 +508,10 @@ fn blob_fits(frame: &FrameHeader, blob: &[u8]) -> Result<(), String> {
     };
     match frame.compression {
         // Both headers start with the uncompressed size as a big-endian u64.
-        Compression::BsLz4 => declared(12),
+        Compression::BsLz4 => declared(12).and_then(|()| {
+            crate::codec::bslz4_check_layout(blob, frame.elem_size)
+                .map_err(|e| format!("bitshuffle-LZ4 blob of {} bytes: {e}", blob.len()))
+        }),
         Compression::Lz4Hdf5 => declared(16),
         Compression::Lz4Raw => {
             // An LZ4 block expands at most 255 times; incompressible data grows by 1/255 + 16.
@@ -815,7 +821,10 @@ impl Series<'_> {
                 open.disk = if space { Disk::Short } else { Disk::Broken };
             }
         }
-        if open.disk == Disk::Broken {
+        // Unchecked, a series stops writing only when a write fails; space is still checked to resume.
+        if open.disk == Disk::Broken
+            || (open.disk == Disk::Writing && !self.config.check_free_space)
+        {
             return;
         }
         let dir = &self.config.output_dir;
@@ -899,6 +908,8 @@ struct OpenSeries {
     name: Arc<str>,
     header: Arc<SeriesHeader>,
     writer: Option<SeriesWriter>,
+    /// Its writer once the files are closed.
+    closed: Option<SeriesWriter>,
     /// Writing has stopped for this series (a full disk, an error): its files are closed.
     stopped: bool,
     /// What the closed files hold: readable frames and the master file.
@@ -930,9 +941,11 @@ impl OpenSeries {
     /// Close the files (cleanly, so what was written stays readable); frames counted as written
     /// that are not readable after all (a data file that could not be closed) move to not written.
     fn close_files(&mut self, counters: &Counters) -> Option<String> {
-        let writer = self.writer.take()?;
+        let mut writer = self.writer.take()?;
         let claimed = writer.frames_written();
         let Closed { summary, error } = writer.close();
+        // Kept: a final master the full disk refused is written again when the series closes.
+        self.closed = Some(writer);
         let lost = claimed.saturating_sub(summary.frames) as u64;
         if lost > 0 {
             counters.frames_written.fetch_sub(lost, Ordering::Relaxed);
@@ -991,6 +1004,7 @@ fn write_loop(
                     name,
                     header,
                     writer: None,
+                    closed: None,
                     stopped: false,
                     written: 0,
                     master: None,
@@ -1110,6 +1124,14 @@ fn close(
         ));
         series.write_error.get_or_insert(error);
     }
+    if let Some(Err(e)) = series.closed.as_mut().and_then(|w| w.retry_master()) {
+        counters.error(format!(
+            "series {} ({}): its final master file could not be written: {}",
+            series.series,
+            series.name,
+            one_line(&e.to_string())
+        ));
+    }
     if series.not_written > 0 {
         counters.error(format!(
             "series {} ({}): {} frames not written ({}); {} frames on disk",
@@ -1167,4 +1189,91 @@ pub(crate) fn prefix_for(
         }
     }
     format!("series_{:06}", header.series)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameHeader;
+
+    fn frame(shape: (usize, usize), compression: Compression) -> FrameHeader {
+        FrameHeader {
+            protocol: Protocol::V1,
+            series: 1,
+            frame: 0,
+            shape,
+            elem_size: 2,
+            compression,
+            encoding: String::new(),
+            md5_ok: None,
+            header: Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_blob_must_be_able_to_be_its_frame() {
+        let pixels: Vec<u8> = (0..96 * 128 * 2).map(|i| (i % 7) as u8).collect();
+        let blob = crate::codec::bslz4_compress(&pixels, 2, 0).unwrap();
+        assert!(blob_fits(&frame((96, 128), Compression::BsLz4), &blob).is_ok());
+        let absurd = blob_fits(&frame((1 << 20, 1 << 20), Compression::BsLz4), &blob).unwrap_err();
+        assert!(absurd.contains("blob declares 24576 bytes"), "{absurd}");
+        let cut = blob_fits(
+            &frame((96, 128), Compression::BsLz4),
+            &blob[..blob.len() / 2],
+        );
+        assert!(cut.unwrap_err().contains("truncated"));
+        let lz4 = crate::codec::lz4_compress(&pixels);
+        assert!(blob_fits(&frame((96, 128), Compression::Lz4Raw), &lz4).is_ok());
+        assert!(blob_fits(&frame((1 << 20, 1 << 20), Compression::Lz4Raw), &lz4).is_err());
+        assert!(blob_fits(&frame((96, 128), Compression::None), &pixels).is_ok());
+        assert!(blob_fits(&frame((96, 129), Compression::None), &pixels).is_err());
+        assert!(blob_fits(&frame((usize::MAX, 3), Compression::None), &pixels).is_err());
+    }
+
+    #[test]
+    fn names_taken_on_disk_or_by_this_run_get_a_suffix() {
+        let dir = std::env::temp_dir().join(format!("splitter-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("series_000001_master.h5"), b"earlier run").unwrap();
+        std::fs::write(dir.join("series_000001_r2_data_000001.h5"), b"earlier run").unwrap();
+        let config = SplitterConfig {
+            endpoint: String::new(),
+            bind: false,
+            protocol: None,
+            output_dir: dir.clone(),
+            frames_per_file: 1,
+            series_timeout: Duration::from_secs(1),
+            max_series: None,
+            filepath_key: None,
+            buffer_bytes: 0,
+            disk_reserve: 0,
+            check_free_space: true,
+            serve: ServeConfig {
+                endpoint: None,
+                mode: crate::serve::ServeMode::Request,
+                skip_after: Duration::from_secs(1),
+                heartbeat: Duration::from_secs(1),
+                publish: None,
+            },
+        };
+        let counters = Counters::default();
+        let (writer, _w) = mpsc::channel();
+        let (server, _s) = mpsc::channel();
+        let mut series = Series {
+            config: &config,
+            counters: &counters,
+            writer,
+            server,
+            open: None,
+            timed_out: None,
+            names: HashSet::new(),
+            reports: Reports::default(),
+        };
+        assert_eq!(series.unique_name("series_000001"), "series_000001_r3");
+        assert_eq!(series.unique_name("series_000001"), "series_000001_r4");
+        assert_eq!(series.unique_name("other"), "other");
+        assert_eq!(series.unique_name("other"), "other_r2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
