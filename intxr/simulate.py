@@ -7,13 +7,16 @@ connect).
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from intxr import stream_format as fmt
 from intxr.codec import encode, v1_encoding
@@ -87,7 +90,7 @@ def pixels_for(frame: np.ndarray, encoding: str) -> np.ndarray:
 class Simulator:
     """Streams frames from `sources` per `settings`. `stop()` ends it from another thread."""
 
-    def __init__(self, sources: list[str], settings: SimulatorSettings, log=sys.stderr):
+    def __init__(self, sources: list[str], settings: SimulatorSettings, log=sys.stderr, drain_timeout: float = 10.0):
         settings.validate()
         if not sources:
             raise ValueError("no image source given")
@@ -101,9 +104,17 @@ class Simulator:
         self._prepared: dict[tuple[int, int], PreparedFrame] = {}
         self._stop = threading.Event()
         self.log = log
-        self.frames_sent = 0
+        self.frames_sent = 0  # frames that left (libzmq released them), not merely queued
         self.bytes_sent = 0
         self.series_sent = 0
+        self.frames_dropped = 0  # queued frames no consumer took before the drain gave up
+        self.messages_queued = 0  # handed to libzmq; sent once it has released them
+        self.frames_lost = 0  # queued frames a consumer took along when it disconnected
+        self.disconnects = 0
+        self.consumers = 0
+        self._monitor: zmq.Socket | None = None
+        self.drain_timeout = drain_timeout
+        self._finished = threading.Event()
         self.bound_endpoint: str | None = None
         self.ready = threading.Event()
 
@@ -219,28 +230,126 @@ class Simulator:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def _send(self, socket: zmq.Socket, parts: list[bytes]) -> bool:
-        """Send one message, waiting for a consumer without blocking `stop()`. False when stopped."""
+    def _send(self, socket: zmq.Socket, parts: list[bytes], pending: deque) -> zmq.MessageTracker | None:
+        """Queue one message, waiting for a consumer without blocking `stop()`; its tracker, or None
+        when stopped. The blob goes zero-copy: pyzmq keeps each buffer alive until libzmq releases
+        it. The last part is tracked (and never copied): libzmq releases it only after every part
+        before it, so its tracker says when the whole message has gone to the wire."""
+        last = zmq.Frame(parts[-1], copy=False, track=True)
         waited = 0.0
         while not self._stop.is_set():
-            if socket.poll(200, zmq.POLLOUT):
-                socket.send_multipart(parts, copy=False)
-                return True
-            waited += 0.2
+            self._reap(pending)
+            if socket.poll(50, zmq.POLLOUT):
+                # Consumers that left before this message was queued must not take it into account.
+                self._watch(pending)
+                socket.send_multipart([*parts[:-1], last], copy=False)
+                return last.tracker
+            waited += 0.05
             if waited >= 5.0:
                 print(f"simulate: waiting for a consumer on {self.bound_endpoint}", file=self.log, flush=True)
                 waited = 0.0
-        return False
+        return None
+
+    def _reap(self, pending: deque, everywhere: bool = False) -> int:
+        """Count the queued messages libzmq has released (sent); how many were. In order from the
+        oldest (cheap, while sending), or every one (while draining: several consumers take
+        messages round-robin, so they may complete out of order)."""
+        self._watch(pending)  # first: messages a leaving consumer took along are not sent
+        done = 0
+        if everywhere:
+            left = deque()
+            for entry in pending:
+                if entry[0].done:
+                    self._count_sent(entry)
+                    done += 1
+                else:
+                    left.append(entry)
+            pending.clear()
+            pending.extend(left)
+            return done
+        while pending and pending[0][0].done:
+            self._count_sent(pending.popleft())
+            done += 1
+        return done
+
+    def _count_sent(self, entry) -> None:
+        _, is_image, nbytes = entry
+        self.frames_sent += is_image
+        self.bytes_sent += nbytes
+
+    def _drain(self, pending: deque) -> None:
+        """Wait until every queued message has left, giving up after `drain_timeout` seconds in
+        which none left (no consumer, or one that stopped taking them)."""
+        said = False
+        last_progress = time.monotonic()
+        while True:
+            if self._reap(pending, everywhere=True):
+                last_progress = time.monotonic()
+            if not pending:
+                return
+            waited = time.monotonic() - last_progress
+            if waited >= self.drain_timeout:
+                return
+            if not said and waited >= 1.0:
+                frames = sum(is_image for _, is_image, _ in pending)
+                print(f"simulate: waiting for {len(pending)} queued messages ({frames} frames) to leave "
+                      f"{self.bound_endpoint} (at most {self.drain_timeout:.0f} s without progress)",
+                      file=self.log, flush=True)
+                said = True
+            try:
+                pending[0][0].wait(0.05)
+            except zmq.NotDone:
+                pass
+
+    def _watch(self, pending: deque) -> None:
+        """Follow consumers connecting and leaving. One that leaves takes the messages queued to it
+        along (libzmq releases them as if sent): when none is left, every queued message is lost,
+        and counted so, not as sent; with others still there, which ones is unknown: said."""
+        monitor = self._monitor
+        while monitor is not None and monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                self.consumers += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.disconnects += 1
+                self.consumers = max(0, self.consumers - 1)
+                if not pending:
+                    continue
+                if self.consumers == 0:
+                    frames = sum(is_image for _, is_image, _ in pending)
+                    self.frames_lost += frames
+                    print(f"simulate: the consumer of {self.bound_endpoint} disconnected with {len(pending)} "
+                          f"messages ({frames} frames) queued to it: lost", file=self.log, flush=True)
+                    pending.clear()
+                else:
+                    print(f"simulate: a consumer of {self.bound_endpoint} disconnected with messages queued: "
+                          f"those queued to it (up to {len(pending)}) are lost", file=self.log, flush=True)
+
+    def _wait_at_exit(self) -> None:
+        # A run still going when the interpreter exits (a daemon thread) would leave libzmq sending
+        # from buffers Python is freeing: stop it and let it drain and close first.
+        self._stop.set()
+        self._finished.wait(self.drain_timeout + 5)
 
     def run(self, context: zmq.Context | None = None) -> dict:
         s = self.settings
-        context = context or zmq.Context.instance()
+        # Our own context, terminated before returning, so that libzmq holds no buffer of ours
+        # once run() has returned; a caller's context is left to the caller.
+        own = context is None
+        context = zmq.Context() if own else context
         socket = context.socket(zmq.PUSH)
         socket.setsockopt(zmq.SNDHWM, 1000)
-        socket.setsockopt(zmq.LINGER, 5000)  # give queued frames 5 s to leave after the last send
+        socket.setsockopt(zmq.LINGER, 0)  # queued messages are waited for in _drain, with a bound
+        pending: deque = deque()  # (tracker, is_image, bytes) of messages not yet released by libzmq
+        monitor = None
+        elapsed = 0.0
+        interrupted = False
+        self._finished.clear()
+        atexit.register(self._wait_at_exit)
         try:
             socket.bind(s.endpoint)
             self.bound_endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            monitor = self._monitor = socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             self.ready.set()
             print(
                 f"simulate: {s.protocol} {s.encoding} on {self.bound_endpoint}, "
@@ -248,41 +357,47 @@ class Simulator:
                 file=self.log,
                 flush=True,
             )
-            if s.rate == 0 and len(set(self.plan)) <= 256:
-                # As fast as possible means as a detector does: compress every frame before the first send.
+            if len(set(self.plan)) <= 256:
+                # As a detector does: every frame compressed before the first send, so that sending
+                # (and counting what left, every 20 ms) is never held up by compressing.
                 for k in range(len(self.plan)):
                     self.prepared(k)
             started = time.monotonic()
-            series = s.first_series
-            period = 1.0 / s.rate if s.rate > 0 else 0.0
-            next_at = time.monotonic()
-            while not self._stop.is_set():
-                for parts, is_image in self.series_messages(series):
-                    if is_image and period:
-                        next_at += period
-                        delay = next_at - time.monotonic()
-                        if delay > 0:
-                            self._stop.wait(delay)
-                    if not self._send(socket, parts):
-                        break
-                    if is_image:
-                        self.frames_sent += 1
-                    self.bytes_sent += sum(len(p) for p in parts)
-                else:
-                    self.series_sent += 1
-                series += 1
-                if not s.loop and self.series_sent >= s.series:
-                    break
+            try:
+                self._stream(socket, pending)
+            except KeyboardInterrupt:  # Ctrl-C: what is queued still goes out (bounded), then stop
+                interrupted = True
+            try:
+                self._drain(pending)
+            except KeyboardInterrupt:  # a second Ctrl-C: drop what is left
+                interrupted = True
             elapsed = time.monotonic() - started
         finally:
             self.ready.set()
-            socket.close()
+            if monitor is not None:
+                self._monitor = None
+                socket.disable_monitor()
+                monitor.close(linger=0)
+            # Drained: libzmq may still hold the last small messages in its write buffer; a
+            # bounded linger lets them out. Not drained: what is left is dropped now.
+            if not pending:
+                time.sleep(0.05)
+            socket.close(linger=0 if pending else int(min(self.drain_timeout, 2.0) * 1000))
+            if own:
+                context.term()  # returns once libzmq has let go of every buffer
+            atexit.unregister(self._wait_at_exit)
+            self._finished.set()
+        self.frames_dropped = sum(is_image for _, is_image, _ in pending)
         report = {
             "series": self.series_sent,
             "frames": self.frames_sent,
             "bytes": self.bytes_sent,
             "seconds": round(elapsed, 3),
             "frames_per_second": round(self.frames_sent / elapsed, 1) if elapsed > 0 else None,
+            "dropped_messages": len(pending),
+            "dropped_frames": self.frames_dropped,
+            "lost_frames": self.frames_lost,
+            "disconnects": self.disconnects,
         }
         print(
             f"simulate: sent {report['frames']} frames in {report['series']} series, "
@@ -290,4 +405,42 @@ class Simulator:
             file=self.log,
             flush=True,
         )
+        if pending:
+            ends = len(pending) - self.frames_dropped
+            print(
+                f"simulate: dropped {self.frames_dropped} frames"
+                + (f" and {ends} header/end messages" if ends else "")
+                + f" that no consumer took from {self.bound_endpoint} within {self.drain_timeout:.0f} s",
+                file=self.log,
+                flush=True,
+            )
+        if interrupted:
+            raise KeyboardInterrupt
         return report
+
+    def _stream(self, socket: zmq.Socket, pending: deque) -> None:
+        s = self.settings
+        series = s.first_series
+        period = 1.0 / s.rate if s.rate > 0 else 0.0
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            for parts, is_image in self.series_messages(series):
+                if is_image and period:
+                    next_at += period
+                    delay = next_at - time.monotonic()
+                    while delay > 0 and not self._stop.is_set():
+                        # Count what left meanwhile: a consumer leaving later must not take it along.
+                        self._stop.wait(min(delay, 0.02))
+                        self._reap(pending)
+                        delay = next_at - time.monotonic()
+                tracker = self._send(socket, parts, pending)
+                if tracker is None:
+                    break
+                pending.append((tracker, is_image, sum(len(p) for p in parts)))
+                self.messages_queued += 1
+                self._reap(pending)
+            else:
+                self.series_sent += 1
+            series += 1
+            if not s.loop and self.series_sent >= s.series:
+                break
