@@ -272,3 +272,40 @@ def test_from_config_uses_the_startup_section(tmp_path):
     splitter = Splitter.from_config(demo, output_dir=str(tmp_path), max_series=1)
     assert not splitter.running and splitter.counters()["frames_received"] == 0
     assert os.path.isdir(tmp_path)
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses listening on TCP `port` (IPv4, from /proc/net/tcp)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            out.add(".".join(str(b) for b in bytes.fromhex(address)[::-1]))
+    return out
+
+
+def test_host_localhost_binds_loopback_only(tmp_path):
+    """`host = localhost` (the startup config's DEFAULT) binds the readers' and the publishing
+    sockets on 127.0.0.1, never on every interface."""
+    import dataclasses
+
+    from intxr import config as cfg
+
+    port, pub_port = free_ports(2)
+    demo = cfg.load_beamline(cfg.default_startup_file(), "demo")
+    section = dataclasses.replace(demo, host="localhost", port=port, splitter_pub_port=pub_port)
+    detector = zmq.Context.instance().socket(zmq.PUSH)
+    detector_port = detector.bind_to_random_port("tcp://127.0.0.1")
+    splitter = Splitter.from_config(
+        section, endpoint=f"tcp://127.0.0.1:{detector_port}", output_dir=str(tmp_path)
+    ).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (_listening(port) and _listening(pub_port)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _listening(port) == {"127.0.0.1"} and _listening(pub_port) == {"127.0.0.1"}
+    finally:
+        splitter.stop()
+        splitter.join(10)
+        detector.close(linger=0)
