@@ -133,3 +133,26 @@ def test_none_means_unset_and_auto_threshold(tmp_path):
     path = write(tmp_path, "p.cfg", "[DEFAULT]\nspf_gain = None\nspf_global_threshold = Auto\nspf_kernel_size = 5\n")
     default = cfg.load_processing(path).default
     assert default.spf_gain is None and default.spf_global_threshold == "Auto" and default.spf_kernel_size == (5, 5)
+
+
+def test_retention_and_restarts_keys():
+    demo = cfg.load_beamline(cfg.default_startup_file(), "demo")
+    assert demo.output_retention_gb == 2.0 and demo.max_restarts == 5
+    twelve = cfg.load_beamline(cfg.default_startup_file(), "12-1")
+    assert twelve.output_retention_gb is None  # a beamline's data is never deleted unless asked
+
+
+@pytest.mark.parametrize("host,bound", [("localhost", "127.0.0.1"), ("LocalHost", "127.0.0.1"),
+                                        ("127.0.0.1", "127.0.0.1"), ("10.1.2.3", "10.1.2.3"), ("*", "*"),
+                                        ("0.0.0.0", "*")])
+def test_host_binds_exactly_there(tmp_path, host, bound):
+    path = write(tmp_path, "startup.cfg", f"[bl]\nhost = {host}\nport = 7000\n")
+    bl = cfg.load_beamline(path, "bl")
+    assert bl.serve_bind_endpoint == f"tcp://{bound}:7000"
+    assert bl.splitter_publish_bind_endpoint == f"tcp://{bound}:7002"
+
+
+def test_a_host_that_does_not_resolve_is_named(tmp_path):
+    path = write(tmp_path, "startup.cfg", "[bl]\nhost = no-such-host.invalid\n")
+    with pytest.raises(ConfigError, match=r"startup.cfg: \[bl\] host: host 'no-such-host.invalid' does not resolve"):
+        cfg.load_beamline(path, "bl")

@@ -120,3 +120,16 @@ def test_dry_run_prints_command_and_rank_map():
     assert default_mpirun() in result.stdout
     bad = run(exe("intxrd"), "-b", "demo", "--dry_run", "--mpi_bind", "0-4096")
     assert bad.returncode == 2 and "not available on this host" in bad.stderr
+
+
+def test_a_one_host_job_opens_no_rank_listener_and_says_what_the_launcher_does():
+    local = plan_launch(["prog"], mpirun="mpirun", flavour=OMPI5, cpus=HOST)
+    assert local.env["OMPI_MCA_btl"] == "self,sm"
+    assert any("prterun" in note and "every interface" in note for note in local.notes)
+    on_localhost = plan_launch(["prog"], mpirun="mpirun", flavour=OMPI5, cpus=HOST, hosts="localhost:8")
+    assert on_localhost.env["OMPI_MCA_btl"] == "self,sm"
+    assert plan_launch(["prog"], mpirun="mpirun", flavour=OMPI4, cpus=HOST).env["OMPI_MCA_btl"] == "self,vader"
+    # Ranks on other hosts need the TCP transport: left to the site (README).
+    remote = plan_launch(["prog"], mpirun="mpirun", flavour=OMPI5, cpus=HOST, hosts="node1,node2")
+    assert "OMPI_MCA_btl" not in remote.env
+    assert "OMPI_MCA_btl" not in plan_launch(["prog"], mpirun="mpirun", flavour=MPICH, cpus=HOST).env
