@@ -341,8 +341,8 @@ def test_garbage_on_the_collectors_socket_is_counted_localhost_binds_loopback_an
         for pid in (collector, reader):
             mine = [line for line in listening if f"pid={pid}," in line]
             assert all(" 127.0.0.1:" in line for line in mine), mine
-        daemon.wait_for(r"collector: malformed message on the results socket tcp://localhost:\d+: .*; counted and ignored",
-                        timeout=30)
+        daemon.wait_for(r"collector: malformed message on the results socket tcp://localhost:\d+: .*; counted and "
+                        r"ignored", timeout=30)
         deadline = time.monotonic() + 15
         counted = 0
         while time.monotonic() < deadline and counted < 5 * len(GARBAGE):
