@@ -431,3 +431,97 @@ def test_retention_deletes_the_oldest_complete_series_only(tmp_path):
     assert lines == [f"retention: deleted 3 oldest complete series (3 MB: old_run, series_000001, series_000002) "
                      f"from {tmp_path} to stay under 0.001 GB"], lines
     assert retention.run([]) == []  # under the limit now
+
+
+# ---------------------------------------------------------------------------------------------
+# The Collector's Splitter socket and a reader's frame socket, each fed junk by a real peer
+
+
+def test_junk_from_the_splitter_socket_is_counted_and_a_good_series_is_still_summed_up(tmp_path, capfd):
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings
+
+    config, keys = write_config(tmp_path)
+    splitter = zmq.Context.instance().socket(zmq.PUB)
+    splitter.bind(f"tcp://127.0.0.1:{keys['splitter_pub_port']}")
+    collector = Collector(cfg.load(str(config), "t"), CollectorSettings(grace=1.0))
+    stop = threading.Event()
+    thread = threading.Thread(target=collector.run, kwargs={"stop": stop.is_set}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not collector.splitter_heard and time.monotonic() < deadline:
+            splitter.send_multipart([b"counters", b'{"frames_received": 0}'])  # until it has subscribed
+            time.sleep(0.1)
+        junk = [
+            [b"series_end", b"not json"],
+            [b"series_end", b'{"series": "1"}'],
+            [b"series_end", b'{"series": 1, "forwarded_ranges": [[5, 2]]}'],
+            [b"series_end", b'{"series": 1, "forwarded_ranges": "all"}'],
+            [b"series_end", b'{"series": 1, "skipped_frames": [1, "2"]}'],
+            [b"series_written", b'{"series": 1, "frames_written": -1}'],
+            [b"no_such_topic", b"{}"],
+            [b"\xff", b"{}"],
+            [b"series_end"],
+            [b"series_end", b"{}", b"{}"],
+        ]
+        for message in junk:
+            splitter.send_multipart(message)
+        end = {"series": 7, "series_name": "series_000007", "timed_out": False, "received": 3, "forwarded": 0,
+               "skipped": 3, "forwarded_ranges": [], "skipped_ranges": [[1, 3]]}
+        splitter.send_multipart([b"series_end", json.dumps(end).encode()])
+        splitter.send_multipart([b"series_written", json.dumps(
+            {"series": 7, "series_name": "series_000007", "frames_written": 3, "master_file": "x_master.h5"}).encode()])
+        deadline = time.monotonic() + 10
+        while collector.series_done < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(20)
+        splitter.close(linger=0)
+    assert not thread.is_alive()
+    assert collector.bad_splitter.count == len(junk)
+    out, err = capfd.readouterr()
+    assert "SERIES 7: received 3, written 3, processed 0 (hits 0, median hres n/a), blank 0, skipped 3, failed 0" in out
+    assert "collector: malformed message on the Splitter's socket" in err and "Traceback" not in err
+
+
+def test_a_reader_checks_the_frame_meta_it_is_served(tmp_path):
+    from intxr.reader.source import FrameSource
+
+    port, = free_ports(1)
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    good = {"htype": "intxr-frame-1.0", "series": 1, "series_name": "s_r2", "frame": 4, "shape": [4, 4],
+            "type": "uint16", "encoding": "bs16-lz4"}
+    replies = [
+        [b"not json"],
+        [json.dumps({**good, "series": "x"}).encode(), b"{}", b""],  # no frame to answer for: dropped
+        [json.dumps({**good, "shape": [1 << 20, 1 << 20]}).encode(), b"{}", b""],
+        [json.dumps({**good, "type": "object"}).encode(), b"{}", b""],
+        [json.dumps({**good, "header": [1]}).encode(), b"{}", b""],
+        [json.dumps(good).encode(), b"[]", b""],
+        [json.dumps(good).encode(), b'{"header": {}}', b""],
+    ]
+    source = FrameSource(f"tcp://127.0.0.1:{port}", timeout=5)
+    got = []
+    try:
+        for reply in replies:
+            # Ask, answer: the REQ asks once per call and reads its answer within the call.
+            result: list = []
+            asking = threading.Thread(target=lambda out=result: out.append(source.next_frame(wait=5)))
+            asking.start()
+            assert router.poll(5000)
+            identity, empty, _ = router.recv_multipart()
+            router.send_multipart([identity, empty, *reply])
+            asking.join(10)
+            got.append(result[0])
+    finally:
+        source.close()
+        router.close(linger=0)
+    assert got[0] is None and got[1] is None
+    assert [frame.error is not None for frame in got[2:]] == [True, True, True, True, False]
+    assert "larger than any detector" in got[2].error and "'type'" in got[3].error and "'header'" in got[4].error
+    assert "series JSON" in got[5].error
+    assert got[6].series_name == "s_r2" and got[6].frame == 4
+    assert source.counters.bad_replies == 6
