@@ -60,6 +60,8 @@ def _open(path: str) -> h5py.File:
 
 def read_frame(master_file: str, frame_index: int) -> tuple[np.ndarray, dict | None, np.ndarray | None]:
     """Frame `frame_index` (0-based position in the series) through the master's data links."""
+    if frame_index < 0:  # h5py would count it from the end: another frame
+        raise IndexError(f"frame index {frame_index} < 0")
     with _open(master_file) as f:
         names = sorted(k for k in f["entry/data"] if k.startswith("data_"))
         k = frame_index

@@ -10,48 +10,136 @@ on canvases.
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse
 
 import zmq
 
 from intxr.gui.frames import png_bytes, read_frame, render
-from intxr.gui.model import RunModel
+from intxr.gui.model import BadMessage, RunModel, SeriesView
 
 TOPICS = ("result", "series", "health", "splitter", "splitter_series_end", "splitter_series_written")
 UPDATE_INTERVAL = 0.1  # seconds between two updates to one browser: the coalescing window
+REPORT_EVERY = 10.0  # seconds between two stderr lines about bad messages (the first is said at once)
+MAX_MESSAGE = 64 << 20  # bytes: a result with every spot is far smaller; anything larger is not ours
+FRAME_CACHE = 16  # rendered frames kept for repeated requests
+# Query parameters each path takes: anything else is refused, naming what was expected.
+PARAMETERS = {
+    "/": (), "/index.html": (), "/app.js": (),
+    "/api/state": ("since",), "/events": ("since",),
+    "/api/frame": ("series", "frame"), "/api/frame.png": ("series", "frame"),
+}
+_NUMBER = re.compile(r"\d{1,15}")
+_SERIES = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
 
-def subscribe(model: RunModel, endpoint: str, stop: threading.Event) -> threading.Thread:
-    """Feed the model from the Collector's PUB socket until `stop`."""
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Reporter:
+    """One stderr line for the first bad message, then at most one every REPORT_EVERY seconds with
+    how many more came: garbage on a socket must not flood the terminal."""
+
+    def __init__(self, what: str, log=sys.stderr):
+        self.what, self.log = what, log
+        self.pending = 0
+        self.last_line = None
+        self.said_at: float | None = None
+
+    def bad(self, text: str) -> None:
+        now = time.monotonic()
+        self.pending += 1
+        self.last_line = text
+        if self.said_at is None:
+            self._say(f"gui: bad {self.what} ignored: {text} (more are counted in the health view)", now)
+        else:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.pending and (self.said_at is None or now - self.said_at >= REPORT_EVERY):
+            self._say(f"gui: {self.pending} more bad {self.what}s ignored (last: {self.last_line})", now)
+
+    def _say(self, line: str, now: float) -> None:
+        print(line, file=self.log, flush=True)
+        self.pending, self.said_at = 0, now
+
+
+def handle_message(model: RunModel, parts: list[bytes]) -> None:
+    """Feed one message from the Collector's PUB socket to the model; BadMessage when it is not one."""
+    if len(parts) != 2:
+        raise BadMessage(f"a message of {len(parts)} parts (expected topic and JSON body)")
+    topic = parts[0].decode("ascii", "replace")
+    if topic not in TOPICS:
+        raise BadMessage(f"unknown topic {topic[:40]!r}")
+    try:
+        body = json.loads(parts[1])
+    except (ValueError, RecursionError) as exc:
+        raise BadMessage(f"{topic}: not JSON ({str(exc)[:80]})") from None
+    try:
+        if topic == "result":
+            model.add_result(body)
+        else:
+            model.add_event(topic, body)
+    except BadMessage as exc:
+        raise BadMessage(f"{topic}: {exc}") from None
+
+
+def open_subscriber(endpoint: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+    for topic in TOPICS:
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError:
+        sock.close()
+        raise
+    return sock
+
+
+def subscribe(model: RunModel, endpoint: str, stop: threading.Event, sock: zmq.Socket | None = None,
+              log=sys.stderr) -> threading.Thread:
+    """Feed the model from the Collector's PUB socket until `stop`. Every message is checked: a bad
+    one is counted (shown in the health view) and reported, and the thread goes on."""
+    sock = sock if sock is not None else open_subscriber(endpoint)
+    reporter = Reporter("message", log)
 
     def run():
-        sock = zmq.Context.instance().socket(zmq.SUB)
-        for topic in TOPICS:
-            sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.connect(endpoint)
         while not stop.is_set():
-            if not sock.poll(200):
-                continue
+            reporter.flush()
+            try:
+                if not sock.poll(200):
+                    continue
+            except zmq.ZMQError as exc:  # the context went away under us: nothing more will come
+                print(f"gui: results subscription ended: {exc}", file=log, flush=True)
+                return
             for _ in range(10_000):
                 try:
-                    topic, body = sock.recv_multipart(zmq.NOBLOCK)
+                    parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 try:
-                    message = json.loads(body)
-                    if topic == b"result":
-                        model.add_result(message)
-                    else:
-                        model.add_event(topic.decode(), message)
-                except (ValueError, KeyError, TypeError) as exc:
-                    print(f"gui: bad {topic!r} message ignored: {exc}", file=sys.stderr)
+                    handle_message(model, parts)
+                except BadMessage as exc:
+                    model.bad_message(str(exc))
+                    reporter.bad(str(exc))
+                except Exception as exc:  # a bug here must not stop the live view: said, counted
+                    text = f"{type(exc).__name__} handling a {parts[0][:40]!r} message: {exc}"
+                    model.bad_message(text)
+                    reporter.bad(text)
         sock.close(linger=0)
 
     thread = threading.Thread(target=run, name="gui-subscriber", daemon=True)
@@ -66,7 +154,9 @@ def _static(name: str) -> bytes:
 class Handler(BaseHTTPRequestHandler):
     model: RunModel
     frame_cache: dict
+    cache_lock: threading.Lock
     server_version = "intxr-gui"
+    timeout = 60  # a client that stops reading or writing for this long is dropped
 
     def log_message(self, fmt, *args):  # quiet: a browser polls
         pass
@@ -83,28 +173,71 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(body).encode(), "application/json")
 
     def do_GET(self):  # noqa: N802 (http.server's name)
-        url = urlparse(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
+            self._get()
+        except (ConnectionError, TimeoutError):
+            self.model.note("dropped_connections")  # the browser went away: nothing to answer
+            self.close_connection = True
+
+    def _get(self) -> None:
+        url = urlparse(self.path)
+        try:
+            query = self._query(url.path, url.query)
             if url.path in ("/", "/index.html"):
                 self._send(200, _static("index.html"), "text/html; charset=utf-8")
             elif url.path == "/app.js":
                 self._send(200, _static("app.js"), "text/javascript; charset=utf-8")
             elif url.path == "/api/state":
-                self._json(self.model.delta(int(query.get("since", 0))))
+                self._json(self.model.delta(self._since(query)))
             elif url.path == "/events":
-                self.events(int(query.get("since", 0)))
+                self.events(self._since(query))
             elif url.path == "/api/frame":
-                self._json(self.frame_info(int(query["series"]), int(query["frame"])))
-            elif url.path == "/api/frame.png":
-                view = self.frame_view(int(query["series"]), int(query["frame"]))
-                self._send(200, png_bytes(view.image), "image/png")
-            else:
-                self._json({"error": f"no such path {url.path}"}, 404)
-        except (KeyError, ValueError, IndexError, OSError) as exc:
-            self._json({"error": f"{type(exc).__name__}: {exc}"}, 404)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+                self._json(self.frame_info(*self._frame_query(query)))
+            else:  # /api/frame.png
+                view, frame = self._frame_query(query)
+                self._send(200, png_bytes(self.frame_view(view, frame).image), "image/png")
+        except BadRequest as exc:
+            self.model.note("bad_requests")
+            self._json({"error": str(exc)}, exc.status)
+
+    def _query(self, path: str, text: str) -> dict[str, str]:
+        if path not in PARAMETERS:
+            raise BadRequest(404, f"no such path {path[:100]!r}")
+        allowed = PARAMETERS[path]
+        query: dict[str, str] = {}
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=10)
+        except ValueError as exc:
+            raise BadRequest(400, f"{path}: bad query string ({exc})") from None
+        for key, value in pairs:
+            if key not in allowed:
+                expected = ", ".join(allowed) or "none"
+                raise BadRequest(400, f"{path}: unknown parameter {key[:40]!r} (expected: {expected})")
+            if key in query:
+                raise BadRequest(400, f"{path}: parameter {key!r} given twice")
+            query[key] = value
+        return query
+
+    def _since(self, query: dict) -> int:
+        text = query.get("since", "0")
+        if not _NUMBER.fullmatch(text):
+            raise BadRequest(400, f"since: {text[:40]!r} is not a version number (an integer, 0 or more)")
+        since = int(text)
+        return 0 if since > self.model.version else since  # a page from an earlier GUI: everything
+
+    def _frame_query(self, query: dict) -> tuple[SeriesView, int]:
+        for key in ("series", "frame"):
+            if key not in query:
+                raise BadRequest(400, f"missing parameter {key!r} (expected: series, frame)")
+        series, text = query["series"], query["frame"]
+        if not _SERIES.fullmatch(series):
+            raise BadRequest(400, f"series: {series[:40]!r} is not a series number or name")
+        if not _NUMBER.fullmatch(text):
+            raise BadRequest(400, f"frame: {text[:40]!r} is not a frame number (an integer, 0 or more)")
+        view = self.model.find(series)
+        if view is None:
+            raise BadRequest(404, f"series {series!r} is not known here (not seen, or older than the series kept)")
+        return view, int(text)
 
     def events(self, since: int) -> None:
         self.send_response(200)
@@ -112,69 +245,106 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         version = since
+        while True:
+            current = self.model.wait(version, 15.0)
+            if current == version:
+                self.wfile.write(b": keep-alive\n\n")  # lets the browser notice a dead server
+            else:
+                delta = self.model.delta(version)
+                version = delta["version"]
+                self.wfile.write(b"data: " + json.dumps(delta).encode() + b"\n\n")
+            self.wfile.flush()
+            time.sleep(UPDATE_INTERVAL)  # results arriving meanwhile go out together
+
+    def frame_view(self, view: SeriesView, frame: int):
+        key = (view.key, view.order, frame)
+        with self.cache_lock:
+            cached = self.frame_cache.get(key)
+        if cached is not None:
+            return cached
+        master = view.master_file
+        if not master:
+            raise BadRequest(404, f"series {view.label} has no master file yet")
+        index = view.disk_index(frame)
+        if index is None:
+            raise BadRequest(404, f"series {view.label} has no frame {frame}")
         try:
-            while True:
-                current = self.model.wait(version, 15.0)
-                if current == version:
-                    self.wfile.write(b": keep-alive\n\n")  # lets the browser notice a dead server
-                else:
-                    delta = self.model.delta(version)
-                    version = delta["version"]
-                    self.wfile.write(b"data: " + json.dumps(delta).encode() + b"\n\n")
-                self.wfile.flush()
-                time.sleep(UPDATE_INTERVAL)  # results arriving meanwhile go out together
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            return
+            data, geometry, mask = read_frame(master, index)
+        except IndexError:
+            raise BadRequest(404, f"series {view.label}: frame {frame} is not on disk (yet)") from None
+        except Exception as exc:  # unreadable, still being written, not NXmx: said, not a traceback
+            raise BadRequest(404, f"series {view.label}: cannot read frame {frame} from {master}: {exc}") from None
+        rendered = render(data, geometry, mask)
+        with self.cache_lock:
+            self.frame_cache[key] = rendered
+            while len(self.frame_cache) > FRAME_CACHE:
+                del self.frame_cache[next(iter(self.frame_cache))]
+        return rendered
 
-    def frame_view(self, series: int, frame: int):
-        key = (series, frame)
-        cache = self.frame_cache
-        if key not in cache:
-            master = self.model.master_file(series)
-            if not master:
-                raise KeyError(f"series {series} has no master file yet")
-            first = self.model.series[series].first_frame or 0
-            end = self.model.series[series].end or {}
-            known = [*end.get("forwarded_frames", []), *end.get("skipped_frames", [])]
-            if known:
-                first = min(first, min(known))
-            data, geometry, mask = read_frame(master, frame - first)
-            cache[key] = render(data, geometry, mask)
-            while len(cache) > 16:
-                del cache[next(iter(cache))]
-        return cache[key]
-
-    def frame_info(self, series: int, frame: int) -> dict:
-        view = self.frame_view(series, frame)
-        spots = [[x / view.scale, y / view.scale] for x, y in self.model.spots(series, frame)]
+    def frame_info(self, view: SeriesView, frame: int) -> dict:
+        rendered = self.frame_view(view, frame)
+        spots = [[x / rendered.scale, y / rendered.scale] for x, y in self.model.spots(view.key, frame)]
         return {
-            "series": series,
+            "series": view.series,
+            "key": view.key,
+            "label": view.label,
             "frame": frame,
-            "width": int(view.image.shape[1]),
-            "height": int(view.image.shape[0]),
-            "scale": view.scale,
-            "detector_shape": list(view.shape),
-            "beam": list(view.beam),
-            "rings": view.rings,
+            "width": int(rendered.image.shape[1]),
+            "height": int(rendered.image.shape[0]),
+            "scale": rendered.scale,
+            "detector_shape": list(rendered.shape),
+            "beam": list(rendered.beam),
+            "rings": rendered.rings,
             "spots": spots,
-            "result": self.model.point(series, frame),
-            "png": f"/api/frame.png?series={series}&frame={frame}",
+            "result": self.model.point(view.key, frame),
+            "png": f"/api/frame.png?{urlencode({'series': view.key, 'frame': frame})}",
         }
 
 
-def serve(model: RunModel, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"model": model, "frame_cache": {}})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    model: RunModel
+
+    def handle_error(self, request, client_address):
+        # socketserver prints a traceback here by default: a dropped browser is counted instead,
+        # anything else is one line.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            self.model.note("dropped_connections")
+        else:
+            self.model.note("failed_requests")
+            print(f"gui: a request from {client_address[0]} failed: {type(exc).__name__}: {exc}", file=sys.stderr,
+                  flush=True)
+
+
+def serve(model: RunModel, host: str, port: int) -> Server:
+    handler = type("BoundHandler", (Handler,), {"model": model, "frame_cache": {}, "cache_lock": threading.Lock()})
+    server = Server((host, port), handler)
+    server.model = model
     return server
 
 
 def run_gui(results_endpoint: str, host: str, port: int, *, min_bragg_peaks: int = 10,
             row_length: int | None = None) -> int:
     model = RunModel(min_bragg_peaks=min_bragg_peaks, row_length=row_length)
+    try:
+        server = serve(model, host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"GUI: port {port} in use on {host}: set gui_port (or --port)", file=sys.stderr, flush=True)
+        else:
+            print(f"GUI: cannot listen on {host}:{port}: {exc.strerror or exc}: set gui_host / gui_port",
+                  file=sys.stderr, flush=True)
+        return 2
+    try:
+        sock = open_subscriber(results_endpoint)
+    except zmq.ZMQError as exc:
+        server.server_close()
+        print(f"GUI: results endpoint {results_endpoint!r}: {exc}: set results_pub_port (or --results)",
+              file=sys.stderr, flush=True)
+        return 2
     stop = threading.Event()
-    subscribe(model, results_endpoint, stop)
-    server = serve(model, host, port)
+    subscribe(model, results_endpoint, stop, sock)
     print(f"gui: http://{host}:{server.server_address[1]}/ (results from {results_endpoint})", file=sys.stderr,
           flush=True)
     try:

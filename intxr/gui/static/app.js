@@ -3,13 +3,14 @@
 "use strict";
 
 const state = {
-  series: new Map(),      // series number -> {points: Map(frame -> point), counts, grid}
-  order: [],              // series numbers, newest first
+  series: new Map(),      // series key (the Splitter's series_name) -> {points: Map(frame -> point), counts, grid, label}
+  order: [],              // series keys, newest first
+  dropped: 0,             // older series the GUI no longer keeps
   selected: null,         // series shown
   userSelected: false,    // a tab was clicked: stop jumping to the newest series
   threshold: null,
   view: null,             // strip chart x range [lo, hi] when zoomed; null = all
-  health: {}, splitter: {}, errors: [],
+  health: {}, splitter: {}, errors: [], gui: {},
   frameView: { series: null, frame: null, spots: 0, loaded: false, pinned: false },
   version: 0,
 };
@@ -19,6 +20,7 @@ window.intxr = {
   hits: () => { const s = current(); return s ? [...s.points.values()].filter(isHit).length : 0; },
   rasterCells: () => rasterCells.length,
   frameView: () => ({ ...state.frameView }),
+  tabs: () => [...document.querySelectorAll("#tabs button")].map((b) => b.textContent),
   // Page coordinates of a frame's raster cell (for clicking it from a test or a script).
   cellCenter: (frame) => {
     const cell = rasterCells.find((c) => c.frame === frame);
@@ -29,6 +31,9 @@ window.intxr = {
 };
 
 const $ = (id) => document.getElementById(id);
+const TABS = 8;  // newest series as tabs; older ones in the "older" list
+// Everything shown comes from messages anyone on the host could publish: text, never markup.
+const esc = (v) => String(v ?? "-").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 const current = () => state.series.get(state.selected);
 const isHit = (p) => p.status === "processed" && p.n_spots >= threshold();
 const threshold = () => (state.threshold === null ? 10 : state.threshold);
@@ -43,13 +48,18 @@ function apply(delta) {
     $("threshold").value = state.threshold;
   }
   for (const s of delta.series) {
-    let series = state.series.get(s.series);
-    if (!series) { series = { points: new Map() }; state.series.set(s.series, series); }
+    let series = state.series.get(s.key);
+    if (!series) { series = { points: new Map(), grid: {} }; state.series.set(s.key, series); }
     for (const p of s.points) series.points.set(p.frame, p);
     series.counts = s.counts;
-    series.grid = s.grid;
+    series.label = s.label;
+    series.number = s.series;
+    if (s.grid) series.grid = s.grid;  // sent only when it changed
   }
-  state.order = delta.series.map((s) => s.series);
+  state.order = delta.series.map((s) => s.key);
+  for (const key of [...state.series.keys()]) if (!state.order.includes(key)) state.series.delete(key);
+  state.dropped = delta.series_dropped || 0;
+  state.gui = delta.gui || {};
   if (!state.userSelected || !state.series.has(state.selected)) state.selected = state.order[0] ?? null;
   state.health = delta.health || {};
   state.splitter = delta.splitter || {};
@@ -60,7 +70,9 @@ function apply(delta) {
 function connect() {
   const source = new EventSource(`/events?since=${state.version}`);
   source.onopen = () => { $("status").textContent = "live"; };
-  source.onmessage = (event) => apply(JSON.parse(event.data));
+  source.onmessage = (event) => {
+    try { apply(JSON.parse(event.data)); } catch (e) { console.error("intxr: update not applied", e); }
+  };
   source.onerror = () => { $("status").textContent = "reconnecting..."; };
 }
 
@@ -79,31 +91,55 @@ function fitCanvas(canvas) {
 
 const fmt = (v, digits = 2) => (v === null || v === undefined ? "-" : typeof v === "number" ? v.toFixed(digits) : v);
 
+function selectSeries(key) {
+  state.selected = key; state.userSelected = key !== state.order[0]; state.view = null; dirty = true;
+}
+
 function drawTabs() {
   const tabs = $("tabs");
-  const wanted = state.order.map((n) => `${n}`).join(",");
+  const shown = state.order.slice(0, TABS), older = state.order.slice(TABS);
+  const wanted = shown.join(",") + "|" + older.join(",") + "|" + state.dropped;
   if (tabs.dataset.order !== wanted) {
     tabs.dataset.order = wanted;
     tabs.innerHTML = "";
-    for (const n of state.order) {
+    for (const key of shown) {
       const b = document.createElement("button");
-      b.dataset.series = n;
-      b.onclick = () => { state.selected = n; state.userSelected = n !== state.order[0]; state.view = null; dirty = true; };
+      b.dataset.key = key;
+      b.title = key;
+      b.onclick = () => selectSeries(key);
       tabs.appendChild(b);
     }
+    if (older.length || state.dropped) {
+      const list = document.createElement("select");
+      list.id = "older";
+      const head = document.createElement("option");
+      head.value = "";
+      head.textContent = `older series (${older.length})` + (state.dropped ? `, ${state.dropped} no longer kept` : "");
+      list.appendChild(head);
+      for (const key of older) {
+        const o = document.createElement("option");
+        o.value = key;
+        o.textContent = `series ${(state.series.get(key) || {}).label ?? key}`;
+        list.appendChild(o);
+      }
+      list.onchange = () => { if (list.value) selectSeries(list.value); };
+      tabs.appendChild(list);
+    }
   }
-  for (const b of tabs.children) {
-    const s = state.series.get(Number(b.dataset.series));
+  for (const b of tabs.querySelectorAll("button")) {
+    const s = state.series.get(b.dataset.key);
     const c = (s && s.counts) || {};
-    b.textContent = `series ${b.dataset.series} (${c.hits ?? 0} hits / ${c.results ?? 0})${c.ended ? "" : " live"}`;
-    b.classList.toggle("active", Number(b.dataset.series) === state.selected);
+    b.textContent = `series ${s ? s.label : b.dataset.key} (${c.hits ?? 0} hits / ${c.results ?? 0})${c.ended ? "" : " live"}`;
+    b.classList.toggle("active", b.dataset.key === state.selected);
   }
+  const list = $("older");
+  if (list) list.value = older.includes(state.selected) ? state.selected : "";
 }
 
 function drawCounts() {
   const s = current();
   const c = (s && s.counts) || {};
-  $("seriesNo").textContent = state.selected ?? "-";
+  $("seriesNo").textContent = s ? s.label : "-";
   const cells = [
     ["hits", c.hits], ["hit rate", c.hit_rate !== undefined ? `${(100 * c.hit_rate).toFixed(0)}%` : "-"],
     ["median hres (A)", fmt(c.median_hres)], ["frames/s", fmt(c.rate, 1)],
@@ -111,7 +147,7 @@ function drawCounts() {
     ["blank", c.blank ?? 0], ["skipped", c.skipped ?? "-"], ["failed", c.failed ?? 0],
     ["latency p50 (s)", fmt(c.latency_p50, 3)], ["results", c.results ?? 0],
   ];
-  $("counts").innerHTML = cells.map(([k, v]) => `<div>${k}<span>${v ?? "-"}</span></div>`).join("");
+  $("counts").innerHTML = cells.map(([k, v]) => `<div>${k}<span>${esc(v)}</span></div>`).join("");
 }
 
 function stripRange(points) {
@@ -202,19 +238,35 @@ function drawRaster() {
 }
 
 function drawHealth() {
-  const ranks = (state.health.ranks || []).filter((r) => r.rank > 0);
+  const h = state.health || {};
+  const ranks = (Array.isArray(h.ranks) ? h.ranks : []).filter((r) => r.rank > 0);
+  const stateOf = (r) => (r.replaced ? "replaced" : r.lost ? "LOST" : "ok");
   $("ranks").querySelector("tbody").innerHTML = ranks.map((r) =>
-    `<tr><td>${r.rank}</td><td>${r.host ?? "-"}</td><td>${r.cpu ?? "-"}</td><td>${r.numa ?? "-"}</td>` +
-    `<td>${r.buffer_numa ?? "-"}</td>` +
-    `<td>${r.frames ?? r.results ?? 0}</td><td>${fmt(r.rate, 1)}</td>` +
-    `<td class="${r.lost ? "lost" : ""}">${r.lost ? "LOST" : "ok"}</td></tr>`).join("");
+    `<tr><td>${esc(r.rank)}</td><td>${esc(r.host)}</td><td>${esc(r.cpu)}</td><td>${esc(r.numa)}</td>` +
+    `<td>${esc(r.buffer_numa)}</td>` +
+    `<td>${esc(r.frames ?? r.results ?? 0)}</td><td>${esc(fmt(r.rate, 1))}</td>` +
+    `<td class="${r.lost && !r.replaced ? "lost" : ""}">${stateOf(r)}</td></tr>`).join("");
+  // The job's state, when the Collector says it: no readers is the loud one.
+  const alive = typeof h.readers_alive === "number" ? h.readers_alive
+    : ranks.length ? ranks.filter((r) => !r.lost).length : null;
+  const noReaders = h.no_readers === true || alive === 0;
+  const banner = $("jobState");
+  banner.textContent = noReaders ? "NO READERS: frames are written but not processed" : "";
+  banner.hidden = !noReaders;
   const sp = state.splitter || {};
   const fill = sp.buffer_bytes ? `${((100 * (sp.queued_bytes || 0)) / sp.buffer_bytes).toFixed(1)}%` : "-";
-  const cells = [["splitter received", sp.frames_received], ["written", sp.frames_written],
+  const g = state.gui || {};
+  const cells = [["readers alive", alive], ["job restarts", h.job_restarts],
+    ["readers lost", h.readers_lost ?? h.lost_readers], ["readers replaced", h.readers_replaced ?? h.replaced_readers],
+    ["splitter received", sp.frames_received], ["written", sp.frames_written],
     ["forwarded", sp.frames_forwarded], ["skipped", sp.frames_skipped], ["malformed", sp.malformed],
-    ["buffer fill", fill], ["UI lines dropped", state.health.ui_dropped], ["readers waiting", sp.readers_waiting]];
-  $("splitter").innerHTML = cells.map(([k, v]) => `<div>${k}<span>${v ?? "-"}</span></div>`).join("");
-  $("errors").textContent = (state.errors || []).join("\n");
+    ["buffer fill", fill], ["UI lines dropped", h.ui_dropped], ["readers waiting", sp.readers_waiting],
+    ["GUI bad messages", g.bad_messages]];
+  $("splitter").innerHTML = cells.filter(([k, v]) => v !== undefined || !k.startsWith("readers") && k !== "job restarts")
+    .map(([k, v]) => `<div>${esc(k)}<span>${esc(v)}</span></div>`).join("");
+  const errors = [...(state.errors || [])];
+  if (g.bad_messages) errors.push(`gui: ${g.bad_messages} bad messages ignored (last: ${g.last_bad})`);
+  $("errors").textContent = errors.join("\n");
 }
 
 // ---- frame view -----------------------------------------------------------------------------
@@ -223,8 +275,10 @@ let frameRequest = null;
 function showFrame(series, frame, pinned) {
   if (state.frameView.series === series && state.frameView.frame === frame) return;
   state.frameView = { series, frame, spots: 0, loaded: false, pinned };
-  $("frameTitle").textContent = `series ${series} frame ${frame}${pinned ? "" : " (latest hit)"}`;
-  const request = (frameRequest = fetch(`/api/frame?series=${series}&frame=${frame}`).then((r) => r.json()));
+  const label = (state.series.get(series) || {}).label ?? series;
+  $("frameTitle").textContent = `series ${label} frame ${frame}${pinned ? "" : " (latest hit)"}`;
+  const query = new URLSearchParams({ series, frame });
+  const request = (frameRequest = fetch(`/api/frame?${query}`).then((r) => r.json()));
   request.then((info) => {
     if (request !== frameRequest) return;
     if (info.error) { $("frameTitle").textContent += ` - ${info.error}`; state.frameView.frame = null; return; }
@@ -307,15 +361,17 @@ function setupInteraction() {
 }
 
 function frame() {
+  requestAnimationFrame(frame);  // first: a drawing error must not stop the live view
   if (dirty) {
     dirty = false;
-    drawTabs(); drawCounts(); drawStrip(); drawRaster(); drawHealth();
+    for (const draw of [drawTabs, drawCounts, drawStrip, drawRaster, drawHealth]) {
+      try { draw(); } catch (e) { console.error(`intxr: ${draw.name}`, e); }
+    }
     if (!state.frameView.pinned || state.frameView.series !== state.selected) {
       const hit = latestHit();
       if (hit) showFrame(state.selected, hit.frame, false);
     }
   }
-  requestAnimationFrame(frame);
 }
 
 setupInteraction();

@@ -1,0 +1,315 @@
+"""Faults of the live view: a taken port, browsers that drop their connections, bad queries, garbage
+on the results socket. The real `intxr gui` process (its stderr read back), real ZeroMQ on
+127.0.0.1, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import zmq
+
+from intxr.gui.model import MAX_SERIES, RunModel
+from intxr.gui.server import serve
+from intxr.testing import free_ports
+
+EXE = Path(sys.executable).parent
+
+
+def result(series: int, frame: int, n_spots: int = 20, **extra) -> dict:
+    return {"series": series, "frame": frame, "n_spots": n_spots, "hres": 2.0, "score": 5, "status": "processed",
+            "rank": 1, "latency": 0.1, "done": 1000.0 + frame, **extra}
+
+
+def get(url: str) -> tuple[int, dict | bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = r.read()
+            status = r.status
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read(), exc.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def wait_until(predicate, seconds: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Gui:
+    """`intxr gui` as the daemon runs it, fed by a PUB socket the test holds."""
+
+    def __init__(self):
+        results_port, self.port = free_ports(2)
+        self.publisher = zmq.Context.instance().socket(zmq.PUB)
+        self.publisher.setsockopt(zmq.LINGER, 0)
+        self.publisher.bind(f"tcp://127.0.0.1:{results_port}")
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.process = subprocess.Popen(
+            [str(EXE / "intxr"), "gui", "--results", f"tcp://127.0.0.1:{results_port}", "--port", str(self.port)],
+            stderr=subprocess.PIPE, text=True,
+        )
+        # Up, and subscribed (a PUB drops what it sends before the subscription arrives).
+        wait_until(lambda: self.state(), what="the GUI to serve")
+        wait_until(lambda: self.send("health", {"ranks": [], "results": 0}) or self.state()["health"],
+                   what="the GUI's subscription")
+
+    def send(self, topic: str, body) -> None:
+        self.publisher.send_multipart([topic.encode(), json.dumps(body).encode()])
+
+    def state(self) -> dict | None:
+        try:
+            status, body = get(self.url + "api/state")
+            return body if status == 200 else None
+        except OSError:
+            return None
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            _, err = self.process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        self.publisher.close()
+        return err
+
+
+@pytest.fixture
+def gui():
+    g = Gui()
+    yield g
+    if g.process.poll() is None:
+        g.stop()
+
+
+def test_a_taken_port_is_named_in_one_line_and_exits_2():
+    [port, results] = free_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = subprocess.run([str(EXE / "intxr"), "gui", "--results", f"tcp://127.0.0.1:{results}", "--port",
+                               str(port)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"GUI: port {port} in use on 127.0.0.1: set gui_port (or --port)"]
+
+
+def test_a_bad_results_endpoint_is_named_and_exits_2():
+    [port] = free_ports(1)
+    done = subprocess.run([str(EXE / "intxr"), "gui", "--results", "tcp://127.0.0.1:notaport", "--port", str(port)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("GUI: results endpoint 'tcp://127.0.0.1:notaport'") and "--results" in line
+
+
+def _rst(sock: socket.socket) -> None:
+    """Close with a reset, as a browser tab killed mid-transfer does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _request(port: int, path: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def test_browsers_that_drop_their_connections_leave_no_traceback(gui):
+    # A state large enough that the answer cannot sit whole in the socket buffers.
+    for k in range(3000):
+        gui.send("result", result(1, k, spots_xy=[[1.0, 2.0]]))
+    wait_until(lambda: gui.state()["series"] and gui.state()["series"][0]["counts"]["results"] == 3000,
+               what="3000 results")
+    streams = []
+    for _ in range(5):  # live-update streams whose browser goes away
+        sock = _request(gui.port, "/events?since=0")
+        sock.recv(4096)
+        streams.append(sock)
+    for _ in range(10):  # big answers the browser never reads
+        _rst(_request(gui.port, "/api/state?since=0"))
+    half = socket.create_connection(("127.0.0.1", gui.port))
+    half.sendall(b"GET /api/sta")  # a request cut off in the middle
+    _rst(half)
+    for sock in streams:
+        _rst(sock)
+    for k in range(3000, 3050):  # updates the dead streams try to write
+        gui.send("result", result(1, k))
+        time.sleep(0.01)
+    state = wait_until(lambda: (s := gui.state()) and s["gui"]["dropped_connections"] >= 10 and s,
+                       what="the dropped connections counted")
+    assert state["series"][0]["counts"]["results"] == 3050  # and it still serves and updates
+    err = gui.stop()
+    for word in ("Traceback", "BrokenPipeError", "ConnectionResetError", "Exception"):
+        assert word not in err, err
+
+
+def test_every_query_parameter_is_checked_and_no_other_frame_is_served(tmp_path, shared_data):
+    """A real series the Splitter wrote (3 frames of the EIGER2 capture): frames in it are served,
+    anything else is refused with a message naming what and where, never another frame."""
+    from test_splitter import Pusher, capture_messages
+
+    from intxr.splitter import Splitter
+    from intxr.stream_decode import FrameMessage, SeriesEnd, SeriesStart, parse_message
+
+    messages = capture_messages(shared_data / "stream_v1/eiger2_1m_lz4")
+    header, frames = messages[0], messages[1:4]
+    [start] = [e for e in parse_message(header) if isinstance(e, SeriesStart)]
+    end = next(m for m in messages if any(isinstance(e, SeriesEnd) and e.series == start.series
+                                          for e in parse_message(m)))
+    numbers = [next(e for e in parse_message(m) if isinstance(e, FrameMessage)).frame for m in frames]
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path, max_series=1) as splitter:
+        pusher.send([header, *frames, end])
+        wait_until(lambda: not splitter.running or splitter.counters()["frames_written"] == 3, what="3 frames")
+    [master] = tmp_path.glob("*_master.h5")
+    model = RunModel()
+    for n in numbers:
+        model.add_result(result(1, n, master_file=str(master), spots_xy=[[10.0, 20.0]]))
+    model.add_event("splitter_series_end", {"series": 1, "received": 3, "skipped": 0,
+                                            "forwarded_ranges": [[numbers[0], numbers[-1]]], "skipped_ranges": []})
+    [port] = free_ports(1)
+    server = serve(model, "127.0.0.1", port)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for n in numbers:
+            status, info = get(f"{base}/api/frame?series=1&frame={n}")
+            scale = info["scale"]
+            assert status == 200 and info["frame"] == n and info["spots"] == [[10.0 / scale, 20.0 / scale]]
+            status, png = get(f"{base}{info['png']}")
+            assert status == 200 and png.startswith(b"\x89PNG")
+        refused = {
+            "/api/frame?series=1&frame=-5": (400, "frame: '-5' is not a frame number"),
+            "/api/frame?series=1&frame=abc": (400, "frame: 'abc' is not a frame number"),
+            "/api/frame?series=1&frame=1.5": (400, "frame: '1.5'"),
+            "/api/frame?series=1&frame=": (400, "frame: ''"),
+            "/api/frame?series=1": (400, "missing parameter 'frame'"),
+            f"/api/frame?series=1&frame={numbers[-1] + 1}": (404, f"series 1 has no frame {numbers[-1] + 1}"),
+            "/api/frame?series=1&frame=99999999999": (404, "has no frame"),
+            "/api/frame?series=7&frame=0": (404, "series '7' is not known"),
+            "/api/frame?series=../../etc&frame=0": (400, "series: '../../etc' is not a series number or name"),
+            "/api/frame?series=1&frame=1&frame=2": (400, "parameter 'frame' given twice"),
+            "/api/frame?series=1&frame=1&x=2": (400, "unknown parameter 'x' (expected: series, frame)"),
+            "/api/frame.png?series=1&frame=-1": (400, "frame: '-1'"),
+            "/api/state?since=-1": (400, "since: '-1' is not a version number"),
+            "/events?since=x": (400, "since: 'x'"),
+            "/api/state?sinse=1": (400, "unknown parameter 'sinse'"),
+            "/nothing": (404, "no such path '/nothing'"),
+        }
+        for path, (code, text) in refused.items():
+            status, body = get(base + path)
+            assert status == code and text in body["error"], (path, status, body)
+        assert model.gui_counts["bad_requests"] == len(refused)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_series_tabs_are_bounded_and_repeats_are_their_own_series():
+    model = RunModel()
+    model.add_result(result(1, 0, series_name="series_000001"))
+    model.add_result(result(1, 0, n_spots=0, series_name="series_000001_r2"))  # the detector restarted
+    for n in range(2, MAX_SERIES + 5):
+        model.add_result(result(n, 0, series_name=f"series_{n:06d}"))
+    delta = model.delta(0)
+    assert len(delta["series"]) == MAX_SERIES and delta["series_dropped"] == 5
+    assert delta["series"][0]["label"] == str(MAX_SERIES + 4)
+    model2 = RunModel()
+    model2.add_result(result(1, 0, series_name="series_000001"))
+    model2.add_result(result(1, 0, n_spots=0, series_name="series_000001_r2"))
+    model2.add_event("series", {"series": 1, "series_name": "series_000001_r2", "received": 1, "processed": 1,
+                                "hits": 0, "failed": 0, "written": 1, "lost_frames": []})
+    first, again = model2.delta(0)["series"][::-1]
+    assert (first["label"], first["counts"]["hits"], first["counts"]["ended"]) == ("1", 1, False)
+    assert (again["label"], again["counts"]["hits"], again["counts"]["ended"]) == ("1 r2", 0, True)
+    assert again["counts"]["written"] == 1
+    # A message without the name (an older sender) belongs to the newest series of that number.
+    model2.add_event("splitter_series_written", {"series": 1, "frames_written": 1, "master_file": "/x_r2_master.h5"})
+    assert model2.find("series_000001_r2").master_file == "/x_r2_master.h5"
+    assert model2.find("1") is model2.find("series_000001_r2")
+
+
+GARBAGE = [
+    [b"result", b"not json"],
+    [b"result"],
+    [b"result", b"{}", b"extra"],
+    [b"result", b'{"series": "1", "frame": 2}'],
+    [b"result", b'{"series": 1, "frame": -3}'],
+    [b"result", b'{"series": 1, "frame": 2, "n_spots": "many"}'],
+    [b"result", b'{"series": 1, "frame": 2, "spots_xy": [[1, "a"]]}'],
+    [b"result", b'{"series": 1, "frame": 2, "hres": NaN}'],
+    [b"result", b"[" * 100_000 + b"]" * 100_000],
+    [b"result", b"\xff\xfe\x00"],
+    [b"series", b"[]"],
+    [b"health", b'{"ranks": "all"}'],
+    [b"health", b'{"ranks": [{"cpu": 1}]}'],
+    [b"splitter_series_end", b'{"series": 1, "forwarded_ranges": [[5, 2]]}'],
+    [b"resultX", b"{}"],
+]
+
+
+def test_garbage_on_the_results_socket_is_counted_and_the_page_keeps_updating(tmp_path):
+    from browser import Browser, find_chromium
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    gui = Gui()
+    browser = None
+    try:
+        browser = Browser(chromium)
+        browser.goto(gui.url)
+        browser.wait_for("document.getElementById('status').textContent === 'live'")
+        for k in range(5):
+            gui.send("result", result(1, k, series_name="series_000001"))
+        browser.wait_for("window.intxr.points() === 5")
+        for parts in GARBAGE:
+            gui.publisher.send_multipart(parts)
+        # Markup in a field is shown as text, never run or drawn.
+        gui.send("splitter", {"frames_received": "<img id=evil src=x>", "last_error": "<b id=bold>x</b>"})
+        for k in range(5, 10):
+            gui.send("result", result(1, k, series_name="series_000001"))
+        browser.wait_for("window.intxr.points() === 10")
+        browser.wait_for(f"document.getElementById('errors').textContent.includes('{len(GARBAGE)} bad messages')")
+        assert browser.js("document.querySelector('#evil, #bold') === null")
+        # A repeated series 1 (detector restart) is its own tab, and the tab row stays bounded.
+        gui.send("result", result(1, 0, series_name="series_000001_r2"))
+        for n in range(2, 14):
+            gui.send("result", result(n, 0, series_name=f"series_{n:06d}"))
+        browser.wait_for("document.querySelectorAll('#older option').length === 7")  # 14 series: 8 tabs
+        tabs = browser.js("window.intxr.tabs()")
+        assert len(tabs) == 8 and tabs[0].startswith("series 13 ")
+        assert "1 r2" in browser.js("document.getElementById('older').textContent")
+        # The job's state from the Collector's health: no readers is loud.
+        gui.send("health", {"ranks": [{"rank": 0}, {"rank": 1, "lost": True}], "readers_alive": 0,
+                            "job_restarts": 2})
+        browser.wait_for("!document.getElementById('jobState').hidden")
+        text = browser.js("document.getElementById('splitter').textContent")
+        assert "job restarts2" in text and "readers alive0" in text
+        assert "NO READERS" in browser.js("document.getElementById('jobState').textContent")
+    finally:
+        err = gui.stop()
+        if browser is not None:
+            browser.close()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "bad" in line]
+    assert lines and lines[0].startswith("gui: bad message ignored: result: not JSON"), err
+    assert len(lines) <= 2  # the first one, then a count at most every 10 s
