@@ -443,6 +443,7 @@ class CollectorSettings:
     reader_command: list[str] | None = None  # a replacement reader: this + [--reader RANK --parent PID]
     job_restarts: int = 0  # times the daemon restarted the MPI job before this Collector
     resume_file: str | None = None  # the daemon's accounts after a job restart (see daemon.py)
+    daemon: str | None = None  # HOST:PID of intxrd: a job it left behind (it was killed) ends itself
 
 
 class Collector:
@@ -733,6 +734,14 @@ class Collector:
         return sum(1 for r in self.ranks.values()
                    if r["rank"] > 0 and not (r.get("dead") or r.get("lost") or r.get("starting")))
 
+    def daemon_gone(self) -> bool:
+        host, _, pid = (self.settings.daemon or "").rpartition(":")
+        if host != self.host or not pid.isdigit() or pid_alive(int(pid)):
+            return False
+        print(f"collector: the daemon (pid {pid}) is gone: summing up and stopping the job", file=sys.stderr,
+              flush=True)
+        return True
+
     def check_readers(self) -> None:
         now = time.monotonic()
         for number, rank in sorted(self.ranks.items()):
@@ -904,6 +913,8 @@ class Collector:
             if now - last_check >= READER_CHECK_INTERVAL:
                 self.check_readers()
                 last_check = now
+                if self.daemon_gone():
+                    break
             if now - last_health >= HEALTH_INTERVAL:
                 self.health()
                 last_health = now

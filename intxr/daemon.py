@@ -311,7 +311,7 @@ class Daemon:
 
     def start_job(self) -> Job:
         number = len(self.restarts)
-        command = list(self.launch.command)
+        command = [*self.launch.command, "--daemon", f"{os.uname().nodename}:{os.getpid()}"]
         if number:
             command += ["--job-restarts", str(number), "--resume", str(self.resume_path)]
         if self.args.max_series is not None:

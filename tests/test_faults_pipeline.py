@@ -525,3 +525,18 @@ def test_a_reader_checks_the_frame_meta_it_is_served(tmp_path):
     assert "series JSON" in got[5].error
     assert got[6].series_name == "s_r2" and got[6].frame == 4
     assert source.counters.bad_replies == 6
+
+
+def test_a_job_left_behind_by_a_killed_daemon_ends_itself(tmp_path, thaumatin_cbfs, start):
+    config, _ = write_config(tmp_path, simulate_rate="4")
+    daemon = start(config, "-n", "3", "--simulate", *thaumatin_cbfs[:6])
+    pids = [daemon.rank_pid(rank) for rank in (0, 1, 2)]
+    daemon.wait_for(r"^SERIES 1: ", stream="out", timeout=60)
+    daemon.proc.kill()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "ranks outlived their daemon"
