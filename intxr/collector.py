@@ -45,6 +45,8 @@ REPORT_INTERVAL = 10.0  # seconds between repeated reports of malformed messages
 REPLACE_LIMIT = 5  # replacements of one reader rank within REPLACE_WINDOW before giving up on it
 REPLACE_WINDOW = 600.0
 MAX_RANK = 1 << 16
+UNCONFIRMED_AFTER = 600.0  # seconds an account the Splitter never named is kept without a result
+MAX_UNCONFIRMED = 100  # accounts the Splitter never named (a flood of made-up series numbers)
 STATUSES = ("processed", "blank", "failed")
 
 
@@ -201,6 +203,8 @@ class SeriesAccount:
     written: int | None = None
     master_file: str | None = None
     done: bool = False
+    confirmed: bool = False  # the Splitter published something of this series
+    touched: float = field(default_factory=time.monotonic)  # its latest result or event
 
     def take_end(self, body: dict) -> None:
         self.end = body
@@ -485,6 +489,7 @@ class Collector:
         self.bad_results = Complaints("malformed message", f"the results socket {bl.collector_endpoint}")
         self.bad_splitter = Complaints("malformed message", f"the Splitter's socket {bl.splitter_publish_endpoint}")
         self.late_results = Complaints("late result", "the results socket (after its series was summed up)")
+        self.unknown_series = Complaints("unknown series", "the results socket")
         self.splitter_counters: dict = {}
         self.splitter_heard = False
         self.resumed = settings.resume_file is None
@@ -535,6 +540,7 @@ class Collector:
         if series is None or series.done:
             raise LateResult(f"series {result['series']} frame {result['frame']} (counted failed in its summary)")
         status = result["status"]
+        series.touched = time.monotonic()
         if not series.results.add(result["frame"]):
             raise BadMessage(f"series {result['series']} frame {result['frame']}: a second result")
         series.counts[status] += 1
@@ -597,6 +603,8 @@ class Collector:
         series = self.account(body["series"], body.get("series_name"))
         if series is None or series.done:
             return  # the Splitter repeats series events for late subscribers
+        series.confirmed = True
+        series.touched = time.monotonic()
         if topic == "series_end" and series.end is None:
             series.take_end(body)
         elif topic == "series_written" and series.written is None:
@@ -698,7 +706,23 @@ class Collector:
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
+    def drop_unconfirmed(self, account: SeriesAccount, why: str) -> None:
+        """Results for a series the Splitter never named (made up, or from a job long gone) are
+        not summed up as a series: that is the Splitter's word."""
+        del self.series[account.name]
+        self.unknown_series(f"series {series_label(account.series, account.name)}: {len(account.results)} result(s) "
+                            f"and no word of the series from the Splitter ({why}): not summed up")
+
     def check_series(self) -> None:
+        now = time.monotonic()
+        unconfirmed = [a for a in self.series.values() if not a.confirmed and not a.done]
+        for account in unconfirmed:
+            if now - account.touched > UNCONFIRMED_AFTER:
+                self.drop_unconfirmed(account, f"nothing for {UNCONFIRMED_AFTER / 60:.0f} min")
+        if len(unconfirmed) > MAX_UNCONFIRMED:
+            for account in sorted(unconfirmed, key=lambda a: a.touched)[:len(unconfirmed) - MAX_UNCONFIRMED]:
+                if account.name in self.series:
+                    self.drop_unconfirmed(account, f"over {MAX_UNCONFIRMED} such series")
         for account in list(self.series.values()):
             if account.done or account.end is None:
                 continue
@@ -864,6 +888,7 @@ class Collector:
             "malformed_results": self.bad_results.count,
             "malformed_splitter": self.bad_splitter.count,
             "late_results": self.late_results.count,
+            "unknown_series": self.unknown_series.count,
             "results": self.results_total,
             "series_done": self.series_done,
             "ui_sent": self.ui_sent,
@@ -871,7 +896,7 @@ class Collector:
             "splitter": self.splitter_counters,
         }
         self._publish("health", body)
-        for complaints in (self.bad_results, self.bad_splitter, self.late_results):
+        for complaints in (self.bad_results, self.bad_splitter, self.late_results, self.unknown_series):
             complaints.tick()
         return body
 
@@ -946,14 +971,18 @@ class Collector:
             self.take_resume()
         self.health()  # a reader that died near the end is reported too
         for account in list(self.series.values()):
-            if not account.done and (len(account.results) or account.end):
+            if account.done:
+                continue
+            if account.confirmed:
                 self.finish_series(account)
+            else:
+                self.drop_unconfirmed(account, "at shutdown")
         if self.settings.show_time:
             self.print_rate()
         if self.ui is not None:
             print(f"collector: {self.ui_sent} result lines sent to {self.configuration.beamline.ui_endpoint}, "
                   f"{self.ui_dropped} dropped (no listener or a slow one)", file=sys.stderr, flush=True)
-        for complaints in (self.bad_results, self.bad_splitter, self.late_results):
+        for complaints in (self.bad_results, self.bad_splitter, self.late_results, self.unknown_series):
             complaints.reported_at = None
             complaints.tick()
         # Readers stop when told; a few repeats so that late subscribers hear it too.

@@ -329,6 +329,8 @@ def test_garbage_on_the_collectors_socket_is_counted_localhost_binds_loopback_an
         for _ in range(5):
             for message in GARBAGE:
                 junk.send_multipart(message)
+        # Well-formed, but of a series the Splitter never had: no SERIES line may come of it.
+        junk.send_multipart([b"result", b'{"series": 999, "frame": 1, "status": "processed", "n_spots": 50}'])
         junk.close()
         # Raw bytes that are no ZeroMQ at all.
         with socket.create_connection(("127.0.0.1", keys["collector_port"])) as raw:
@@ -355,6 +357,10 @@ def test_garbage_on_the_collectors_socket_is_counted_localhost_binds_loopback_an
     finally:
         taken.close()
     results, [summary] = records(record)
+    assert list(summaries(daemon)) == [1]
+    assert any("collector: unknown series on the results socket: series 999: 1 result(s) and no word of the series "
+               "from the Splitter" in line for _, line in daemon.err), daemon.text()
+    results = [r for r in results if r["series"] == 1]
     assert (summary["received"], summary["processed"] + summary["blank"], summary["failed"]) == (12, 12, 0), summary
     assert_accounted_once(results, summary, 12)
     assert "Traceback" not in daemon.text()
