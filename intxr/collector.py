@@ -597,7 +597,8 @@ class Collector:
         if topic not in ("series_end", "series_written", "series_start"):
             raise BadMessage(f"unknown topic {_show(topic)}")
         self.take_series_event(topic, body)
-        self._publish(f"splitter_{topic}", body)
+        if topic != "series_start":  # the GUI gets a series from its first result
+            self._publish(f"splitter_{topic}", body)
 
     def take_series_event(self, topic: str, body: dict) -> None:
         series = self.account(body["series"], body.get("series_name"))

@@ -277,7 +277,8 @@ class Daemon:
         self.stop = threading.Event()
         self.done_names: list[str] = []  # series the Collectors summed up, in order
         self.done_set: set[str] = set()
-        self.restarts: list[float] = []
+        self.restarts: list[float] = []  # when the job failed, within RESTART_WINDOW
+        self.jobs_started = 0
         self.job: Job | None = None
         self.job_clean = False  # the last job ended by itself after summing up
         self.gui: subprocess.Popen | None = None
@@ -310,7 +311,8 @@ class Daemon:
         say(self.prog, text)
 
     def start_job(self) -> Job:
-        number = len(self.restarts)
+        number = self.jobs_started
+        self.jobs_started += 1
         command = [*self.launch.command, "--daemon", f"{os.uname().nodename}:{os.getpid()}"]
         if number:
             command += ["--job-restarts", str(number), "--resume", str(self.resume_path)]
@@ -562,8 +564,8 @@ class Daemon:
             f"{c['series_ended']} series; files: {', '.join(c['files'][-20:]) or 'none'}"
             + (f" (and {len(c['files']) - 20} more)" if len(c["files"]) > 20 else "")
         )
-        if self.restarts:
-            self.say(f"the MPI job was restarted {len(self.restarts)} time(s)")
+        if self.jobs_started > 1:
+            self.say(f"the MPI job was restarted {self.jobs_started - 1} time(s)")
         if job is not None and not self.stop.is_set() and job.proc.returncode not in (0, None):
             code = code or 1
         return code

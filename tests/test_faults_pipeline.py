@@ -158,10 +158,10 @@ def summaries(daemon: Daemon) -> dict[int, list[tuple]]:
     return by_series
 
 
-def splitter_series(config: Path) -> int:
-    """Series the Splitter opened: one master file each."""
-    directory = Path(re.search(r"output_dir = (.*)", config.read_text()).group(1))
-    return len(list(directory.glob("*_master.h5")))
+def splitter_series(daemon: Daemon) -> int:
+    """Series the Splitter wrote: one master file each, as its last line names them."""
+    (_, m), = daemon.wait_for(r"splitter: \d+ frames received, .* files: (.*?)(?: \(and (\d+) more\))?$", timeout=5)
+    return len(m.group(1).split(", ")) + int(m.group(2) or 0)
 
 
 def records(path: Path) -> tuple[list[dict], list[dict]]:
@@ -226,7 +226,8 @@ def test_killed_readers_are_replaced_and_no_readers_left_is_loud(tmp_path, thaum
 
 def test_a_killed_collector_is_noticed_the_job_restarts_and_every_series_is_summed_up_once(
         tmp_path, thaumatin_cbfs, start):
-    config, _ = write_config(tmp_path, simulate_rate="4")
+    # 16.5 MB a series, and a retention limit of two series.
+    config, keys = write_config(tmp_path, simulate_rate="4", output_retention_gb="0.035")
     daemon = start(config, "-n", "3", "--verbose", "--simulate", *thaumatin_cbfs[:6])  # 1.5 s series, forever
     collector = daemon.rank_pid(0)
     daemon.wait_for(r"^SERIES 2: ", stream="out", timeout=60)
@@ -246,7 +247,7 @@ def test_a_killed_collector_is_noticed_the_job_restarts_and_every_series_is_summ
     assert t_noticed - killed < 3.0, t_noticed - killed
     print(f"collector killed: noticed after {t_noticed - killed:.2f} s, results again after {back:.1f} s")
     by_series = summaries(daemon)
-    n_series = splitter_series(config)
+    n_series = splitter_series(daemon)
     # Exactly one SERIES line per series the Splitter saw, the one cut by SIGTERM included.
     assert sorted(by_series) == list(range(1, n_series + 1)), (n_series, sorted(by_series), daemon.text())
     assert all(len(lines) == 1 for lines in by_series.values()), by_series
@@ -257,6 +258,13 @@ def test_a_killed_collector_is_noticed_the_job_restarts_and_every_series_is_summ
     for series in range(resumed_in + 1, resumed_in + 3):
         received, _, processed, blank, skipped, failed = by_series[series][0]
         assert (processed + blank, skipped, failed) == (received, 0, 0), by_series[series]
+    # Retention kept the directory small, deleting whole old series and never the last one.
+    daemon.wait_for(r"intxrd: keeping at most 0.035 GB of series files in .*\(output_retention_gb\)", timeout=1)
+    daemon.wait_for(r"intxrd: retention: deleted \d+ oldest complete series \(\d+ MB: intxr_sim_000001", timeout=1)
+    left = sorted(p.name for p in Path(keys["output_dir"]).iterdir())
+    assert f"intxr_sim_{n_series:06d}_master.h5" in left and "intxr_sim_000001_master.h5" not in left, left
+    masters = {name.removesuffix("_master.h5") for name in left if name.endswith("_master.h5")}
+    assert {name.rsplit("_data_", 1)[0] for name in left if "_data_" in name} == masters  # whole series only
     assert "Traceback" not in daemon.text()
 
 
@@ -270,7 +278,7 @@ def test_the_daemon_gives_up_after_too_many_restarts_and_exits_non_zero(tmp_path
     daemon.wait_for(r"the MPI job failed 1 times in 10 min \(max_restarts = 0\): giving up", timeout=30)
     assert daemon.finish(90) == 1, daemon.text()
     by_series = summaries(daemon)
-    n_series = splitter_series(config)
+    n_series = splitter_series(daemon)
     assert sorted(by_series) == list(range(1, n_series + 1)) and all(len(v) == 1 for v in by_series.values())
     # What no Collector summed up, the daemon did, from the Splitter's accounts.
     assert any("summed up by the daemon" in line for _, line in daemon.out), daemon.text()
