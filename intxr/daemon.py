@@ -89,10 +89,12 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def kill_session(proc: subprocess.Popen, grace: float = 2.0) -> None:
-    """End mpirun and everything it started, including ranks orphaned by a dead launcher."""
+def kill_session(proc: subprocess.Popen) -> None:
+    """End mpirun and everything it started, orphaned ranks and replacement readers included. A
+    job killed is one given up on: SIGKILL, so that no part of it sums up half a series on its way
+    out (the next job, or the daemon, sums up from the Splitter's accounts)."""
     sid = proc.pid
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    for _ in range(3):
         pids = session_pids(sid)
         if proc.poll() is None and proc.pid not in pids:
             pids.append(proc.pid)
@@ -100,14 +102,12 @@ def kill_session(proc: subprocess.Popen, grace: float = 2.0) -> None:
             break
         for pid in pids:
             try:
-                os.kill(pid, sig)
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 5.0
+        while session_pids(sid) and time.monotonic() < deadline:
             proc.poll()
-            if not session_pids(sid):
-                break
             time.sleep(0.05)
     try:
         proc.wait(5)
@@ -528,6 +528,10 @@ class Daemon:
             self.say("the Splitter did not finish writing within 60 s")
             code = code or 1
         if job is not None and job.proc.poll() is None:
+            # A job still starting is waited for: its Collector is the one to sum up.
+            while job.proc.poll() is None and job.last_health is None and job.failure() is None:
+                self.drain(health, job)
+                time.sleep(0.1)
             self.drain(health, job)
             if job.collector_pid and pid_alive(job.collector_pid):
                 # The Collector alone is told: it takes the Splitter's last series_end, sums up every

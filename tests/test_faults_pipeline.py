@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from intxr.collector import Quantiles, RangeSet, SeriesAccount, summary_line
-from intxr.daemon import HDF5_MAGIC, Retention
+from intxr.daemon import HDF5_MAGIC, Retention, pid_alive
 from intxr.testing import free_ports
 
 EXE = Path(sys.executable).parent
@@ -554,3 +554,23 @@ def test_a_job_left_behind_by_a_killed_daemon_ends_itself(tmp_path, thaumatin_cb
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, "ranks outlived their daemon"
+
+
+def test_a_hung_collector_is_noticed_by_its_silence_and_the_job_restarts(tmp_path, thaumatin_cbfs, start):
+    config, _ = write_config(tmp_path, simulate_rate="4")
+    daemon = start(config, "-n", "2", "--verbose", "--simulate", *thaumatin_cbfs[:6])
+    collector = daemon.rank_pid(0)
+    daemon.wait_for(r"^SERIES 1: ", stream="out", timeout=60)
+    hung = time.monotonic()
+    os.kill(collector, signal.SIGSTOP)  # alive, but says nothing
+    (t_noticed, _), = daemon.wait_for(rf"JOB FAILED: the Collector \(rank 0, pid {collector}\) has been silent for "
+                                      r"\d+ s", timeout=15)
+    assert 3.5 < t_noticed - hung < 8, t_noticed - hung  # 5 s after its last health
+    (t_restart, _), = daemon.wait_for(r"restarting the MPI job \(restart 1 of at most 5", timeout=30)
+    assert not pid_alive(collector)  # the stopped one was killed, not left behind
+    daemon.wait_results(1, after=t_restart)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.finish(120) == 0, daemon.text()
+    by_series = summaries(daemon)
+    assert sorted(by_series) == list(range(1, splitter_series(daemon) + 1))
+    assert all(len(lines) == 1 for lines in by_series.values()), by_series
