@@ -493,6 +493,8 @@ class Collector:
         self.splitter_counters: dict = {}
         self.splitter_heard = False
         self.resumed = settings.resume_file is None
+        if settings.resume_file is not None:
+            self.take_done_names()
         self.ui_sent = 0
         self.ui_dropped = 0
         self.results_total = 0
@@ -579,6 +581,8 @@ class Collector:
         rank = self.ranks.get(number)
         child = self.children.get(number)
         if rank is None:
+            if self.ranks:  # the job's ranks are known from MPI: a stranger is not one of them
+                raise BadMessage(f"status from rank {number}, which is not a reader of this job")
             rank = self.ranks[number] = {"rank": number}
         elif child is not None and status.get("pid") not in (None, child.pid):
             return  # a late word from the reader this one replaced
@@ -612,23 +616,33 @@ class Collector:
             series.written = body.get("frames_written")
             series.master_file = body.get("master_file")
 
-    def take_resume(self) -> None:
-        """After a job restart: the series the last Collector summed up (never again), and the
-        Splitter's accounts of series that ended while no Collector listened. Read once this
-        Collector hears the Splitter, so a later series_end comes on the socket (see daemon.py)."""
-        self.resumed = True
+    def read_resume(self) -> dict:
         try:
             with open(self.settings.resume_file, encoding="utf-8") as f:
                 state = json.load(f)
-            done = [n for n in state.get("done", []) if isinstance(n, str)]
-            accounts = [a for a in state.get("accounts", []) if isinstance(a, dict)]
-        except (OSError, ValueError, AttributeError) as exc:
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            return state
+        except (OSError, ValueError) as exc:
             print(f"collector: cannot read the daemon's accounts {self.settings.resume_file}: {exc}",
                   file=sys.stderr, flush=True)
-            return
-        for name in done:
-            self.mark_done(name)
-        for body in accounts:
+            return {}
+
+    def take_done_names(self) -> None:
+        """At start, before any series event: the series the previous Collector summed up are
+        never summed up again (the Splitter repeats its latest events to new subscribers)."""
+        self.take_done_names_from(self.read_resume())
+
+    def take_resume(self) -> None:
+        """After a job restart: the Splitter's accounts of series that ended while no Collector
+        listened. Read once this Collector hears the Splitter, so that a series that ends later
+        comes on the socket (the daemon rewrites the file until then; see daemon.py)."""
+        self.resumed = True
+        state = self.read_resume()
+        self.take_done_names_from(state)
+        for body in state.get("accounts") or []:
+            if not isinstance(body, dict):
+                continue
             # An account holds what the Splitter published of the series: its end (`timed_out` is
             # always there), and its files' `frames_written` once closed (that may come first).
             events = [t for t, key in (("series_end", "timed_out"), ("series_written", "frames_written"))
@@ -641,6 +655,14 @@ class Collector:
                 continue
             for topic in events:
                 self.take_series_event(topic, body)
+
+    def take_done_names_from(self, state: dict) -> None:
+        for name in state.get("done") or []:
+            if isinstance(name, str) and name not in self.done_set:
+                self.mark_done(name)
+                account = self.series.get(name)
+                if account is not None and not account.done:
+                    del self.series[name]  # summed up by the Collector before this one
 
     def mark_done(self, name: str) -> None:
         if name in self.done_set:

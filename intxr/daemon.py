@@ -20,6 +20,7 @@ non-zero. Dead readers are the Collector's business (it replaces them).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -243,14 +244,17 @@ class Retention:
 # The GUI
 
 
-def port_taken(host: str, port: int) -> bool:
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why the GUI could not listen on host:port, or None when it can."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} in use on {host}: set gui_port"
+            return f"cannot listen on {host}:{port} ({exc.strerror or exc}): set gui_host"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +289,7 @@ class Daemon:
         self.simulator = None
         self.state_dir = Path(tempfile.mkdtemp(prefix="intxrd-"))
         self.resume_path = self.state_dir / "resume.json"
-        self.resume_ended = -1
+        self.resume_ended: tuple | None = None
 
     def dry_run(self) -> int:
         bl, prog = self.bl, self.prog
@@ -328,9 +332,10 @@ class Daemon:
         """What the next Collector needs: the series summed up already and the Splitter's accounts
         of the others. Rewritten while it starts, whenever a series ends (see Collector.take_resume)."""
         counters = splitter.counters()
-        if counters.get("series_ended") == self.resume_ended and self.resume_path.exists():
+        version = (counters.get("series_ended"), counters.get("series_started"), len(self.done_names))
+        if version == self.resume_ended and self.resume_path.exists():
             return
-        self.resume_ended = counters.get("series_ended")
+        self.resume_ended = version
         accounts = [a for a in counters.get("series", []) if self.name_of(a) not in self.done_set]
         tmp = self.resume_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"done": self.done_names[-KEEP_DONE:], "accounts": accounts}))
@@ -353,9 +358,9 @@ class Daemon:
 
     def start_gui(self) -> None:
         bl = self.bl
-        if port_taken(bl.gui_host, bl.gui_port):
-            self.say(f"GUI: port {bl.gui_port} in use on {bl.gui_host}: set gui_port in [{bl.name}] of {self.path}; "
-                     f"going on without the GUI")
+        why = cannot_listen(bl.gui_host, bl.gui_port)
+        if why is not None:
+            self.say(f"GUI: {why} in [{bl.name}] of {self.path}; going on without the GUI")
             return
         # Its own process (and session): drawing for browsers never competes with the Splitter's
         # Python side, and a Ctrl-C reaches the daemon, which stops it last.
@@ -512,8 +517,8 @@ class Daemon:
             self.say(f"the MPI job failed {len(self.restarts)} times in {RESTART_WINDOW / 60:.0f} min "
                      f"(max_restarts = {limit}): giving up")
             return None
+        self.resume_ended = None  # written now, whatever changed, and again whenever a series ends
         self.write_resume(splitter)
-        self.resume_ended = -1  # rewrite on the next tick too: a series may end while it starts
         job = self.start_job()
         self.say(f"restarting the MPI job (restart {len(self.restarts)} of at most {limit} in "
                  f"{RESTART_WINDOW / 60:.0f} min): mpirun pid {job.proc.pid}")

@@ -303,6 +303,7 @@ GARBAGE = [
     [b"status", b'{"rank": "x"}'],
     [b"status", b'{"rank": 0}'],
     [b"status", b'{"rank": 3, "cpus": "all"}'],
+    [b"status", b'{"rank": 7, "pid": 1}'],  # well-formed, but no rank of this job
     [b"hello", b"{}"],
     [b"\xff\xfe", b"\x00" * 100],
     [os.urandom(64), os.urandom(300)],
@@ -574,3 +575,27 @@ def test_a_hung_collector_is_noticed_by_its_silence_and_the_job_restarts(tmp_pat
     by_series = summaries(daemon)
     assert sorted(by_series) == list(range(1, splitter_series(daemon) + 1))
     assert all(len(lines) == 1 for lines in by_series.values()), by_series
+
+
+def test_a_killed_mpirun_is_noticed_its_orphaned_ranks_go_and_the_job_restarts(tmp_path, thaumatin_cbfs, start):
+    config, _ = write_config(tmp_path, simulate_rate="4")
+    daemon = start(config, "-n", "2", "--verbose", "--simulate", *thaumatin_cbfs[:6])
+    ranks = [daemon.rank_pid(0), daemon.rank_pid(1)]
+    (_, m), = daemon.wait_for(r"intxrd: started (\S+/mpirun) ")
+    daemon.wait_for(r"^SERIES 1: ", stream="out", timeout=60)
+    launcher = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and Path(f"/proc/{pid}/stat").exists()
+                    and int(Path(f"/proc/{ranks[0]}/stat").read_text().rsplit(")", 1)[1].split()[1]) == int(pid))
+    killed = time.monotonic()
+    os.kill(launcher, signal.SIGKILL)
+    (t_noticed, _), = daemon.wait_for(r"JOB FAILED: (the MPI job ended \(mpirun exit status -9\)|the Collector)",
+                                      timeout=10)
+    (t_restart, _), = daemon.wait_for(r"restarting the MPI job \(restart 1 of at most 5", timeout=30)
+    assert t_noticed - killed < 3.0
+    assert not any(pid_alive(pid) for pid in ranks)  # the orphans went with it
+    daemon.wait_results(1, after=t_restart)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.finish(120) == 0, daemon.text()
+    by_series = summaries(daemon)
+    assert sorted(by_series) == list(range(1, splitter_series(daemon) + 1))
+    assert all(len(lines) == 1 for lines in by_series.values()), by_series
+    assert "Traceback" not in daemon.text()
