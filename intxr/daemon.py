@@ -186,22 +186,28 @@ class Retention:
         self.limit = int(limit_gb * 1e9)
         self.deleted_series = 0
         self.deleted_bytes = 0
+        self._verified: dict[str, int] = {}  # path -> inode of files whose HDF5 signature was read
         self.preexisting = {name for name, _ in self._groups().items()}
 
     def _groups(self) -> dict[str, list[tuple[Path, int, float]]]:
         groups: dict[str, list[tuple[Path, int, float]]] = {}
+        verified: dict[str, int] = {}
         for entry in os.scandir(self.directory):
             m = SPLITTER_FILE.match(entry.name)
             if m is None or not entry.is_file(follow_symlinks=False):
                 continue
             try:
-                with open(entry.path, "rb") as f:
-                    if f.read(8) != HDF5_MAGIC:
-                        continue
                 st = entry.stat(follow_symlinks=False)
+                # Each file's signature is read once (a beamline directory holds many thousands).
+                if self._verified.get(entry.path) != st.st_ino:
+                    with open(entry.path, "rb") as f:
+                        if f.read(8) != HDF5_MAGIC:
+                            continue
             except OSError:
                 continue
+            verified[entry.path] = st.st_ino
             groups.setdefault(m.group("name"), []).append((Path(entry.path), st.st_size, st.st_mtime))
+        self._verified = verified
         return groups
 
     def run(self, closed_masters: list[str]) -> list[str]:
