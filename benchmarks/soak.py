@@ -948,6 +948,9 @@ def report(args, sources, sent, bad_sent, kills, notes, daemon, sampler, events,
                         (v for t, v in s if t >= s[0][0] + 60), kb[-1]) / 1024),
                     "max_mb": round(max(kb) / 1024), "end_mb": round(kb[-1] / 1024)})
 
+    if notes.get("exit_code") != 0:
+        problems.append(f"the daemon exited {notes.get('exit_code')} after SIGTERM: "
+                        + " | ".join(line for _, line in daemon.err[-3:]))
     c = events.counters
     result = {"totals": totals, "kills": recov, "throughput": throughput, "rss": rss, "notes": notes,
               "malformed_sent": dict(bad_sent), "malformed_counted_by_splitter": c.get("malformed"),
