@@ -188,6 +188,8 @@ class Retention:
         self.deleted_bytes = 0
         self._verified: dict[str, int] = {}  # path -> inode of files whose HDF5 signature was read
         self.preexisting = {name for name, _ in self._groups().items()}
+        # Names the Splitter has closed: its `files` holds only the latest ones, so they are remembered.
+        self.closed: set[str] = set()
 
     def _groups(self) -> dict[str, list[tuple[Path, int, float]]]:
         groups: dict[str, list[tuple[Path, int, float]]] = {}
@@ -213,12 +215,13 @@ class Retention:
     def run(self, closed_masters: list[str]) -> list[str]:
         """Delete what is over the limit; the lines to say."""
         groups = self._groups()
+        self.closed.update(Path(m).name.removesuffix("_master.h5") for m in closed_masters)
+        self.closed.intersection_update(groups)  # bounded by what is on disk (a name is never reused by the Splitter)
         total = sum(size for files in groups.values() for _, size, _ in files)
         if total <= self.limit:
             return []
-        closed = {Path(m).name.removesuffix("_master.h5") for m in closed_masters}
         complete = [name for name, files in groups.items()
-                    if (name in closed or name in self.preexisting)
+                    if (name in self.closed or name in self.preexisting)
                     and any(p.name == f"{name}_master.h5" for p, _, _ in files)]
         complete.sort(key=lambda name: max(mtime for _, _, mtime in groups[name]))
         deleted, freed = [], 0
@@ -236,6 +239,7 @@ class Retention:
             freed += size
             deleted.append(name)
             self.preexisting.discard(name)
+            self.closed.discard(name)
         self.deleted_series += len(deleted)
         self.deleted_bytes += freed
         if not deleted:
@@ -577,7 +581,7 @@ class Daemon:
             f"splitter: {c['frames_received']} frames received, {c['frames_written']} written, "
             f"{c['frames_forwarded']} forwarded, {c['frames_skipped']} skipped, {c['malformed']} malformed, "
             f"{c['series_ended']} series; files: {', '.join(c['files'][-20:]) or 'none'}"
-            + (f" (and {len(c['files']) - 20} more)" if len(c["files"]) > 20 else "")
+            + (f" (and {c['master_files'] - 20} more)" if c["master_files"] > 20 else "")
         )
         if self.jobs_started > 1:
             self.say(f"the MPI job was restarted {self.jobs_started - 1} time(s)")

@@ -39,7 +39,7 @@ class Splitter:
     (`check_free_space=False`: only when a write fails, for file systems whose statvfs misleads).
 
     with Splitter("tcp://127.0.0.1:9999", "/data/run") as splitter:
-        splitter.join()          # until stopped, or `max_series` series have ended
+        splitter.join()          # until stopped, or `max_series` series end (end message or timeout)
     splitter.counters()          # frames received / written, malformed, md5 mismatches, ...
     """
 
@@ -124,7 +124,9 @@ class Splitter:
         return self._core.is_running()
 
     def counters(self) -> dict:
-        """Run counters, `last_error`, `files` (master files written) and `series`: per series
+        """Run counters, `last_error`, `files` (master files of the latest 1000 series closed;
+        `master_files` counts them all; `series_ended` counts every series closed, a stop's too,
+        so it ends equal to `series_started`) and `series`: per series
         opened (`series`, `series_name`), received / forwarded / skipped (with
         `forwarded_ranges` / `skipped_ranges`) / bytes / md5_mismatches / malformed, and
         frames_written / not_written / write_error / master_file once its files are closed (the

@@ -448,6 +448,20 @@ def test_retention_deletes_the_oldest_complete_series_only(tmp_path):
     assert retention.run([]) == []  # under the limit now
 
 
+def test_retention_remembers_series_closed_before_the_splitter_forgot_them(tmp_path):
+    """The Splitter's `files` keeps only its latest series: one closed earlier is still complete."""
+    now = time.time()
+    retention = Retention(str(tmp_path), 0.001)  # 1 MB
+    _series_files(tmp_path, "series_000001", 1, 200_000, now - 100)
+    assert retention.run([str(tmp_path / "series_000001_master.h5")]) == []  # under the limit
+    _series_files(tmp_path, "series_000002", 1, 200_000, now - 50)
+    _series_files(tmp_path, "series_000003", 1, 200_000, now)  # open
+    lines = retention.run([str(tmp_path / "series_000002_master.h5")])  # series 1 is no longer listed
+    assert lines and "deleted 1 oldest complete series" in lines[0] and "series_000001" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == "series_000002_data_000001.h5"
+    assert retention.closed == {"series_000002"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The Collector's Splitter socket and a reader's frame socket, each fed junk by a real peer
 

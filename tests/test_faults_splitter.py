@@ -175,6 +175,35 @@ def test_a_pause_past_the_timeout_reopens_the_series_as_a_new_part(tmp_path, cap
     assert "series 1: frame 4 came after the series timeout had closed series_000001: writing it as" in err
 
 
+def test_the_series_a_stop_cuts_short_is_counted_and_accounted(tmp_path):
+    """A stop (SIGTERM, Ctrl-C) closes the open series: counted as ended, with its series_end and
+    series_written like any other, so the count of series matches the master files."""
+    sent = blobs(5)
+    detector = Detector()
+    publish = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    splitter = Splitter(detector.endpoint, tmp_path, series_timeout=30, publish=publish).start()
+    try:
+        listener = Listener(publish)
+        listener.wait_for("counters")
+        detector.send(v1_series(1, sent) + v1_series(2, sent[:3], end=False))  # series 2 still open
+        wait_for(lambda: splitter.counters()["frames_received"] == 8, what="the frames")
+    finally:
+        splitter.stop()
+        assert splitter.join(20)
+        detector.close()
+    listener.poll(1.0)
+    counters = splitter.counters()
+    assert counters["series_started"] == counters["series_ended"] == 2, counters
+    assert counters["master_files"] == len(counters["files"]) == 2
+    assert [(e["series_name"], e["received"]) for e in published(listener, "series_end")] == [
+        ("series_000001", 5), ("series_000002", 3)]  # fmt: skip
+    assert [(w["series_name"], w["frames_written"]) for w in published(listener, "series_written")] == [
+        ("series_000001", 5), ("series_000002", 3)]  # fmt: skip
+    last = counters["series"][-1]
+    assert (last["series_name"], last["received"], last["frames_written"]) == ("series_000002", 3, 3)
+    assert chunks(tmp_path / "series_000002_master.h5") == sent[:3]
+
+
 def malformed_v1(good: list[bytes]) -> list[tuple[str, list[bytes]]]:
     """The issue's bad messages, each a (what, message) for a stream of series 1."""
     absurd = v1_frame(1, 5, good[5])  # a good blob whose dimage_d says 2^20 x 2^20 pixels
@@ -369,7 +398,8 @@ def run_full_disk(disk: Path, check: str):
                  what="the frames before the disk is freed")  # fmt: skip
         filler.unlink()
         detector.send([v1_frame(1, len(first) + k, b, shape) for k, b in enumerate(after)] + [fmt.v1_end(1)])
-        wait_for(lambda: counters()["series_ended"] == 1, what="the end of the series")
+        # The first part closed when space returned, the second by its end message.
+        wait_for(lambda: counters()["series_ended"] == 2, what="the end of the series")
         listener.poll(1.2)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)

@@ -281,7 +281,7 @@ impl SplitterCore {
             .unwrap_or(false)
     }
 
-    /// Counters of this run, plus `last_error` and `files` (master files written).
+    /// Counters of this run, plus `last_error` and `files` (master files of the latest series closed).
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
         for (name, value) in self.counters.snapshot() {
@@ -300,7 +300,7 @@ impl SplitterCore {
             self.counters
                 .files
                 .lock()
-                .map(|f| f.clone())
+                .map(|f| f.iter().cloned().collect::<Vec<_>>())
                 .unwrap_or_default(),
         )?;
         // Per-series accounting as JSON text; intxr.splitter.Splitter.counters() parses it.

@@ -42,7 +42,7 @@ pub struct SplitterConfig {
     pub frames_per_file: usize,
     /// A series with no message for this long is closed (its dseries_end never came).
     pub series_timeout: Duration,
-    /// Stop after this many series have ended.
+    /// Stop after this many series have ended by their end message or the timeout.
     pub max_series: Option<u64>,
     /// Header key whose value names the series' master file (its basename gives the prefix).
     pub filepath_key: Option<String>,
@@ -76,7 +76,11 @@ pub struct Counters {
     pub malformed: AtomicU64,
     pub md5_mismatches: AtomicU64,
     pub series_started: AtomicU64,
+    /// Series closed, however (end message, timeout, new header, disk resume, stop): one per
+    /// `series_end`, so at the end it equals `series_started`.
     pub series_ended: AtomicU64,
+    /// Series closed by their end message or the timeout (what `max_series` counts).
+    series_completed: AtomicU64,
     pub series_timed_out: AtomicU64,
     pub write_errors: AtomicU64,
     /// Series names that were taken and replaced by a `_rN` name.
@@ -88,7 +92,10 @@ pub struct Counters {
     pub buffer_overruns: AtomicU64,
     pub repaired_headers: AtomicU64,
     pub last_error: Mutex<String>,
-    pub files: Mutex<Vec<String>>,
+    /// Master files of the latest `KEEP_FILES` series closed (a daemon runs for weeks).
+    pub files: Mutex<std::collections::VecDeque<String>>,
+    /// Master files written, all of them.
+    pub master_files: AtomicU64,
     /// The latest series' accounting (`series_end` JSON, the files' `series_written` merged in).
     pub series: Mutex<std::collections::VecDeque<serde_json::Value>>,
     /// The writer's word to the receiver: writing series `name` failed (`true`: for want of space).
@@ -97,6 +104,9 @@ pub struct Counters {
 
 /// Series accounts kept for `Counters::series` (a daemon runs for weeks).
 pub const KEEP_SERIES: usize = 100;
+
+/// Master files kept for `Counters::files` (who needs all of them reads `series_written`).
+pub const KEEP_FILES: usize = 1000;
 
 impl Counters {
     /// Record a series event: a new account for `series_end`, merged into it for `series_written`
@@ -151,6 +161,7 @@ impl Counters {
             ("md5_mismatches", get(&self.md5_mismatches)),
             ("series_started", get(&self.series_started)),
             ("series_ended", get(&self.series_ended)),
+            ("master_files", get(&self.master_files)),
             ("series_timed_out", get(&self.series_timed_out)),
             ("write_errors", get(&self.write_errors)),
             ("renamed_series", get(&self.renamed_series)),
@@ -173,7 +184,7 @@ enum Job {
     Frame(ParsedFrame, Arc<Received>),
     /// The free space ran short: close the open series' files cleanly and write no more of it.
     Suspend(String),
-    /// Close the open series; `ended` by its end message or the timeout (counted as ended).
+    /// Close the open series; `ended` by its end message or the timeout (what max_series counts).
     End {
         timed_out: bool,
         ended: bool,
@@ -195,7 +206,7 @@ fn lone_config(parts: &[&[u8]]) -> Option<serde_json::Value> {
     }
 }
 
-/// Run until `stop` is set or `max_series` series have ended; returns the first fatal error
+/// Run until `stop` is set or `max_series` series have ended (end message or timeout); returns the first fatal error
 /// (a socket that cannot be opened). Bad messages are counted, never fatal.
 pub fn run(
     config: SplitterConfig,
@@ -254,10 +265,10 @@ pub fn run(
     let mut idle_sent = true;
     let mut expect_config = false;
     while !stop.load(Ordering::Relaxed) {
-        // The writer counts ended series; checked every poll so the run ends once it has caught up.
+        // The writer counts completed series; checked every poll so the run ends once it has caught up.
         if config
             .max_series
-            .is_some_and(|max| counters.series_ended.load(Ordering::Relaxed) >= max)
+            .is_some_and(|max| counters.series_completed.load(Ordering::Relaxed) >= max)
         {
             break;
         }
@@ -1144,7 +1155,11 @@ fn close(
     }
     let master = series.master.clone();
     if let (Some(path), Ok(mut files)) = (master.as_ref(), counters.files.lock()) {
-        files.push(path.clone());
+        files.push_back(path.clone());
+        while files.len() > KEEP_FILES {
+            files.pop_front();
+        }
+        counters.master_files.fetch_add(1, Ordering::Relaxed);
     }
     let _ = serve.send(ServeJob::Written(json!({
         "series": series.series,
@@ -1155,12 +1170,13 @@ fn close(
         "write_error": series.write_error,
     })));
     // Counted once the files are complete: whoever sees the count can open them.
-    if ended {
-        if timed_out {
-            counters.series_timed_out.fetch_add(1, Ordering::Relaxed);
-        }
-        counters.series_ended.fetch_add(1, Ordering::Relaxed);
+    if timed_out {
+        counters.series_timed_out.fetch_add(1, Ordering::Relaxed);
     }
+    if ended {
+        counters.series_completed.fetch_add(1, Ordering::Relaxed);
+    }
+    counters.series_ended.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The file prefix of a series: the basename of the header's file-path key value without
@@ -1228,6 +1244,45 @@ mod tests {
         assert!(blob_fits(&frame((96, 128), Compression::None), &pixels).is_ok());
         assert!(blob_fits(&frame((96, 129), Compression::None), &pixels).is_err());
         assert!(blob_fits(&frame((usize::MAX, 3), Compression::None), &pixels).is_err());
+    }
+
+    #[test]
+    fn every_closed_series_is_counted_and_the_files_list_stays_bounded() {
+        let counters = Counters::default();
+        let (serve, published) = mpsc::channel();
+        let n = KEEP_FILES + 5;
+        for k in 0..n {
+            let series = OpenSeries {
+                series: k as i64,
+                name: format!("s{k}").into(),
+                header: Arc::new(SeriesHeader {
+                    protocol: Protocol::V1,
+                    series: k as i64,
+                    header: Value::Null,
+                    config: Value::Null,
+                    pixel_mask: None,
+                }),
+                writer: None,
+                closed: None,
+                stopped: false,
+                written: 0,
+                master: Some(format!("s{k}_master.h5")),
+                not_written: 0,
+                write_error: None,
+            };
+            // Every other one ended by its end message; the rest cut short (a stop, a new header).
+            close(series, &counters, &serve, false, k % 2 == 0);
+        }
+        assert_eq!(counters.series_ended.load(Ordering::Relaxed), n as u64);
+        assert_eq!(
+            counters.series_completed.load(Ordering::Relaxed),
+            n.div_ceil(2) as u64
+        );
+        assert_eq!(counters.master_files.load(Ordering::Relaxed), n as u64);
+        let files = counters.files.lock().unwrap();
+        assert_eq!(files.len(), KEEP_FILES);
+        assert_eq!(files.front().unwrap(), "s5_master.h5");
+        assert_eq!(published.try_iter().count(), n); // a series_written for each
     }
 
     #[test]
