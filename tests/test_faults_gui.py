@@ -218,6 +218,14 @@ def test_every_query_parameter_is_checked_and_no_other_frame_is_served(tmp_path,
             status, body = get(base + path)
             assert status == code and text in body["error"], (path, status, body)
         assert model.gui_counts["bad_requests"] == len(refused)
+        # Output retention deletes the series: a frame seen before (cached) and one never seen are gone.
+        for path in tmp_path.glob("*.h5"):
+            path.unlink()
+        for n in numbers[:2]:
+            for what in ("frame", "frame.png"):
+                status, body = get(f"{base}/api/{what}?series=1&frame={n}")
+                assert status == 410 and body["error"] == (f"series 1: its files are gone from disk ({master}; "
+                                                           f"output retention deletes the oldest series)"), body
     finally:
         server.shutdown()
         server.server_close()
@@ -245,6 +253,51 @@ def test_series_tabs_are_bounded_and_repeats_are_their_own_series():
     model2.add_event("splitter_series_written", {"series": 1, "frames_written": 1, "master_file": "/x_r2_master.h5"})
     assert model2.find("series_000001_r2").master_file == "/x_r2_master.h5"
     assert model2.find("1") is model2.find("series_000001_r2")
+
+
+def test_the_gui_reads_the_names_the_collector_sends(tmp_path):
+    """The health view and the series counts read what a real Collector publishes, by its names."""
+    import re
+
+    from test_faults_pipeline import write_config
+
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings, SeriesAccount
+    from intxr.gui.server import handle_message
+
+    config, _ = write_config(tmp_path)
+    collector = Collector(cfg.load(str(config), "t"), CollectorSettings(grace=1.0, job_restarts=2))
+    try:
+        collector.ranks = {0: {"rank": 0}, 1: {"rank": 1, "dead": True, "given_up": True, "restarts": 3},
+                           2: {"rank": 2, "lost": True}}
+        collector.no_readers_since = time.monotonic() - 5
+        health = collector.health()
+        account = SeriesAccount(1, "series_000001_r2")
+        account.take_end({"series": 1, "series_name": "series_000001_r2", "received": 6,
+                          "forwarded_ranges": [[0, 3]], "skipped_ranges": [[4, 5]]})
+        account.results.add(0)
+        account.counts["processed"] += 1
+        summary = account.summary()
+    finally:
+        collector.shutdown()
+    model = RunModel()
+    model.add_event("health", health)
+    model.add_event("series", summary)
+    handle_message(model, [b"splitter_series_start", b'{"series": 1}'])  # an older Collector's: ignored
+    assert model.bad_messages == 0
+    state = model.delta(0)
+    app = (Path(__file__).parents[1] / "intxr/gui/static/app.js").read_text()
+    read = set(re.findall(r"\bh\.(\w+)", app)) - {"ranks"}
+    assert read and read <= set(state["health"]), read - set(state["health"])
+    assert state["health"]["no_readers"] is True and state["health"]["job_restarts"] == 2
+    ranks = {r["rank"]: r for r in state["health"]["ranks"]}
+    assert ranks[1]["dead"] and ranks[1]["given_up"] and ranks[1]["restarts"] == 3 and ranks[2]["lost"]
+    counts = state["series"][0]["counts"]
+    assert (counts["label"], counts["lost"], counts["failed"]) == ("1 r2", 3, 3)
+    assert (counts["lost_ranges"], counts["skipped_ranges"]) == ("1-3", "4-5")
+    draw_counts = app[app.index("function drawCounts"):app.index("\nfunction", app.index("function drawCounts"))]
+    shown = set(re.findall(r"\bc\.(\w+)", draw_counts))
+    assert shown and shown <= set(counts), shown - set(counts)
 
 
 GARBAGE = [

@@ -26,7 +26,9 @@ MAX_SERIES = 20  # series kept in memory, newest first; older ones are dropped a
 MAX_SPOT_FRAMES = 2000  # frames per series whose spots are kept for the frame view
 MAX_SPOTS = 20_000  # spot centroids kept per frame
 MAX_TEXT = 300  # characters kept of any text from a message (errors, names)
-COUNT_FIELDS = ("received", "written", "processed", "hits", "blank", "skipped", "failed")
+COUNT_FIELDS = ("received", "written", "processed", "hits", "blank", "skipped", "failed", "lost")
+RANGE_FIELDS = ("lost_ranges", "skipped_ranges")  # a SERIES summary's frame ranges, shown as text
+MAX_RANGES_SHOWN = 8
 _REPEAT = re.compile(r"_r(\d+)$")
 
 
@@ -126,6 +128,12 @@ def ranges_count(ranges) -> int | None:
             return None
         total += r[1] - r[0] + 1
     return total
+
+
+def show_ranges(ranges: list) -> str:
+    """`[[3, 5], [9, 9]]` as `3-5, 9`; a long list is cut (a 10^6-frame series may have many)."""
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges[:MAX_RANGES_SHOWN])
+    return text + (f", ... ({len(ranges)} ranges)" if len(ranges) > MAX_RANGES_SHOWN else "")
 
 
 def ranges_position(ranges, frame: int) -> int | None:
@@ -328,7 +336,14 @@ class RunModel:
         with self._lock:
             view = None
             if topic == "series":
-                summary = {k: _int(body, k) for k in COUNT_FIELDS if body.get(k) is not None}
+                summary: dict = {k: _int(body, k) for k in COUNT_FIELDS if body.get(k) is not None}
+                for key in RANGE_FIELDS:
+                    value = body.get(key)
+                    if value is None:
+                        continue
+                    if ranges_count(value) is None:
+                        raise BadMessage(f"{key!r} is {_show(value)}, not [[first, last], ...]")
+                    summary[key] = show_ranges(value)
                 master_file = _str(body, "master_file")
                 view = self._view(body)
                 view.summary = summary
@@ -397,7 +412,10 @@ class RunModel:
 
     @staticmethod
     def _health(body: dict) -> dict:
-        """The Collector's health: per-rank rows plus the job's state (every field optional)."""
+        """The Collector's health (`Collector.health`): per-rank rows (`dead`, `lost`, `starting`,
+        `given_up`, `restarts`, ...) plus the job's state (`readers_alive`, `no_readers`,
+        `no_readers_for`, `reader_restarts`, `job_restarts`, `malformed_results`, ...); every field
+        optional."""
         ranks = body.get("ranks") or []
         if not isinstance(ranks, list):
             raise BadMessage(f"health 'ranks' is {_show(ranks)}, not a list")
@@ -409,11 +427,6 @@ class RunModel:
         health = _scalars(body, "health")
         health.pop("splitter", None)
         health["ranks"] = rows
-        # Readers lost or replaced may come as counts or as lists of ranks.
-        for key in ("lost_readers", "replaced_readers", "readers_lost", "readers_replaced"):
-            value = body.get(key)
-            if isinstance(value, list):
-                health[key] = ", ".join(str(v) for v in value[:50])
         return health
 
     def delta(self, since: int) -> dict:

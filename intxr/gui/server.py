@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import sys
 import threading
@@ -25,7 +26,10 @@ import zmq
 from intxr.gui.frames import png_bytes, read_frame, render
 from intxr.gui.model import BadMessage, RunModel, SeriesView
 
+# What the Collector publishes for the GUI (its `stop` is for readers). ZeroMQ subscriptions match
+# prefixes, so `splitter` also brings whatever else starts with it.
 TOPICS = ("result", "series", "health", "splitter", "splitter_series_end", "splitter_series_written")
+IGNORED = ("splitter_series_start",)  # an older Collector's: nothing to show, not a bad message
 UPDATE_INTERVAL = 0.1  # seconds between two updates to one browser: the coalescing window
 REPORT_EVERY = 10.0  # seconds between two stderr lines about bad messages (the first is said at once)
 MAX_MESSAGE = 64 << 20  # bytes: a result with every spot is far smaller; anything larger is not ours
@@ -80,6 +84,8 @@ def handle_message(model: RunModel, parts: list[bytes]) -> None:
     if len(parts) != 2:
         raise BadMessage(f"a message of {len(parts)} parts (expected topic and JSON body)")
     topic = parts[0].decode("ascii", "replace")
+    if topic in IGNORED:
+        return
     if topic not in TOPICS:
         raise BadMessage(f"unknown topic {topic[:40]!r}")
     try:
@@ -257,14 +263,18 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(UPDATE_INTERVAL)  # results arriving meanwhile go out together
 
     def frame_view(self, view: SeriesView, frame: int):
+        master = view.master_file
+        if not master:
+            raise BadRequest(404, f"series {view.label} has no master file yet")
+        # Checked before the cache too: files deleted (output retention) are gone for good.
+        if not os.path.exists(master):
+            raise BadRequest(410, f"series {view.label}: its files are gone from disk ({master}; output retention "
+                                  f"deletes the oldest series)")
         key = (view.key, view.order, frame)
         with self.cache_lock:
             cached = self.frame_cache.get(key)
         if cached is not None:
             return cached
-        master = view.master_file
-        if not master:
-            raise BadRequest(404, f"series {view.label} has no master file yet")
         index = view.disk_index(frame)
         if index is None:
             raise BadRequest(404, f"series {view.label} has no frame {frame}")
@@ -273,7 +283,11 @@ class Handler(BaseHTTPRequestHandler):
         except IndexError:
             raise BadRequest(404, f"series {view.label}: frame {frame} is not on disk (yet)") from None
         except Exception as exc:  # unreadable, still being written, not NXmx: said, not a traceback
-            raise BadRequest(404, f"series {view.label}: cannot read frame {frame} from {master}: {exc}") from None
+            first_data = re.sub(r"_master\.h5$", "_data_000001.h5", master)
+            if not os.path.exists(master) or not os.path.exists(first_data):  # deleted (while) being read
+                raise BadRequest(410, f"series {view.label}: its files are gone from disk ({master})") from None
+            text = " ".join(str(exc).split())[:300]
+            raise BadRequest(404, f"series {view.label}: cannot read frame {frame} from {master}: {text}") from None
         rendered = render(data, geometry, mask)
         with self.cache_lock:
             self.frame_cache[key] = rendered

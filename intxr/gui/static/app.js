@@ -145,8 +145,11 @@ function drawCounts() {
     ["median hres (A)", fmt(c.median_hres)], ["frames/s", fmt(c.rate, 1)],
     ["received", c.received ?? "-"], ["written", c.written ?? "-"], ["processed", c.processed ?? 0],
     ["blank", c.blank ?? 0], ["skipped", c.skipped ?? "-"], ["failed", c.failed ?? 0],
-    ["latency p50 (s)", fmt(c.latency_p50, 3)], ["results", c.results ?? 0],
+    ["lost (no result)", c.lost ?? "-"], ["latency p50 (s)", fmt(c.latency_p50, 3)], ["results", c.results ?? 0],
   ];
+  // The Collector's SERIES summary names the frames (ranges, as text).
+  if (c.lost_ranges) cells.push(["lost frames", c.lost_ranges]);
+  if (c.skipped_ranges) cells.push(["skipped frames", c.skipped_ranges]);
   $("counts").innerHTML = cells.map(([k, v]) => `<div>${k}<span>${esc(v)}</span></div>`).join("");
 }
 
@@ -240,30 +243,36 @@ function drawRaster() {
 function drawHealth() {
   const h = state.health || {};
   const ranks = (Array.isArray(h.ranks) ? h.ranks : []).filter((r) => r.rank > 0);
-  const stateOf = (r) => (r.replaced ? "replaced" : r.lost ? "LOST" : "ok");
+  // The Collector's rank fields: dead (replaced unless given_up), lost (silent), starting (a replacement).
+  const stateOf = (r) => (r.dead ? (r.given_up ? "DEAD, not replaced" : "DEAD") : r.lost ? "LOST"
+    : r.starting ? "starting" : "ok") + (r.restarts ? ` (replaced ${r.restarts}x)` : "");
   $("ranks").querySelector("tbody").innerHTML = ranks.map((r) =>
     `<tr><td>${esc(r.rank)}</td><td>${esc(r.host)}</td><td>${esc(r.cpu)}</td><td>${esc(r.numa)}</td>` +
     `<td>${esc(r.buffer_numa)}</td>` +
     `<td>${esc(r.frames ?? r.results ?? 0)}</td><td>${esc(fmt(r.rate, 1))}</td>` +
-    `<td class="${r.lost && !r.replaced ? "lost" : ""}">${stateOf(r)}</td></tr>`).join("");
+    `<td class="${r.lost || r.dead ? "lost" : ""}">${esc(stateOf(r))}</td></tr>`).join("");
   // The job's state, when the Collector says it: no readers is the loud one.
   const alive = typeof h.readers_alive === "number" ? h.readers_alive
-    : ranks.length ? ranks.filter((r) => !r.lost).length : null;
+    : ranks.length ? ranks.filter((r) => !r.lost && !r.dead && !r.starting).length : null;
   const noReaders = h.no_readers === true || alive === 0;
   const banner = $("jobState");
-  banner.textContent = noReaders ? "NO READERS: frames are written but not processed" : "";
+  const since = typeof h.no_readers_for === "number" && h.no_readers_for > 0 ? ` for ${h.no_readers_for.toFixed(0)} s` : "";
+  banner.textContent = noReaders ? `NO READERS${since}: frames are written but not processed` : "";
   banner.hidden = !noReaders;
   const sp = state.splitter || {};
   const fill = sp.buffer_bytes ? `${((100 * (sp.queued_bytes || 0)) / sp.buffer_bytes).toFixed(1)}%` : "-";
   const g = state.gui || {};
-  const cells = [["readers alive", alive], ["job restarts", h.job_restarts],
-    ["readers lost", h.readers_lost ?? h.lost_readers], ["readers replaced", h.readers_replaced ?? h.replaced_readers],
+  // Names as the Collector's health and the Splitter's counters send them; the Collector's only when sent.
+  const job = [["readers alive", alive], ["reader restarts", h.reader_restarts], ["job restarts", h.job_restarts],
+    ["bad results", h.malformed_results], ["bad Splitter messages", h.malformed_splitter],
+    ["late results", h.late_results], ["results of unknown series", h.unknown_series],
+    ["UI lines dropped", h.ui_dropped]].filter(([, v]) => v !== undefined && v !== null);
+  const cells = [...job,
     ["splitter received", sp.frames_received], ["written", sp.frames_written],
-    ["forwarded", sp.frames_forwarded], ["skipped", sp.frames_skipped], ["malformed", sp.malformed],
-    ["buffer fill", fill], ["UI lines dropped", h.ui_dropped], ["readers waiting", sp.readers_waiting],
-    ["GUI bad messages", g.bad_messages]];
-  $("splitter").innerHTML = cells.filter(([k, v]) => v !== undefined || !k.startsWith("readers") && k !== "job restarts")
-    .map(([k, v]) => `<div>${esc(k)}<span>${esc(v)}</span></div>`).join("");
+    ["not written", sp.frames_not_written], ["forwarded", sp.frames_forwarded], ["skipped", sp.frames_skipped],
+    ["malformed", sp.malformed], ["disk full", sp.disk_full], ["buffer fill", fill],
+    ["readers waiting", sp.readers_waiting], ["GUI bad messages", g.bad_messages]];
+  $("splitter").innerHTML = cells.map(([k, v]) => `<div>${esc(k)}<span>${esc(v ?? "-")}</span></div>`).join("");
   const errors = [...(state.errors || [])];
   if (g.bad_messages) errors.push(`gui: ${g.bad_messages} bad messages ignored (last: ${g.last_bad})`);
   $("errors").textContent = errors.join("\n");
