@@ -89,7 +89,7 @@ def cmd_simulate(args) -> int:
         first_series=args.first_series,
     )
     sources = args.sources or default_sources()
-    simulator = Simulator(sources, settings)
+    simulator = Simulator(sources, settings, drain_timeout=args.drain_timeout)
     try:
         simulator.run()
     except KeyboardInterrupt:
@@ -259,6 +259,8 @@ def cmd_splitter(args) -> int:
             serve_mode=args.serve_mode,
             skip_after=args.skip_after,
             publish=args.publish,
+            disk_reserve_mb=args.disk_reserve_mb,
+            check_free_space=False if args.no_free_space_check else None,
         )
     else:
         splitter = Splitter(
@@ -274,6 +276,8 @@ def cmd_splitter(args) -> int:
             serve_mode=args.serve_mode or "request",
             skip_after=args.skip_after or 2.0,
             publish=args.publish,
+            disk_reserve_mb=16 if args.disk_reserve_mb is None else args.disk_reserve_mb,
+            check_free_space=not args.no_free_space_check,
         )
     # SIGTERM as Ctrl-C: stop receiving, write what was received, close the files.
     signal.signal(signal.SIGTERM, lambda *_: splitter.stop())
@@ -286,15 +290,18 @@ def cmd_splitter(args) -> int:
         splitter.stop()
         splitter.join()
     c = splitter.counters()
+    full = (f" ({c['frames_not_written']} not written: disk full {c['disk_full']} time(s), writing resumed when "
+            f"space returned)" if c["disk_full"] else "")
     print(
-        f"splitter: {c['frames_written']} of {c['frames_received']} frames written in {c['series_ended']} series, "
-        f"{c['frames_forwarded']} forwarded to readers, {c['frames_skipped']} skipped for processing, "
+        f"splitter: {c['frames_written']} of {c['frames_received']} frames written in {c['series_ended']} series"
+        f"{full}, {c['frames_forwarded']} forwarded to readers, {c['frames_skipped']} skipped for processing, "
         f"{c['malformed']} malformed messages, {c['md5_mismatches']} hash mismatches, "
         f"{c['write_errors']} write errors",
         file=sys.stderr,
     )
     for path in c["files"]:
         print(path)
+    # A full disk is handled (files closed cleanly, writing resumed); any other write error is a failure.
     return 1 if c["write_errors"] else 0
 
 
@@ -350,6 +357,16 @@ def _pair_of_ints(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0")
+    return value
+
+
 def _number_or_auto(text: str) -> float | str:
     if text.lower() == "auto":
         return "Auto"
@@ -382,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true", help="start a new series after each one until stopped")
     p.add_argument("--series", type=int, default=1, help="number of series to send (default 1)")
     p.add_argument("--first-series", type=int, default=1, help="number of the first series")
+    p.add_argument("--drain-timeout", type=_non_negative, default=10.0, metavar="S",
+                   help="at the end, wait for queued frames to leave until none has for S seconds (default 10); "
+                   "those still queued are dropped and counted, never said sent")
     p.add_argument(
         "--key",
         action="append",
@@ -402,7 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", metavar="FILE", help="append one JSON line per frame")
     p.set_defaults(func=cmd_monitor)
 
-    p = sub.add_parser("splitter", help="receive the detector stream, write NXmx HDF5, serve frames to readers")
+    p = sub.add_parser(
+        "splitter",
+        help="receive the detector stream, write NXmx HDF5, serve frames to readers",
+        description="Receive the detector stream, write every frame to NXmx HDF5 (never replacing a file), "
+        "serve frames to readers. Prints the master files written (the latest 1000) on stdout. Exit status 0 "
+        "also after a full disk it handled; 1 after any other write failure.",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--connect", metavar="ENDPOINT", help="the detector's PUSH endpoint (DECTRIS convention)")
     group.add_argument("--bind", metavar="ENDPOINT")
@@ -423,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a series after this many seconds without a message (default 10)",
     )
     p.add_argument("--filepath-key", help="header key naming the series' master file (e.g. master_file)")
+    p.add_argument("--disk-reserve-mb", type=_non_negative, default=None, metavar="MB",
+                   help="free space kept beyond the queued frames (default 16): below it the open files are "
+                   "closed cleanly and frames still go to readers; writing resumes as a new part (_rN) "
+                   "when space returns")
+    p.add_argument("--no-free-space-check", action="store_true",
+                   help="do not check free space before each frame (for file systems whose statvfs misleads): "
+                   "writing stops when a write fails for want of space, and resumes the same way")
     p.add_argument("-c", "--config_file", help="startup config (with -b: its settings, overridden by options)")
     p.add_argument("-b", "--beamline")
     p.set_defaults(func=cmd_splitter)

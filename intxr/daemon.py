@@ -297,6 +297,7 @@ class Daemon:
         self.job_clean = False  # the last job ended by itself after summing up
         self.gui: subprocess.Popen | None = None
         self.simulator = None
+        self.simulator_thread: threading.Thread | None = None
         self.state_dir = Path(tempfile.mkdtemp(prefix="intxrd-"))
         self.resume_path = self.state_dir / "resume.json"
         self.resume_ended: tuple | None = None
@@ -407,7 +408,8 @@ class Daemon:
             except Exception as exc:  # one line, never a traceback
                 self.say(f"simulated detector: {type(exc).__name__}: {exc}")
 
-        threading.Thread(target=run, name="simulator", daemon=True).start()
+        self.simulator_thread = threading.Thread(target=run, name="simulator", daemon=True)
+        self.simulator_thread.start()
         self.simulator.ready.wait(30)
 
     # -- the run -------------------------------------------------------------------------------
@@ -538,6 +540,17 @@ class Daemon:
         job = self.job
         if self.simulator is not None:
             self.simulator.stop()
+            # Its queued frames reach the Splitter, and so the disk, before the Splitter stops.
+            limit = self.simulator.drain_timeout + 5
+            if self.simulator_thread is not None:
+                self.simulator_thread.join(limit)
+                if self.simulator_thread.is_alive():
+                    self.say(f"the simulated detector did not finish sending within {limit:.0f} s")
+            # What has left it may still be in the Splitter's socket: taken in before the stop.
+            settle, last = time.monotonic() + 3.0, None
+            while time.monotonic() < settle and (count := splitter.counters()["messages"]) != last:
+                last = count
+                time.sleep(0.3)
         splitter.stop()
         if not splitter.join(60):
             self.say("the Splitter did not finish writing within 60 s")

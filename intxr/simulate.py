@@ -293,7 +293,7 @@ class Simulator:
             if not said and waited >= 1.0:
                 frames = sum(is_image for _, is_image, _ in pending)
                 print(f"simulate: waiting for {len(pending)} queued messages ({frames} frames) to leave "
-                      f"{self.bound_endpoint} (at most {self.drain_timeout:.0f} s without progress)",
+                      f"{self.bound_endpoint} (at most {self.drain_timeout:g} s without progress)",
                       file=self.log, flush=True)
                 said = True
             try:
@@ -410,7 +410,7 @@ class Simulator:
             print(
                 f"simulate: dropped {self.frames_dropped} frames"
                 + (f" and {ends} header/end messages" if ends else "")
-                + f" that no consumer took from {self.bound_endpoint} within {self.drain_timeout:.0f} s",
+                + f" that no consumer took from {self.bound_endpoint} within {self.drain_timeout:g} s",
                 file=self.log,
                 flush=True,
             )

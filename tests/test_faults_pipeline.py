@@ -246,6 +246,10 @@ def test_a_killed_collector_is_noticed_the_job_restarts_and_every_series_is_summ
     assert daemon.finish(120) == 0, daemon.text()
     assert t_noticed - killed < 3.0, t_noticed - killed
     print(f"collector killed: noticed after {t_noticed - killed:.2f} s, results again after {back:.1f} s")
+    # Every frame the simulated detector sent before the stop was received (and so written).
+    (_, sent), = daemon.wait_for(r"simulate: sent (\d+) frames", timeout=5)
+    (_, received), = daemon.wait_for(r"splitter: (\d+) frames received, (\d+) written", timeout=5)
+    assert sent.group(1) == received.group(1) == received.group(2), daemon.text()
     by_series = summaries(daemon)
     n_series = splitter_series(daemon)
     # Exactly one SERIES line per series the Splitter saw, the one cut by SIGTERM included.

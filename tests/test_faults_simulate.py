@@ -131,6 +131,22 @@ def _consumer(endpoint: str, take: int) -> zmq.Socket:
     return sock
 
 
+def test_simulate_drain_timeout_bounds_the_wait_for_a_stuck_consumer(thaumatin_cbfs):
+    [port] = free_ports(1)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    process = subprocess.Popen([str(EXE / "intxr"), "simulate", "--endpoint", endpoint, "--rate", "0", "--frames", "9",
+                                "--drain-timeout", "1.5", *thaumatin_cbfs[:3]], stderr=subprocess.PIPE, text=True)
+    consumer = _consumer(endpoint, 2)  # the header and frame 0, then nothing
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        consumer.close()
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert "at most 1.5 s without progress" in err and "within 1.5 s" in err, err
+
+
 def test_frames_a_stuck_consumer_never_takes_are_reported_dropped_not_sent(thaumatin_cbfs):
     [port] = free_ports(1)
     endpoint = f"tcp://127.0.0.1:{port}"

@@ -372,7 +372,7 @@ print(json.dumps(splitter.counters()))
 """
 
 
-def run_full_disk(disk: Path, check: str):
+def run_full_disk(disk: Path, check: str, cli: bool = False):
     filler = disk / "filler"
     filler.write_bytes(b"\0" * (8 << 20))  # what the operator deletes to make room
     # Noisy frames of 512x512 pixels barely compress: about 0.5 MiB each.
@@ -381,10 +381,13 @@ def run_full_disk(disk: Path, check: str):
     detector = Detector()
     publish = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     out_dir = disk / "data"
-    process = subprocess.Popen(
-        [sys.executable, "-c", SPLITTER_SCRIPT, detector.endpoint, str(out_dir), publish, check],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    command = [sys.executable, "-c", SPLITTER_SCRIPT, detector.endpoint, str(out_dir), publish, check]
+    if cli:  # the same settings through `intxr splitter`
+        command = [str(Path(sys.executable).parent / "intxr"), "splitter", "--connect", detector.endpoint,
+                   "--output-dir", str(out_dir), "--publish", publish, "--series-timeout", "30",
+                   "--disk-reserve-mb", "2", "--frames-per-file", "8"]
+        command += [] if check == "check" else ["--no-free-space-check"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listener = Listener(publish)
     try:
         listener.wait_for("counters")
@@ -408,7 +411,7 @@ def run_full_disk(disk: Path, check: str):
             process.kill()
         detector.close()
         listener.sock.close(linger=0)
-    counters = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    counters = json.loads(out.strip().splitlines()[-1]) if out.strip() and not cli else {"out": out}
     return process, counters, err, first, after, out_dir, listener
 
 
@@ -439,4 +442,15 @@ def test_a_full_disk_loses_nothing_counted_written_and_writing_resumes(small_dis
         assert c["disk_full"] == 1 and c["write_errors"] == 0, c
         assert part1["write_error"].startswith("disk full")
     else:
-        assert c["write_errors"] >= 1 and "No space left" in part1["write_error"] or "errno" in part1["write_error"]
+        # A write refused for want of space is a full disk too, handled: not a write error.
+        assert c["disk_full"] >= 1 and c["write_errors"] == 0, c
+        assert "No space left" in part1["write_error"] or "errno" in part1["write_error"]
+
+
+@pytest.mark.parametrize("check", ["check", "nocheck"])
+def test_intxr_splitter_exits_0_after_a_full_disk_it_handled(small_disk, check):
+    process, c, err, *_, out_dir, _ = run_full_disk(small_disk, check, cli=True)
+    assert process.returncode == 0, err
+    assert c["out"].split() == [str(out_dir / "series_000001_master.h5"), str(out_dir / "series_000001_r2_master.h5")]
+    assert "of 42 frames written in 2 series" in err and "0 write errors" in err and "disk full 1 time" in err, err
+    assert "Traceback" not in err

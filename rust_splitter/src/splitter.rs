@@ -82,10 +82,12 @@ pub struct Counters {
     /// Series closed by their end message or the timeout (what `max_series` counts).
     series_completed: AtomicU64,
     pub series_timed_out: AtomicU64,
+    /// Write failures other than a full disk (`intxr splitter` exits 1 after one).
     pub write_errors: AtomicU64,
     /// Series names that were taken and replaced by a `_rN` name.
     pub renamed_series: AtomicU64,
-    /// Times the free space ran short and writing stopped.
+    /// Times the free space ran short and writing stopped (seen ahead, or a write refused for
+    /// want of space): handled, writing resumes when space returns.
     pub disk_full: AtomicU64,
     pub queued_bytes: AtomicU64,
     pub max_queued_bytes: AtomicU64,
@@ -972,7 +974,11 @@ impl OpenSeries {
 
     /// Writing failed: close what is open, never write to it again, tell the receiver.
     fn fail(&mut self, counters: &Counters, error: String) {
-        counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        if is_space_error(&error) {
+            counters.disk_full.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        }
         self.stopped = true;
         self.close_files(counters);
         counters.error(format!(
@@ -1033,7 +1039,10 @@ fn write_loop(
                 if let Some(series) = open.as_mut() {
                     series.stopped = true;
                     if let Some(error) = series.close_files(&counters) {
-                        counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                        // Already counted as a full disk when it is one.
+                        if !is_space_error(&error) {
+                            counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
                         counters.error(format!(
                             "series {} ({}): closing its files failed: {error}",
                             series.series, series.name
@@ -1128,7 +1137,11 @@ fn close(
     ended: bool,
 ) {
     if let Some(error) = series.close_files(counters) {
-        counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        if is_space_error(&error) {
+            counters.disk_full.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        }
         counters.error(format!(
             "series {} ({}): closing its files failed: {error}",
             series.series, series.name
