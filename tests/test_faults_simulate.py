@@ -36,9 +36,12 @@ def expected_blobs(sources: list[str], protocol: str, encoding: str, n: int) -> 
     return _expected_cache[key]
 
 
-def slow_receive(endpoint: str, n_series: int, timeout_s: float = 60, slow_for: int = 6) -> list[list]:
+def slow_receive(endpoint: str, n_series: int, timeout_s: float = 60, slow_for: int = 6,
+                 hold: subprocess.Popen | None = None) -> list[list]:
     """Every event of `n_series` series, taken slowly at first (a tiny queue and a pause per message)
-    so that the sender is still holding queued frames when it reaches its end."""
+    so that the sender is still holding queued frames when it reaches its end. With `hold`, stay
+    connected until that sender has exited, as the Splitter does: a consumer that leaves the moment
+    it has the series end can race the sender's bookkeeping of its last frames (counted lost)."""
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, 1)
     sock.setsockopt(zmq.RCVBUF, 64 * 1024)
@@ -57,6 +60,8 @@ def slow_receive(endpoint: str, n_series: int, timeout_s: float = 60, slow_for: 
             if isinstance(events[-1], SeriesEnd):
                 series.append(events)
                 events = []
+        if hold is not None:
+            hold.wait(timeout_s)
         return series
     finally:
         sock.close()
@@ -71,7 +76,7 @@ def run_cli(sources, protocol, encoding, rate, frames, n_series=1) -> tuple[subp
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        received = slow_receive(endpoint, n_series)
+        received = slow_receive(endpoint, n_series, hold=process)
         out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
