@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gui)
 
     p = sub.add_parser("config", help="validate the startup and processing configs and show what they resolve to")
-    p.add_argument("-c", "--config_file", help="startup config (default configs/startup.cfg)")
+    p.add_argument("-c", "--config_file", help="startup config (default: intxr/configs/startup.cfg)")
     p.add_argument("-b", "--beamline", help="one section (default: all)")
     p.set_defaults(func=cmd_config)
 
@@ -538,7 +538,7 @@ def build_daemon_parser(prog: str) -> argparse.ArgumentParser:
         description="Interceptor daemon: start the pipeline for one beamline and keep it running. "
         "`intxrd -b demo` runs against the built-in simulated detector on loopback.",
     )
-    parser.add_argument("-c", "--config_file", help="startup config (default configs/startup.cfg)")
+    parser.add_argument("-c", "--config_file", help="startup config (default: intxr/configs/startup.cfg)")
     parser.add_argument("-b", "--beamline", required=True, help="section of the startup config")
     parser.add_argument("-n", "--n_proc", type=int, default=None, help="MPI ranks (collector + readers)")
     parser.add_argument("--mpi_bind", help="CPUs for the ranks, e.g. '[0-47,96-191]' or '0-3 8 9'")

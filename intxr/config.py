@@ -15,7 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# Shipped inside the package, so the defaults work after a plain (non-editable) `pip install .`.
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
