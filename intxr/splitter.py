@@ -124,7 +124,8 @@ class Splitter:
         return self._core.is_running()
 
     def counters(self) -> dict:
-        """Run counters, `last_error`, `files` (master files of the latest 1000 series closed;
+        """Run counters (`bad_requests`: messages on the readers' port that were not a reader's
+        request, given no frame), `last_error`, `files` (master files of the latest 1000 series closed;
         `master_files` counts them all; `series_ended` counts every series closed, a stop's too,
         so it ends equal to `series_started`) and `series`: per series
         opened (`series`, `series_name`), received / forwarded / skipped (with

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from test_serve import Listener
 from intxr import _splitter
 from intxr import stream_format as fmt
 from intxr.models import Geometry
+from intxr.reader.source import FrameSource
 from intxr.splitter import Splitter
 from intxr.testing import free_ports
 
@@ -454,3 +457,121 @@ def test_intxr_splitter_exits_0_after_a_full_disk_it_handled(small_disk, check):
     assert c["out"].split() == [str(out_dir / "series_000001_master.h5"), str(out_dir / "series_000001_r2_master.h5")]
     assert "of 42 frames written in 2 series" in err and "0 write errors" in err and "disk full 1 time" in err, err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Garbage on the readers' port
+
+
+def raw_tcp_noise(endpoint: str, rng) -> None:
+    """Random bytes over plain TCP. libzmq reads bytes that do not open with ZMTP's greeting as
+    ZMTP 1.0 frames, so some of this noise arrives as messages (bad requests too)."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    for n in (1, 10, 4000, 4000):
+        with socket.create_connection((host, int(port)), timeout=2) as s:
+            s.sendall(rng.bytes(n))
+            time.sleep(0.1)
+
+
+def garbage_on_the_readers_port(endpoint: str, rng) -> dict:
+    """ZeroMQ messages of many shapes that are not a reader's request; returns what came back."""
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    shapes = [
+        [b""],                                                   # empty
+        [b"hello"],                                              # one part, no delimiter
+        [b"", b"a", b"b", b"c", b"d"],                           # many parts
+        [b"", b"{" * 200_000],                                   # a big one (under the port's limit)
+        *([rng.bytes(int(n))] for n in rng.integers(1, 300, 10)),  # random bytes
+        [b"", rng.bytes(64)],                                    # REQ-shaped random bytes
+        [b"", b"[1, 2, 3]"],                                     # JSON, not an object
+        [b"", b'{"htype": "not-a-request"}'],
+    ]
+    for parts in shapes:
+        dealer.send_multipart(parts)
+    # REQ sockets asking with a wrong version and the pre-protocol request (valid-looking, wrong).
+    reqs = []
+    for body in ({"htype": "intxr-request-2.0", "pid": 1}, {"host": "old-reader", "pid": 2}):
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(endpoint)
+        req.send(json.dumps(body).encode())
+        reqs.append(req)
+    # Over the port's message limit: libzmq drops this peer; nothing is counted, nothing served.
+    huge = ctx.socket(zmq.DEALER)
+    huge.setsockopt(zmq.LINGER, 0)
+    huge.connect(endpoint)
+    huge.send_multipart([b"", b"x" * (3 << 20)])
+    replies = {"dealer": [], "req": [], "huge": []}
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        for key, socks in (("dealer", [dealer]), ("req", reqs), ("huge", [huge])):
+            for sock in socks:
+                if sock.poll(20):
+                    replies[key].append(sock.recv_multipart())
+    for sock in (dealer, huge, *reqs):
+        sock.close()
+    # Counted: all DEALER messages and both REQ requests (the huge one never arrives).
+    return {"counted": len(shapes) + len(reqs), "replies": replies}
+
+
+def test_garbage_on_the_readers_port_gets_no_frame_and_the_reader_gets_every_frame(tmp_path, capfd):
+    """A real reader (FrameSource) takes frames while garbage of many shapes arrives on the same
+    ROUTER in the middle of a series: no frame goes to garbage, the reader gets every one."""
+    sent = blobs(60)
+    detector = Detector()
+    serve, publish = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    got: list[tuple[int, bytes]] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        with FrameSource(serve, timeout=10) as source:
+            while not stop.is_set():
+                frame = source.next_frame(wait=0.2)
+                if frame is not None:
+                    got.append((frame.frame, bytes(frame.blob)))
+            reader_counters.append(source.counters)
+
+    reader_counters: list = []
+    with Splitter(detector.endpoint, tmp_path, max_series=1, series_timeout=30, serve=serve,
+                  publish=publish, skip_after=10) as splitter:
+        listener = Listener(publish)
+        listener.wait_for("counters")
+        thread = threading.Thread(target=reader)
+        thread.start()
+        detector.send([fmt.v1_header(1, "none", {})] + [v1_frame(1, k, b) for k, b in enumerate(sent[:20])])
+        wait_for(lambda: len(got) >= 10, what="the reader's first frames")
+        rng = np.random.default_rng(7)
+        raw_tcp_noise(serve, rng)
+        time.sleep(0.3)
+        from_noise = splitter.counters()["bad_requests"]
+        garbage = garbage_on_the_readers_port(serve, rng)
+        detector.send([v1_frame(1, k, b) for k, b in enumerate(sent[20:], start=20)] + [fmt.v1_end(1)])
+        assert splitter.join(30)
+        stop.set()
+        thread.join(10)
+        listener.poll(1.2)
+    detector.close()
+    counters = splitter.counters()
+    assert sorted(got) == list(enumerate(sent)), "the reader gets every frame, byte for byte"
+    assert counters["frames_forwarded"] == len(got) == 60 and counters["frames_skipped"] == 0
+    assert counters["bad_requests"] == from_noise + garbage["counted"]
+    # Every request the reader made (its last one may still have been on its way at the end).
+    assert reader_counters[0].requests - 1 <= counters["requests"] <= reader_counters[0].requests
+    replies = garbage["replies"]
+    assert not any(b"intxr-frame-1.0" in part for reply in replies.values() for r in reply for part in r)
+    # REQ-shaped garbage learns why; the rest gets nothing.
+    errors = [json.loads(r[-1]) for r in replies["dealer"] + replies["req"]]
+    assert {e["htype"] for e in errors} == {"intxr-error-1.0"}
+    assert len(replies["req"]) == 2 and not replies["huge"]
+    why = sorted(e["error"] for e in errors)
+    assert any("intxr-request-2.0" in w for w in why) and any("no htype" in w for w in why)
+    (end,) = published(listener, "series_end")
+    assert end["forwarded"] == 60 and end["forwarded_ranges"] == [[0, 59]] and end["skipped"] == 0
+    assert chunks(tmp_path / "series_000001_master.h5") == sent
+    # One line per bad request, rate-limited: the first few, then a count.
+    lines = [line for line in capfd.readouterr().err.splitlines() if "bad request" in line]
+    assert 1 <= len(lines) <= 3, lines
+    assert all("bad request on the readers' port from " in line and "no frame sent" in line for line in lines)

@@ -1,9 +1,12 @@
 """A reader's first stage: ask the Splitter for a frame and receive it without copying the blob.
 
-The Splitter's ROUTER answers a request with [frame meta JSON, series JSON, blob] or, when it has
-had nothing to give for a while, [idle JSON]. A reader never blocks forever on a silent Splitter
-(the original's readers did): after `timeout` seconds without any reply it closes its socket,
-opens a new one and asks again (the Lazy Pirate pattern, ZeroMQ guide ch. 4), counting it.
+A request is a JSON object with htype `intxr-request-1.0` (plus who asks: host, pid, rank); the
+Splitter's port is open to anyone and gives frames only to such requests (anything else gets an
+`intxr-error-1.0` reply naming what was wrong, or nothing). It answers a request with
+[frame meta JSON, series JSON, blob] or, when it has had nothing to give for a while, [idle JSON].
+A reader never blocks forever on a silent Splitter (the original's readers did): after `timeout`
+seconds without any reply it closes its socket, opens a new one and asks again (the Lazy Pirate
+pattern, ZeroMQ guide ch. 4), counting it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ MAX_PIXELS = 1 << 28  # a frame larger than any detector's (EIGER2 16M is 2^24) 
 DTYPES = {"uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "<u1", "<u2", "<u4", "<i4", "<f4"}
 SERIES_HTYPE = "intxr-series-1.0"
 IDLE_HTYPE = "intxr-idle-1.0"
+REQUEST_HTYPE = "intxr-request-1.0"
+ERROR_HTYPE = "intxr-error-1.0"
 
 
 class BadFrame(ValueError):
@@ -130,7 +135,8 @@ class FrameSource:
         self.timeout = float(timeout)
         self.context = context or zmq.Context.instance()
         self.counters = SourceCounters()
-        self._request = json.dumps(identity or {"host": socket.gethostname(), "pid": os.getpid()}).encode()
+        who = identity or {"host": socket.gethostname(), "pid": os.getpid()}
+        self._request = json.dumps({**who, "htype": REQUEST_HTYPE}).encode()
         self._socket: zmq.Socket | None = None
         self._asked = False
         # The series JSON is the same bytes for every frame of a series: parse it once.
@@ -179,6 +185,9 @@ class FrameSource:
         if htype == IDLE_HTYPE:
             self.counters.idle_replies += 1
             return None
+        if htype == ERROR_HTYPE:
+            # The Splitter refused the request (a version mismatch): say its words.
+            return self._bad(f"the Splitter refused the request: {str(meta.get('error'))[:200]}")
         if htype != FRAME_HTYPE or len(parts) != 3:
             return self._bad(f"unexpected reply {htype!r:.40} with {len(parts)} parts")
         error = None

@@ -11,6 +11,9 @@
 //! thread; the blob goes out as a ZeroMQ message whose data points into the received buffer and
 //! whose release drops one reference (`zmq_msg_init_data`), so the blob is never copied here.
 //!
+//! A request is [JSON object with htype `intxr-request-1.0`] from a REQ socket; anything else on the
+//! port (it is open to anyone) is counted as `bad_requests`, reported and gets no frame: a REQ-shaped
+//! one gets [`intxr-error-1.0` JSON naming what was wrong], the rest nothing.
 //! Reply to a reader, after the ROUTER envelope: [frame meta JSON, series JSON, blob] for a frame
 //! (htypes `intxr-frame-1.0`, `intxr-series-1.0`), or [idle JSON] (`intxr-idle-1.0`).
 //! Published (PUB, two parts: topic, JSON): `counters` twice a second, `series_start`, `series_end`
@@ -33,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::frame::{Compression, FrameHeader, SeriesHeader};
-use crate::splitter::{Counters, SplitterConfig};
+use crate::splitter::{Counters, Reports, SplitterConfig};
 
 /// One received multipart message, shared read-only by the writer and the server.
 pub struct Received(pub Vec<zmq::Message>);
@@ -183,6 +186,86 @@ pub fn send_shared(
     Ok(())
 }
 
+/// What a reader's request carries (`intxr.reader.source.FrameSource`): a JSON object with this
+/// htype, plus whatever names the reader (host, pid, rank).
+pub const REQUEST_HTYPE: &str = "intxr-request-1.0";
+/// The reply to a message that is not a request but came from a REQ-like socket.
+pub const ERROR_HTYPE: &str = "intxr-error-1.0";
+/// The longest request believed (a request is a small JSON object).
+const MAX_REQUEST_BYTES: usize = 4096;
+/// The longest message the readers' port takes at all: libzmq drops a peer sending more, so a
+/// huge message is never held in memory here.
+const MAX_MESSAGE_BYTES: i64 = 1 << 20;
+/// Messages taken from the readers' port per loop turn.
+const REQUESTS_PER_TURN: usize = 256;
+
+/// Receive one multipart message without waiting, with the sender's address (for reports).
+fn recv_with_peer(socket: &zmq::Socket) -> Option<(Vec<Vec<u8>>, String)> {
+    let mut parts = Vec::new();
+    let mut peer = None;
+    loop {
+        // After the first part the rest of a multipart message is already here (delivered whole).
+        let flags = if parts.is_empty() { zmq::DONTWAIT } else { 0 };
+        let Ok(mut part) = socket.recv_msg(flags) else {
+            break;
+        };
+        // The ROUTER's own identity part carries no metadata; the parts from the wire do.
+        if peer.is_none() {
+            peer = part.gets("Peer-Address").map(str::to_string);
+        }
+        let more = part.get_more();
+        parts.push(part.to_vec());
+        if !more {
+            break;
+        }
+    }
+    (!parts.is_empty()).then(|| (parts, peer.unwrap_or_else(|| "an unknown peer".into())))
+}
+
+/// Why a message on the readers' port is not a request. `parts` as the ROUTER received them:
+/// [identity, empty delimiter, request JSON] from a REQ socket.
+pub fn check_request(parts: &[Vec<u8>]) -> Result<(), String> {
+    let body = match parts {
+        [] | [_] => return Err("an empty message".into()),
+        [_, delimiter, ..] if !delimiter.is_empty() => {
+            return Err(format!(
+                "{} part(s) without the empty delimiter a REQ socket sends",
+                parts.len() - 1
+            ))
+        }
+        [_, _, body] => body,
+        _ => {
+            return Err(format!(
+                "{} parts after the delimiter; a request is one",
+                parts.len() - 2
+            ))
+        }
+    };
+    if body.len() > MAX_REQUEST_BYTES {
+        return Err(format!(
+            "a request of {} bytes (at most {MAX_REQUEST_BYTES})",
+            body.len()
+        ));
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the request is not JSON ({e})"))?;
+    let Some(object) = value.as_object() else {
+        return Err("the request is not a JSON object".into());
+    };
+    match object.get("htype") {
+        Some(Value::String(htype)) if htype == REQUEST_HTYPE => Ok(()),
+        None => Err(format!(
+            "the request has no htype (an older reader? readers send {REQUEST_HTYPE})"
+        )),
+        Some(other) => {
+            let text: String = other.to_string().chars().take(40).collect();
+            Err(format!(
+                "the request's htype is {text}, not {REQUEST_HTYPE}"
+            ))
+        }
+    }
+}
+
 fn compression_name(compression: Compression) -> &'static str {
     match compression {
         Compression::BsLz4 => "bslz4",
@@ -238,6 +321,7 @@ struct Server {
     series: VecDeque<SeriesTally>,
     /// Series events to publish again with the next counter ticks: (topic, body, repeats left).
     recent: VecDeque<(&'static str, Value, u32)>,
+    bad_requests: Reports,
 }
 
 /// How many times a series event is published again (twice a second) after the first time.
@@ -480,18 +564,45 @@ impl Server {
         }
     }
 
+    /// Take readers' requests. The port is open to anyone: only a well-formed request joins the
+    /// queue for a frame; anything else is counted, reported (rate-limited) and gets no frame.
     fn receive_requests(&mut self) {
-        let Some(socket) = self.socket.as_ref() else {
-            return;
-        };
         if self.serve.mode != ServeMode::Request {
             return;
         }
-        while let Ok(parts) = socket.recv_multipart(zmq::DONTWAIT) {
-            // [identity, empty delimiter, request]
-            if let Some(identity) = parts.into_iter().next() {
+        // A bounded number per turn: a flood on this port cannot hold frames back.
+        for _ in 0..REQUESTS_PER_TURN {
+            let Some(socket) = self.socket.as_ref() else {
+                return;
+            };
+            let Some((mut parts, peer)) = recv_with_peer(socket) else {
+                return;
+            };
+            let why = check_request(&parts).err().or_else(|| {
+                // A REQ socket asks once and waits; asking again while queued is not a reader.
+                self.waiting
+                    .iter()
+                    .any(|(identity, _)| *identity == parts[0])
+                    .then(|| "asked again before its reply (a reader asks once)".to_string())
+            });
+            let Some(why) = why else {
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
-                self.waiting.push_back((identity, Instant::now()));
+                self.waiting
+                    .push_back((parts.swap_remove(0), Instant::now()));
+                continue;
+            };
+            self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            self.bad_requests.report(
+                &self.counters,
+                format!("bad request on the readers' port from {peer}: {why}; no frame sent"),
+            );
+            // A REQ-shaped message gets an error reply: a misconfigured client learns why instead
+            // of waiting forever. Anything else gets nothing (a DONTWAIT send: never blocks here).
+            if parts.len() >= 2 && parts[1].is_empty() {
+                let reply = json!({"htype": ERROR_HTYPE, "error": why, "expected": REQUEST_HTYPE})
+                    .to_string();
+                let _ =
+                    socket.send_multipart([&parts[0][..], b"", reply.as_bytes()], zmq::DONTWAIT);
             }
         }
     }
@@ -585,6 +696,7 @@ pub fn serve_loop(
         waiting: VecDeque::new(),
         series: VecDeque::new(),
         recent: VecDeque::new(),
+        bad_requests: Reports::new("bad requests on the readers' port", 3),
     };
     let mut last_published = Instant::now() - Duration::from_secs(1);
     let mut senders_gone = false;
@@ -601,6 +713,7 @@ pub fn serve_loop(
             }
         }
         server.receive_requests();
+        server.bad_requests.flush(&server.counters);
         server.dispatch();
         if last_published.elapsed() >= Duration::from_millis(500) {
             server.publish_counters();
@@ -652,6 +765,7 @@ pub fn open_sockets(
             socket.set_linger(1000).ok();
             if serve.mode == ServeMode::Request {
                 socket.set_router_mandatory(true).ok();
+                socket.set_maxmsgsize(MAX_MESSAGE_BYTES).ok();
             } else {
                 socket.set_sndhwm(4).ok(); // a few frames per reader; the rest wait here
             }
@@ -706,6 +820,36 @@ mod tests {
         assert_eq!(Arc::strong_count(&received), 2);
         drop(message);
         assert_eq!(Arc::strong_count(&received), 1);
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::check_request;
+
+    fn req(body: &[u8]) -> Vec<Vec<u8>> {
+        vec![b"id".to_vec(), vec![], body.to_vec()]
+    }
+
+    #[test]
+    fn only_a_well_formed_request_is_one() {
+        assert!(check_request(&req(br#"{"htype": "intxr-request-1.0", "pid": 1}"#)).is_ok());
+        let bad = [
+            vec![],
+            vec![b"id".to_vec()],
+            vec![b"id".to_vec(), b"junk".to_vec()],
+            vec![b"id".to_vec(), vec![], b"a".to_vec(), b"b".to_vec()],
+            req(b""),
+            req(b"\xff\xfe"),
+            req(b"[1, 2]"),
+            req(br#"{"pid": 1}"#),
+            req(br#"{"htype": "intxr-request-2.0"}"#),
+            req(br#"{"htype": 5}"#),
+            req(&[b' '; 5000]),
+        ];
+        for parts in bad {
+            assert!(check_request(&parts).is_err(), "{parts:?}");
+        }
     }
 }
 

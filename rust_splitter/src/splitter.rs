@@ -69,6 +69,8 @@ pub struct Counters {
     pub frames_forwarded: AtomicU64,
     pub frames_skipped: AtomicU64,
     pub requests: AtomicU64,
+    /// Messages on the readers' port that are not a reader's request: no frame goes to them.
+    pub bad_requests: AtomicU64,
     pub pending_frames: AtomicU64,
     pub readers_waiting: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -155,6 +157,7 @@ impl Counters {
             ("frames_forwarded", get(&self.frames_forwarded)),
             ("frames_skipped", get(&self.frames_skipped)),
             ("requests", get(&self.requests)),
+            ("bad_requests", get(&self.bad_requests)),
             ("pending_frames", get(&self.pending_frames)),
             ("readers_waiting", get(&self.readers_waiting)),
             ("bytes_received", get(&self.bytes_received)),
@@ -357,21 +360,40 @@ pub fn run(
 }
 
 /// Malformed-message reports, rate-limited: the first few in each 10 s, then how many more.
-#[derive(Default)]
-struct Reports {
+pub(crate) struct Reports {
+    /// What is reported, for the count line ("malformed messages", "bad requests").
+    what: &'static str,
+    /// Reports shown in each window; the rest are counted and said in one line.
+    per_window: u32,
     window: Option<Instant>,
     shown: u32,
     suppressed: u64,
+}
+
+impl Default for Reports {
+    fn default() -> Self {
+        Reports::new("malformed messages", REPORTS_PER_WINDOW)
+    }
 }
 
 const REPORTS_PER_WINDOW: u32 = 20;
 const REPORT_WINDOW: Duration = Duration::from_secs(10);
 
 impl Reports {
-    fn report(&mut self, counters: &Counters, message: String) {
+    pub(crate) fn new(what: &'static str, per_window: u32) -> Self {
+        Reports {
+            what,
+            per_window,
+            window: None,
+            shown: 0,
+            suppressed: 0,
+        }
+    }
+
+    pub(crate) fn report(&mut self, counters: &Counters, message: String) {
         self.flush(counters);
         self.window.get_or_insert_with(Instant::now);
-        if self.shown < REPORTS_PER_WINDOW {
+        if self.shown < self.per_window {
             self.shown += 1;
             counters.error(message);
         } else {
@@ -383,16 +405,17 @@ impl Reports {
     }
 
     /// A new window: say how many were not shown in the last one.
-    fn flush(&mut self, counters: &Counters) {
+    pub(crate) fn flush(&mut self, counters: &Counters) {
         if self.window.is_some_and(|w| w.elapsed() >= REPORT_WINDOW) {
             if self.suppressed > 0 {
                 counters.error(format!(
-                    "{} more malformed messages in the last {} s (counted, not shown)",
+                    "{} more {} in the last {} s (counted, not shown)",
                     self.suppressed,
+                    self.what,
                     REPORT_WINDOW.as_secs()
                 ));
             }
-            *self = Reports::default();
+            *self = Reports::new(self.what, self.per_window);
         }
     }
 }
