@@ -13,12 +13,18 @@ It also supervises the readers: a reader on this host that dies is noticed withi
 replaced by a plain process on the dead rank's CPUs (readers talk ZeroMQ only, so no MPI is
 needed for that); "no readers left" is said when it starts and when it ends.
 
+Its accounts survive its own death: each result is appended to the open series' journal (a small
+file in the daemon's state directory) before it is handed to the sinks, and a restarted Collector
+(or the daemon, when none is left) replays the journals of series not yet summed up, so a frame
+whose result was emitted is counted as that result said, once, and never emitted again.
+
 Every message on its sockets is untrusted: one that does not parse, lacks a field or has a wrong
 type is counted and reported (the first at once, then a count at most every 10 s), never raised.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from intxr.config import Configuration, _bind_host
+from intxr.daemon import pid_alive
 from intxr.sinks.result_line import format_result_line
 
 HEALTH_INTERVAL = 1.0
@@ -48,6 +55,7 @@ MAX_RANK = 1 << 16
 UNCONFIRMED_AFTER = 600.0  # seconds an account the Splitter never named is kept without a result
 MAX_UNCONFIRMED = 100  # accounts the Splitter never named (a flood of made-up series numbers)
 STATUSES = ("processed", "blank", "failed")
+JOURNAL_COMPACT_AFTER = 50_000  # result lines appended to a journal before it is rewritten as one snapshot
 
 
 def bind_form(endpoint: str) -> str:
@@ -266,6 +274,88 @@ def summary_line(s: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Journals: a series' account on disk, so that it survives the Collector
+#
+# One append-only text file per open series: a JSON header line ({"series", "series_name"}), then
+# per batch of results "@<time>" and one line per result "<frame> <code> <hres|-> <latency|->"
+# (code: h a hit, p processed without one, b blank, f failed): what the account needs, about 20
+# bytes a frame, never the spots. Past JOURNAL_COMPACT_AFTER lines it is rewritten as the header
+# and one "S <account JSON>" line. A kill mid-write leaves a torn last line: ignored and cut off.
+
+CODES = {"h": "processed", "p": "processed", "b": "blank", "f": "failed"}
+
+
+def journal_path(directory: str | os.PathLike, name: str) -> str:
+    # A series name may be any file-path key's basename: the file is named by its digest.
+    return os.path.join(directory, f"journal-{hashlib.sha1(name.encode()).hexdigest()[:20]}.txt")
+
+
+def journal_paths(directory: str | os.PathLike) -> list[str]:
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, e) for e in sorted(entries) if e.startswith("journal-") and e.endswith(".txt")]
+
+
+def _snapshot(account: SeriesAccount) -> dict:
+    return {"results": account.results.ranges(), "counts": account.counts, "hits": account.hits,
+            "hres": account.hres.bins, "hres_n": account.hres.n, "latencies": account.latencies.bins,
+            "latencies_n": account.latencies.n, "first": account.first, "last": account.last}
+
+
+def _take_snapshot(account: SeriesAccount, state: dict) -> None:
+    account.results = RangeSet(state["results"])
+    account.counts = {k: int(state["counts"].get(k, 0)) for k in STATUSES}
+    account.hits = int(state["hits"])
+    for q, key in ((account.hres, "hres"), (account.latencies, "latencies")):
+        q.bins = {int(k): int(v) for k, v in state[key].items()}
+        q.n = int(state[f"{key}_n"])
+    account.first, account.last = state["first"], state["last"]
+
+
+def read_journal(path: str) -> tuple[SeriesAccount, int, int]:
+    """The account a journal holds, the length of its whole lines (what follows is a torn last
+    line) and the number of lines it could not use. Raises OSError or ValueError for a file with
+    no readable header."""
+    with open(path, "rb") as f:
+        header = json.loads(f.readline().decode())
+        series, name = header["series"], header["series_name"]
+        if not isinstance(series, int) or not isinstance(name, str):
+            raise ValueError("no series in its header")
+        account = SeriesAccount(series, name)
+        good = f.tell()
+        bad = 0
+        now = None
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # torn by a kill mid-write
+            good += len(line)
+            try:
+                text = line.decode()
+                if text[0] == "@":
+                    now = float(text[1:])
+                    account.first = account.first or now
+                    account.last = now
+                elif text[0] == "S":
+                    _take_snapshot(account, json.loads(text[2:]))
+                else:
+                    frame, code, hres, latency = text.split()
+                    if not account.results.add(int(frame)):
+                        continue
+                    account.counts[CODES[code]] += 1
+                    if code == "h":
+                        account.hits += 1
+                        if hres != "-":
+                            account.hres.add(float(hres))
+                    if latency != "-":
+                        account.latencies.add(float(latency))
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                bad += 1
+    return account, good, bad
+
+
+# ---------------------------------------------------------------------------------------------
 # Validation: every message is untrusted
 
 
@@ -422,15 +512,6 @@ class LateResult(Exception):
 # Readers on this host: alive or not
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
-
-
 def _clean_env() -> dict[str, str]:
     # A replacement reader is no MPI process: it must not try to join the job's PMIx server.
     return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
@@ -447,6 +528,7 @@ class CollectorSettings:
     reader_command: list[str] | None = None  # a replacement reader: this + [--reader RANK --parent PID]
     job_restarts: int = 0  # times the daemon restarted the MPI job before this Collector
     resume_file: str | None = None  # the daemon's accounts after a job restart (see daemon.py)
+    state_dir: str | None = None  # the daemon's state directory: the open series' journals
     daemon: str | None = None  # HOST:PID of intxrd: a job it left behind (it was killed) ends itself
 
 
@@ -495,6 +577,11 @@ class Collector:
         self.resumed = settings.resume_file is None
         if settings.resume_file is not None:
             self.take_done_names()
+        self.journals: dict[str, object] = {}  # open journal files by series name
+        self.journal_lines: dict[str, int] = {}  # lines appended since the last snapshot
+        self.journal_batch: set[str] = set()  # journals written in this batch (flushed before it is emitted)
+        self.journal_off = settings.state_dir is None
+        self.replay_journals()
         self.ui_sent = 0
         self.ui_dropped = 0
         self.results_total = 0
@@ -547,19 +634,34 @@ class Collector:
             raise BadMessage(f"series {result['series']} frame {result['frame']}: a second result")
         series.counts[status] += 1
         min_peaks = self.configuration.processing.default.min_bragg_peaks
-        if status == "processed" and (result.get("n_spots") or 0) >= min_peaks:
+        hit = status == "processed" and (result.get("n_spots") or 0) >= min_peaks
+        hres = None
+        if hit:
             series.hits += 1
             if result.get("hres") and 0 < result["hres"] < 99:
-                series.hres.add(result["hres"])
+                hres = result["hres"]
+                series.hres.add(hres)
         now = time.time()
+        latency = None
         if result.get("received"):
-            result["latency"] = now - result["received"]
-            series.latencies.add(result["latency"])
+            latency = result["latency"] = now - result["received"]
+            series.latencies.add(latency)
         series.first = series.first or now
         series.last = now
         self.results_total += 1
+        if not self.journal_off:
+            code = "f" if status == "failed" else "b" if status == "blank" else "h" if hit else "p"
+            self.journal(series, now, f"{result['frame']} {code} {f'{hres:.3f}' if hres else '-'} "
+                                      f"{f'{latency:.5f}' if latency is not None else '-'}\n")
+
+    def emit(self, result: dict) -> None:
+        """Hand a taken (and journaled) result to the sinks."""
         line = self.result_line(result)
         result["line"] = line
+        # The record first: a result seen anywhere is in the record.
+        if self.record is not None:
+            self.record.write(json.dumps(result) + "\n")
+            self.record.flush()
         if self.ui is not None:
             try:
                 self.ui.send_string(line, zmq.DONTWAIT)
@@ -568,9 +670,6 @@ class Collector:
                 self.ui_dropped += 1  # a slow or absent listener costs nothing; counted
         if self.settings.verbose:
             print(json.dumps(result) if self.settings.result_format == "json" else line, flush=True)
-        if self.record is not None:
-            self.record.write(json.dumps(result) + "\n")
-            self.record.flush()
         rank = self.ranks.get(result.get("rank", -1))
         if rank is not None:
             rank["results"] = rank.get("results", 0) + 1
@@ -663,6 +762,7 @@ class Collector:
                 account = self.series.get(name)
                 if account is not None and not account.done:
                     del self.series[name]  # summed up by the Collector before this one
+                    self.forget_journal(name)
 
     def mark_done(self, name: str) -> None:
         if name in self.done_set:
@@ -672,10 +772,106 @@ class Collector:
         self.done_names.append(name)
         self.done_set.add(name)
 
+    # -- journals ------------------------------------------------------------------------------
+
+    def journal_failed(self, what: str, exc: OSError) -> None:
+        self.journal_off = True
+        print(f"collector: cannot journal {what} in {self.settings.state_dir}: {exc.strerror or exc}; "
+              f"going on without (a restarted Collector would count the results taken since as failed)",
+              file=sys.stderr, flush=True)
+
+    def journal(self, account: SeriesAccount, now: float, line: str) -> None:
+        name = account.name
+        try:
+            f = self.journals.get(name)
+            if f is None:
+                f = self.journals[name] = open(journal_path(self.settings.state_dir, name), "a", encoding="utf-8")
+                if f.tell() == 0:
+                    f.write(json.dumps({"series": account.series, "series_name": name}) + "\n")
+                self.journal_lines.setdefault(name, 0)
+            if name not in self.journal_batch:
+                self.journal_batch.add(name)
+                f.write(f"@{now:.3f}\n")
+            f.write(line)
+            self.journal_lines[name] += 1
+        except OSError as exc:
+            self.journal_failed(f"series {series_label(account.series, name)}", exc)
+
+    def flush_journals(self) -> None:
+        for name in self.journal_batch:
+            f = self.journals.get(name)
+            if f is None or self.journal_off:
+                continue
+            try:
+                f.flush()
+                if self.journal_lines[name] >= JOURNAL_COMPACT_AFTER:
+                    self.compact_journal(self.series[name])
+            except OSError as exc:
+                self.journal_failed(f"series {name}", exc)
+        self.journal_batch.clear()
+
+    def compact_journal(self, account: SeriesAccount) -> None:
+        """Rewrite a long journal as one snapshot of the account (a 10^6-frame series stays small).
+        The new file replaces the old at once: a kill leaves one or the other."""
+        path = journal_path(self.settings.state_dir, account.name)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"series": account.series, "series_name": account.name}) + "\n")
+            f.write("S " + json.dumps(_snapshot(account)) + "\n")
+        self.journals.pop(account.name).close()
+        os.replace(tmp, path)
+        self.journals[account.name] = open(path, "a", encoding="utf-8")
+        self.journal_lines[account.name] = 0
+
+    def forget_journal(self, name: str) -> None:
+        """The series is summed up (or dropped): its journal goes."""
+        f = self.journals.pop(name, None)
+        self.journal_lines.pop(name, None)
+        self.journal_batch.discard(name)
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        if self.settings.state_dir is not None:
+            try:
+                os.unlink(journal_path(self.settings.state_dir, name))
+            except OSError:
+                pass
+
+    def replay_journals(self) -> None:
+        """At start, before any message: the accounts of the Collector before this one, of the
+        series it had not summed up, from their journals."""
+        if self.settings.state_dir is None:
+            return
+        for path in journal_paths(self.settings.state_dir):
+            try:
+                account, good, bad = read_journal(path)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                print(f"collector: journal {path} unreadable ({type(exc).__name__}: {exc}): removed; the "
+                      f"results it held count as failed", file=sys.stderr, flush=True)
+                os.unlink(path)
+                continue
+            label = series_label(account.series, account.name)
+            if account.name in self.done_set or path != journal_path(self.settings.state_dir, account.name):
+                os.unlink(path)  # summed up already (killed before its journal went)
+                continue
+            torn = os.path.getsize(path) - good
+            if torn:
+                os.truncate(path, good)  # the next line appended starts on a line of its own
+            self.series[account.name] = account
+            self.journal_lines[account.name] = 0
+            print(f"collector: series {label}: {len(account.results)} result(s) taken by the Collector "
+                  f"before this one, from its journal" + (f" (a torn last line of {torn} bytes cut off)" if torn
+                                                          else "") + (f"; {bad} unreadable line(s) ignored"
+                                                                      if bad else ""),
+                  file=sys.stderr, flush=True)
+
     # -- receiving -----------------------------------------------------------------------------
 
     def receive_results(self, block_ms: int = 0) -> int:
         n = 0
+        taken: list[dict] = []
         for _ in range(1000):
             try:
                 parts = self.results.recv_multipart(zmq.NOBLOCK if not block_ms else 0)
@@ -692,6 +888,7 @@ class Collector:
                 if kind == b"result":
                     validate_result(message)
                     self.take_result(message)
+                    taken.append(message)
                 else:
                     validate_status(message)
                     self.take_status(message)
@@ -700,6 +897,13 @@ class Collector:
             except LateResult as exc:
                 self.late_results(str(exc))
             except Exception as exc:  # a message that passed the checks and still broke something
+                self.bad_results(f"{type(exc).__name__}: {exc}")
+        # Journaled before emitted: whatever a sink has seen, a restarted Collector counts.
+        self.flush_journals()
+        for result in taken:
+            try:
+                self.emit(result)
+            except Exception as exc:
                 self.bad_results(f"{type(exc).__name__}: {exc}")
         return n
 
@@ -733,6 +937,7 @@ class Collector:
         """Results for a series the Splitter never named (made up, or from a job long gone) are
         not summed up as a series: that is the Splitter's word."""
         del self.series[account.name]
+        self.forget_journal(account.name)
         self.unknown_series(f"series {series_label(account.series, account.name)}: {len(account.results)} result(s) "
                             f"and no word of the series from the Splitter ({why}): not summed up")
 
@@ -767,6 +972,7 @@ class Collector:
             self.record.write(json.dumps({"summary": summary}) + "\n")
             self.record.flush()
         self._publish("series", summary)
+        self.forget_journal(account.name)
         self.series_done += 1
         # A daemon runs for weeks: keep the accounts of the latest series only.
         done = [a for a in self.series.values() if a.done]

@@ -13,9 +13,11 @@ Supervision: the MPI job runs in its own session. The daemon listens to the Coll
 an mpirun that ends, is said loudly and the whole job is killed and started again, while the
 Splitter, its files and its per-series accounts go on (frames that arrive meanwhile are skipped
 for processing and counted, never lost from disk). The new Collector is handed the series the
-old one summed up and the Splitter's accounts of series that ended meanwhile, so every series
-gets exactly one SERIES line. Too many restarts in 10 minutes and the daemon gives up and exits
-non-zero. Dead readers are the Collector's business (it replaces them).
+old one summed up and the Splitter's accounts of series that ended meanwhile, and takes the
+results the old one had taken of series not summed up from its journals (both in the daemon's
+state directory), so every series gets exactly one SERIES line and every frame is counted once.
+Too many restarts in 10 minutes and the daemon gives up and exits non-zero. Dead readers are the
+Collector's business (it replaces them).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def pipeline_program(args, config_path: str, beamline: str) -> list[str]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -328,7 +331,8 @@ class Daemon:
     def start_job(self) -> Job:
         number = self.jobs_started
         self.jobs_started += 1
-        command = [*self.launch.command, "--daemon", f"{os.uname().nodename}:{os.getpid()}"]
+        command = [*self.launch.command, "--daemon", f"{os.uname().nodename}:{os.getpid()}",
+                   "--state-dir", str(self.state_dir)]
         if number:
             command += ["--job-restarts", str(number), "--resume", str(self.resume_path)]
         if self.args.max_series is not None:
@@ -604,15 +608,24 @@ class Daemon:
 
     def sum_up_unaccounted(self, splitter) -> None:
         """The job ended without summing up every series (it died, or it was given up): the SERIES
-        line of each series no Collector summed up, from the Splitter's accounts; frames forwarded
-        to the dead job have no result and count as failed."""
-        from intxr.collector import SeriesAccount, summary_line
+        line of each series no Collector summed up, from the Splitter's accounts and the results
+        the dead Collector journaled; frames forwarded to the dead job without a result count as
+        failed."""
+        from intxr.collector import SeriesAccount, journal_path, read_journal, summary_line
 
         for account in splitter.counters().get("series", []):
             name = self.name_of(account)
             if name in self.done_set or not isinstance(account.get("series"), int) or "timed_out" not in account:
                 continue  # summed up already, or not ended (no series_end recorded)
             series = SeriesAccount(account["series"], name)
+            journal = journal_path(self.state_dir, name)
+            if os.path.exists(journal):
+                try:
+                    series, _, _ = read_journal(journal)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    self.say(f"journal of series {name} unreadable ({type(exc).__name__}: {exc}): its results "
+                             f"count as failed")
+                os.unlink(journal)
             try:
                 series.take_end(account)
             except (TypeError, ValueError):

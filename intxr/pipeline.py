@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", type=int, metavar="PID", help="with --reader: stop when this process is gone")
     p.add_argument("--job-restarts", type=int, default=0, help="times the daemon restarted the job before")
     p.add_argument("--resume", metavar="FILE", help="the daemon's series accounts after a job restart")
+    p.add_argument("--state-dir", metavar="DIR", help="the daemon's state directory: the Collector's journals")
     p.add_argument("--daemon", metavar="HOST:PID", help="the Collector ends when this daemon process is gone")
     return p
 
@@ -106,7 +107,7 @@ def run(args, stopping: dict) -> int:
                               result_format=args.result_format, max_series=args.max_series,
                               grace=max(configuration.beamline.timeout or 10.0, 5.0),
                               reader_command=reader_command(args), job_restarts=args.job_restarts,
-                              resume_file=args.resume, daemon=args.daemon),
+                              resume_file=args.resume, state_dir=args.state_dir, daemon=args.daemon),
             ranks=placements,
         )
         return collector.run(stop=lambda: stopping["now"])

@@ -272,12 +272,50 @@ def test_a_killed_collector_is_noticed_the_job_restarts_and_every_series_is_summ
     assert "Traceback" not in daemon.text()
 
 
+def counted_as_recorded(results: list[dict], summary: dict, n_frames: int) -> None:
+    """What results two Collectors recorded for one series (the killed one and the new one) and its
+    SERIES summary agree: each frame once, and counted with the status its recorded result had."""
+    frames = [r["frame"] for r in results]
+    assert len(frames) == len(set(frames)), "a frame was emitted twice"
+    lost = set(frames_of(summary["lost_ranges"]))
+    assert not lost & set(frames), f"recorded and counted failed (lost): {sorted(lost & set(frames))}"
+    assert_accounted_once(results, summary, n_frames)
+    recorded = {status: sum(1 for r in results if r["status"] == status) for status in ("processed", "blank")}
+    failed = sum(1 for r in results if r["status"] == "failed")
+    assert (summary["processed"], summary["blank"], summary["failed"]) == (
+        recorded["processed"], recorded["blank"], failed + len(lost)), (summary, recorded, failed)
+
+
+def test_a_collector_killed_mid_series_hands_its_account_on_every_frame_counted_as_recorded(
+        tmp_path, thaumatin_cbfs, start):
+    config, _ = write_config(tmp_path, simulate_rate="5")
+    record = tmp_path / "results.jsonl"
+    n_frames = 72  # about 15 s at 5 Hz: one series, results flowing when the Collector dies
+    daemon = start(config, "-n", "3", "--max_series", "1", "--verbose", "--record", str(record),
+                   "--simulate", *(thaumatin_cbfs * 6))
+    collector = daemon.rank_pid(0)
+    daemon.wait_results(10)
+    time.sleep(0.1)  # between two results (one every 0.2 s)
+    os.kill(collector, signal.SIGKILL)
+    daemon.wait_for(rf"JOB FAILED: the Collector \(rank 0, pid {collector}\) died", timeout=10)
+    assert daemon.finish(120) == 0, daemon.text()
+    results, [summary] = records(record)
+    assert summary["received"] == summary["written"] == n_frames
+    assert {r["series_name"] for r in results} == {summary["series_name"]}
+    assert len(results) >= 10 and summary["processed"] + summary["blank"] >= 10
+    counted_as_recorded(results, summary, n_frames)
+    assert len(summaries(daemon)) == 1
+    assert "Traceback" not in daemon.text()
+
+
 def test_the_daemon_gives_up_after_too_many_restarts_and_exits_non_zero(tmp_path, thaumatin_cbfs, start):
     config, _ = write_config(tmp_path, simulate_rate="4", max_restarts="0")
-    daemon = start(config, "-n", "2", "--simulate", *thaumatin_cbfs[:6])
+    record = tmp_path / "results.jsonl"
+    daemon = start(config, "-n", "2", "--verbose", "--record", str(record), "--simulate", *thaumatin_cbfs[:6])
     collector = daemon.rank_pid(0)
-    daemon.wait_for(r"^SERIES 1: ", stream="out", timeout=60)
-    time.sleep(0.6)  # in the middle of series 2, which no Collector is left to sum up (a race when sooner)
+    # In the middle of series 2, which no Collector is left to sum up, with results taken for it.
+    daemon.wait_for(r"^RESULTS: series 2 frame", stream="out", timeout=60)
+    time.sleep(0.1)
     os.kill(collector, signal.SIGKILL)
     daemon.wait_for(r"JOB FAILED: the Collector", timeout=10)
     daemon.wait_for(r"the MPI job failed 1 times in 10 min \(max_restarts = 0\): giving up", timeout=30)
@@ -285,8 +323,16 @@ def test_the_daemon_gives_up_after_too_many_restarts_and_exits_non_zero(tmp_path
     by_series = summaries(daemon)
     n_series = splitter_series(daemon)
     assert sorted(by_series) == list(range(1, n_series + 1)) and all(len(v) == 1 for v in by_series.values())
-    # What no Collector summed up, the daemon did, from the Splitter's accounts.
-    assert any("summed up by the daemon" in line for _, line in daemon.out), daemon.text()
+    # What no Collector summed up, the daemon did, from the Splitter's accounts and the journal of
+    # the results the killed Collector had taken (counted as they were recorded, not failed).
+    assert any(line.startswith("SERIES 2: ") and "summed up by the daemon" in line for _, line in daemon.out), \
+        daemon.text()
+    results = [r for r in records(record)[0] if r["series"] == 2]
+    [(received, _, processed, blank, skipped, failed)] = by_series[2]
+    assert results and processed + blank + skipped + failed == received  # cut short by the give-up
+    assert (processed, blank) == (sum(r["status"] == "processed" for r in results),
+                                  sum(r["status"] == "blank" for r in results)), (by_series[2], results)
+    assert failed == received - skipped - len(results) + sum(r["status"] == "failed" for r in results)
     assert "Traceback" not in daemon.text()
 
 
@@ -518,6 +564,74 @@ def test_junk_from_the_splitter_socket_is_counted_and_a_good_series_is_still_sum
     out, err = capfd.readouterr()
     assert "SERIES 7: received 3, written 3, processed 0 (hits 0, median hres n/a), blank 0, skipped 3, failed 0" in out
     assert "collector: malformed message on the Splitter's socket" in err and "Traceback" not in err
+
+
+def test_a_collectors_journal_survives_it_torn_last_line_and_compaction_included(tmp_path, monkeypatch):
+    from intxr import collector as collector_module
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings, journal_paths
+
+    monkeypatch.setattr(collector_module, "JOURNAL_COMPACT_AFTER", 10)  # rewritten as a snapshot twice
+    config, keys = write_config(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    configuration = cfg.load(str(config), "t")
+    settings = CollectorSettings(grace=1.0, state_dir=str(state), record=str(tmp_path / "record.jsonl"))
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
+
+    def result(frame: int) -> list[bytes]:
+        status = "blank" if frame % 10 == 0 else "failed" if frame == 7 else "processed"
+        body = {"series": 5, "series_name": "s_000005", "frame": frame, "status": status, "rank": 1,
+                "n_spots": 50 if frame % 3 else 0, "hres": 1.5 + frame / 100, "received": time.time() - 0.05}
+        return [b"result", json.dumps(body).encode()]
+
+    def take(collector: Collector, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while collector.results_total + collector.bad_results.count < n and time.monotonic() < deadline:
+            collector.receive_results()
+            time.sleep(0.01)
+
+    def killed(collector: Collector) -> None:  # no shutdown: nothing summed up, files left as they are
+        for sock in (collector.results, collector.splitter, collector.publisher):
+            sock.close(linger=0)
+        collector.record.close()
+
+    first = Collector(configuration, settings)
+    for frame in range(1, 31):
+        push.send_multipart(result(frame))
+    take(first, 30)
+    before = first.series["s_000005"]
+    [journal] = journal_paths(state)
+    lines = Path(journal).read_text().splitlines()
+    assert lines[1].startswith("S ") and len(lines) < 2 + 2 * 10, lines  # a snapshot and a few lines
+    with open(journal, "a") as f:
+        f.write("31 h 1.9")  # killed mid-write
+    killed(first)
+
+    second = Collector(configuration, settings)
+    try:
+        after = second.series["s_000005"]
+        assert after.results.ranges() == [[1, 30]] and after.counts == before.counts == {
+            "processed": 26, "blank": 3, "failed": 1}
+        assert (after.hits, after.hres.bins, after.latencies.n) == (before.hits, before.hres.bins, 30)
+        assert not Path(journal).read_text().endswith("1.9")  # the torn line is cut off
+        push.send_multipart(result(3))  # a second result of a frame taken before: not counted, not emitted
+        push.send_multipart(result(31))
+        take(second, 2)
+        assert (second.results_total, second.bad_results.count) == (1, 1)
+        second.take_series_event("series_end", {"series": 5, "series_name": "s_000005", "timed_out": False,
+                                                "received": 32, "forwarded_ranges": [[1, 32]], "skipped_ranges": []})
+        second.finish_series(after)
+        summary = after.summary()
+        assert (summary["processed"], summary["blank"], summary["failed"], summary["lost_ranges"]) == (
+            27, 3, 2, [[32, 32]])
+        assert journal_paths(state) == []  # summed up: its journal is gone
+        frames = [json.loads(line).get("frame") for line in (tmp_path / "record.jsonl").read_text().splitlines()]
+        assert sorted(f for f in frames if f) == list(range(1, 32))  # each emitted once
+    finally:
+        killed(second)
+        push.close(linger=0)
 
 
 def test_a_reader_checks_the_frame_meta_it_is_served(tmp_path):
