@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 
@@ -366,3 +367,96 @@ def test_garbage_on_the_results_socket_is_counted_and_the_page_keeps_updating(tm
     lines = [line for line in err.splitlines() if "bad" in line]
     assert lines and lines[0].startswith("gui: bad message ignored: result: not JSON"), err
     assert len(lines) <= 2  # the first one, then a count at most every 10 s
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory over a long run: many series of results with spots, as the soak's (a run of weeks)
+
+
+def _spot_lists(k: int = 4) -> list[bytes]:
+    """JSON of `spots_xy` as readers send them: the 500 strongest spots of a hit, one decimal."""
+    rng = np.random.default_rng(5)
+    return [json.dumps(np.round(rng.uniform(0, 2400, (n, 2)), 1).tolist()).encode()
+            for n in rng.integers(300, 501, k)]
+
+
+def _series_messages(s: int, spots: list[bytes], frames: int = 115) -> list[list[bytes]]:
+    """One series as the Collector publishes it: results (half of them hits with spots), the
+    Splitter's series_end, the SERIES summary."""
+    name = f"series_{s:06d}"
+    out = []
+    for f in range(frames):
+        body = json.dumps(result(s, f, n_spots=0, status="blank", series_name=name, errors=[],
+                                 master_file=f"/nowhere/{name}_master.h5", timing={"total": 0.1}))
+        if f % 2 == 0:  # a hit: spliced in as bytes (encoding 500 spots per message is slow)
+            body = body.replace('"n_spots": 0', '"n_spots": 400').replace('"blank"', '"processed"')
+            body = body[:-1].encode() + b', "spots_xy": ' + spots[f % len(spots)] + b"}"
+        out.append([b"result", body if isinstance(body, bytes) else body.encode()])
+    end = {"series": s, "series_name": name, "received": frames, "forwarded": frames, "skipped": 0,
+           "forwarded_ranges": [[0, frames - 1]], "skipped_ranges": []}
+    out.append([b"splitter_series_end", json.dumps(end).encode()])
+    summary = {"series": s, "series_name": name, "received": frames, "processed": frames // 2 + 1, "failed": 0}
+    out.append([b"series", json.dumps(summary).encode()])
+    return out
+
+
+def test_the_model_levels_off_over_many_series_with_spots():
+    """Spots are kept compact and within MAX_SPOT_BYTES in all: after the warm-up (MAX_SERIES
+    series kept) the model's memory stays where it is, whatever the run's length."""
+    import tracemalloc
+
+    from intxr.gui.model import MAX_SPOT_BYTES
+    from intxr.gui.server import handle_message
+
+    spots = _spot_lists()
+    model = RunModel()
+    traced = {}
+    tracemalloc.start()
+    try:
+        for s in range(1, 201):
+            for parts in _series_messages(s, spots):
+                handle_message(model, parts)
+            if s % 25 == 0:
+                model.delta(0)
+                traced[s] = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert model.bad_messages == 0 and model.series_dropped == 200 - MAX_SERIES
+    assert model._spot_bytes <= MAX_SPOT_BYTES
+    # Level after the warm-up: 200 series hold what 50 did (kept as JSON lists, the spots of 20
+    # series took ~50 MB and grew with every spot-rich series).
+    assert traced[200] - traced[50] < 1 << 20, traced
+    assert traced[200] < 20 << 20, traced
+    # The newest frame's spots come back as sent (to float32 precision, rounded).
+    sent = json.loads(spots[114 % len(spots)])
+    assert model.spots("series_000200", 114) == sent
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_intxr_gui_rss_levels_off_over_200_series(gui):
+    """The real `intxr gui` fed 200 series of spot-rich results through its results SUB at speed:
+    its RSS after 200 series is within a few MB of after 50."""
+    spots = _spot_lists()
+    rss = {0: _rss_mb(gui.process.pid)}
+    for s in range(1, 201):
+        for parts in _series_messages(s, spots):
+            gui.publisher.send_multipart(parts)
+        if s % 10 == 0 or s == 200:  # let it keep up (a PUB drops what it cannot queue)
+            wait_until(lambda s=s: (st := gui.state()) and st["series"][0]["label"] == str(s)
+                       and st["series"][0]["counts"]["results"] == 115 and st["series"][0]["counts"]["ended"],
+                       what=f"series {s} shown")
+        if s in (50, 100, 150, 200):
+            rss[s] = _rss_mb(gui.process.pid)
+    state = gui.state()
+    assert state["gui"]["bad_messages"] == 0 and state["series_dropped"] == 200 - MAX_SERIES
+    print("intxr gui RSS (MB) after series:", {k: round(v, 1) for k, v in rss.items()})
+    assert rss[200] - rss[50] < 6, rss
+    # And small: spots kept as JSON lists took ~80 MB here (RSS 143 MB after 50 series).
+    assert rss[200] - rss[0] < 40, rss
+    assert "Traceback" not in gui.stop()

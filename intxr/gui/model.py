@@ -18,6 +18,7 @@ import math
 import re
 import statistics
 import threading
+from array import array
 from dataclasses import dataclass, field
 
 # Fields of a result the views need; the rest (spot lists, timings) stays out of the live feed.
@@ -25,6 +26,10 @@ POINT_FIELDS = ("frame", "n_spots", "hres", "score", "status", "rank", "latency"
 MAX_SERIES = 20  # series kept in memory, newest first; older ones are dropped and counted
 MAX_SPOT_FRAMES = 2000  # frames per series whose spots are kept for the frame view
 MAX_SPOTS = 20_000  # spot centroids kept per frame
+# Spot centroids kept in all, as float32 pairs (8 bytes a spot; as JSON-decoded lists they took
+# ~130): beyond it the oldest series' oldest frames lose their circles first. A run of weeks levels
+# off here instead of growing with every spot of every series kept.
+MAX_SPOT_BYTES = 24 << 20
 MAX_TEXT = 300  # characters kept of any text from a message (errors, names)
 COUNT_FIELDS = ("received", "written", "processed", "hits", "blank", "skipped", "failed", "lost")
 RANGE_FIELDS = ("lost_ranges", "skipped_ranges")  # a SERIES summary's frame ranges, shown as text
@@ -71,16 +76,21 @@ def _show(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _spots(value) -> list:
+def _spots(value) -> array:
+    """`spots_xy` checked, kept as float32 x, y pairs."""
     if value is None:
-        return []
+        return array("f")
     if not isinstance(value, list) or len(value) > MAX_SPOTS:
         raise BadMessage(f"'spots_xy' is {_show(value)}, not a list of [x, y]")
     for xy in value:
         if (not isinstance(xy, list) or len(xy) != 2
                 or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in xy)):
             raise BadMessage(f"'spots_xy' holds {_show(xy)}, not [x, y]")
-    return value
+    return array("f", [v for xy in value for v in xy])
+
+
+def _nbytes(xy: array | None) -> int:
+    return 0 if xy is None else xy.itemsize * len(xy)
 
 
 def _scalars(body, what: str) -> dict:
@@ -155,7 +165,7 @@ class SeriesView:
     points: list[dict] = field(default_factory=list)  # arrival order
     frames: dict[int, int] = field(default_factory=dict)  # frame -> index in points
     mappings: dict[int, str] = field(default_factory=dict)  # frame -> the header's mapping value
-    spots: dict[int, list] = field(default_factory=dict)  # frame -> spot centroids, the latest frames only
+    spots: dict[int, array] = field(default_factory=dict)  # frame -> x, y, x, y ... (float32), latest frames
     master_file: str | None = None
     summary: dict | None = None  # the Collector's SERIES summary, counts only
     end: dict | None = None  # the Splitter's series_end: counts and the received frames' ranges
@@ -231,6 +241,7 @@ class RunModel:
         self.version = 0
         self.received = 0
         self._created = 0
+        self._spot_bytes = 0  # of all views' spots
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
 
@@ -264,9 +275,23 @@ class RunModel:
         self._created += 1
         view = self.series[key] = SeriesView(number, key=key, name=name, order=self._created)
         while len(self.series) > MAX_SERIES:
-            del self.series[min(self.series.values(), key=lambda v: v.order).key]
+            oldest = self.series.pop(min(self.series.values(), key=lambda v: v.order).key)
+            self._spot_bytes -= sum(_nbytes(xy) for xy in oldest.spots.values())
             self.series_dropped += 1
         return view
+
+    def _keep_spots(self, view: SeriesView, frame: int, xy: array) -> None:
+        """Keep a frame's spots within both bounds: MAX_SPOT_FRAMES a series, MAX_SPOT_BYTES in all."""
+        self._spot_bytes -= _nbytes(view.spots.pop(frame, None))
+        if xy:
+            view.spots[frame] = xy
+            self._spot_bytes += _nbytes(xy)
+        while len(view.spots) > MAX_SPOT_FRAMES:
+            self._spot_bytes -= _nbytes(view.spots.pop(next(iter(view.spots))))
+        while self._spot_bytes > MAX_SPOT_BYTES:
+            # Oldest series first; the newest frame just added is the last to go.
+            holder = min((v for v in self.series.values() if v.spots), key=lambda v: v.order)
+            self._spot_bytes -= _nbytes(holder.spots.pop(next(iter(holder.spots))))
 
     def _newest(self, number: int) -> SeriesView | None:
         views = [v for v in self.series.values() if v.series == number]
@@ -319,9 +344,7 @@ class RunModel:
             view.first_frame = frame if view.first_frame is None else min(view.first_frame, frame)
             if mapping:
                 view.mappings[frame] = mapping
-            view.spots[frame] = spots
-            while len(view.spots) > MAX_SPOT_FRAMES:
-                del view.spots[next(iter(view.spots))]
+            self._keep_spots(view, frame, spots)
             view.master_file = view.master_file or master_file
             if done:
                 view.first_time = done if view.first_time is None else min(view.first_time, done)
@@ -477,7 +500,10 @@ class RunModel:
     def spots(self, key: str, frame: int) -> list:
         with self._lock:
             view = self.series.get(key)
-            return list(view.spots.get(frame, [])) if view else []
+            xy = view.spots.get(frame) if view else None
+            if not xy:
+                return []
+            return [[round(x, 2), round(y, 2)] for x, y in zip(xy[::2], xy[1::2], strict=True)]
 
     def wait(self, version: int, timeout: float) -> int:
         with self._lock:
