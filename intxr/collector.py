@@ -278,7 +278,8 @@ def summary_line(s: dict) -> str:
 #
 # One append-only text file per open series: a JSON header line ({"series", "series_name"}), then
 # per batch of results "@<time>" and one line per result "<frame> <code> <hres|-> <latency|->"
-# (code: h a hit, p processed without one, b blank, f failed): what the account needs, about 20
+# (code: h a hit, p processed without one, b blank, f failed), and "C" once the Splitter has named
+# the series (a replayed account is not dropped as made up): what the account needs, about 20
 # bytes a frame, never the spots. Past JOURNAL_COMPACT_AFTER lines it is rewritten as the header
 # and one "S <account JSON>" line. A kill mid-write leaves a torn last line: ignored and cut off.
 
@@ -337,6 +338,8 @@ def read_journal(path: str) -> tuple[SeriesAccount, int, int]:
                     now = float(text[1:])
                     account.first = account.first or now
                     account.last = now
+                elif text == "C\n":
+                    account.confirmed = True  # the Splitter had named the series
                 elif text[0] == "S":
                     _take_snapshot(account, json.loads(text[2:]))
                 else:
@@ -707,6 +710,12 @@ class Collector:
         series = self.account(body["series"], body.get("series_name"))
         if series is None or series.done:
             return  # the Splitter repeats series events for late subscribers
+        if not series.confirmed and series.name in self.journals and not self.journal_off:
+            try:
+                self.journals[series.name].write("C\n")
+                self.journals[series.name].flush()  # series events are rare
+            except OSError as exc:
+                self.journal_failed(f"series {series.name}", exc)
         series.confirmed = True
         series.touched = time.monotonic()
         if topic == "series_end" and series.end is None:
@@ -788,6 +797,8 @@ class Collector:
                 f = self.journals[name] = open(journal_path(self.settings.state_dir, name), "a", encoding="utf-8")
                 if f.tell() == 0:
                     f.write(json.dumps({"series": account.series, "series_name": name}) + "\n")
+                    if account.confirmed:
+                        f.write("C\n")
                 self.journal_lines.setdefault(name, 0)
             if name not in self.journal_batch:
                 self.journal_batch.add(name)
@@ -817,7 +828,7 @@ class Collector:
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps({"series": account.series, "series_name": account.name}) + "\n")
-            f.write("S " + json.dumps(_snapshot(account)) + "\n")
+            f.write("S " + json.dumps(_snapshot(account)) + "\n" + ("C\n" if account.confirmed else ""))
         self.journals.pop(account.name).close()
         os.replace(tmp, path)
         self.journals[account.name] = open(path, "a", encoding="utf-8")

@@ -600,6 +600,9 @@ def test_a_collectors_journal_survives_it_torn_last_line_and_compaction_included
     first = Collector(configuration, settings)
     for frame in range(1, 31):
         push.send_multipart(result(frame))
+        if frame == 20:
+            take(first, 20)
+            first.take_series_event("series_written", {"series": 5, "series_name": "s_000005"})  # named
     take(first, 30)
     before = first.series["s_000005"]
     [journal] = journal_paths(state)
@@ -609,12 +612,19 @@ def test_a_collectors_journal_survives_it_torn_last_line_and_compaction_included
         f.write("31 h 1.9")  # killed mid-write
     killed(first)
 
-    second = Collector(configuration, settings)
+    # Other ports (the first's are released by ZeroMQ's I/O thread in its own time); the same journal.
+    (tmp_path / "2").mkdir()
+    config, keys = write_config(tmp_path / "2")
+    push.close(linger=0)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
+    second = Collector(cfg.load(str(config), "t"), settings)
     try:
         after = second.series["s_000005"]
         assert after.results.ranges() == [[1, 30]] and after.counts == before.counts == {
             "processed": 26, "blank": 3, "failed": 1}
         assert (after.hits, after.hres.bins, after.latencies.n) == (before.hits, before.hres.bins, 30)
+        assert after.confirmed  # the Splitter had named it: not dropped as a made-up series
         assert not Path(journal).read_text().endswith("1.9")  # the torn line is cut off
         push.send_multipart(result(3))  # a second result of a frame taken before: not counted, not emitted
         push.send_multipart(result(31))
