@@ -53,6 +53,9 @@ REPLACE_LIMIT = 5  # replacements of one reader rank within REPLACE_WINDOW befor
 REPLACE_WINDOW = 600.0
 MAX_RANK = 1 << 16
 UNCONFIRMED_AFTER = 600.0  # seconds an account the Splitter never named is kept without a result
+# A reader's status fields copied to its rank; the rest of a rank is the Collector's own.
+STATUS_FIELDS = ("cpus", "cpu", "numa", "buffer_numa", "frames", "failed", "rate", "reconnects", "bad_replies",
+                 "time")
 MAX_UNCONFIRMED = 100  # accounts the Splitter never named (a flood of made-up series numbers)
 STATUSES = ("processed", "blank", "failed")
 JOURNAL_COMPACT_AFTER = 50_000  # result lines appended to a journal before it is rewritten as one snapshot
@@ -437,9 +440,12 @@ def validate_status(s: dict) -> None:
         raise BadMessage(f"'rank' {rank} is not a reader rank")
     _int(s, "pid", low=1)
     _text(s, "host")
-    for key in ("frames", "failed", "reconnects"):
+    for key in ("frames", "failed", "reconnects", "bad_replies", "cpu"):
         _int(s, key, low=0)
-    _number(s, "rate")
+    for key in ("numa", "buffer_numa"):
+        _int(s, key)
+    for key in ("rate", "time"):
+        _number(s, key)
     cpus = s.get("cpus")
     if cpus is not None and not (isinstance(cpus, list) and all(isinstance(c, int) and c >= 0 for c in cpus)):
         raise BadMessage(f"'cpus' is {_show(cpus)}, not a list of CPU numbers")
@@ -679,20 +685,32 @@ class Collector:
         self._publish("result", result)
 
     def take_status(self, status: dict) -> None:
+        """A reader's word (validated) updates only the reader's own fields of its rank: the
+        Collector's state of the rank (dead, replaced_at, restarts, ...) is its own; pid and host
+        are the rank's identity (MPI placement, or the replacement the Collector started)."""
         number = status["rank"]
         rank = self.ranks.get(number)
         child = self.children.get(number)
+        pid = status.get("pid")
         if rank is None:
             if self.ranks:  # the job's ranks are known from MPI: a stranger is not one of them
                 raise BadMessage(f"status from rank {number}, which is not a reader of this job")
             rank = self.ranks[number] = {"rank": number}
-        elif child is not None and status.get("pid") not in (None, child.pid):
+        elif pid is not None and pid == rank.get("replaced_pid"):
             return  # a late word from the reader this one replaced
-        elif rank.get("dead") and status.get("pid") == rank.get("pid"):
+        elif rank.get("dead") and pid == rank.get("pid"):
             return
+        known = child.pid if child is not None else rank.get("pid")
+        if pid is not None and known is not None and pid != known and not (rank.get("dead") and child is None):
+            raise BadMessage(f"status for rank {number} from pid {pid}, not its reader's pid {known}")
         if rank.get("lost"):
             print(f"collector: reader rank {number} is back", file=sys.stderr, flush=True)
-        rank.update(status, seen=time.monotonic(), lost=False, starting=False, dead=False)
+        rank.update({k: status[k] for k in STATUS_FIELDS if k in status},
+                    seen=time.monotonic(), lost=False, starting=False, dead=False)
+        if pid is not None:
+            rank["pid"] = pid
+        if status.get("host") is not None and rank.get("host") is None:
+            rank["host"] = status["host"]
 
     def take_splitter(self, topic: str, body: dict) -> None:
         self.splitter_heard = True
@@ -1063,6 +1081,8 @@ class Collector:
             print(f"collector: replacement reader rank {number}: cannot bind it to CPUs {cpus}: {exc}",
                   file=sys.stderr, flush=True)
         self.children[number] = child  # the one it replaces has exited (poll() reaped it)
+        if rank.get("pid") is not None:
+            rank["replaced_pid"] = rank["pid"]
         history.append(now)
         self.reader_restarts += 1
         rank.update(pid=child.pid, dead=False, starting=True, started_at=now, replaced_at=history,

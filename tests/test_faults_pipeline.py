@@ -742,3 +742,37 @@ def test_a_killed_mpirun_is_noticed_its_orphaned_ranks_go_and_the_job_restarts(t
     assert sorted(by_series) == list(range(1, splitter_series(daemon) + 1))
     assert all(len(lines) == 1 for lines in by_series.values()), by_series
     assert "Traceback" not in daemon.text()
+
+
+def test_a_forged_status_is_counted_and_changes_nothing_the_collector_owns(tmp_path):
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings
+
+    config, keys = write_config(tmp_path)
+    host = os.uname().nodename
+    me = {"rank": 1, "pid": os.getpid(), "host": host, "cpu": 0, "cpus": [0]}
+    collector = Collector(cfg.load(str(config), "t"), CollectorSettings(reader_command=["false"]), ranks=[me])
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
+    try:
+        forged = [{"rank": 1, "pid": 2 ** 22 + 12345, "frames": 1},  # another process: "the reader died"
+                  {"rank": 1, "pid": os.getpid(), "time": "x"},  # a bad field
+                  {"rank": 1, "pid": os.getpid(), "replaced_at": 5, "restarts": "x", "dead": True, "frames": 3,
+                   "host": "elsewhere"}]
+        for body in forged:
+            push.send_multipart([b"status", json.dumps(body).encode()])
+        deadline = time.monotonic() + 10
+        while collector.ranks[1].get("frames") != 3 and time.monotonic() < deadline:
+            collector.receive_results()
+            time.sleep(0.01)
+        rank = collector.ranks[1]
+        assert collector.bad_results.count == 2
+        assert rank["pid"] == os.getpid() and rank["frames"] == 3 and "replaced_at" not in rank
+        assert rank["host"] == host
+        assert "restarts" not in rank and not rank["dead"]
+        collector.check_readers()  # its reader (this process) runs: nothing to replace
+        assert collector.children == {} and collector.reader_restarts == 0
+    finally:
+        push.close(linger=0)
+        for sock in (collector.results, collector.splitter, collector.publisher):
+            sock.close(linger=0)
