@@ -56,6 +56,7 @@ UNCONFIRMED_AFTER = 600.0  # seconds an account the Splitter never named is kept
 # A reader's status fields copied to its rank; the rest of a rank is the Collector's own.
 STATUS_FIELDS = ("cpus", "cpu", "numa", "buffer_numa", "frames", "failed", "rate", "reconnects", "bad_replies",
                  "time")
+MAX_MESSAGE = 64 << 20  # bytes on the results socket, as the GUI's and the Splitter's
 MAX_UNCONFIRMED = 100  # accounts the Splitter never named (a flood of made-up series numbers)
 STATUSES = ("processed", "blank", "failed")
 JOURNAL_COMPACT_AFTER = 50_000  # result lines appended to a journal before it is rewritten as one snapshot
@@ -549,6 +550,7 @@ class Collector:
         self.context = zmq.Context.instance()
         self.results = self.context.socket(zmq.PULL)
         self.results.setsockopt(zmq.RCVHWM, 100_000)
+        self.results.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)  # a bigger one drops its sender's connection
         self.results.bind(bind_form(bl.collector_endpoint))
         self.splitter = self.context.socket(zmq.SUB)
         self.splitter.setsockopt(zmq.SUBSCRIBE, b"")
