@@ -303,6 +303,7 @@ class Daemon:
         self.simulator_thread: threading.Thread | None = None
         self.state_dir = Path(tempfile.mkdtemp(prefix="intxrd-"))
         self.resume_path = self.state_dir / "resume.json"
+        self.resume_failed_at: float | None = None  # when a failed write was last said (once a minute)
         self.resume_ended: tuple | None = None
 
     def dry_run(self) -> int:
@@ -350,11 +351,17 @@ class Daemon:
         version = (counters.get("series_ended"), counters.get("series_started"), len(self.done_names))
         if version == self.resume_ended and self.resume_path.exists():
             return
-        self.resume_ended = version
         accounts = [a for a in counters.get("series", []) if self.name_of(a) not in self.done_set]
         tmp = self.resume_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"done": self.done_names[-KEEP_DONE:], "accounts": accounts}))
-        tmp.replace(self.resume_path)
+        try:
+            tmp.write_text(json.dumps({"done": self.done_names[-KEEP_DONE:], "accounts": accounts}))
+            tmp.replace(self.resume_path)
+        except OSError as exc:  # a full disk: the previous file stays; tried again next time
+            if self.resume_failed_at is None or time.monotonic() - self.resume_failed_at >= 60.0:
+                self.resume_failed_at = time.monotonic()
+                self.say(f"cannot write {self.resume_path}: {exc.strerror or exc}; the previous one is kept")
+            return
+        self.resume_ended = version
 
     @staticmethod
     def name_of(body: dict) -> str:

@@ -776,3 +776,25 @@ def test_a_forged_status_is_counted_and_changes_nothing_the_collector_owns(tmp_p
         push.close(linger=0)
         for sock in (collector.results, collector.splitter, collector.publisher):
             sock.close(linger=0)
+
+
+def test_a_resume_file_that_cannot_be_written_is_said_once_and_the_previous_one_kept(tmp_path, capfd):
+    from types import SimpleNamespace
+
+    from intxr.daemon import Daemon
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "resume.json").write_text("previous")
+    (state / "resume.tmp").mkdir()  # writing it fails as a full disk would: an OSError
+    daemon = SimpleNamespace(resume_ended=None, resume_path=state / "resume.json", resume_failed_at=None,
+                             done_names=["a"], done_set={"a"}, name_of=Daemon.name_of,
+                             say=lambda text: print(f"intxrd: {text}", file=sys.stderr))
+    splitter = SimpleNamespace(counters=lambda: {"series_ended": 1, "series_started": 2, "series": []})
+    Daemon.write_resume(daemon, splitter)
+    Daemon.write_resume(daemon, splitter)  # tried again, not said again
+    assert (state / "resume.json").read_text() == "previous" and daemon.resume_ended is None
+    assert capfd.readouterr().err.count("cannot write") == 1
+    (state / "resume.tmp").rmdir()
+    Daemon.write_resume(daemon, splitter)
+    assert json.loads((state / "resume.json").read_text()) == {"done": ["a"], "accounts": []}
