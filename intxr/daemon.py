@@ -503,7 +503,7 @@ class Daemon:
                     if job.proc.poll() == 0 and job.ending and self.args.max_series is not None:
                         self.job_clean = True  # it summed up its last series and ended
                         break
-                    job = self.restart(why, splitter)
+                    job = self.restart(why, splitter, health)
                     if job is None:
                         code = 1
                         break
@@ -527,7 +527,7 @@ class Daemon:
                 self.take_done(message)
                 job.series_done += 1
 
-    def restart(self, why: str, splitter) -> Job | None:
+    def restart(self, why: str, splitter, health) -> Job | None:
         """Kill what is left of the job and start it again; None when it has failed too often."""
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW]
@@ -540,6 +540,8 @@ class Daemon:
             self.say(f"the MPI job failed {len(self.restarts)} times in {RESTART_WINDOW / 60:.0f} min "
                      f"(max_restarts = {limit}): giving up")
             return None
+        # A series the old Collector summed up just before it died is in the resume file as done.
+        self.drain(health, self.job)
         self.resume_ended = None  # written now, whatever changed, and again whenever a series ends
         self.write_resume(splitter)
         job = self.start_job()
