@@ -625,18 +625,22 @@ class Collector:
             info, result, bl.output_format, bl.output_delimiter, bl.output_prefix_key, bl.default_output_prefix
         )
 
-    def account(self, series: int, name: str | None) -> SeriesAccount | None:
-        """The account of a series (created on first sight); None for one already summed up."""
+    def account(self, series: int, name: str | None, named: bool = True) -> SeriesAccount | None:
+        """The account of a series (created on first sight); None for one already summed up.
+        A result (named False) opens no account past MAX_UNCONFIRMED the Splitter has not named."""
         name = name or str(series)
         if name in self.done_set and name not in self.series:
             return None
         account = self.series.get(name)
         if account is None:
+            if not named and sum(not a.confirmed and not a.done for a in self.series.values()) >= MAX_UNCONFIRMED:
+                raise BadMessage(f"series {series_label(series, name)}: {MAX_UNCONFIRMED} series the Splitter has "
+                                 f"not named are open already")
             account = self.series[name] = SeriesAccount(series, name)
         return account
 
     def take_result(self, result: dict) -> None:
-        series = self.account(result["series"], result.get("series_name"))
+        series = self.account(result["series"], result.get("series_name"), named=False)
         if series is None or series.done:
             raise LateResult(f"series {result['series']} frame {result['frame']} (counted failed in its summary)")
         status = result["status"]

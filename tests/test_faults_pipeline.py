@@ -798,3 +798,33 @@ def test_a_resume_file_that_cannot_be_written_is_said_once_and_the_previous_one_
     (state / "resume.tmp").rmdir()
     Daemon.write_resume(daemon, splitter)
     assert json.loads((state / "resume.json").read_text()) == {"done": ["a"], "accounts": []}
+
+
+def test_results_of_made_up_series_open_no_more_than_max_unconfirmed_accounts(tmp_path, monkeypatch):
+    from intxr import collector as collector_module
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings, journal_paths
+
+    monkeypatch.setattr(collector_module, "MAX_UNCONFIRMED", 3)
+    config, keys = write_config(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    collector = Collector(cfg.load(str(config), "t"), CollectorSettings(state_dir=str(state)))
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
+    try:
+        for series in range(100, 105):
+            body = {"series": series, "frame": 1, "status": "blank", "rank": 1}
+            push.send_multipart([b"result", json.dumps(body).encode()])
+        deadline = time.monotonic() + 10
+        while collector.results_total + collector.bad_results.count < 5 and time.monotonic() < deadline:
+            collector.receive_results()
+            time.sleep(0.01)
+        assert (collector.results_total, collector.bad_results.count) == (3, 2)
+        assert sorted(collector.series) == ["100", "101", "102"] and len(journal_paths(state)) == 3
+        collector.take_series_event("series_start", {"series": 200, "series_name": "s_200"})  # the Splitter's word
+        assert "s_200" in collector.series
+    finally:
+        push.close(linger=0)
+        for sock in (collector.results, collector.splitter, collector.publisher):
+            sock.close(linger=0)
