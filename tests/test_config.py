@@ -84,7 +84,7 @@ def test_original_interceptor_processing_file_loads_with_legacy_keys_ignored(tmp
         ("[bl]\ndetector_endpoint = 127.0.0.1:9999\n", "[bl] detector_endpoint = '127.0.0.1:9999': expected a ZeroMQ"),
         ("[bl]\ntimeout = -1\n", "[bl] timeout = '-1': expected None or a number >= 0"),
         ("[bl]\nprot = v1\n", "[bl] prot: unknown key"),
-        ("[DEFAULT]\nbogus = 1\n[bl]\n", "[bl] bogus: unknown key"),
+        ("[DEFAULT]\nbogus = 1\n[bl]\n", "[DEFAULT] bogus: unknown key"),
         ("[bl]\noutput_format = series, nosuchkey {}\n", "[bl] output_format: unknown output key 'nosuchkey'"),
         ("[other]\n", "[bl]: no such beamline section (sections: other)"),
         ("[bl\nport = 1\n", "not a valid INI file"),
