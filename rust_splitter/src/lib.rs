@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod geometry;
 pub mod nxmx;
 pub mod serve;
 pub mod splitter;

@@ -51,14 +51,12 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::frame::{Compression, FrameHeader, SeriesHeader};
+use crate::geometry::{DetectorKind, Geometry, Keys, EV_ANGSTROM};
 
 /// HDF5 filter id of bitshuffle (registered with The HDF Group by K. Masui).
 pub const FILTER_BITSHUFFLE: H5Z_filter_t = 32008;
 /// HDF5 filter id of LZ4 (registered with The HDF Group, "HDF5-LZ4").
 pub const FILTER_LZ4: H5Z_filter_t = 32004;
-
-/// hc / e in eV * Angstrom (CODATA 2018), to turn photon energies into wavelengths.
-const EV_ANGSTROM: f64 = 12398.419843320026;
 
 #[derive(Debug, Error)]
 pub enum NxmxError {
@@ -609,71 +607,20 @@ fn create_file(path: &Path) -> Result<Handle> {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Detector metadata: v1 config keys, v2 start-message keys, cbfToEiger config keys
-
-/// Looks keys up in the config, then in the series header; the first key present wins.
-struct Keys<'a>(Vec<&'a Value>);
-
-impl<'a> Keys<'a> {
-    fn get(&self, names: &[&str]) -> Option<&'a Value> {
-        names.iter().find_map(|n| {
-            self.0
-                .iter()
-                .find_map(|v| v.get(*n).filter(|v| !v.is_null()))
-        })
-    }
-
-    fn f64(&self, names: &[&str]) -> Option<f64> {
-        self.get(names)
-            .and_then(|v| match v {
-                Value::Number(n) => n.as_f64(),
-                Value::Bool(b) => Some(f64::from(u8::from(*b))),
-                _ => None,
-            })
-            .filter(|x| x.is_finite())
-    }
-
-    fn u64(&self, names: &[&str]) -> Option<u64> {
-        self.get(names).and_then(|v| {
-            v.as_u64().or_else(|| {
-                v.as_f64()
-                    .filter(|x| x.is_finite() && *x >= 0.0)
-                    .map(|x| x.round() as u64)
-            })
-        })
-    }
-
-    fn str(&self, names: &[&str]) -> Option<String> {
-        self.get(names).and_then(|v| v.as_str()).map(str::to_string)
-    }
-
-    /// A flag sent as a bool (v1, v2) or as 0/1 (cbfToEiger).
-    fn flag(&self, names: &[&str]) -> Option<bool> {
-        self.get(names)
-            .and_then(|v| v.as_bool().or_else(|| v.as_f64().map(|x| x != 0.0)))
-    }
-
-    /// A goniometer axis: v1 `<axis>_start` / `<axis>_increment`, v2 `goniometer.<axis>.{start,increment}`.
-    fn axis(&self, axis: &str) -> Option<(f64, f64)> {
-        let v1 = (
-            self.f64(&[&format!("{axis}_start")]),
-            self.f64(&[&format!("{axis}_increment")]),
-        );
-        if v1.0.is_some() || v1.1.is_some() {
-            return Some((v1.0.unwrap_or(0.0), v1.1.unwrap_or(0.0)));
-        }
-        let g = self.get(&["goniometer"])?.get(axis)?;
-        let num = |k: &str| g.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
-        Some((num("start").unwrap_or(0.0), num("increment").unwrap_or(0.0)))
-    }
-}
+// Detector metadata: v1 config keys, v2 start-message keys, cbfToEiger config keys. The geometry
+// (wavelength, distance, beam centre, pixels, sensor, axes, two-theta) is `crate::geometry`'s;
+// the rest is what only the master file needs.
 
 /// Everything the master file says about the detector and the experiment, resolved once from
 /// the series header with defaults for what is missing (a missing key never fails the write).
 #[derive(Debug, Clone)]
 struct Meta {
+    geometry: Geometry,
+    /// The wavelength written (the geometry's, else a placeholder the writer says it used).
     wavelength: f64,
     photon_energy: f64,
+    /// Beam centre (px), distance (m), pixel size (m), sensor thickness (m) and material as
+    /// written: the geometry's, with placeholders where it has none (said once on stderr).
     beam_center: (f64, f64),
     distance: f64,
     pixel_size: (f64, f64),
@@ -699,50 +646,88 @@ struct Meta {
     /// detectorSpecific strings passed through when present (eiger_fw_version, ...).
     specific_strings: Vec<(&'static str, String)>,
     number_of_excluded_pixels: Option<u64>,
-    /// chi, kappa, omega, phi: (name, start, increment) in degrees.
-    axes: Vec<(&'static str, f64, f64)>,
-    /// Index in `axes` of the rotation axis of the scan.
-    scan_axis: usize,
 }
 
 impl Meta {
     fn from_header(header: &SeriesHeader, first: &FrameHeader) -> Meta {
         let keys = Keys(vec![&header.config, &header.header]);
         let (ny, nx) = first.shape;
-        let positive = |x: f64| x > 0.0;
+        let geometry = header.geometry(ny, nx);
+        let g = &geometry;
+        let panel = &g.panels[0];
 
+        // A master file must say something for these; a placeholder, said once per series
+        // (readers of the served geometry see them in `missing`).
+        let mut placeholders = Vec::new();
+        let wavelength = g.wavelength.unwrap_or_else(|| {
+            placeholders.push("wavelength 1 A");
+            1.0
+        });
+        let distance = g.distance.map(|mm| mm / 1000.0).unwrap_or_else(|| {
+            placeholders.push("distance 100 mm");
+            0.1
+        });
+        let beam_center = g.header_beam_center.map_or_else(
+            || {
+                placeholders.push("beam centre at the frame's centre");
+                (nx as f64 / 2.0, ny as f64 / 2.0)
+            },
+            |[x, y]| (x, y),
+        );
+        let pixel_size = if g.missing.contains(&"pixel_size") {
+            placeholders.push("pixel size 75 um");
+            (75e-6, 75e-6)
+        } else {
+            (panel.pixel_size[0] / 1000.0, panel.pixel_size[1] / 1000.0)
+        };
+        let sensor_material = if panel.material.is_empty() {
+            placeholders.push("sensor material Si");
+            "Si".to_string()
+        } else {
+            panel.material.clone()
+        };
+        let sensor_thickness = if panel.thickness > 0.0 {
+            panel.thickness / 1000.0
+        } else {
+            placeholders.push("sensor thickness 450 um");
+            450e-6
+        };
+        if !placeholders.is_empty() {
+            eprintln!(
+                "nxmx: series {}: the header lacks {}; the master file says {}",
+                header.series,
+                if g.missing.is_empty() {
+                    "sensor details".to_string()
+                } else {
+                    g.missing.join(", ")
+                },
+                placeholders.join(", ")
+            );
+        }
         let energy = keys
             .f64(&["photon_energy", "incident_energy"])
-            .filter(|e| positive(*e));
-        let wavelength = keys
-            .f64(&["wavelength", "incident_wavelength"])
-            .filter(|w| positive(*w))
-            .or(energy.map(|e| EV_ANGSTROM / e))
-            .unwrap_or(1.0); // no beam information at all: 1 Angstrom rather than an unusable 0
+            .filter(|e| *e > 0.0);
         let photon_energy = energy.unwrap_or(EV_ANGSTROM / wavelength);
-
-        // v1 and cbfToEiger send detector_distance (m); v2 only detector_translation [x, y, -distance].
-        let translation_z = keys
-            .get(&["detector_translation"])
-            .and_then(|t| t.get(2))
-            .and_then(Value::as_f64);
-        let distance = keys
-            .f64(&["detector_distance"])
-            .or(translation_z.map(f64::abs))
-            .unwrap_or(0.1);
 
         let bit_depth_image = keys
             .u64(&["bit_depth_image"])
             .map_or(8 * first.elem_size as i32, |b| b as i32);
-        // DECTRIS streams carry eiger_fw_version, and DIALS's Eiger reader then takes
-        // bit_depth_image; other readers mask 2^bit_depth_readout-1 and -2, which must be the
-        // top values of the stored pixels, so without a firmware version use the image depth.
-        let fw_version = keys.str(&["eiger_fw_version"]);
+        // DIALS picks its EIGER file-writer reader by detectorSpecific/eiger_fw_version
+        // (FormatNXmxEigerFilewriter.understand), which then refuses any module size that is not
+        // an EIGER's ("Unknown Eiger module size"): only EIGERs keep it; other detectors are read
+        // by the generic NXmx reader (FormatNXmx).
+        let fw_version = keys
+            .str(&["eiger_fw_version"])
+            .filter(|_| g.kind == DetectorKind::Eiger);
+        // The EIGER reader then takes bit_depth_image; other readers mask 2^bit_depth_readout-1
+        // and -2, which must be the top values of the stored pixels, so without a firmware
+        // version use the image depth.
         let bit_depth_readout = match (&fw_version, keys.u64(&["bit_depth_readout"])) {
             (Some(_), Some(b)) => b as i32,
             _ => bit_depth_image,
         };
-        let saturation_value = keys.u64(&["saturation_value"]);
+        // The trusted maximum: the geometry's (saturation_value, else the count-rate cutoff).
+        let saturation_value = g.count_cutoff;
         let count_cutoff = keys
             .u64(&["countrate_correction_count_cutoff"])
             .or(saturation_value)
@@ -774,54 +759,23 @@ impl Meta {
             }
         }
 
-        let axes: Vec<(&'static str, f64, f64)> = ["chi", "kappa", "omega", "phi"]
-            .into_iter()
-            .map(|a| {
-                let (start, inc) = keys.axis(a).unwrap_or((0.0, 0.0));
-                (a, start, inc)
-            })
-            .collect();
-        // The scan axis: the first of omega, phi, chi, kappa that moves, else omega.
-        let scan_axis = ["omega", "phi", "chi", "kappa"]
-            .iter()
-            .filter_map(|name| axes.iter().position(|(a, _, inc)| a == name && *inc != 0.0))
-            .next()
-            .unwrap_or(2);
-
-        let count_time = keys.f64(&["count_time"]);
-        let frame_time = keys.f64(&["frame_time"]);
+        let (count_time, frame_time) = (g.count_time, g.frame_time);
         Meta {
             wavelength,
             photon_energy,
-            beam_center: (
-                keys.f64(&["beam_center_x"]).unwrap_or(nx as f64 / 2.0),
-                keys.f64(&["beam_center_y"]).unwrap_or(ny as f64 / 2.0),
-            ),
+            beam_center,
             distance,
-            pixel_size: (
-                keys.f64(&["x_pixel_size", "pixel_size_x"])
-                    .filter(|p| positive(*p))
-                    .unwrap_or(75e-6),
-                keys.f64(&["y_pixel_size", "pixel_size_y"])
-                    .filter(|p| positive(*p))
-                    .unwrap_or(75e-6),
-            ),
+            pixel_size,
             count_time: count_time.or(frame_time).unwrap_or(0.0),
             frame_time: frame_time.or(count_time).unwrap_or(0.0),
-            sensor_material: keys
-                .str(&["sensor_material"])
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "Si".into()),
-            sensor_thickness: keys
-                .f64(&["sensor_thickness"])
-                .filter(|t| positive(*t))
-                .unwrap_or(450e-6),
-            description: keys
-                .str(&["description", "detector_description"])
-                .unwrap_or_else(|| "unknown".into()),
-            detector_number: keys
-                .str(&["detector_number", "detector_serial_number"])
-                .unwrap_or_default(),
+            sensor_material,
+            sensor_thickness,
+            description: if g.description.is_empty() {
+                "unknown".into()
+            } else {
+                g.description.clone()
+            },
+            detector_number: g.detector_number.clone(),
             bit_depth_image,
             bit_depth_readout,
             nimages: keys.u64(&["nimages", "number_of_images"]).unwrap_or(0),
@@ -830,7 +784,7 @@ impl Meta {
                 .unwrap_or(1)
                 .max(1),
             count_cutoff,
-            saturation_value: saturation_value.or(keys.u64(&["countrate_correction_count_cutoff"])),
+            saturation_value,
             countrate_correction_applied: keys
                 .flag(&[
                     "countrate_correction_applied",
@@ -849,8 +803,7 @@ impl Meta {
             collection_date: keys.str(&["data_collection_date", "arm_date", "series_date"]),
             specific_strings,
             number_of_excluded_pixels: keys.u64(&["number_of_excluded_pixels"]),
-            axes,
-            scan_axis,
+            geometry,
         }
     }
 
@@ -1690,7 +1643,8 @@ impl SeriesWriter {
 
         // NXsample: the rotation axis of the scan, one angle per frame (NXmx depends_on chain).
         w.group("/entry/sample", "NXsample")?;
-        let (axis, start, increment) = m.axes[m.scan_axis];
+        let scan = m.geometry.scan().expect("a stream geometry has its axes");
+        let (axis, start, increment) = (scan.name.as_str(), scan.start, scan.increment);
         let angles: Vec<f64> = (0..frames).map(|i| start + increment * i as f64).collect();
         let ends: Vec<f64> = angles.iter().map(|a| a + increment).collect();
         w.str(
@@ -1716,7 +1670,8 @@ impl SeriesWriter {
         // Legacy DECTRIS goniometer: every axis with its per-frame angles and scalars.
         let gonio = "/entry/sample/goniometer";
         w.group(gonio, "NXtransformations")?;
-        for &(name, start, increment) in &m.axes {
+        for a in &m.geometry.axes {
+            let (name, start, increment) = (a.name.as_str(), a.start, a.increment);
             let angles: Vec<f64> = (0..frames).map(|i| start + increment * i as f64).collect();
             let ends: Vec<f64> = angles.iter().map(|a| a + increment).collect();
             w.f64s(&format!("{gonio}/{name}"), &angles, Some("degree"))?;
