@@ -117,6 +117,49 @@ fn lz4_decompress_into(py: Python<'_>, blob: PyBuffer<u8>, out: PyBuffer<u8>) ->
     Ok(())
 }
 
+fn parse_json(text: &str, what: &str) -> PyResult<serde_json::Value> {
+    if text.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(text)
+        .map_err(|e| PyValueError::new_err(format!("{what} is not JSON: {e}")))
+}
+
+/// The geometry (wire JSON, `intxr.geometry`) of a detector stream's header: `config_json` the
+/// v1 config part, the v2 start message or the cbfToEiger config part, `header_json` the header
+/// part ("" or "null" when none); `rows` x `cols` the frame shape (0: the header's size keys).
+/// The same function the Splitter uses for the series info it serves.
+#[pyfunction]
+#[pyo3(signature = (config_json, header_json, rows=0, cols=0))]
+fn geometry_from_header(
+    config_json: &str,
+    header_json: &str,
+    rows: usize,
+    cols: usize,
+) -> PyResult<String> {
+    let config = parse_json(config_json, "config_json")?;
+    let header = parse_json(header_json, "header_json")?;
+    let source = geometry::source_from_keys(&config, &header);
+    Ok(geometry::Geometry::from_stream(&config, &header, rows, cols, source)
+        .to_json()
+        .to_string())
+}
+
+/// The geometry (wire JSON) of a miniCBF PILATUS_1.2 header text.
+#[pyfunction]
+#[pyo3(signature = (header_text, rows=0, cols=0))]
+fn geometry_from_cbf_header(header_text: &str, rows: usize, cols: usize) -> String {
+    geometry::Geometry::from_cbf_header(header_text, rows, cols)
+        .to_json()
+        .to_string()
+}
+
+/// The version of the HDF5 library the Splitter's NXmx writer links ("1.14.5").
+#[pyfunction]
+fn hdf5_version() -> String {
+    nxmx::hdf5_version()
+}
+
 /// The Splitter: receives a detector stream and writes every frame to NXmx HDF5, in threads that
 /// never take the GIL. `intxr.splitter.Splitter` is the Python face of this class.
 #[pyclass(name = "SplitterCore")]
@@ -325,6 +368,9 @@ fn _splitter(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bslz4_header, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_compress, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_decompress_into, m)?)?;
+    m.add_function(wrap_pyfunction!(geometry_from_header, m)?)?;
+    m.add_function(wrap_pyfunction!(geometry_from_cbf_header, m)?)?;
+    m.add_function(wrap_pyfunction!(hdf5_version, m)?)?;
     m.add_class::<SplitterCore>()?;
     Ok(())
 }

@@ -112,6 +112,16 @@ thread_local! {
     static ERR_PRINT_OFF: Cell<bool> = const { Cell::new(false) };
 }
 
+/// The linked HDF5 library's version ("1.14.5").
+pub fn hdf5_version() -> String {
+    let (mut major, mut minor, mut release) = (0, 0, 0);
+    let _lock = hdf5_metno_sys::LOCK.lock();
+    h5_init();
+    // SAFETY: three out-pointers to live integers.
+    unsafe { hdf5_metno_sys::h5::H5get_libversion(&mut major, &mut minor, &mut release) };
+    format!("{major}.{minor}.{release}")
+}
+
 /// Open the library once per process and, once per thread (a thread-safe libhdf5 keeps one error
 /// stack per thread), turn off HDF5's automatic printing of error stacks: errors are returned.
 ///

@@ -306,6 +306,32 @@ struct SeriesTally {
     json: Arc<[u8]>,
     /// Where the writer puts the series (decided with its name by the receiver).
     master: Arc<str>,
+    /// The header the series info and its geometry were made from, and the frame shape
+    /// (rows, cols) the geometry was made for ((0, 0): the header's own size keys).
+    made_from: Option<(SeriesHeader, (usize, usize))>,
+}
+
+/// The `intxr-series-1.0` part: the series, its header and config, and its geometry
+/// (`crate::geometry`, null when the series' start was missed).
+fn series_json(
+    name: &str,
+    series: i64,
+    header: Option<&SeriesHeader>,
+    shape: (usize, usize),
+) -> Arc<[u8]> {
+    let null = Value::Null;
+    json!({
+        "htype": "intxr-series-1.0",
+        "series": series,
+        "series_name": name,
+        "protocol": header.map_or("v1", |h| h.protocol.name()),
+        "header": header.map_or(&null, |h| &h.header),
+        "config": header.map_or(&null, |h| &h.config),
+        "geometry": header.map(|h| h.geometry(shape.0, shape.1).to_json()),
+    })
+    .to_string()
+    .into_bytes()
+    .into()
 }
 
 struct Server {
@@ -349,36 +375,17 @@ impl Server {
             return &mut self.series[index];
         }
         let master = self.master_file(name);
-        self.open_tally(
-            name.clone(),
-            series,
-            "v1",
-            &Value::Null,
-            &Value::Null,
-            master,
-        )
+        self.open_tally(name.clone(), series, None, master)
     }
 
     fn open_tally(
         &mut self,
         name: Arc<str>,
         series: i64,
-        protocol: &str,
-        header: &Value,
-        config: &Value,
+        header: Option<SeriesHeader>,
         master: Arc<str>,
     ) -> &mut SeriesTally {
-        let json = json!({
-            "htype": "intxr-series-1.0",
-            "series": series,
-            "series_name": &*name,
-            "protocol": protocol,
-            "header": header,
-            "config": config,
-        })
-        .to_string()
-        .into_bytes()
-        .into();
+        let json = series_json(&name, series, header.as_ref(), (0, 0));
         self.series.push_back(SeriesTally {
             series,
             name,
@@ -389,6 +396,7 @@ impl Server {
             skipped: Ranges::default(),
             json,
             master,
+            made_from: header.map(|h| (h, (0, 0))),
         });
         self.series.back_mut().expect("just pushed")
     }
@@ -401,17 +409,12 @@ impl Server {
                 master,
             } => {
                 let series = header.series;
-                self.open_tally(
-                    name.clone(),
-                    series,
-                    header.protocol.name(),
-                    &header.header,
-                    &header.config,
-                    master,
-                );
+                let geometry = header.geometry(0, 0).to_json();
+                self.open_tally(name.clone(), series, Some(header), master);
                 self.publish(
                     "series_start",
-                    &json!({"series": series, "series_name": &*name, "time": unix_time()}),
+                    &json!({"series": series, "series_name": &*name, "time": unix_time(),
+                            "geometry": geometry}),
                 );
             }
             ServeJob::Frame {
@@ -423,6 +426,13 @@ impl Server {
                 received,
             } => {
                 let tally = self.tally(&name, header.series);
+                // The geometry is for the frames' real shape (the header's size keys may lack).
+                if let Some((source, shape)) = tally.made_from.as_mut() {
+                    if *shape != header.shape {
+                        *shape = header.shape;
+                        tally.json = series_json(&tally.name, tally.series, Some(source), *shape);
+                    }
+                }
                 tally.received += 1;
                 tally.bytes += range.len() as u64;
                 tally.md5_mismatches += u64::from(header.md5_ok == Some(false));
