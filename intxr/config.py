@@ -44,6 +44,7 @@ def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
         return None if _none(raw) else parse(raw)
 
     parse_optional.expected = "None or " + getattr(parse, "expected", "a value")  # type: ignore[attr-defined]
+    parse_optional.choices = getattr(parse, "choices", None)  # type: ignore[attr-defined]
     return parse_optional
 
 
@@ -107,6 +108,7 @@ def choice(*options: str):
             raise ValueError(raw) from None
 
     parse_choice.expected = "one of " + ", ".join(options)
+    parse_choice.choices = options
     return parse_choice
 
 
@@ -382,13 +384,13 @@ class BeamlineConfig(SplitterKeys, ReaderKeys, CollectorKeys, GuiKeys, MpiKeys, 
 
     @property
     def wait_timeout(self) -> float:
-        """Seconds a reader waits for a frame before reconnecting."""
-        return RECONNECT_EVERY if self.timeout is None else self.timeout
+        """Seconds a reader waits for a frame before reconnecting (timeout None or 0: RECONNECT_EVERY)."""
+        return self.timeout or RECONNECT_EVERY
 
     @property
     def splitter_series_timeout(self) -> float:
         """Seconds without a message before the Splitter closes an open series."""
-        return self.series_timeout if self.series_timeout is not None else self.wait_timeout
+        return self.series_timeout or self.wait_timeout
 
     @property
     def serve_bind_endpoint(self) -> str:
@@ -792,7 +794,8 @@ def add_key_flags(parser, model, names: list[str], default_note: str = "default 
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _arg_type(spec)
-            kwargs["metavar"] = name.upper()
+            options = getattr(spec.parse, "choices", None)
+            kwargs["metavar"] = "{" + ",".join(options) + "}" if options else name.upper()
         kwargs.update(extra.get(name, {}))
         parser.add_argument(*spec.cli, **kwargs)
 

@@ -281,11 +281,11 @@ class Daemon:
         self.sources = sources
         self.path = os.path.abspath(args.config_file or cfg.default_startup_file())
         # Validated here: a bad config stops before anything starts.
-        self.configuration = cfg.load(self.path, args.beamline)
+        self.configuration = cfg.load(self.path, args.beamline, getattr(args, "key_overrides", None))
         self.bl = self.configuration.beamline
         self.launch = plan_launch(
             pipeline_program(args, self.path, self.bl.name),
-            mpirun=args.mpirun or self.bl.mpirun,
+            mpirun=self.bl.mpirun,
             n_ranks=args.n_proc,
             mpi_bind=args.mpi_bind,
             hosts=args.host,
@@ -494,7 +494,7 @@ class Daemon:
                     if job.proc.poll() == 0:
                         self.job_clean = True  # the Collector summed up its last series and ended
                         break
-                    if now - splitter_done > 30 + 2 * (bl.timeout or 10):
+                    if now - splitter_done > 30 + 2 * bl.wait_timeout:
                         self.say("the MPI job did not end after the last series: stopping it")
                         code = 1
                         break
@@ -581,7 +581,7 @@ class Daemon:
                     os.kill(job.collector_pid, signal.SIGTERM)
                 except OSError:
                     pass
-                deadline = time.monotonic() + 20 + min(self.configuration.beamline.timeout or 10.0, 5.0)
+                deadline = time.monotonic() + 20 + min(self.configuration.beamline.wait_timeout, 5.0)
                 while job.proc.poll() is None and time.monotonic() < deadline:
                     self.drain(health, job)
                     time.sleep(0.1)

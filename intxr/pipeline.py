@@ -64,7 +64,7 @@ def reader_settings(configuration, rank: int, args):
         splitter_endpoint=bl.reader_endpoint,
         collector_endpoint=bl.collector_endpoint,
         control_endpoint=bl.results_publish_endpoint,
-        timeout=bl.timeout or 10.0,
+        timeout=bl.wait_timeout,
         skip_prescreen=args.no_prescreen,
     )
 
@@ -105,7 +105,7 @@ def run(args, stopping: dict) -> int:
             configuration,
             CollectorSettings(verbose=args.verbose, show_time=args.time, record=args.record,
                               result_format=args.result_format, max_series=args.max_series,
-                              grace=max(configuration.beamline.timeout or 10.0, 5.0),
+                              grace=max(configuration.beamline.wait_timeout, 5.0),
                               reader_command=reader_command(args), job_restarts=args.job_restarts,
                               resume_file=args.resume, state_dir=args.state_dir, daemon=args.daemon),
             ranks=placements,

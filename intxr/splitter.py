@@ -10,6 +10,12 @@ import json
 import re
 
 from intxr import _splitter
+from intxr.config import BeamlineConfig
+
+# Every option's default is the startup config's declaration (intxr.config.SplitterKeys): declared
+# once there; the Rust core is always given every option explicitly.
+_DEFAULT = BeamlineConfig()
+HEARTBEAT = 1.0  # seconds between the Splitter's heartbeats to readers (not a config key)
 
 # A bind endpoint naming this host by a name ZeroMQ would not bind as meant: localhost is loopback,
 # never every interface.
@@ -48,19 +54,19 @@ class Splitter:
         endpoint: str,
         output_dir: str,
         *,
-        bind: bool = False,
-        protocol: str = "auto",
-        frames_per_file: int = 1000,
-        series_timeout: float = 10.0,
+        bind: bool = _DEFAULT.detector_socket == "bind",
+        protocol: str = _DEFAULT.protocol,
+        frames_per_file: int = _DEFAULT.frames_per_file,
+        series_timeout: float = _DEFAULT.splitter_series_timeout,
         max_series: int | None = None,
-        filepath_key: str | None = None,
-        buffer_mb: int = 4096,
-        disk_reserve_mb: float = 16,
-        check_free_space: bool = True,
+        filepath_key: str | None = _DEFAULT.filepath_key,
+        buffer_mb: int = _DEFAULT.splitter_buffer_mb,
+        disk_reserve_mb: float = _DEFAULT.disk_reserve_mb,
+        check_free_space: bool = _DEFAULT.check_free_space,
         serve: str | None = None,
-        serve_mode: str = "request",
-        skip_after: float = 2.0,
-        heartbeat: float = 1.0,
+        serve_mode: str = "push" if _DEFAULT.stype == "pull" else "request",
+        skip_after: float = _DEFAULT.skip_after,
+        heartbeat: float = HEARTBEAT,
         publish: str | None = None,
     ):
         self._core = _splitter.SplitterCore(
@@ -83,8 +89,8 @@ class Splitter:
         )
 
     @classmethod
-    def from_config(cls, beamline, **overrides) -> Splitter:
-        """From a validated startup-config section (intxr.config.BeamlineConfig)."""
+    def from_config(cls, beamline: BeamlineConfig, **overrides) -> Splitter:
+        """From a validated startup-config section; `overrides` (None: not given) win."""
         serve, publish = beamline.serve_bind_endpoint, beamline.splitter_publish_bind_endpoint
         if _loopback_host(beamline.host):
             # host = localhost means this machine only: never every interface.
@@ -95,13 +101,16 @@ class Splitter:
             bind=beamline.detector_socket == "bind",
             protocol=beamline.protocol,
             frames_per_file=beamline.frames_per_file,
-            series_timeout=beamline.timeout or 10.0,
+            series_timeout=beamline.splitter_series_timeout,
             filepath_key=beamline.filepath_key,
             buffer_mb=beamline.splitter_buffer_mb,
+            disk_reserve_mb=beamline.disk_reserve_mb,
+            check_free_space=beamline.check_free_space,
             serve=serve,
             serve_mode="push" if beamline.stype == "pull" else "request",
             skip_after=beamline.skip_after,
             publish=publish,
+            heartbeat=HEARTBEAT,
         )
         settings.update({k: v for k, v in overrides.items() if v is not None})
         endpoint, output_dir = settings.pop("endpoint"), settings.pop("output_dir")

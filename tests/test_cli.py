@@ -48,10 +48,26 @@ def test_daemon_help_keeps_the_original_option_names(prog):
         assert option in result.stdout, option
 
 
-def test_version_reports_compiled_parts():
+def test_version_reports_what_is_really_loaded():
+    import importlib
+    import pkgutil
+
+    from intxr import _kernels
+
     result = run(exe("intxr"), "version")
-    assert result.returncode == 0
-    assert "rust core (intxr._splitter)" in result.stdout and "cython kernels: cbf" in result.stdout
+    assert result.returncode == 0, result.stderr
+    kernels = sorted(m.name for m in pkgutil.iter_modules(_kernels.__path__))
+    assert {"cbf", "dispersion", "prescreen"} <= set(kernels)  # the three built from cython_ext/
+    for name in kernels:
+        importlib.import_module(f"intxr._kernels.{name}")
+    assert f"  cython kernels: {', '.join(kernels)}\n" in result.stdout
+    assert "rust core (intxr._splitter)" in result.stdout and ", links HDF5 " in result.stdout
+    import h5py
+
+    assert f"(HDF5 {h5py.version.hdf5_version})" in result.stdout
+    from mpi4py import MPI
+
+    assert f"  MPI: {MPI.Get_library_version().splitlines()[0].split(', package:')[0]}" in result.stdout
 
 
 def test_config_errors_are_one_line_without_traceback(tmp_path):
@@ -138,8 +154,47 @@ def test_find_spots_json_matches_dials_reference(thaumatin_cbfs):
     for key in ("n_spots_total", "n_spots_no_ice", "n_spots_4A"):
         assert frame[key] == reference["stats"][key]
     assert frame["estimated_d_min"] == pytest.approx(reference["stats"]["estimated_d_min"])
-    assert set(frame["timing"]) == {"read", "threshold", "spots", "stats"}
+    assert {"read", "threshold", "spots", "stats"} <= set(frame["timing"])  # + prescreen: [DEFAULT] has it on
     assert frame["score"]["score"] == 6 and frame["score"]["n_spots"] == 253
+    assert frame["processing_section"] == "DEFAULT" and frame["algorithm"] == "dispersion"
+    # The real read and decode of a .cbf.bz2 (bunzip2 of ~6 MB, then the byte-offset decode) takes time.
+    assert frame["timing"]["read"] > 0.02
+
+
+def test_find_spots_processing_section_picks_the_section(thaumatin_cbfs):
+    """The issue's case: find-spots said 303 spots where the demo's line (run mode rastering) said 253."""
+    counts = {}
+    for section in ("DEFAULT", "rastering"):
+        result = run(exe("intxr"), "find-spots", thaumatin_cbfs[0], "--processing-section", section, "--json")
+        assert result.returncode == 0, result.stderr
+        frame = json.loads(result.stdout)
+        assert frame["processing_section"] == section
+        counts[section] = (frame["algorithm"], frame["n_spots"], frame["score"]["n_spots"])
+    assert counts["DEFAULT"] == ("dispersion_extended", 303, 266)
+    assert counts["rastering"] == ("dispersion", 288, 253)  # the demo's `{253 0 6 2.19 ...}`
+    verbose = run(exe("intxr"), "find-spots", thaumatin_cbfs[0], "--processing-section", "rastering", "--verbose",
+                  "--sigma-s", "3")
+    assert verbose.returncode == 0, verbose.stderr
+    lines = verbose.stdout.splitlines()
+    assert lines[0].startswith("processing section [rastering] of ") and "algorithm dispersion" in lines[0]
+    assert "  spf_d_max = 40  (file:[rastering])" in lines and "  spf_sigma_strong = 3  (CLI)" in lines
+    assert lines[-1].endswith("| [rastering] dispersion")
+
+
+def test_find_spots_takes_a_processing_file(tmp_path, thaumatin_cbfs):
+    proc = tmp_path / "proc.cfg"
+    proc.write_text("[DEFAULT]\nspf_algorithm = dispersion\n[strict]\nmin_Bragg_peaks = 1000\n")
+    result = run(exe("intxr"), "find-spots", thaumatin_cbfs[0], "-c", str(proc), "--processing-section", "strict",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    frame = json.loads(result.stdout)
+    assert frame["algorithm"] == "dispersion" and frame["processing_section"] == "strict"
+    assert frame["processing_file"] == str(proc)
+    assert frame["score"]["errors"] and frame["n_spots"] == 288  # too few for min_Bragg_peaks = 1000
+    result = run(exe("intxr"), "find-spots", thaumatin_cbfs[0], "-c", str(proc), "--processing-section", "nosuch")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"intxr: error: {proc}: [nosuch]: no such processing section (sections: DEFAULT, strict)")
 
 
 def test_find_spots_on_npy_needs_and_takes_geometry(tmp_path, thaumatin_cbfs):
@@ -178,4 +233,4 @@ def test_find_spots_bad_arguments_are_one_line():
     result = run(exe("intxr"), "find-spots", "nosuch.cbf")
     assert result.returncode == 2 and result.stderr.strip() == "intxr: error: nosuch.cbf: no such file"
     result = run(exe("intxr"), "find-spots", "x.cbf", "--kernel-size", "a,b")
-    assert result.returncode == 2 and "expected NY,NX" in result.stderr
+    assert result.returncode == 2 and "'a,b': expected one or two integers" in result.stderr

@@ -156,3 +156,140 @@ def test_a_host_that_does_not_resolve_is_named(tmp_path):
     path = write(tmp_path, "startup.cfg", "[bl]\nhost = no-such-host.invalid\n")
     with pytest.raises(ConfigError, match=r"startup.cfg: \[bl\] host: host 'no-such-host.invalid' does not resolve"):
         cfg.load_beamline(path, "bl")
+
+
+# ---------------------------------------------------------------------------------------------
+# One declaration per key
+
+
+def test_every_key_is_declared_once_and_the_shipped_files_write_every_key():
+    import configparser
+
+    startup = configparser.ConfigParser(interpolation=None)
+    startup.read(cfg.default_startup_file())
+    processing = configparser.ConfigParser(interpolation=None)
+    processing.read(cfg.default_processing_file())
+    # The INI schema is the models' fields: nothing else declares a key.
+    assert set(startup.defaults()) == set(cfg.STARTUP_KEYS) == set(cfg.keys_of(cfg.BeamlineConfig))
+    assert set(processing.defaults()) == set(cfg.PROCESSING_KEYS) == set(cfg.keys_of(cfg.ProcessingConfig))
+    # Each startup key belongs to exactly one subsystem's model.
+    owners = [name for model in cfg.STARTUP_SUBSYSTEMS for name in cfg.keys_of(model)]
+    assert sorted(owners) == sorted(set(owners)) == sorted(cfg.STARTUP_KEYS)
+    for name, spec in {**cfg.STARTUP_KEYS, **cfg.PROCESSING_KEYS}.items():
+        assert spec.name == name and spec.subsystem and spec.help, name
+    # The declared default is the model's default, and what a file saying nothing gives.
+    assert cfg.BeamlineConfig().frames_per_file == 1000 and cfg.ProcessingConfig().spf_sigma_background == 6.0
+    assert cfg.BeamlineConfig().splitter.frames_per_file == 1000
+
+
+def test_a_key_no_model_declares_is_an_error_not_dropped(tmp_path):
+    path = write(tmp_path, "startup.cfg", "[bl]\nheartbeat = 3\n")
+    with pytest.raises(ConfigError, match=r"\[bl\] heartbeat: unknown key \(known keys: "):
+        cfg.load_beamline(path, "bl")
+    path = write(tmp_path, "processing.cfg", "[DEFAULT]\nspf_sigma_strong = 3\n[fast]\nspf_sigma_strongest = 2\n")
+    with pytest.raises(ConfigError, match=r"\[fast\] spf_sigma_strongest: unknown key"):
+        cfg.load_processing(path)
+
+
+def test_origins_say_default_file_section_or_cli(tmp_path):
+    path = write(tmp_path, "startup.cfg", "[DEFAULT]\nport = 7000\n[bl]\nuiport = 7001\n")
+    bl = cfg.load_beamline(path, "bl", {"mpirun": "/opt/mpi/bin/mpirun"})
+    assert bl.origins["port"] == "file:[DEFAULT]" and bl.port == 7000
+    assert bl.origins["uiport"] == "file:[bl]" and bl.uiport == 7001
+    assert bl.origins["gui_port"] == "default" and bl.gui_port == 8080
+    assert bl.origins["mpirun"] == "CLI" and bl.mpirun == "/opt/mpi/bin/mpirun"
+    lines = cfg.explain_beamline(bl)
+    line = {ln.split()[0]: ln for ln in lines if ln.startswith("    ") and not ln.lstrip().startswith("#")}
+    assert line["port"].rstrip().endswith("(file:[DEFAULT])") and line["uiport"].rstrip().endswith("(file:[bl])")
+    assert line["gui_port"].rstrip().endswith("(default)") and line["mpirun"].rstrip().endswith("(CLI)")
+    assert len(line) == len(cfg.STARTUP_KEYS)
+
+
+def test_explain_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = write(tmp_path, "proc.cfg", "[DEFAULT]\nspf_sigma_strong = 4\n[rastering]\nspf_algorithm = dispersion\n")
+    startup = write(tmp_path, "startup.cfg", f"[DEFAULT]\nport = 7100\n[bl]\nprocessing_config_file = {proc}\n")
+    intxr = str(Path(sys.executable).parent / "intxr")
+    result = subprocess.run([intxr, "config", "-c", startup, "-b", "bl", "--explain", "--mpirun", "/x/mpirun"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+
+    def origin(key, after=None):
+        start = out.index(after) if after else 0
+        return next(ln for ln in out[start:] if ln.split()[:2] == [key, "="]).rstrip().rsplit("(", 1)[1]
+
+    assert origin("port") == "file:[DEFAULT])" and origin("processing_config_file") == "file:[bl])"
+    assert origin("mpirun") == "CLI)" and origin("frames_per_file") == "default)"
+    assert origin("spf_sigma_strong", "  [rastering]") == "file:[DEFAULT])"
+    assert origin("spf_algorithm", "  [rastering]") == "file:[rastering])"
+    assert origin("spf_min_local", "  [rastering]") == "default)"
+    inactive = next(ln for ln in out if ln.split()[:1] == ["exposure_time_cutoff"])
+    assert "inactive until indexing" in inactive
+    no_section = subprocess.run([intxr, "config", "-c", startup, "--explain"], capture_output=True, text=True)
+    assert no_section.returncode == 2 and "--explain needs -b BEAMLINE" in no_section.stderr
+
+
+def test_keys_that_would_be_ignored_are_refused_with_the_reason(tmp_path):
+    path = write(tmp_path, "proc.cfg", "[DEFAULT]\n[screening]\nprocessing_phil_file = find_spots.phil\n")
+    with pytest.raises(ConfigError) as err:
+        cfg.load_processing(path)
+    assert f"{path}: [screening] processing_phil_file = 'find_spots.phil': intxr reads no DIALS PHIL file" in str(
+        err.value)
+    assert "spf_*" in str(err.value)
+    # None, as the original's shipped file says, is accepted.
+    assert cfg.load_processing(write(tmp_path, "ok.cfg", "[DEFAULT]\nprocessing_phil_file = None\n"))
+    # Accepted but inactive until indexing: said in the help and by --explain.
+    spec = cfg.PROCESSING_KEYS["exposure_time_cutoff"]
+    assert "inactive" in spec.help and spec.note(0.1)
+    assert cfg.PROCESSING_KEYS["processing_mode"].note("indexing") and not cfg.PROCESSING_KEYS[
+        "processing_mode"].note("spotfinding")
+
+
+@pytest.mark.parametrize("body,protocol,origin", [
+    ("[bl]\nheader_type = cbfToEiger-0.1\n", "cbftoeiger", "header_type (file:[bl])"),
+    ("[DEFAULT]\nheader_type = dheader-1.0\n[bl]\n", "v1", "header_type (file:[DEFAULT])"),
+    ("[bl]\nheader_type = stream-v2\nprotocol = v2\n", "v2", "file:[bl]"),
+    ("[bl]\n", "auto", "default"),
+])
+def test_header_type_picks_the_protocol_as_the_original_recognised_headers(tmp_path, body, protocol, origin):
+    bl = cfg.load_beamline(write(tmp_path, "startup.cfg", body), "bl")
+    assert bl.protocol == protocol and bl.origins["protocol"] == origin
+
+
+def test_header_type_and_protocol_must_agree(tmp_path):
+    path = write(tmp_path, "startup.cfg", "[bl]\nheader_type = dheader-1.0\nprotocol = v2\n")
+    with pytest.raises(ConfigError, match=r"\[bl\] header_type = 'dheader-1.0' means protocol v1, but protocol = 'v2'"):
+        cfg.load_beamline(path, "bl")
+
+
+def test_python_gives_the_rust_splitter_every_option(monkeypatch, tmp_path):
+    """The Rust core's defaults are never used: every SplitterCore option is passed, from the config."""
+    import inspect
+
+    from intxr import _splitter, splitter
+
+    seen = {}
+    try:  # the real core's keyword options, as PyO3 declares them
+        real = inspect.signature(_splitter.SplitterCore).parameters
+        keywords = {name for name, p in real.items() if p.kind == p.KEYWORD_ONLY}
+    except (TypeError, ValueError):
+        keywords = set()
+    keywords = keywords or {
+        "bind", "protocol", "frames_per_file", "series_timeout", "max_series", "filepath_key", "buffer_bytes",
+        "disk_reserve", "check_free_space", "serve", "serve_mode", "skip_after", "heartbeat", "publish"}
+
+    class Core:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs, _args=args)
+
+    monkeypatch.setattr(splitter._splitter, "SplitterCore", Core)
+    path = write(tmp_path, "startup.cfg", "[bl]\nframes_per_file = 7\ndisk_reserve_mb = 1\ncheck_free_space = False\n"
+                 "series_timeout = 3\nsplitter_buffer_mb = 64\nfilepath_key = master_file\nhost = 127.0.0.1\n")
+    splitter.Splitter.from_config(cfg.load_beamline(path, "bl"))
+    assert keywords <= set(seen), keywords - set(seen)
+    assert seen["frames_per_file"] == 7 and seen["disk_reserve"] == 1 << 20 and seen["check_free_space"] is False
+    assert seen["series_timeout"] == 3.0 and seen["buffer_bytes"] == 64 << 20 and seen["filepath_key"] == "master_file"
