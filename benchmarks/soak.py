@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from intxr import _splitter  # noqa: E402
 from intxr import stream_format as fmt  # noqa: E402
+from intxr.geometry import Geometry  # noqa: E402
 from intxr.images import read_cbf  # noqa: E402
-from intxr.models import Geometry  # noqa: E402
 from intxr.simulate import pixels_for  # noqa: E402
 from intxr.testing import free_ports  # noqa: E402
 
@@ -98,9 +98,10 @@ def load_sources() -> list[Source]:
     image = msgpack.unpackb((dls / "image000044").read_bytes(), raw=False)
     config = json.loads(header[1])
     width, height = json.loads(image[1])["shape"]
-    g = Geometry(wavelength=config["wavelength"], distance=config["detector_distance"] * 1000,
-                 beam_center_x=config["beam_center_x"], beam_center_y=config["beam_center_y"],
-                 pixel_size_x=config["x_pixel_size"] * 1000, pixel_size_y=config["y_pixel_size"] * 1000)
+    g = Geometry.simple(wavelength=config["wavelength"], distance=config["detector_distance"] * 1000,
+                        beam_center=(config["beam_center_x"], config["beam_center_y"]),
+                        pixel_size=(config["x_pixel_size"] * 1000, config["y_pixel_size"] * 1000),
+                        image_size=(width, height))
     b = Source("eiger2-4M-bs16", (height, width), np.dtype(np.uint16), "bs16-lz4<", [bytes(image[2])],
                header[1].rstrip(b"\n"), g)
     for s in (a, b):

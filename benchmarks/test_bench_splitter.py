@@ -17,8 +17,8 @@ import pytest
 import zmq
 
 from intxr import codec, stream_format
+from intxr.geometry import Geometry
 from intxr.images import read_cbf
-from intxr.models import Geometry
 from intxr.simulate import pixels_for
 from intxr.splitter import Splitter
 from intxr.testing import shared_path
@@ -33,7 +33,7 @@ def series(request):
         frame = np.tile(frame, (2, 2))[:4362, :4148]
     pixels = pixels_for(np.ascontiguousarray(frame), "bs16-lz4")
     blob = codec.encode(pixels, "bs16-lz4<")
-    config = stream_format.detector_config(Geometry(), pixels.shape, pixels.dtype, nimages=N_FRAMES)
+    config = stream_format.detector_config(sim_geometry(pixels.shape), pixels.shape, pixels.dtype, nimages=N_FRAMES)
     messages = [stream_format.v1_header(1, "basic", config)]
     messages += [
         stream_format.v1_image(1, k, blob, "bs16-lz4<", pixels.shape, pixels.dtype, 0, 1) for k in range(N_FRAMES)
@@ -118,3 +118,8 @@ def test_raw_sequential_write(benchmark, series):
                 f.write(blob)
 
     benchmark.pedantic(run, rounds=3, iterations=1)
+
+
+def sim_geometry(shape: tuple[int, int]) -> Geometry:
+    return Geometry.simple(wavelength=1.0, distance=200.0, beam_center=(shape[1] / 2, shape[0] / 2),
+                           pixel_size=(0.075, 0.075), image_size=(shape[1], shape[0]))

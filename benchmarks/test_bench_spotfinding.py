@@ -101,7 +101,7 @@ def test_find_spots_with_stats_intxr(benchmark, frames, size):
 
 @pytest.mark.parametrize("size", ["6M", "16M"])
 def test_find_spots_with_stats_numpy_reference(benchmark, frames, size):
-    from intxr.reader.geometry import d_star_sq
+    from intxr.geometry import d_star_sq
     from intxr.reader.spots import filter_spots, label_reference
     from intxr.reader.stats import per_image_stats
 

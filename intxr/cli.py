@@ -199,34 +199,25 @@ def cmd_version(args) -> int:
 
 
 def _geometry_from_args(args, image):
-    """Geometry for a frame: the file's own, or the command line's for .npy (and to override)."""
-    from dataclasses import replace
-
-    from intxr.models import Geometry
-
-    g = image.geometry
-    given = {
-        k: v
-        for k, v in {
-            "distance": args.distance,
-            "wavelength": args.wavelength,
-            "pixel_size_x": args.pixel_size,
-            "pixel_size_y": args.pixel_size,
-            "beam_center_x": args.beam_center[0] if args.beam_center else None,
-            "beam_center_y": args.beam_center[1] if args.beam_center else None,
-            "count_cutoff": args.count_cutoff,
-        }.items()
-        if v is not None
-    }
-    if not g.known:
-        missing = [k for k in ("distance", "wavelength", "pixel_size_x", "beam_center_x") if k not in given]
-        if missing:
-            raise UsageError(
-                f"{image.source}: no geometry in the file; give --distance, --pixel-size, "
-                f"--beam-center and --wavelength (missing: {', '.join(missing)})"
-            )
-        return replace(Geometry(), **given)
-    return replace(g, **given) if given else g
+    """Geometry for a frame: the file's own (intxr.geometry, as the Splitter normalises headers), with the
+    command line's values in its place where given (a simple flat panel, as dxtbx builds one); a frame
+    without geometry (.npy) needs them all."""
+    rows, cols = image.data.shape[-2:]
+    geometry = image.geometry.with_overrides(
+        wavelength=args.wavelength,
+        distance=args.distance,
+        pixel_size=args.pixel_size,
+        beam_center=tuple(args.beam_center) if args.beam_center else None,
+        count_cutoff=args.count_cutoff,
+        image_size=(cols, rows),
+    )
+    if not geometry.panels:
+        missing = ", ".join(geometry.resolution_missing)
+        raise UsageError(
+            f"{image.source}: no geometry in the file; give --distance, --pixel-size, "
+            f"--beam-center and --wavelength (missing: {missing})"
+        )
+    return geometry
 
 
 # Processing keys `intxr find-spots` exposes as flags (declared in intxr.config.ProcessingConfig).
@@ -284,7 +275,7 @@ def cmd_find_spots(args) -> int:
             read_s = time.perf_counter() - t + (open_s if index == 0 else 0.0)
             geometry = _geometry_from_args(args, image)
             static = mask if mask is not None else image.extra.get("mask")
-            key = (geometry, None if static is None else id(static))
+            key = (json.dumps(geometry.to_wire(), sort_keys=True), None if static is None else id(static))
             finder = finders.get(key)
             if finder is None:
                 finder = finders[key] = SpotFinder(params, geometry, static)

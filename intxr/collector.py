@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -41,6 +38,24 @@ import zmq
 
 from intxr.config import Configuration, _bind_host
 from intxr.daemon import pid_alive
+from intxr.messages import (
+    STATUSES,
+    BadMessage,
+    FrameResult,
+    RangeSet,
+    ReaderStatus,
+    SeriesEnd,
+    SeriesSummary,
+    SeriesTally,
+    SeriesWritten,
+    SplitterCounters,
+    VersionMismatch,
+    parse_json,
+    series_key,
+    series_label,
+    splitter_event,
+)
+from intxr.report import Reporter
 from intxr.sinks.result_line import format_result_line
 
 HEALTH_INTERVAL = 1.0
@@ -48,17 +63,11 @@ KEEP_SERIES = 100  # finished series whose accounts are kept
 KEEP_DONE_NAMES = 10_000  # names of series summed up (never summed up twice)
 RANK_SILENT_AFTER = 3.0  # seconds without a status message before a reader is reported lost
 READER_CHECK_INTERVAL = 0.5  # seconds between checks that the readers on this host are alive
-REPORT_INTERVAL = 10.0  # seconds between repeated reports of malformed messages
 REPLACE_LIMIT = 5  # replacements of one reader rank within REPLACE_WINDOW before giving up on it
 REPLACE_WINDOW = 600.0
-MAX_RANK = 1 << 16
 UNCONFIRMED_AFTER = 600.0  # seconds an account the Splitter never named is kept without a result
-# A reader's status fields copied to its rank; the rest of a rank is the Collector's own.
-STATUS_FIELDS = ("cpus", "cpu", "numa", "buffer_numa", "frames", "failed", "rate", "reconnects", "bad_replies",
-                 "time")
 MAX_MESSAGE = 64 << 20  # bytes on the results socket, as the GUI's and the Splitter's
 MAX_UNCONFIRMED = 100  # accounts the Splitter never named (a flood of made-up series numbers)
-STATUSES = ("processed", "blank", "failed")
 JOURNAL_COMPACT_AFTER = 50_000  # result lines appended to a journal before it is rewritten as one snapshot
 
 
@@ -69,212 +78,39 @@ def bind_form(endpoint: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Compact accounts
-
-
-class RangeSet:
-    """A set of frame numbers as sorted, merged, inclusive ranges: results arrive nearly in
-    order, so a series of 10^6 frames is a handful of ranges."""
-
-    __slots__ = ("starts", "ends", "count")
-
-    def __init__(self, ranges=()):
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.count = 0
-        for first, last in ranges:
-            self.add_range(first, last)
-
-    @classmethod
-    def of(cls, values) -> RangeSet:
-        out = cls()
-        for value in sorted(values):
-            out.add_range(value, value)
-        return out
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __contains__(self, value: int) -> bool:
-        i = bisect_right(self.starts, value) - 1
-        return i >= 0 and value <= self.ends[i]
-
-    def add(self, value: int) -> bool:
-        """Add one number; False when it was there already."""
-        return self.add_range(value, value) == 1
-
-    def add_range(self, first: int, last: int) -> int:
-        """Add [first, last]; the count of numbers that were not there yet."""
-        if last < first:
-            return 0
-        i = bisect_left(self.ends, first - 1)  # the first range that ends at or after first - 1
-        j = bisect_right(self.starts, last + 1)  # ranges before j start at or before last + 1
-        if i >= j:
-            self.starts.insert(i, first)
-            self.ends.insert(i, last)
-            self.count += last - first + 1
-            return last - first + 1
-        old = sum(e - s + 1 for s, e in zip(self.starts[i:j], self.ends[i:j], strict=True))
-        start, end = min(first, self.starts[i]), max(last, self.ends[j - 1])
-        self.starts[i:j] = [start]
-        self.ends[i:j] = [end]
-        added = (end - start + 1) - old
-        self.count += added
-        return added
-
-    def ranges(self) -> list[list[int]]:
-        return [[s, e] for s, e in zip(self.starts, self.ends, strict=True)]
-
-    def minus(self, other: RangeSet) -> RangeSet:
-        """The numbers here that are not in `other`."""
-        out = RangeSet()
-        j = 0
-        for start, end in zip(self.starts, self.ends, strict=True):
-            cursor = start
-            while j < len(other.starts) and other.ends[j] < cursor:
-                j += 1
-            k = j
-            while k < len(other.starts) and other.starts[k] <= end and cursor <= end:
-                if other.starts[k] > cursor:
-                    out.add_range(cursor, other.starts[k] - 1)
-                cursor = max(cursor, other.ends[k] + 1)
-                k += 1
-            if cursor <= end:
-                out.add_range(cursor, end)
-        return out
-
-
-class Quantiles:
-    """Counts in fixed bins (a linear step, or ~1% wide on a log scale): the median and p99 of a
-    million values from a few hundred counters."""
-
-    __slots__ = ("step", "log", "bins", "n")
-
-    def __init__(self, step: float, log: bool = False):
-        self.step, self.log = step, log
-        self.bins: dict[int, int] = {}
-        self.n = 0
-
-    def add(self, value: float) -> None:
-        if self.log:
-            key = -(1 << 30) if value <= 0 else round(math.log(value) / math.log1p(self.step))
-        else:
-            key = round(value / self.step)
-        self.bins[key] = self.bins.get(key, 0) + 1
-        self.n += 1
-
-    def _value(self, key: int) -> float:
-        if self.log:
-            return 0.0 if key == -(1 << 30) else math.exp(key * math.log1p(self.step))
-        return key * self.step
-
-    def at_rank(self, k: int) -> float | None:
-        """The k-th smallest value (0-based), to the bin's resolution."""
-        if not self.n:
-            return None
-        seen = 0
-        for key in sorted(self.bins):
-            seen += self.bins[key]
-            if seen > k:
-                return self._value(key)
-        return self._value(max(self.bins))
-
-    def median(self) -> float | None:
-        return self.at_rank(self.n // 2)
-
-
-def _ranges_of(end: dict, name: str) -> RangeSet:
-    """`<name>_ranges` of a series_end, else the older `<name>_frames` list (validated before)."""
-    ranges = end.get(f"{name}_ranges")
-    if ranges is not None:
-        return RangeSet(ranges)
-    return RangeSet.of(end.get(f"{name}_frames") or [])
-
-
-def series_label(series: int, name: str | None) -> str:
-    """`1`, or `1 r2` when the Splitter gave the series a repeat name (`series_000001_r2`)."""
-    m = re.search(r"_r(\d+)$", name or "")
-    return f"{series} r{m.group(1)}" if m else str(series)
+# A series' account: the tally of its results (intxr.messages, the GUI's too) and the Splitter's word
 
 
 @dataclass
-class SeriesAccount:
-    series: int
-    name: str
-    results: RangeSet = field(default_factory=RangeSet)  # every frame with a result
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
-    hits: int = 0
-    hres: Quantiles = field(default_factory=lambda: Quantiles(0.01))
-    latencies: Quantiles = field(default_factory=lambda: Quantiles(0.01, log=True))
-    first: float | None = None
-    last: float | None = None
-    end: dict | None = None  # the Splitter's series_end
+class SeriesAccount(SeriesTally):
+    end: SeriesEnd | None = None  # the Splitter's series_end
     ended_at: float | None = None  # monotonic time the series_end arrived
-    forwarded: RangeSet | None = None
-    skipped: RangeSet | None = None
     written: int | None = None
     master_file: str | None = None
     done: bool = False
     confirmed: bool = False  # the Splitter published something of this series
     touched: float = field(default_factory=time.monotonic)  # its latest result or event
 
-    def take_end(self, body: dict) -> None:
-        self.end = body
+    def take_end(self, end: SeriesEnd | dict) -> None:
+        """The Splitter's series_end (a dict is validated: BadMessage, a ValueError, when it is bad)."""
+        self.end = end if isinstance(end, SeriesEnd) else SeriesEnd.from_wire(end)
         self.ended_at = time.monotonic()
-        self.forwarded = _ranges_of(body, "forwarded")
-        self.skipped = _ranges_of(body, "skipped")
 
     def lost(self) -> RangeSet:
         """Frames forwarded to readers that have no result (their reader, or the job, died)."""
-        return (self.forwarded or RangeSet()).minus(self.results)
+        return (self.end.forwarded_set if self.end is not None else RangeSet()).minus(self.results)
 
     def complete(self) -> bool:
         return self.end is not None and len(self.lost()) == 0
 
-    def summary(self) -> dict:
-        end = self.end or {}
-        lost = self.lost()
-        skipped = self.skipped or RangeSet()
-        elapsed = (self.last - self.first) if self.first and self.last and self.last > self.first else None
-        n_results = len(self.results)
-        lat = self.latencies
-        return {
-            "series": self.series,
-            "series_name": self.name,
-            "received": end.get("received", n_results),
-            "written": self.written,
-            "processed": self.counts["processed"],
-            "hits": self.hits,
-            "blank": self.counts["blank"],
-            "skipped": len(skipped),
-            "failed": self.counts["failed"] + len(lost),
-            "lost": len(lost),
-            "lost_ranges": lost.ranges(),
-            "skipped_ranges": skipped.ranges(),
-            "hit_rate": self.hits / n_results if n_results else 0.0,
-            "median_hres": self.hres.median(),
-            "rate": (n_results - 1) / elapsed if elapsed and n_results > 1 else None,
-            "latency_p50": lat.at_rank(lat.n // 2),
-            "latency_p99": lat.at_rank(min(lat.n - 1, int(0.99 * lat.n))) if lat.n else None,
-            "master_file": self.master_file,
-            "timed_out": bool(end.get("timed_out")),
-        }
+    def summary(self) -> SeriesSummary:
+        """The final summary: frames forwarded without a result count failed (lost)."""
+        return SeriesTally.summary(self, self.end, self.written, self.master_file, final=True)
 
 
-def summary_line(s: dict) -> str:
-    rate = f"{s['rate']:.1f} frames/s" if s["rate"] else "rate n/a"
-    lat = (
-        f"latency p50 {s['latency_p50']:.3f} s p99 {s['latency_p99']:.3f} s"
-        if s["latency_p50"] is not None
-        else "latency n/a"
-    )
-    hres = f"{s['median_hres']:.2f} A" if s["median_hres"] is not None else "n/a"
-    return (
-        f"SERIES {series_label(s['series'], s.get('series_name'))}: received {s['received']}, "
-        f"written {s['written'] if s['written'] is not None else '?'}, "
-        f"processed {s['processed']} (hits {s['hits']}, median hres {hres}), blank {s['blank']}, "
-        f"skipped {s['skipped']}, failed {s['failed']}; {rate}, {lat}"
-    )
+def summary_line(summary: SeriesSummary) -> str:
+    """The SERIES line (intxr.daemon sums up the series no Collector was left to sum up)."""
+    return summary.line()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,170 +184,11 @@ def read_journal(path: str) -> tuple[SeriesAccount, int, int]:
                     _take_snapshot(account, json.loads(text[2:]))
                 else:
                     frame, code, hres, latency = text.split()
-                    if not account.results.add(int(frame)):
-                        continue
-                    account.counts[CODES[code]] += 1
-                    if code == "h":
-                        account.hits += 1
-                        if hres != "-":
-                            account.hres.add(float(hres))
-                    if latency != "-":
-                        account.latencies.add(float(latency))
+                    account.add(int(frame), CODES[code], code == "h", None if hres == "-" else float(hres),
+                                None if latency == "-" else float(latency))
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 bad += 1
     return account, good, bad
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: every message is untrusted
-
-
-class BadMessage(ValueError):
-    pass
-
-
-def _int(body: dict, key: str, *, required: bool = False, low: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise BadMessage(f"no {key!r}")
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadMessage(f"{key!r} is {_show(value)}, not an integer")
-    if low is not None and value < low:
-        raise BadMessage(f"{key!r} is {value}, below {low}")
-    return value
-
-
-def _number(body: dict, key: str) -> None:
-    value = body.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                              or not math.isfinite(value)):
-        raise BadMessage(f"{key!r} is {_show(value)}, not a number")
-
-
-def _text(body: dict, key: str, *, required: bool = False) -> None:
-    value = body.get(key)
-    if value is None and required:
-        raise BadMessage(f"no {key!r}")
-    if value is not None and not isinstance(value, str):
-        raise BadMessage(f"{key!r} is {_show(value)}, not text")
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _parse_json(body: bytes) -> dict:
-    try:
-        message = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadMessage(f"not JSON ({_show(bytes(body[:30]))}: {exc})") from None
-    if not isinstance(message, dict):
-        raise BadMessage(f"JSON {type(message).__name__}, not an object")
-    return message
-
-
-def validate_result(r: dict) -> None:
-    _int(r, "series", required=True)
-    _int(r, "frame", required=True, low=0)
-    _text(r, "series_name")
-    status = r.get("status")
-    if status not in STATUSES:
-        raise BadMessage(f"'status' is {_show(status)}, not one of {', '.join(STATUSES)}")
-    _int(r, "rank")
-    _int(r, "n_spots", low=0)
-    _int(r, "n_overloads", low=0)
-    _int(r, "n_ice_rings", low=0)
-    for key in ("score", "hres", "received", "mean_shape_ratio"):
-        _number(r, key)
-    for key in ("processing_section", "master_file"):
-        _text(r, key)
-    if r.get("header") is not None and not isinstance(r["header"], dict):
-        raise BadMessage(f"'header' is {_show(r['header'])}, not an object")
-    errors = r.get("errors")
-    if errors is not None and not (isinstance(errors, list) and all(isinstance(e, str) for e in errors)):
-        raise BadMessage(f"'errors' is {_show(errors)}, not a list of text")
-
-
-def validate_status(s: dict) -> None:
-    rank = _int(s, "rank", required=True, low=1)
-    if rank >= MAX_RANK:
-        raise BadMessage(f"'rank' {rank} is not a reader rank")
-    _int(s, "pid", low=1)
-    _text(s, "host")
-    for key in ("frames", "failed", "reconnects", "bad_replies", "cpu"):
-        _int(s, key, low=0)
-    for key in ("numa", "buffer_numa"):
-        _int(s, key)
-    for key in ("rate", "time"):
-        _number(s, key)
-    cpus = s.get("cpus")
-    if cpus is not None and not (isinstance(cpus, list) and all(isinstance(c, int) and c >= 0 for c in cpus)):
-        raise BadMessage(f"'cpus' is {_show(cpus)}, not a list of CPU numbers")
-
-
-def _check_ranges(body: dict, name: str) -> None:
-    ranges = body.get(f"{name}_ranges")
-    if ranges is None:
-        frames = body.get(f"{name}_frames")
-        if frames is not None and not (isinstance(frames, list) and all(
-                isinstance(f, int) and not isinstance(f, bool) for f in frames)):
-            raise BadMessage(f"'{name}_frames' is {_show(frames)}, not a list of frame numbers")
-        return
-    if not isinstance(ranges, list):
-        raise BadMessage(f"'{name}_ranges' is {_show(ranges)}, not a list")
-    for pair in ranges:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in pair) and pair[0] <= pair[1]):
-            raise BadMessage(f"'{name}_ranges' holds {_show(pair)}, not [first, last]")
-
-
-def validate_splitter(topic: str, body: dict) -> None:
-    if topic in ("series_end", "series_written", "series_start"):
-        _int(body, "series", required=True)
-        _text(body, "series_name")
-    if topic == "series_end":
-        for key in ("received", "forwarded", "skipped", "malformed"):
-            _int(body, key, low=0)
-        _check_ranges(body, "forwarded")
-        _check_ranges(body, "skipped")
-    elif topic == "series_written":
-        _int(body, "frames_written", low=0)
-        _text(body, "master_file")
-
-
-class Complaints:
-    """Reports messages it cannot use, on one socket: the first at once, then at most one line
-    every REPORT_INTERVAL seconds with the count since the last line."""
-
-    def __init__(self, what: str, where: str):
-        self.what = what  # e.g. "malformed message"
-        self.where = where
-        self.count = 0
-        self.unreported = 0
-        self.last_reason = ""
-        self.reported_at: float | None = None
-
-    def __call__(self, reason: str) -> None:
-        self.count += 1
-        self.unreported += 1
-        self.last_reason = reason
-        self.tick()
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        if not self.unreported or (self.reported_at is not None and now - self.reported_at < REPORT_INTERVAL):
-            return
-        if self.count == 1:
-            print(f"collector: {self.what} on {self.where}: {self.last_reason}; counted and ignored",
-                  file=sys.stderr, flush=True)
-        else:
-            print(f"collector: {self.unreported} more {self.what}(s) on {self.where} "
-                  f"({self.count} in all; last: {self.last_reason})", file=sys.stderr, flush=True)
-        self.unreported = 0
-        self.reported_at = now
 
 
 class LateResult(Exception):
@@ -579,10 +256,15 @@ class Collector:
         self.children: dict[int, subprocess.Popen] = {}  # replacement readers by rank
         self.reader_restarts = 0
         self.no_readers_since: float | None = None
-        self.bad_results = Complaints("malformed message", f"the results socket {bl.collector_endpoint}")
-        self.bad_splitter = Complaints("malformed message", f"the Splitter's socket {bl.splitter_publish_endpoint}")
-        self.late_results = Complaints("late result", "the results socket (after its series was summed up)")
-        self.unknown_series = Complaints("unknown series", "the results socket")
+        self.bad_results = Reporter("collector", "malformed message", f"the results socket {bl.collector_endpoint}")
+        self.other_version = Reporter("collector", "message of another version",
+                                      f"the results socket {bl.collector_endpoint}")
+        self.bad_splitter = Reporter("collector", "malformed message",
+                                     f"the Splitter's socket {bl.splitter_publish_endpoint}")
+        self.late_results = Reporter("collector", "late result", "the results socket (after its series was summed up)")
+        self.unknown_series = Reporter("collector", "unknown series", "the results socket")
+        self.reporters = (self.bad_results, self.other_version, self.bad_splitter, self.late_results,
+                          self.unknown_series)
         self.splitter_counters: dict = {}
         self.splitter_heard = False
         self.resumed = settings.resume_file is None
@@ -603,32 +285,36 @@ class Collector:
     # -- sinks ---------------------------------------------------------------------------------
 
     def _publish(self, topic: str, body: dict) -> None:
+        self._publish_text(topic, json.dumps(body))
+
+    def _publish_text(self, topic: str, text: str) -> None:
         try:
-            self.publisher.send_multipart([topic.encode(), json.dumps(body).encode()], zmq.DONTWAIT)
+            self.publisher.send_multipart([topic.encode(), text.encode()], zmq.DONTWAIT)
         except zmq.Again:
             pass
 
-    def result_line(self, result: dict) -> str:
+    def result_line(self, result: FrameResult) -> str:
         bl = self.configuration.beamline
-        header = result.get("header") or {}
-        master = result.get("master_file") or header.get("master_file") or ""
+        header = result.header or {}
+        master = result.master_file or header.get("master_file") or ""
+        wire = result.to_wire()
         info = {
             **header,
-            "series": result["series"],
-            "frame": result["frame"],
+            "series": result.series,
+            "frame": result.frame,
             "filename": os.path.basename(str(header.get("master_file") or master)),
-            "run_mode": result.get("processing_section"),
+            "run_mode": result.processing_section,
             "beamline": bl.beamline,
-            **{k: result.get(k) for k in ("n_spots", "n_overloads", "score", "hres", "n_ice_rings")},
+            **{k: wire.get(k) for k in ("n_spots", "n_overloads", "score", "hres", "n_ice_rings")},
         }
         return format_result_line(
-            info, result, bl.output_format, bl.output_delimiter, bl.output_prefix_key, bl.default_output_prefix
+            info, wire, bl.output_format, bl.output_delimiter, bl.output_prefix_key, bl.default_output_prefix
         )
 
     def account(self, series: int, name: str | None, named: bool = True) -> SeriesAccount | None:
         """The account of a series (created on first sight); None for one already summed up.
         A result (named False) opens no account past MAX_UNCONFIRMED the Splitter has not named."""
-        name = name or str(series)
+        name = series_key(series, name)
         if name in self.done_set and name not in self.series:
             return None
         account = self.series.get(name)
@@ -639,43 +325,34 @@ class Collector:
             account = self.series[name] = SeriesAccount(series, name)
         return account
 
-    def take_result(self, result: dict) -> None:
-        series = self.account(result["series"], result.get("series_name"), named=False)
+    def take_result(self, result: FrameResult) -> None:
+        series = self.account(result.series, result.series_name, named=False)
         if series is None or series.done:
-            raise LateResult(f"series {result['series']} frame {result['frame']} (counted failed in its summary)")
-        status = result["status"]
-        series.touched = time.monotonic()
-        if not series.results.add(result["frame"]):
-            raise BadMessage(f"series {result['series']} frame {result['frame']}: a second result")
-        series.counts[status] += 1
-        min_peaks = self.configuration.processing.default.min_bragg_peaks
-        hit = status == "processed" and (result.get("n_spots") or 0) >= min_peaks
-        hres = None
-        if hit:
-            series.hits += 1
-            if result.get("hres") and 0 < result["hres"] < 99:
-                hres = result["hres"]
-                series.hres.add(hres)
+            raise LateResult(f"series {result.series} frame {result.frame} (counted failed in its summary)")
         now = time.time()
-        latency = None
-        if result.get("received"):
-            latency = result["latency"] = now - result["received"]
-            series.latencies.add(latency)
-        series.first = series.first or now
-        series.last = now
+        if result.received:
+            result.latency = now - result.received
+        if not series.add_result(result, now):
+            raise BadMessage(f"series {result.series} frame {result.frame}: a second result")
+        series.touched = time.monotonic()
         self.results_total += 1
         if not self.journal_off:
-            code = "f" if status == "failed" else "b" if status == "blank" else "h" if hit else "p"
-            self.journal(series, now, f"{result['frame']} {code} {f'{hres:.3f}' if hres else '-'} "
+            hit = result.hit and result.status == "processed"
+            hres = result.hres if hit and result.hres and 0 < result.hres < 99 else None
+            code = "h" if hit else result.status[0]  # h, or p b f: the status's initial
+            latency = result.latency
+            self.journal(series, now, f"{result.frame} {code} {f'{hres:.3f}' if hres else '-'} "
                                       f"{f'{latency:.5f}' if latency is not None else '-'}\n")
 
-    def emit(self, result: dict) -> None:
+    def emit(self, result: FrameResult) -> None:
         """Hand a taken (and journaled) result to the sinks."""
         line = self.result_line(result)
-        result["line"] = line
+        result.line = line
+        wire = result.to_wire()
+        text = json.dumps(wire)
         # The record first: a result seen anywhere is in the record.
         if self.record is not None:
-            self.record.write(json.dumps(result) + "\n")
+            self.record.write(text + "\n")
             self.record.flush()
         if self.ui is not None:
             try:
@@ -684,20 +361,20 @@ class Collector:
             except zmq.Again:
                 self.ui_dropped += 1  # a slow or absent listener costs nothing; counted
         if self.settings.verbose:
-            print(json.dumps(result) if self.settings.result_format == "json" else line, flush=True)
-        rank = self.ranks.get(result.get("rank", -1))
+            print(text if self.settings.result_format == "json" else line, flush=True)
+        rank = self.ranks.get(result.rank if result.rank is not None else -1)
         if rank is not None:
             rank["results"] = rank.get("results", 0) + 1
-        self._publish("result", result)
+        self._publish_text("result", text)
 
-    def take_status(self, status: dict) -> None:
+    def take_status(self, status: ReaderStatus) -> None:
         """A reader's word (validated) updates only the reader's own fields of its rank: the
         Collector's state of the rank (dead, replaced_at, restarts, ...) is its own; pid and host
         are the rank's identity (MPI placement, or the replacement the Collector started)."""
-        number = status["rank"]
+        number = status.rank
         rank = self.ranks.get(number)
         child = self.children.get(number)
-        pid = status.get("pid")
+        pid = status.pid
         if rank is None:
             if self.ranks:  # the job's ranks are known from MPI: a stranger is not one of them
                 raise BadMessage(f"status from rank {number}, which is not a reader of this job")
@@ -711,27 +388,25 @@ class Collector:
             raise BadMessage(f"status for rank {number} from pid {pid}, not its reader's pid {known}")
         if rank.get("lost"):
             print(f"collector: reader rank {number} is back", file=sys.stderr, flush=True)
-        rank.update({k: status[k] for k in STATUS_FIELDS if k in status},
-                    seen=time.monotonic(), lost=False, starting=False, dead=False)
+        rank.update(status.reader_fields(), seen=time.monotonic(), lost=False, starting=False, dead=False)
         if pid is not None:
             rank["pid"] = pid
-        if status.get("host") is not None and rank.get("host") is None:
-            rank["host"] = status["host"]
+        if status.host is not None and rank.get("host") is None:
+            rank["host"] = status.host
 
-    def take_splitter(self, topic: str, body: dict) -> None:
+    def take_splitter(self, topic: str, event) -> None:
         self.splitter_heard = True
-        if topic == "counters":
-            self.splitter_counters = body
-            self._publish("splitter", body)
+        if isinstance(event, SplitterCounters):
+            self.splitter_counters = event.to_wire()
+            self._publish("splitter", self.splitter_counters)
             return
-        if topic not in ("series_end", "series_written", "series_start"):
-            raise BadMessage(f"unknown topic {_show(topic)}")
-        self.take_series_event(topic, body)
+        self.take_series_event(event)
         if topic != "series_start":  # the GUI gets a series from its first result
-            self._publish(f"splitter_{topic}", body)
+            self._publish(f"splitter_{topic}", event.to_wire())
 
-    def take_series_event(self, topic: str, body: dict) -> None:
-        series = self.account(body["series"], body.get("series_name"))
+    def take_series_event(self, event) -> None:
+        """A SeriesStart, SeriesEnd or SeriesWritten of the Splitter (or the daemon's account of one)."""
+        series = self.account(event.series, event.series_name)
         if series is None or series.done:
             return  # the Splitter repeats series events for late subscribers
         if not series.confirmed and series.name in self.journals and not self.journal_off:
@@ -742,11 +417,11 @@ class Collector:
                 self.journal_failed(f"series {series.name}", exc)
         series.confirmed = True
         series.touched = time.monotonic()
-        if topic == "series_end" and series.end is None:
-            series.take_end(body)
-        elif topic == "series_written" and series.written is None:
-            series.written = body.get("frames_written")
-            series.master_file = body.get("master_file")
+        if isinstance(event, SeriesEnd) and series.end is None:
+            series.take_end(event)
+        elif isinstance(event, SeriesWritten) and series.written is None:
+            series.written = event.frames_written
+            series.master_file = event.master_file
 
     def read_resume(self) -> dict:
         try:
@@ -780,13 +455,12 @@ class Collector:
             events = [t for t, key in (("series_end", "timed_out"), ("series_written", "frames_written"))
                       if key in body]
             try:
-                for topic in events:
-                    validate_splitter(topic, body)
+                parsed = [splitter_event(topic, body) for topic in events]
             except BadMessage as exc:
                 self.bad_splitter(f"the daemon's account of series {body.get('series')}: {exc}")
                 continue
-            for topic in events:
-                self.take_series_event(topic, body)
+            for event in parsed:
+                self.take_series_event(event)
 
     def take_done_names_from(self, state: dict) -> None:
         for name in state.get("done") or []:
@@ -906,7 +580,7 @@ class Collector:
 
     def receive_results(self, block_ms: int = 0) -> int:
         n = 0
-        taken: list[dict] = []
+        taken: list[FrameResult] = []
         for _ in range(1000):
             try:
                 parts = self.results.recv_multipart(zmq.NOBLOCK if not block_ms else 0)
@@ -918,15 +592,16 @@ class Collector:
                     raise BadMessage(f"{len(parts)} parts, not 2 (kind, JSON)")
                 kind = parts[0]
                 if kind not in (b"result", b"status"):
-                    raise BadMessage(f"unknown kind {_show(bytes(kind[:30]))}")
-                message = _parse_json(parts[1])
+                    raise BadMessage(f"unknown kind {bytes(kind[:30])!r}")
+                message = parse_json(parts[1])
                 if kind == b"result":
-                    validate_result(message)
-                    self.take_result(message)
-                    taken.append(message)
+                    result = FrameResult.from_wire(message)
+                    self.take_result(result)
+                    taken.append(result)
                 else:
-                    validate_status(message)
-                    self.take_status(message)
+                    self.take_status(ReaderStatus.from_wire(message))
+            except VersionMismatch as exc:
+                self.other_version(f"{kind.decode(errors='replace')}: {exc}")
             except BadMessage as exc:
                 self.bad_results(str(exc))
             except LateResult as exc:
@@ -956,10 +631,8 @@ class Collector:
                 try:
                     topic = parts[0].decode()
                 except UnicodeDecodeError:
-                    raise BadMessage(f"topic {_show(bytes(parts[0][:30]))} is not text") from None
-                message = _parse_json(parts[1])
-                validate_splitter(topic, message)
-                self.take_splitter(topic, message)
+                    raise BadMessage(f"topic {bytes(parts[0][:30])!r} is not text") from None
+                self.take_splitter(topic, splitter_event(topic, parse_json(parts[1])))
             except BadMessage as exc:
                 self.bad_splitter(str(exc))
             except Exception as exc:
@@ -998,15 +671,15 @@ class Collector:
         account.done = True
         self.mark_done(account.name)
         summary = account.summary()
-        print(summary_line(summary), flush=True)
-        if summary["lost"]:
+        print(summary.line(), flush=True)
+        if summary.lost:
             print(f"collector: series {series_label(account.series, account.name)}: no result for "
-                  f"{summary['lost']} frame(s) {_show_ranges(summary['lost_ranges'])} (their reader or the job "
+                  f"{summary.lost} frame(s) {_show_ranges(summary.lost_ranges)} (their reader or the job "
                   f"died, or they timed out): counted as failed", file=sys.stderr, flush=True)
         if self.record is not None:
-            self.record.write(json.dumps({"summary": summary}) + "\n")
+            self.record.write(json.dumps({"summary": summary.to_wire()}) + "\n")
             self.record.flush()
-        self._publish("series", summary)
+        self._publish("series", summary.to_wire())
         self.forget_journal(account.name)
         self.series_done += 1
         # A daemon runs for weeks: keep the accounts of the latest series only.
@@ -1152,6 +825,7 @@ class Collector:
             "resumed": self.resumed,
             "ending": self.stopping,  # summing up to end: the daemon does not take the exit for a failure
             "malformed_results": self.bad_results.count,
+            "other_version_results": self.other_version.count,
             "malformed_splitter": self.bad_splitter.count,
             "late_results": self.late_results.count,
             "unknown_series": self.unknown_series.count,
@@ -1162,8 +836,8 @@ class Collector:
             "splitter": self.splitter_counters,
         }
         self._publish("health", body)
-        for complaints in (self.bad_results, self.bad_splitter, self.late_results, self.unknown_series):
-            complaints.tick()
+        for reporter in self.reporters:
+            reporter.tick()
         return body
 
     def print_rate(self) -> None:
@@ -1248,9 +922,8 @@ class Collector:
         if self.ui is not None:
             print(f"collector: {self.ui_sent} result lines sent to {self.configuration.beamline.ui_endpoint}, "
                   f"{self.ui_dropped} dropped (no listener or a slow one)", file=sys.stderr, flush=True)
-        for complaints in (self.bad_results, self.bad_splitter, self.late_results, self.unknown_series):
-            complaints.reported_at = None
-            complaints.tick()
+        for reporter in self.reporters:
+            reporter.flush()
         # Readers stop when told; a few repeats so that late subscribers hear it too.
         for _ in range(5):
             self._publish("stop", {"time": time.time()})

@@ -203,7 +203,7 @@ class Panel:
 @dataclass(frozen=True)
 class Axis:
     name: str
-    vector: tuple[float, float, float]
+    vector: tuple[float, float, float] | None  # None: the header named the axis but not its direction
     start: float = 0.0
     increment: float = 0.0
 
@@ -323,8 +323,8 @@ class Geometry:
             "distance": self.distance,
             "beam_center": None if self.beam_center is None else list(self.beam_center),
             "goniometer": {
-                "axes": [{"name": a.name, "vector": list(a.vector), "start": a.start, "increment": a.increment}
-                         for a in self.axes],
+                "axes": [{"name": a.name, "vector": None if a.vector is None else list(a.vector),
+                          "start": a.start, "increment": a.increment} for a in self.axes],
                 "scan_axis": self.scan_axis,
             },
             "count_time": self.count_time,
@@ -367,7 +367,9 @@ class Geometry:
         for i, a in enumerate(gonio.get("axes") or []):
             if not isinstance(a, dict):
                 raise GeometryError(f"geometry: goniometer axis {i} is not an object")
-            axes.append(Axis(str(a.get("name", f"axis{i}")), _unit(a.get("vector", (1, 0, 0)), f"axis {i} vector"),
+            vector = a.get("vector")
+            axes.append(Axis(str(a.get("name", f"axis{i}")),
+                             None if vector is None else _unit(vector, f"axis {i} vector"),
                              float(a.get("start") or 0.0), float(a.get("increment") or 0.0)))
         beam_center = d.get("beam_center")
         missing = d.get("missing") or []
@@ -686,7 +688,8 @@ def _transform(f, ds, point: np.ndarray, direction_only: bool = False) -> np.nda
             raise GeometryError(f"NXmx: depends_on chain through {ds.name} does not end")
         kind = _text(ds.attrs.get("transformation_type", "")).lower()
         vector = np.asarray(ds.attrs.get("vector", (0, 0, 1)), dtype=np.float64).reshape(3)
-        vector = vector / np.linalg.norm(vector)
+        norm = float(np.linalg.norm(vector))
+        vector = vector / norm if norm > 0 else vector  # a zero vector: no motion (seen in module_offset)
         offset = np.asarray(ds.attrs.get("offset", (0, 0, 0)), dtype=np.float64).reshape(3)
         offset_unit = _text(ds.attrs.get("offset_units", ds.attrs.get("units", "mm"))).strip().lower()
         offset = offset * _LENGTH_MM.get(offset_unit, 1.0)
@@ -751,7 +754,10 @@ def _nxmx_geometry(f) -> Geometry:
     cutoff = _value(det, "saturation_value")
     if cutoff is None:
         cutoff = _value(det.get("detectorSpecific"), "countrate_correction_count_cutoff")
-    trusted = (-1.0, float(cutoff)) if cutoff is not None else None
+    # dxtbx's NXmx reader: trusted range (underload_value, saturation_value), inclusive; the EIGER
+    # file-writer reader takes underload 0.
+    underload = _value(det, "underload_value", default=0.0)
+    trusted = (float(underload), float(cutoff)) if cutoff is not None else None
     common = {
         "count_time": _value(det, "count_time"),
         "frame_time": _value(det, "frame_time"),
@@ -763,10 +769,16 @@ def _nxmx_geometry(f) -> Geometry:
     common["detector_kind"] = "eiger" if "eiger" in common["description"].lower() else (
         "pilatus" if "pilatus" in common["description"].lower() else "other")
 
+    spec = det.get("detectorSpecific")
+    whole = None  # (fast, slow) of the whole frame, as DECTRIS's detectorSpecific says it
+    if spec is not None and "x_pixels_in_detector" in spec and "y_pixels_in_detector" in spec:
+        whole = (int(_value(spec, "x_pixels_in_detector")), int(_value(spec, "y_pixels_in_detector")))
     panels = []
     for k, module in enumerate(sorted(_groups(det, "NXdetector_module"), key=lambda g: g.name)):
         try:
-            size = np.asarray(module["data_size"][()]).reshape(-1)[-2:].astype(int)  # [slow, fast]
+            size = np.asarray(module["data_size"][()]).reshape(-1)[-2:].astype(int)  # NXmx: [slow, fast]
+            if whole is not None and tuple(size) == whole and whole[0] != whole[1]:
+                size = size[::-1]  # DECTRIS writers give it fast first ([3108, 3262] for a 3108-wide 9M)
             start = (np.asarray(module["data_origin"][()]).reshape(-1)[-2:].astype(int)
                      if "data_origin" in module else np.zeros(2, int))
             fast_ds, slow_ds = module["fast_pixel_direction"], module["slow_pixel_direction"]
@@ -817,7 +829,6 @@ def _nxmx_geometry(f) -> Geometry:
                 if getattr(ds, "ndim", 0) == 3:
                     shape = ds.shape[1:]
                     break
-        spec = det.get("detectorSpecific")
         if shape is None and spec is not None and "x_pixels_in_detector" in spec:
             shape = (int(_value(spec, "y_pixels_in_detector")), int(_value(spec, "x_pixels_in_detector")))
         lacking = [name for name, v in (("distance", distance), ("beam_center", beam_center),

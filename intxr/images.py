@@ -13,7 +13,8 @@ from functools import cached_property
 
 import numpy as np
 
-from intxr.models import Geometry, Image
+from intxr.geometry import Geometry, GeometryError, d_star_sq
+from intxr.models import Image
 
 CBF_BINARY_START = b"\x0c\x1a\x04\xd5"  # CBFlib's marker before the binary section
 
@@ -95,30 +96,21 @@ def read_cbf(path: str) -> Image:
         raise SourceError(f"{path}: binary section truncated ({len(payload)} of {size} bytes)")
     data = byte_offset_decode(payload, fast * slow).reshape(slow, fast)
 
-    pixel = _cbf_number(header, r"Pixel_size\s+([0-9.eE+-]+)\s*m", path) * 1000.0
-    beam = re.search(r"Beam_xy\s*\(\s*([0-9.eE+-]+),\s*([0-9.eE+-]+)\)", header)
-    if beam is None:
-        raise SourceError(f"{path}: miniCBF header has no Beam_xy")
-    detector = re.search(r"#\s*Detector:\s*([^,\r\n]+)(?:,\s*S/N\s*([^\r\n]+))?", header)
-    cutoff = re.search(r"Count_cutoff\s+(\d+)", header)
-    geometry = Geometry(
-        wavelength=_cbf_number(header, r"Wavelength\s+([0-9.eE+-]+)\s*A", path),
-        distance=_cbf_number(header, r"Detector_distance\s+([0-9.eE+-]+)\s*m", path) * 1000.0,
-        beam_center_x=float(beam.group(1)),
-        beam_center_y=float(beam.group(2)),
-        pixel_size_x=pixel,
-        pixel_size_y=pixel,
-        count_time=_cbf_number(header, r"Exposure_time\s+([0-9.eE+-]+)", path, 0.0),
-        frame_time=_cbf_number(header, r"Exposure_period\s+([0-9.eE+-]+)", path, 0.0),
-        count_cutoff=int(cutoff.group(1)) if cutoff else None,
-        description=detector.group(1).strip() if detector else "PILATUS",
-        detector_number=(detector.group(2) or "").strip() if detector else "",
-        sensor_material="Si" if "Silicon" in header else "CdTe" if "CdTe" in header else "Si",
-        sensor_thickness=_cbf_number(header, r"thickness\s+([0-9.eE+-]+)\s*m", path, 0.00045) * 1000.0,
-        omega_start=_cbf_number(header, r"Start_angle\s+([0-9.eE+-]+)", path, 0.0),
-        omega_increment=_cbf_number(header, r"Angle_increment\s+([0-9.eE+-]+)", path, 0.0),
-    )
-    return Image(data=data, geometry=geometry, source=path)
+    return Image(data=data, geometry=cbf_geometry(header, fast, slow, path), source=path)
+
+
+def cbf_geometry(header: str, fast: int, slow: int, path: str) -> Geometry:
+    """The geometry of a miniCBF (PILATUS_1.2 header) as the Splitter normalises it (Rust, one parser for
+    every header): dxtbx's simple detector facing the beam, Detector_2theta applied, trusted range
+    (0, Count_cutoff), parallax for the sensor the header names."""
+    import json
+
+    from intxr._splitter import geometry_from_cbf_header
+
+    try:
+        return Geometry.from_wire(json.loads(geometry_from_cbf_header(header, slow, fast)))
+    except (GeometryError, ValueError) as exc:
+        raise SourceError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,24 +156,13 @@ class NpySource(ImageSource):
             raise SourceError(f"{path}: expected a 2-D frame or 3-D stack, got shape {array.shape}")
         self._stack = array
         ny, nx = array.shape[1:]
-        self._geometry = Geometry(beam_center_x=nx / 2, beam_center_y=ny / 2, known=False)
+        self._geometry = Geometry.unknown(f"{path} (a .npy array carries no geometry)")
 
     def __len__(self) -> int:
         return len(self._stack)
 
     def read(self, index: int) -> Image:
         return Image(np.array(self._stack[index]), self._geometry, self.name, index)
-
-
-def _h5_value(group, path: str, default=None, scale: float = 1.0):
-    if path not in group:
-        return default
-    value = group[path][()]
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        value = value.reshape(-1)[0]
-    return float(value) * scale if scale != 1.0 else value
 
 
 class Hdf5Source(ImageSource):
@@ -222,43 +203,24 @@ class Hdf5Source(ImageSource):
         return np.asarray(mask) == 0
 
     def _read_geometry(self) -> Geometry:
-        det = self._file.get("entry/instrument/detector")
-        ny, nx = self._datasets[0].shape[1:]
-        if det is None or "beam_center_x" not in det:
-            master = re.sub(r"_data_\d+\.h5$", "_master.h5", self.name)
-            if master != self.name and os.path.exists(master):
-                import h5py
+        """The master's NXmx geometry (a lone data file: its master beside it, if there)."""
+        import h5py
 
-                with h5py.File(master, "r") as f:
-                    d = f.get("entry/instrument/detector")
-                    if d is not None and "beam_center_x" in d:
-                        return self._geometry_from(f, d)
-            return Geometry(beam_center_x=nx / 2, beam_center_y=ny / 2, known=False)
-        return self._geometry_from(self._file, det)
+        f = self._file
+        if "entry/instrument" not in f:
+            master = re.sub(r"_data_\d+\.h5$", "_master.h5", self.name)
+            if master == self.name or not os.path.exists(master):
+                return Geometry.unknown(f"{self.name} (a data file without its master)")
+            with h5py.File(master, "r") as m:
+                return self._nxmx(m, master)
+        return self._nxmx(f, self.name)
 
     @staticmethod
-    def _geometry_from(f, det) -> Geometry:
-        wavelength = _h5_value(f, "entry/instrument/beam/incident_wavelength")
-        if wavelength is None:
-            wavelength = _h5_value(f, "entry/instrument/monochromator/wavelength", 1.0)
-        cutoff = _h5_value(det, "detectorSpecific/countrate_correction_count_cutoff")
-        return Geometry(
-            wavelength=float(wavelength),
-            distance=_h5_value(det, "detector_distance", 0.2, 1000.0),
-            beam_center_x=float(_h5_value(det, "beam_center_x", 0.0)),
-            beam_center_y=float(_h5_value(det, "beam_center_y", 0.0)),
-            pixel_size_x=_h5_value(det, "x_pixel_size", 75e-6, 1000.0),
-            pixel_size_y=_h5_value(det, "y_pixel_size", 75e-6, 1000.0),
-            count_time=float(_h5_value(det, "count_time", 0.0)),
-            frame_time=float(_h5_value(det, "frame_time", 0.0)),
-            count_cutoff=int(cutoff) if cutoff is not None else None,
-            description=str(_h5_value(det, "description", "Dectris EIGER")),
-            detector_number=str(_h5_value(det, "detector_number", "")),
-            sensor_material=str(_h5_value(det, "sensor_material", "Si")),
-            sensor_thickness=_h5_value(det, "sensor_thickness", 450e-6, 1000.0),
-            omega_start=float(_h5_value(f, "entry/sample/goniometer/omega_start", 0.0)),
-            omega_increment=float(_h5_value(f, "entry/sample/goniometer/omega_increment", 0.0)),
-        )
+    def _nxmx(f, path: str) -> Geometry:
+        try:
+            return Geometry.from_nxmx(f)
+        except GeometryError as exc:
+            raise SourceError(f"{path}: {exc}") from None
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -288,13 +250,22 @@ class SyntheticSource(ImageSource):
         self.seed = int(m.group(4) or 0)
         if not (8 <= self.width <= 8192 and 8 <= self.height <= 8192) or self.n_frames < 1:
             raise SourceError(f"{spec!r}: size must be 8..8192 pixels a side and at least 1 frame")
-        self.geometry = Geometry(
+        self.geometry = Geometry.simple(
             wavelength=0.9795,
             distance=200.0,
-            beam_center_x=self.width / 2 + 0.3,
-            beam_center_y=self.height / 2 - 0.7,
+            beam_center=(self.width / 2 + 0.3, self.height / 2 - 0.7),
+            pixel_size=(0.075, 0.075),
+            image_size=(self.width, self.height),
+            thickness=0.45,
+            material="Si",
+            trusted_range=(-1.0, 65534.0),
+            count_time=0.01,
+            frame_time=0.01,
             count_cutoff=65534,
             description="Simulated EIGER2 (intxr synthetic)",
+            detector_number="SIM-0000",
+            detector_kind="eiger",
+            source="synthetic",
         )
 
     def __len__(self) -> int:
@@ -304,11 +275,11 @@ class SyntheticSource(ImageSource):
     def _background(self) -> np.ndarray:
         """Expected background counts: a diffuse falloff plus the water ring near 3.7 A."""
         g = self.geometry
-        y, x = np.mgrid[0 : self.height, 0 : self.width].astype(np.float32)
-        r_mm = np.hypot((x + 0.5 - g.beam_center_x) * g.pixel_size_x, (y + 0.5 - g.beam_center_y) * g.pixel_size_y)
-        two_theta = np.arctan2(r_mm, g.distance)
-        d = g.wavelength / (2 * np.sin(np.maximum(two_theta, 1e-6) / 2))
-        return (0.4 + 2.0 * np.exp(-r_mm / 60.0) + 1.5 * np.exp(-(((1 / d**2 - 1 / 3.7**2) / 0.006) ** 2))).astype(
+        bx, by = g.beam_center
+        y, x = np.ogrid[0 : self.height, 0 : self.width]
+        r_mm = np.hypot((x + 0.5 - bx) * 0.075, (y + 0.5 - by) * 0.075)
+        dss = d_star_sq(g, x + 0.5, y + 0.5)
+        return (0.4 + 2.0 * np.exp(-r_mm / 60.0) + 1.5 * np.exp(-(((dss - 1 / 3.7**2) / 0.006) ** 2))).astype(
             np.float32
         )
 

@@ -20,8 +20,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from intxr import stream_format as fmt
 from intxr.codec import encode, v1_encoding
+from intxr.geometry import Geometry
 from intxr.images import ImageSource, open_source
-from intxr.models import Geometry
 
 PROTOCOLS = ("v1", "v2", "cbftoeiger")
 ENCODINGS = ("bs32-lz4", "bs16-lz4", "bs8-lz4", "lz4")

@@ -27,7 +27,7 @@ import cbor2
 import numpy as np
 
 from intxr import __version__
-from intxr.models import Geometry
+from intxr.geometry import Geometry
 
 # --------------------------------------------------------------------------------------------
 # JSON dialects
@@ -117,61 +117,73 @@ def detector_config(
     date: str | None = None,
 ) -> dict:
     """The detector configuration part (dheader-1.0 config, header_detail basic/all): the keys of
-    EIGER2 firmware 2020.2, lengths in metres, beam centre in pixels."""
+    EIGER2 firmware 2020.2, lengths in metres, beam centre in pixels. A value the geometry lacks is left
+    out, as from a detector that did not send it."""
     height, width = shape
-    g = geometry
-    return {
+    h = geometry.header_values()
+    frame_time = h["frame_time"] or h["count_time"]
+    config = {
         "auto_summation": True,
-        "beam_center_x": float(g.beam_center_x),
-        "beam_center_y": float(g.beam_center_y),
+        "beam_center_x": h["beam_center_x"],
+        "beam_center_y": h["beam_center_y"],
         "bit_depth_image": int(np.dtype(dtype).itemsize * 8),
         "bit_depth_readout": 16,
         "chi_increment": 0.0,
         "chi_start": 0.0,
         "compression": algorithm,
-        "count_time": float(g.count_time),
+        "count_time": h["count_time"],
         "countrate_correction_applied": True,
-        "countrate_correction_count_cutoff": int(g.count_cutoff if g.count_cutoff is not None else 2**31 - 1),
+        "countrate_correction_count_cutoff": int(h["count_cutoff"] if h["count_cutoff"] is not None else 2**31 - 1),
         "data_collection_date": date or collection_date(),
-        "description": g.description,
-        "detector_distance": g.distance / 1000.0,
-        "detector_number": g.detector_number,
+        "description": h["description"],
+        "detector_distance": _mm_to_m(h["distance"]),
+        "detector_number": h["detector_number"],
         "detector_readout_time": 1e-7,
-        "detector_translation": [
-            -g.beam_center_x * g.pixel_size_x / 1000.0,
-            -g.beam_center_y * g.pixel_size_y / 1000.0,
-            g.distance / 1000.0,
-        ],
+        "detector_translation": _translation(h),
         "eiger_fw_version": f"intxr-simulate-{__version__}",
         "element": "",
         "flatfield_correction_applied": True,
-        "frame_count_time": float(g.frame_time or g.count_time),
-        "frame_period": float(g.frame_time or g.count_time),
-        "frame_time": float(g.frame_time or g.count_time),
+        "frame_count_time": frame_time,
+        "frame_period": frame_time,
+        "frame_time": frame_time,
         "kappa_increment": 0.0,
         "kappa_start": 0.0,
         "nimages": int(nimages),
         "ntrigger": int(ntrigger),
-        "omega_increment": float(g.omega_increment),
-        "omega_start": float(g.omega_start),
+        "omega_increment": float(h["omega_increment"]),
+        "omega_start": float(h["omega_start"]),
         "phi_increment": 0.0,
         "phi_start": 0.0,
-        "photon_energy": g.energy_ev,
+        "photon_energy": h["energy_ev"],
         "pixel_mask_applied": True,
         "roi_mode": "",
-        "sensor_material": g.sensor_material,
-        "sensor_thickness": g.sensor_thickness / 1000.0,
+        "sensor_material": h["sensor_material"],
+        "sensor_thickness": h["sensor_thickness"] / 1000.0,
         "software_version": "1.8.0",
         "trigger_mode": "ints",
         "two_theta_increment": 0.0,
-        "two_theta_start": 0.0,
+        "two_theta_start": float(h["two_theta"]),
         "virtual_pixel_correction_applied": True,
-        "wavelength": float(g.wavelength),
-        "x_pixel_size": g.pixel_size_x / 1000.0,
+        "wavelength": h["wavelength"],
+        "x_pixel_size": _mm_to_m(h["pixel_size_x"]),
         "x_pixels_in_detector": int(width),
-        "y_pixel_size": g.pixel_size_y / 1000.0,
+        "y_pixel_size": _mm_to_m(h["pixel_size_y"]),
         "y_pixels_in_detector": int(height),
     }
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def _mm_to_m(value: float | None) -> float | None:
+    return None if value is None else float(value) / 1000.0
+
+
+def _translation(h: dict) -> list[float] | None:
+    """EIGER's detector_translation (m) with the signs a real EIGER2 16M v2 start message has
+    (data/stream_v2/eiger2_16m_final: [+bx px, +by py, -distance]; the DLS v1 header: [0, 0, -0.337])."""
+    if None in (h["beam_center_x"], h["pixel_size_x"], h["distance"]):
+        return None
+    return [h["beam_center_x"] * h["pixel_size_x"] / 1000.0, h["beam_center_y"] * h["pixel_size_y"] / 1000.0,
+            -h["distance"] / 1000.0]
 
 
 def pixel_mask_of(frame: np.ndarray) -> np.ndarray:
@@ -311,48 +323,48 @@ def v2_start(
     user_data: dict | None = None,
 ) -> bytes:
     height, width = shape
-    g = geometry
+    h = geometry.header_values()
     mask = pixel_mask if pixel_mask is not None else np.zeros(shape, dtype=np.uint32)
+    energy = h["energy_ev"]
     message = {
         "type": "start",
         "series_id": series_id,
         "series_unique_id": unique_id,
         "arm_date": cbor2.CBORTag(0, arm_date),
-        "beam_center_x": float(g.beam_center_x),
-        "beam_center_y": float(g.beam_center_y),
+        "beam_center_x": h["beam_center_x"],
+        "beam_center_y": h["beam_center_y"],
         "channels": channels,
-        "count_time": float(g.count_time),
+        "count_time": h["count_time"],
         "countrate_correction_enabled": True,
-        "detector_description": g.description,
-        "detector_serial_number": g.detector_number,
-        "detector_translation": [
-            -g.beam_center_x * g.pixel_size_x / 1000.0,
-            -g.beam_center_y * g.pixel_size_y / 1000.0,
-            g.distance / 1000.0,
-        ],
+        "detector_description": h["description"],
+        "detector_serial_number": h["detector_number"],
+        "detector_translation": _translation(h),
         "flatfield": {c: _tag40(np.ones(shape, "<f4"), np.ones(shape, "<f4").tobytes()) for c in channels},
         "flatfield_enabled": True,
-        "frame_time": float(g.frame_time or g.count_time),
+        "frame_time": h["frame_time"] or h["count_time"],
         "goniometer": {
             "chi": {"increment": 0.0, "start": 0.0},
-            "omega": {"increment": float(g.omega_increment), "start": float(g.omega_start)},
+            "omega": {"increment": float(h["omega_increment"]), "start": float(h["omega_start"])},
             "phi": {"increment": 0.0, "start": 0.0},
+            "two_theta": {"increment": 0.0, "start": float(h["two_theta"])},
         },
         "image_size_x": int(width),
         "image_size_y": int(height),
-        "incident_energy": g.energy_ev,
-        "incident_wavelength": float(g.wavelength),
+        "incident_energy": energy,
+        "incident_wavelength": h["wavelength"],
         "number_of_images": int(nimages),
         "pixel_mask": {c: _tag40(mask.astype("<u4"), mask.astype("<u4").tobytes()) for c in channels},
         "pixel_mask_enabled": True,
-        "pixel_size_x": g.pixel_size_x / 1000.0,
-        "pixel_size_y": g.pixel_size_y / 1000.0,
-        "saturation_value": int(g.count_cutoff if g.count_cutoff is not None else np.iinfo(np.dtype(dtype)).max - 2),
-        "sensor_material": g.sensor_material,
-        "sensor_thickness": g.sensor_thickness / 1000.0,
-        "threshold_energy": {c: g.energy_ev / 2 for c in channels},
+        "pixel_size_x": _mm_to_m(h["pixel_size_x"]),
+        "pixel_size_y": _mm_to_m(h["pixel_size_y"]),
+        "saturation_value": int(h["count_cutoff"] if h["count_cutoff"] is not None
+                                else np.iinfo(np.dtype(dtype)).max - 2),
+        "sensor_material": h["sensor_material"],
+        "sensor_thickness": h["sensor_thickness"] / 1000.0,
+        "threshold_energy": {c: energy / 2 for c in channels} if energy is not None else None,
         "virtual_pixel_interpolation_enabled": True,
     }
+    message = {k: v for k, v in message.items() if v is not None}
     if user_data:
         message["user_data"] = user_data
     return _cbor(message)

@@ -220,8 +220,8 @@ def test_find_spots_on_npy_needs_and_takes_geometry(tmp_path, thaumatin_cbfs):
         "--wavelength",
         str(g.wavelength),
         "--beam-center",
-        str(g.beam_center_x),
-        str(g.beam_center_y),
+        str(g.beam_center[0]),
+        str(g.beam_center[1]),
         "--count-cutoff",
         "115897",
     )

@@ -21,14 +21,16 @@ import zmq
 
 from intxr.gui.model import MAX_SERIES, RunModel
 from intxr.gui.server import serve
+from intxr.messages import RESULT_HTYPE, SUMMARY_HTYPE
 from intxr.testing import free_ports
 
 EXE = Path(sys.executable).parent
 
 
 def result(series: int, frame: int, n_spots: int = 20, **extra) -> dict:
-    return {"series": series, "frame": frame, "n_spots": n_spots, "hres": 2.0, "score": 5, "status": "processed",
-            "rank": 1, "latency": 0.1, "done": 1000.0 + frame, **extra}
+    """A result as the Collector publishes it (a hit: its reader's word, min_Bragg_peaks 10)."""
+    return {"htype": RESULT_HTYPE, "series": series, "frame": frame, "n_spots": n_spots, "hres": 2.0, "score": 5,
+            "status": "processed", "hit": n_spots >= 10, "rank": 1, "latency": 0.1, "done": 1000.0 + frame, **extra}
 
 
 def get(url: str) -> tuple[int, dict | bytes]:
@@ -244,8 +246,9 @@ def test_series_tabs_are_bounded_and_repeats_are_their_own_series():
     model2 = RunModel()
     model2.add_result(result(1, 0, series_name="series_000001"))
     model2.add_result(result(1, 0, n_spots=0, series_name="series_000001_r2"))
-    model2.add_event("series", {"series": 1, "series_name": "series_000001_r2", "received": 1, "processed": 1,
-                                "hits": 0, "failed": 0, "written": 1, "lost_frames": []})
+    model2.add_event("series", {"htype": SUMMARY_HTYPE, "series": 1, "series_name": "series_000001_r2",
+                                "received": 1, "processed": 1, "hits": 0, "failed": 0, "written": 1,
+                                "lost_ranges": []})
     first, again = model2.delta(0)["series"][::-1]
     assert (first["label"], first["counts"]["hits"], first["counts"]["ended"]) == ("1", 1, False)
     assert (again["label"], again["counts"]["hits"], again["counts"]["ended"]) == ("1 r2", 0, True)
@@ -265,6 +268,7 @@ def test_the_gui_reads_the_names_the_collector_sends(tmp_path):
     from intxr import config as cfg
     from intxr.collector import Collector, CollectorSettings, SeriesAccount
     from intxr.gui.server import handle_message
+    from intxr.messages import SeriesEnd
 
     config, _ = write_config(tmp_path)
     collector = Collector(cfg.load(str(config), "t"), CollectorSettings(grace=1.0, job_restarts=2))
@@ -274,11 +278,10 @@ def test_the_gui_reads_the_names_the_collector_sends(tmp_path):
         collector.no_readers_since = time.monotonic() - 5
         health = collector.health()
         account = SeriesAccount(1, "series_000001_r2")
-        account.take_end({"series": 1, "series_name": "series_000001_r2", "received": 6,
-                          "forwarded_ranges": [[0, 3]], "skipped_ranges": [[4, 5]]})
-        account.results.add(0)
-        account.counts["processed"] += 1
-        summary = account.summary()
+        account.take_end(SeriesEnd.from_wire({"series": 1, "series_name": "series_000001_r2", "received": 6,
+                                              "forwarded_ranges": [[0, 3]], "skipped_ranges": [[4, 5]]}))
+        account.add(0, "processed", hit=False)
+        summary = account.summary().to_wire()
     finally:
         collector.shutdown()
     model = RunModel()
@@ -365,7 +368,7 @@ def test_garbage_on_the_results_socket_is_counted_and_the_page_keeps_updating(tm
             browser.close()
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "bad" in line]
-    assert lines and lines[0].startswith("gui: bad message ignored: result: not JSON"), err
+    assert lines and lines[0].startswith("gui: bad message on tcp://") and ": result: not JSON" in lines[0], err
     assert len(lines) <= 2  # the first one, then a count at most every 10 s
 
 
@@ -389,13 +392,15 @@ def _series_messages(s: int, spots: list[bytes], frames: int = 115) -> list[list
         body = json.dumps(result(s, f, n_spots=0, status="blank", series_name=name, errors=[],
                                  master_file=f"/nowhere/{name}_master.h5", timing={"total": 0.1}))
         if f % 2 == 0:  # a hit: spliced in as bytes (encoding 500 spots per message is slow)
-            body = body.replace('"n_spots": 0', '"n_spots": 400').replace('"blank"', '"processed"')
+            body = body.replace('"n_spots": 0', '"n_spots": 400').replace('"blank"', '"processed"').replace(
+                '"hit": false', '"hit": true')
             body = body[:-1].encode() + b', "spots_xy": ' + spots[f % len(spots)] + b"}"
         out.append([b"result", body if isinstance(body, bytes) else body.encode()])
     end = {"series": s, "series_name": name, "received": frames, "forwarded": frames, "skipped": 0,
            "forwarded_ranges": [[0, frames - 1]], "skipped_ranges": []}
     out.append([b"splitter_series_end", json.dumps(end).encode()])
-    summary = {"series": s, "series_name": name, "received": frames, "processed": frames // 2 + 1, "failed": 0}
+    summary = {"htype": SUMMARY_HTYPE, "series": s, "series_name": name, "received": frames,
+               "processed": frames // 2 + 1, "failed": 0}
     out.append([b"series", json.dumps(summary).encode()])
     return out
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from intxr.collector import Quantiles, RangeSet, SeriesAccount, summary_line
+from intxr.collector import SeriesAccount
 from intxr.daemon import HDF5_MAGIC, Retention, pid_alive
+from intxr.messages import RESULT_HTYPE, STATUS_HTYPE, Quantiles, RangeSet, SeriesEnd, splitter_event
 from intxr.testing import free_ports
 
 EXE = Path(sys.executable).parent
@@ -390,7 +391,8 @@ def test_garbage_on_the_collectors_socket_is_counted_localhost_binds_loopback_an
             for message in GARBAGE:
                 junk.send_multipart(message)
         # Well-formed, but of a series the Splitter never had: no SERIES line may come of it.
-        junk.send_multipart([b"result", b'{"series": 999, "frame": 1, "status": "processed", "n_spots": 50}'])
+        junk.send_multipart([b"result", json.dumps({"htype": RESULT_HTYPE, "series": 999, "frame": 1, "hit": True,
+                                                     "status": "processed", "n_spots": 50}).encode()])
         junk.close()
         # Raw bytes that are no ZeroMQ at all.
         with socket.create_connection(("127.0.0.1", keys["collector_port"])) as raw:
@@ -434,17 +436,16 @@ def test_garbage_on_the_collectors_socket_is_counted_localhost_binds_loopback_an
 
 def test_accounts_stay_compact_for_a_million_frame_series():
     account = SeriesAccount(1, "series_000001")
-    for frame in range(1, 1_000_001):
-        account.results.add(frame if frame % 1000 else frame)  # in order, as readers mostly deliver
-        account.counts["processed"] += 1
-        account.latencies.add(0.05 + (frame % 100) / 1000)
+    for frame in range(1, 1_000_001):  # in order, as readers mostly deliver
+        account.add(frame, "processed", hit=False, latency=0.05 + (frame % 100) / 1000)
     assert len(account.results.starts) == 1
-    account.take_end({"series": 1, "series_name": "series_000001", "received": 1_000_010,
-                      "forwarded_ranges": [[1, 1_000_000]], "skipped_ranges": [[1_000_001, 1_000_010]]})
+    account.take_end(SeriesEnd.from_wire({"series": 1, "series_name": "series_000001", "received": 1_000_010,
+                                          "forwarded_ranges": [[1, 1_000_000]],
+                                          "skipped_ranges": [[1_000_001, 1_000_010]]}))
     summary = account.summary()
-    assert (summary["skipped"], summary["lost"], summary["failed"]) == (10, 0, 0)
-    assert len(json.dumps(summary)) < 2000
-    assert abs(summary["latency_p50"] - 0.1) < 0.002
+    assert (summary.skipped, summary.lost, summary.failed) == (10, 0, 0)
+    assert len(json.dumps(summary.to_wire())) < 2000
+    assert abs(summary.latency_p50 - 0.1) < 0.002
     assert len(account.latencies.bins) < 200
 
 
@@ -464,12 +465,12 @@ def test_range_sets_merge_out_of_order_and_subtract():
 
 def test_an_old_style_series_end_and_a_repeat_name_are_read():
     account = SeriesAccount(1, "series_000001_r2")
-    account.take_end({"series": 1, "received": 4, "forwarded_frames": [1, 2, 4], "skipped_frames": [3]})
-    account.results.add(1)
-    account.counts["processed"] += 1
+    account.take_end(SeriesEnd.from_wire({"series": 1, "received": 4, "forwarded_frames": [1, 2, 4],
+                                          "skipped_frames": [3]}))
+    account.add(1, "processed", hit=False)
     summary = account.summary()
-    assert summary["lost_ranges"] == [[2, 2], [4, 4]] and summary["skipped_ranges"] == [[3, 3]]
-    assert summary_line(summary).startswith("SERIES 1 r2: received 4, written ?, processed 1")
+    assert summary.lost_ranges == [[2, 2], [4, 4]] and summary.skipped_ranges == [[3, 3]]
+    assert summary.line().startswith("SERIES 1 r2: received 4, written ?, processed 1")
 
 
 def _series_files(directory: Path, name: str, n_data: int, size: int, mtime: float) -> None:
@@ -582,8 +583,10 @@ def test_a_collectors_journal_survives_it_torn_last_line_and_compaction_included
 
     def result(frame: int) -> list[bytes]:
         status = "blank" if frame % 10 == 0 else "failed" if frame == 7 else "processed"
-        body = {"series": 5, "series_name": "s_000005", "frame": frame, "status": status, "rank": 1,
-                "n_spots": 50 if frame % 3 else 0, "hres": 1.5 + frame / 100, "received": time.time() - 0.05}
+        n_spots = 50 if frame % 3 else 0
+        body = {"htype": RESULT_HTYPE, "series": 5, "series_name": "s_000005", "frame": frame, "status": status,
+                "hit": status == "processed" and n_spots >= 10, "rank": 1, "n_spots": n_spots,
+                "hres": 1.5 + frame / 100, "received": time.time() - 0.05}
         return [b"result", json.dumps(body).encode()]
 
     def take(collector: Collector, n: int) -> None:
@@ -602,7 +605,7 @@ def test_a_collectors_journal_survives_it_torn_last_line_and_compaction_included
         push.send_multipart(result(frame))
         if frame == 20:
             take(first, 20)
-            first.take_series_event("series_written", {"series": 5, "series_name": "s_000005"})  # named
+            first.take_series_event(splitter_event("series_written", {"series": 5, "series_name": "s_000005"}))
     take(first, 30)
     before = first.series["s_000005"]
     [journal] = journal_paths(state)
@@ -630,12 +633,12 @@ def test_a_collectors_journal_survives_it_torn_last_line_and_compaction_included
         push.send_multipart(result(31))
         take(second, 2)
         assert (second.results_total, second.bad_results.count) == (1, 1)
-        second.take_series_event("series_end", {"series": 5, "series_name": "s_000005", "timed_out": False,
-                                                "received": 32, "forwarded_ranges": [[1, 32]], "skipped_ranges": []})
+        second.take_series_event(splitter_event("series_end", {
+            "series": 5, "series_name": "s_000005", "timed_out": False, "received": 32,
+            "forwarded_ranges": [[1, 32]], "skipped_ranges": []}))
         second.finish_series(after)
         summary = after.summary()
-        assert (summary["processed"], summary["blank"], summary["failed"], summary["lost_ranges"]) == (
-            27, 3, 2, [[32, 32]])
+        assert (summary.processed, summary.blank, summary.failed, summary.lost_ranges) == (27, 3, 2, [[32, 32]])
         assert journal_paths(state) == []  # summed up: its journal is gone
         frames = [json.loads(line).get("frame") for line in (tmp_path / "record.jsonl").read_text().splitlines()]
         assert sorted(f for f in frames if f) == list(range(1, 32))  # each emitted once
@@ -760,7 +763,7 @@ def test_a_forged_status_is_counted_and_changes_nothing_the_collector_owns(tmp_p
                   {"rank": 1, "pid": os.getpid(), "replaced_at": 5, "restarts": "x", "dead": True, "frames": 3,
                    "host": "elsewhere"}]
         for body in forged:
-            push.send_multipart([b"status", json.dumps(body).encode()])
+            push.send_multipart([b"status", json.dumps({"htype": STATUS_HTYPE, **body}).encode()])
         deadline = time.monotonic() + 10
         while collector.ranks[1].get("frames") != 3 and time.monotonic() < deadline:
             collector.receive_results()
@@ -814,7 +817,7 @@ def test_results_of_made_up_series_open_no_more_than_max_unconfirmed_accounts(tm
     push.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
     try:
         for series in range(100, 105):
-            body = {"series": series, "frame": 1, "status": "blank", "rank": 1}
+            body = {"htype": RESULT_HTYPE, "series": series, "frame": 1, "status": "blank", "hit": False, "rank": 1}
             push.send_multipart([b"result", json.dumps(body).encode()])
         deadline = time.monotonic() + 10
         while collector.results_total + collector.bad_results.count < 5 and time.monotonic() < deadline:
@@ -822,7 +825,7 @@ def test_results_of_made_up_series_open_no_more_than_max_unconfirmed_accounts(tm
             time.sleep(0.01)
         assert (collector.results_total, collector.bad_results.count) == (3, 2)
         assert sorted(collector.series) == ["100", "101", "102"] and len(journal_paths(state)) == 3
-        collector.take_series_event("series_start", {"series": 200, "series_name": "s_200"})  # the Splitter's word
+        collector.take_series_event(splitter_event("series_start", {"series": 200, "series_name": "s_200"}))
         assert "s_200" in collector.series
     finally:
         push.close(linger=0)

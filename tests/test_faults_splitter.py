@@ -25,12 +25,14 @@ from test_serve import Listener
 
 from intxr import _splitter
 from intxr import stream_format as fmt
-from intxr.models import Geometry
+from intxr.geometry import Geometry
 from intxr.reader.source import FrameSource
 from intxr.splitter import Splitter
 from intxr.testing import free_ports
 
 SHAPE = (96, 128)  # rows, columns
+SIM_GEOMETRY = Geometry.simple(wavelength=1.0, distance=200.0, beam_center=(0.0, 0.0), pixel_size=(0.075, 0.075),
+                               image_size=SHAPE[::-1])
 ENCODING = "bs16-lz4<"
 
 
@@ -285,7 +287,7 @@ def test_malformed_v2_messages_inside_a_series_lose_no_good_frame(tmp_path):
         array = fmt.v2_compressed_array(shape, np.uint16, blob, "bslz4")
         return [fmt.v2_image(series, uid, k, {"threshold_1": array}, series_date=date, start_s=k, exposure_s=0.01)]
 
-    start = [fmt.v2_start(1, uid, Geometry(), SHAPE, np.uint16, nimages=8, channels=["threshold_1"],
+    start = [fmt.v2_start(1, uid, SIM_GEOMETRY, SHAPE, np.uint16, nimages=8, channels=["threshold_1"],
                           pixel_mask=None, arm_date=date)]  # fmt: skip
     bad = [
         ("noise", [b"\xd9\xd9\xf7" + np.random.default_rng(3).bytes(200)]),
@@ -309,7 +311,7 @@ def test_malformed_v2_messages_inside_a_series_lose_no_good_frame(tmp_path):
 
 def test_malformed_cbftoeiger_messages_inside_a_series_lose_no_good_frame(tmp_path):
     good = blobs(8)
-    config = fmt.detector_config(Geometry(), SHAPE, np.uint16, nimages=8)
+    config = fmt.detector_config(SIM_GEOMETRY, SHAPE, np.uint16, nimages=8)
     config_part = fmt.dumps_cbftoeiger(fmt.cbftoeiger_config(config))
     keys = {"master_file": "/data/grid_7_master.h5"}
 

@@ -17,17 +17,20 @@ import pytest
 
 from intxr.gui.frames import png_bytes, render
 from intxr.gui.model import MAX_SERIES, RunModel, grid_position
+from intxr.messages import RESULT_HTYPE, SUMMARY_HTYPE, is_hit
 
 EXE = Path(sys.executable).parent
 
 
 def result(series: int, frame: int, n_spots: int = 20, status: str = "processed", **extra) -> dict:
-    return {"series": series, "frame": frame, "n_spots": n_spots, "hres": 2.0, "score": 5, "status": status,
-            "rank": 1, "latency": 0.1, "done": 1000.0 + frame, **extra}
+    """A result as the Collector publishes it; the reader's hit rule with min_Bragg_peaks 10."""
+    return {"htype": RESULT_HTYPE, "series": series, "frame": frame, "n_spots": n_spots, "hres": 2.0, "score": 5,
+            "status": status, "hit": is_hit(status, n_spots, 10), "rank": 1, "latency": 0.1, "done": 1000.0 + frame,
+            **extra}
 
 
 def test_bursts_are_coalesced_into_one_delta_with_only_new_points():
-    model = RunModel(min_bragg_peaks=10)
+    model = RunModel()
     for k in range(500):
         model.add_result(result(1, k, n_spots=k % 20))
     first = model.delta(0)
@@ -48,7 +51,8 @@ def test_series_newest_first_and_old_ones_dropped():
     numbers = [s["series"] for s in model.delta(0)["series"]]
     assert numbers == list(range(MAX_SERIES + 5, 5, -1))
     model.add_event("splitter_series_end", {"series": 7, "received": 3, "skipped": 1})
-    model.add_event("series", {"series": 7, "master_file": "/data/x_master.h5"})
+    model.add_event("series", {"htype": SUMMARY_HTYPE, "series": 7, "master_file": "/data/x_master.h5",
+                               "received": 3})
     seven = next(s for s in model.delta(0)["series"] if s["series"] == 7)
     assert seven["counts"]["received"] == 3 and seven["counts"]["ended"] and model.master_file(7) == "/data/x_master.h5"
 

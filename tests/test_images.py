@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import fabio
 import numpy as np
 import pytest
 
+from intxr.geometry import d_star_sq
 from intxr.images import (
     SourceError,
     SyntheticSource,
@@ -65,10 +68,22 @@ def test_real_cbf_matches_fabio_and_header_geometry(thaumatin_cbfs):
     g = image.geometry
     assert g.wavelength == pytest.approx(0.96859)
     assert g.distance == pytest.approx(351.0)
-    assert (g.beam_center_x, g.beam_center_y) == pytest.approx((1261.61, 1306.96))
-    assert g.pixel_size_x == pytest.approx(0.172)
-    assert g.count_cutoff == 115897
-    assert g.description == "PILATUS3 6M" and g.detector_number == "60-0119"
+    assert g.beam_center == pytest.approx((1261.61, 1306.96))
+    [panel] = g.panels
+    assert panel.pixel_size == pytest.approx((0.172, 0.172)) and panel.image_size == (2463, 2527)
+    assert g.count_cutoff == 115897 and panel.trusted_range == (0, 115897)  # inclusive, as DIALS
+    assert (panel.material, panel.thickness) == ("Si", pytest.approx(0.45))  # "# Silicon sensor, thickness ..."
+    assert g.description == "PILATUS3 6M" and g.detector_number == "60-0119" and g.detector_kind == "pilatus"
+    assert g.axis("omega").start == pytest.approx(89.9997) and g.two_theta == 0.0 and g.known
+    # dxtbx's simple detector: origin = -(beam centre) along fast (+x) and slow (-y), distance along -z.
+    assert panel.origin == pytest.approx((-1261.61 * 0.172, 1306.96 * 0.172, -351.0))
+    assert g.beam_centre_px() == pytest.approx((1261.61, 1306.96))
+    assert d_star_sq(g, 1261.61, 1306.96) == pytest.approx(0.0, abs=1e-12)  # the direct beam
+    # A pixel 100 mm out along fast: Bragg's law on the header's numbers, before parallax (thickness 0).
+    flat = replace(g, panels=(replace(panel, thickness=0.0),))
+    x = 1261.61 + 100.0 / 0.172
+    d = 0.96859 / (2 * np.sin(np.arctan2(100.0, 351.0) / 2))
+    assert 1 / np.sqrt(d_star_sq(flat, x, 1306.96)) == pytest.approx(d, rel=1e-12)
     assert (image.data == -1).sum() > 0  # module gaps
 
 
@@ -80,6 +95,8 @@ def test_hdf5_master_and_data_files(shared_data):
     assert image.geometry.wavelength == pytest.approx(0.9762458)
     assert image.geometry.distance == pytest.approx(337.0)
     assert image.geometry.count_cutoff == 18533
+    assert image.geometry.beam_centre_px() == pytest.approx((1041.247, 1115.747), abs=1e-3)
+    assert image.geometry.source == "NXmx master" and image.geometry.known
     data = open_source(str(shared_data / "hdf5/ansto_eiger2_1m/ANSTOtest_303_data_000001.h5"))
     assert len(data) == 20 and data.read(19).data.shape == (1062, 1028)
     assert not data.read(0).geometry.known  # a lone data file carries no geometry

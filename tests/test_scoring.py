@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from intxr.geometry import d_star_sq
 from intxr.images import read_cbf
-from intxr.reader.geometry import d_star_sq
 from intxr.reader.scoring import (
     FrameScore,
     count_ice_rings,

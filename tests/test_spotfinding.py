@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 
 from intxr import codec
+from intxr.geometry import Geometry
 from intxr.images import read_cbf
-from intxr.models import Geometry
 from intxr.reader.spotfinder import SpotFinder, SpotFinderParams, find_spots
 from intxr.reader.spots import label_reference, label_strong_pixels
 from intxr.reader.threshold import ThresholdParams, find_strong_pixels, strong_mask_reference
@@ -42,17 +41,20 @@ def dls_frame(shared: Path):
     width, height = header["shape"]
     image = codec.decode(parts[2], header["encoding"], header["type"], (height, width))
     config = json.loads(msgpack.unpackb((shared / "data/stream_v1/dls_eiger2_16m_roi4m/header").read_bytes())[1])
-    geometry = Geometry(
+    geometry = Geometry.simple(  # the reference used a flat detector without a sensor model: no parallax
         wavelength=config["wavelength"],
         distance=config["detector_distance"] * 1000,
-        beam_center_x=config["beam_center_x"],
-        beam_center_y=config["beam_center_y"],
-        pixel_size_x=config["x_pixel_size"] * 1000,
-        pixel_size_y=config["y_pixel_size"] * 1000,
+        beam_center=(config["beam_center_x"], config["beam_center_y"]),
+        pixel_size=(config["x_pixel_size"] * 1000, config["y_pixel_size"] * 1000),
+        image_size=(width, height),
         count_cutoff=config["countrate_correction_count_cutoff"],
-        sensor_thickness=0.45,
     )
     return image, geometry
+
+
+def small_geometry(width: int, height: int) -> Geometry:
+    return Geometry.simple(wavelength=1.0, distance=200.0, beam_center=(width / 2, height / 2),
+                           pixel_size=(0.075, 0.075), image_size=(width, height))
 
 
 def params_for(reference: dict, name: str) -> SpotFinderParams:
@@ -86,7 +88,6 @@ def test_matches_dials_on_real_frames(name):
     shared = shared_path()
     if path.parent.name == "stream_v1":
         image, geometry = dls_frame(shared)
-        geometry = replace(geometry, parallax=False)  # the reference used a flat detector without parallax
     else:
         frame = read_cbf(str(shared / reference["source"]))
         image, geometry = frame.data, frame.geometry
@@ -165,7 +166,7 @@ def test_labelling_is_4_connected_and_ordered_by_first_pixel():
 
 
 def test_bad_input_is_a_clear_error_or_an_empty_result():
-    geometry = Geometry(beam_center_x=20, beam_center_y=20)
+    geometry = small_geometry(40, 40)
     with pytest.raises(ValueError, match="dtype"):
         find_spots(np.zeros((40, 40), dtype=np.complex64), geometry)
     with pytest.raises(ValueError, match="mask shape"):
@@ -189,7 +190,7 @@ def test_too_many_strong_pixels_is_reported_not_crashed():
     image = np.zeros((64, 64), dtype=np.int32)
     image[::2, ::2] = 1000  # a dense lattice: half the pixels' windows are wildly dispersed
     params = SpotFinderParams(max_strong_pixel_fraction=0.01, prescreen=False)
-    result = find_spots(image, Geometry(beam_center_x=32, beam_center_y=32), params)
+    result = find_spots(image, small_geometry(64, 64), params)
     assert result.n_strong_pixels > 41 and len(result.spots) == 0
     assert "max_strong_pixel_fraction" in result.errors[0]
 

@@ -9,9 +9,8 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
+from intxr.geometry import Geometry, d_star_sq
 from intxr.images import read_cbf
-from intxr.models import Geometry
-from intxr.reader.geometry import d_star_sq
 from intxr.reader.stats import (
     ImageStats,
     distl_method_1,
@@ -38,17 +37,13 @@ REFERENCES = (
 # only without the parallax correction (DIALS evidently had no sensor model for this frame); with the correction
 # one more spot falls off an ice ring. The header's own wavelength matters too: the float32 0.9762458 of the
 # NeXus master gives 1e-9 relative differences, the header's value 4e-16.
-DLS_GEOMETRY = Geometry(
+DLS_GEOMETRY = Geometry.simple(
     wavelength=0.9762458012141636,
     distance=337.0,
-    beam_center_x=1041.2470038560409,
-    beam_center_y=1115.7474063453324,
-    pixel_size_x=0.075,
-    pixel_size_y=0.075,
-    sensor_material="Si",
-    sensor_thickness=0.45,
-    parallax=False,
-)
+    beam_center=(1041.2470038560409, 1115.7474063453324),
+    pixel_size=(0.075, 0.075),
+    image_size=(2068, 2162),
+)  # no sensor model: no parallax
 
 
 @lru_cache(maxsize=16)
@@ -88,7 +83,8 @@ def test_stats_match_dials(name):
 
 def test_dls_stats_need_no_parallax_correction():
     name = "stream_v1/dls_eiger2_roi4m_frame44.dispersion.json"
-    with_parallax = dataclasses.replace(DLS_GEOMETRY, parallax=True)
+    panel = dataclasses.replace(DLS_GEOMETRY.panels[0], thickness=0.45, material="Si")
+    with_parallax = dataclasses.replace(DLS_GEOMETRY, panels=(panel,))
     reference, spot_d_star_sq, intensity = reference_spots(name, with_parallax)
     stats = per_image_stats(spot_d_star_sq, intensity)
     assert stats.n_spots_no_ice == reference["stats"]["n_spots_no_ice"] + 1

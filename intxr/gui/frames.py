@@ -17,6 +17,8 @@ import h5py  # noqa: E402
 import hdf5plugin  # noqa: F401,E402  (registers the bitshuffle and LZ4 filters)
 import numpy as np  # noqa: E402
 
+from intxr.geometry import Geometry, GeometryError  # noqa: E402
+
 RESOLUTION_RINGS_A = (10.0, 6.0, 4.0, 3.0, 2.5, 2.0, 1.8, 1.6, 1.4, 1.2)
 # The strong powder rings of hexagonal ice Ih, in A (the rings DIALS's ice filter and beamline
 # viewers mark).
@@ -32,21 +34,13 @@ class FrameView:
     beam: tuple[float, float]  # view px (x, y)
 
 
-def _detector_geometry(f: h5py.File) -> dict | None:
-    det = f.get("entry/instrument/detector")
-    beam = f.get("entry/instrument/beam")
-    if det is None or beam is None:
-        return None
+def _detector_geometry(f: h5py.File) -> Geometry | None:
+    """The master's geometry (the one model, `Geometry.from_nxmx`); None when it has none to draw rings."""
     try:
-        return {
-            "beam_x": float(det["beam_center_x"][()]),
-            "beam_y": float(det["beam_center_y"][()]),
-            "distance_m": float(det["detector_distance"][()]),
-            "pixel_m": float(det["x_pixel_size"][()]),
-            "wavelength": float(beam["incident_wavelength"][()]),
-        }
-    except KeyError:
+        geometry = Geometry.from_nxmx(f)
+    except GeometryError:
         return None
+    return geometry if geometry.known else None
 
 
 def _open(path: str) -> h5py.File:
@@ -58,7 +52,7 @@ def _open(path: str) -> h5py.File:
         return h5py.File(path, "r")
 
 
-def read_frame(master_file: str, frame_index: int) -> tuple[np.ndarray, dict | None, np.ndarray | None]:
+def read_frame(master_file: str, frame_index: int) -> tuple[np.ndarray, Geometry | None, np.ndarray | None]:
     """Frame `frame_index` (0-based position in the series) through the master's data links."""
     if frame_index < 0:  # h5py would count it from the end: another frame
         raise IndexError(f"frame index {frame_index} < 0")
@@ -78,7 +72,7 @@ def read_frame(master_file: str, frame_index: int) -> tuple[np.ndarray, dict | N
         return data, _detector_geometry(f), mask
 
 
-def render(data: np.ndarray, geometry: dict | None, mask: np.ndarray | None, max_size: int = 1024) -> FrameView:
+def render(data: np.ndarray, geometry: Geometry | None, mask: np.ndarray | None, max_size: int = 1024) -> FrameView:
     rows, cols = data.shape
     scale = max(1, math.ceil(max(rows, cols) / max_size))
     valid = np.ones(data.shape, bool) if mask is None else mask == 0
@@ -98,13 +92,13 @@ def render(data: np.ndarray, geometry: dict | None, mask: np.ndarray | None, max
     image[gaps] = 200  # gaps in light grey
     rings: list[dict] = []
     beam = (cols / 2 / scale, rows / 2 / scale)
-    if geometry:
-        beam = (geometry["beam_x"] / scale, geometry["beam_y"] / scale)
+    centre = geometry.beam_centre_px() if geometry is not None and geometry.known else None
+    if centre is not None:
+        beam = (centre[0] / scale, centre[1] / scale)
         for d, ice in [(d, False) for d in RESOLUTION_RINGS_A] + [(d, True) for d in ICE_RING_D]:
-            s = geometry["wavelength"] / (2 * d)  # Bragg: sin(theta) = lambda / 2d
-            if s >= 1:
+            radius_px = geometry.ring_radius_px(d)  # Bragg: sin(theta) = lambda / 2d, through the panels
+            if radius_px is None:
                 continue
-            radius_px = geometry["distance_m"] * math.tan(2 * math.asin(s)) / geometry["pixel_m"]
             rings.append({"d": d, "radius": radius_px / scale, "ice": ice})
     return FrameView(image, scale, (rows, cols), rings, beam)
 

@@ -8,109 +8,52 @@ its own pace, so bursts are coalesced into one update per draw.
 Series are keyed by the Splitter's `series_name` (unique per output directory: a second series 1
 after a detector restart is `series_000001_r2`, its own tab `1 r2`), else by the series number.
 Every message comes from a socket anyone on the host can write to: `add_result` / `add_event`
-check each field's type before anything is stored (`BadMessage` otherwise), so one bad message
-can never break the views built from the good ones.
+read it with its model in intxr.messages (`BadMessage` otherwise) before anything is stored, so
+one bad message can never break the views built from the good ones. Hits are the readers' word
+(`hit` in each result) and the counts are intxr.messages' `SeriesTally` summary, the Collector's
+own code, until the Collector's SERIES summary replaces them: nothing here decides them again.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import statistics
 import threading
 from array import array
 from dataclasses import dataclass, field
 
+from intxr.messages import (
+    BadMessage,
+    FrameResult,
+    SeriesEnd,
+    SeriesSummary,
+    SeriesTally,
+    SeriesWritten,
+    SplitterCounters,
+    scalars,
+    series_key,
+    series_label,
+)
+
 # Fields of a result the views need; the rest (spot lists, timings) stays out of the live feed.
-POINT_FIELDS = ("frame", "n_spots", "hres", "score", "status", "rank", "latency")
+POINT_FIELDS = ("frame", "n_spots", "hres", "score", "status", "hit", "rank", "latency")
 MAX_SERIES = 20  # series kept in memory, newest first; older ones are dropped and counted
 MAX_SPOT_FRAMES = 2000  # frames per series whose spots are kept for the frame view
-MAX_SPOTS = 20_000  # spot centroids kept per frame
 # Spot centroids kept in all, as float32 pairs (8 bytes a spot; as JSON-decoded lists they took
 # ~130): beyond it the oldest series' oldest frames lose their circles first. A run of weeks levels
 # off here instead of growing with every spot of every series kept.
 MAX_SPOT_BYTES = 24 << 20
 MAX_TEXT = 300  # characters kept of any text from a message (errors, names)
-COUNT_FIELDS = ("received", "written", "processed", "hits", "blank", "skipped", "failed", "lost")
-RANGE_FIELDS = ("lost_ranges", "skipped_ranges")  # a SERIES summary's frame ranges, shown as text
 MAX_RANGES_SHOWN = 8
-_REPEAT = re.compile(r"_r(\d+)$")
+
+__all__ = ["BadMessage", "RunModel", "SeriesView", "grid_position"]
 
 
-class BadMessage(ValueError):
-    """A message whose fields are missing or of the wrong type: counted and reported, never stored."""
-
-
-def _int(body: dict, key: str, *, required: bool = False, minimum: int | None = 0) -> int | None:
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise BadMessage(f"no {key!r}")
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise BadMessage(f"{key!r} is {_show(value)}, not an integer{bound}")
-    return value
-
-
-def _num(body: dict, key: str) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadMessage(f"{key!r} is {_show(value)}, not a number")
-    return value
-
-
-def _str(body: dict, key: str) -> str | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadMessage(f"{key!r} is {_show(value)}, not text")
-    return value[:MAX_TEXT]
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _spots(value) -> array:
-    """`spots_xy` checked, kept as float32 x, y pairs."""
-    if value is None:
-        return array("f")
-    if not isinstance(value, list) or len(value) > MAX_SPOTS:
-        raise BadMessage(f"'spots_xy' is {_show(value)}, not a list of [x, y]")
-    for xy in value:
-        if (not isinstance(xy, list) or len(xy) != 2
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in xy)):
-            raise BadMessage(f"'spots_xy' holds {_show(xy)}, not [x, y]")
-    return array("f", [v for xy in value for v in xy])
+def _clip(text: str | None) -> str | None:
+    return text[:MAX_TEXT] if text is not None else None
 
 
 def _nbytes(xy: array | None) -> int:
     return 0 if xy is None else xy.itemsize * len(xy)
-
-
-def _scalars(body, what: str) -> dict:
-    """A flat dict of numbers, text, booleans and nulls (the Splitter's counters, a rank's health)."""
-    if not isinstance(body, dict):
-        raise BadMessage(f"{what} is {_show(body)}, not an object")
-    out = {}
-    for key, value in body.items():
-        if isinstance(value, str):
-            out[str(key)[:64]] = value[:MAX_TEXT]
-        elif value is None or isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value)):
-            out[str(key)[:64]] = value
-        # lists and objects (per-series lists, nested maps) are not shown: left out
-    return out
-
-
-def series_label(number: int, name: str | None) -> str:
-    """The tab's label: the series number, with the Splitter's repeat suffix (`1 r2`)."""
-    m = _REPEAT.search(name or "")
-    return f"{number} r{m.group(1)}" if m else str(number)
 
 
 def grid_position(mapping, frame: int, row_length: int | None, first_frame: int) -> tuple[int, int] | None:
@@ -127,33 +70,10 @@ def grid_position(mapping, frame: int, row_length: int | None, first_frame: int)
     return None
 
 
-def ranges_count(ranges) -> int | None:
-    """Frames in `[[first, last], ...]`, or None when it is not such a list."""
-    if not isinstance(ranges, list):
-        return None
-    total = 0
-    for r in ranges:
-        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
-                and r[0] <= r[1]):
-            return None
-        total += r[1] - r[0] + 1
-    return total
-
-
 def show_ranges(ranges: list) -> str:
     """`[[3, 5], [9, 9]]` as `3-5, 9`; a long list is cut (a 10^6-frame series may have many)."""
     text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges[:MAX_RANGES_SHOWN])
     return text + (f", ... ({len(ranges)} ranges)" if len(ranges) > MAX_RANGES_SHOWN else "")
-
-
-def ranges_position(ranges, frame: int) -> int | None:
-    """Position of `frame` among the frames of sorted ranges (its index on disk), None when absent."""
-    before = 0
-    for first, last in ranges:
-        if first <= frame <= last:
-            return before + frame - first
-        before += last - first + 1
-    return None
 
 
 @dataclass
@@ -166,58 +86,42 @@ class SeriesView:
     frames: dict[int, int] = field(default_factory=dict)  # frame -> index in points
     mappings: dict[int, str] = field(default_factory=dict)  # frame -> the header's mapping value
     spots: dict[int, array] = field(default_factory=dict)  # frame -> x, y, x, y ... (float32), latest frames
+    tally: SeriesTally | None = None  # the live counts, as the Collector counts them
     master_file: str | None = None
-    summary: dict | None = None  # the Collector's SERIES summary, counts only
-    end: dict | None = None  # the Splitter's series_end: counts and the received frames' ranges
+    summary: SeriesSummary | None = None  # the Collector's SERIES summary
+    end: SeriesEnd | None = None  # the Splitter's series_end: counts and the received frames
     written: int | None = None
     first_frame: int | None = None
-    first_time: float | None = None
-    last_time: float | None = None
     version: int = 0  # model version of the last change
+
+    def __post_init__(self):
+        self.tally = self.tally or SeriesTally(self.series, self.key)
 
     @property
     def label(self) -> str:
         return series_label(self.series, self.name)
 
-    def counts(self, min_bragg_peaks: int) -> dict:
-        statuses = [p["status"] for p in self.points]
-        hits = [p for p in self.points if p["status"] == "processed" and (p["n_spots"] or 0) >= min_bragg_peaks]
-        hres = [p["hres"] for p in hits if p.get("hres") and 0 < p["hres"] < 99]
-        latencies = sorted(p["latency"] for p in self.points if p.get("latency") is not None)
-        span = (self.last_time - self.first_time) if self.first_time and self.last_time else 0
-        end = self.end or {}
-        counts = {
-            "series": self.series,
-            "name": self.name,
-            "label": self.label,
-            "received": end.get("received"),
-            "written": self.written,
-            "processed": statuses.count("processed"),
-            "blank": statuses.count("blank"),
-            "failed": statuses.count("failed"),
-            "skipped": end.get("skipped"),
-            "results": len(self.points),
-            "hits": len(hits),
-            "hit_rate": len(hits) / len(self.points) if self.points else 0.0,
-            "median_hres": statistics.median(hres) if hres else None,
-            "rate": (len(self.points) - 1) / span if span > 0 and len(self.points) > 1 else None,
-            "latency_p50": latencies[len(latencies) // 2] if latencies else None,
-            "ended": self.summary is not None,
-            "master_file": self.master_file,
-        }
-        # The Collector's summary is the account (frames whose reader died are failed there).
-        for key, value in (self.summary or {}).items():
-            if value is not None:
-                counts[key] = value
+    def counts(self) -> dict:
+        """The Collector's summary once it came (frames whose reader died are failed there), else
+        the same summary computed live from the results so far."""
+        summary = self.summary or self.tally.summary(self.end, self.written, self.master_file, final=False)
+        counts = summary.to_wire()
+        del counts["htype"]
+        counts.update(name=self.name, label=self.label, results=len(self.points), ended=self.summary is not None,
+                      master_file=summary.master_file or self.master_file)
+        for key in ("lost_ranges", "skipped_ranges"):  # the frames named, as text
+            if counts[key] is not None:
+                counts[key] = show_ranges(counts[key])
+            else:
+                del counts[key]
         return counts
 
     def disk_index(self, frame: int) -> int | None:
         """Where `frame` is in the series' files: its position among the received frames once the
         series has ended, else counted from the first frame seen; None when it is not there."""
-        end = self.end or {}
-        received = end.get("received_ranges")
+        received = self.end.received_frames() if self.end is not None else None
         if received is not None:
-            return ranges_position(received, frame)
+            return received.position(frame)
         first = self.first_frame if self.first_frame is not None else 0
         if frame < first:
             return None
@@ -227,8 +131,7 @@ class SeriesView:
 class RunModel:
     """Thread-safe: a subscriber thread feeds it, request threads read it."""
 
-    def __init__(self, min_bragg_peaks: int = 10, row_length: int | None = None):
-        self.min_bragg_peaks = min_bragg_peaks
+    def __init__(self, row_length: int | None = None):
         self.row_length = row_length
         self.series: dict[str, SeriesView] = {}  # by key, oldest first
         self.series_dropped = 0  # older series no longer kept
@@ -251,27 +154,25 @@ class RunModel:
             view.version = self.version
         self.changed.notify_all()
 
-    def _view(self, body: dict) -> SeriesView:
+    def _view(self, number: int, name: str | None) -> SeriesView:
         """The series a message belongs to: by `series_name`, else the newest view of that number."""
-        number = _int(body, "series", required=True)
-        name = _str(body, "series_name") or None
+        name = _clip(name) or None
         if name is not None:
             view = self.series.get(name)
             if view is not None:
                 return view
             # A view opened by messages without the name (an older sender) takes it.
             newest = self._newest(number)
-            if newest is not None and newest.name is None and newest.key == str(number):
+            if newest is not None and newest.name is None and newest.key == series_key(number, None):
                 del self.series[newest.key]
-                newest.key, newest.name = name, name
+                newest.key = newest.name = newest.tally.name = name
                 self.series[name] = newest
                 return newest
-            key = name
         else:
             newest = self._newest(number)
             if newest is not None:
                 return newest
-            key = str(number)
+        key = series_key(number, name)
         self._created += 1
         view = self.series[key] = SeriesView(number, key=key, name=name, order=self._created)
         while len(self.series) > MAX_SERIES:
@@ -308,32 +209,24 @@ class RunModel:
         with self._lock:
             self.gui_counts[what] = self.gui_counts.get(what, 0) + 1
 
-    def add_result(self, result) -> None:
-        if not isinstance(result, dict):
-            raise BadMessage(f"result is {_show(result)}, not an object")
-        frame = _int(result, "frame", required=True)
+    def add_result(self, body) -> None:
+        result = FrameResult.from_wire(body)
         point = {
-            "frame": frame,
-            "n_spots": _int(result, "n_spots"),
-            "hres": _num(result, "hres"),
-            "score": _num(result, "score"),
-            "status": _str(result, "status") or "unknown",
-            "rank": _int(result, "rank", minimum=None),
-            "latency": _num(result, "latency"),
+            "frame": result.frame,
+            "n_spots": result.n_spots,
+            "hres": result.hres,
+            "score": result.score,
+            "status": result.status,
+            "hit": result.hit,
+            "rank": result.rank,
+            "latency": result.latency,
         }
-        header = result.get("header")
-        if header is not None and not isinstance(header, dict):
-            raise BadMessage(f"'header' is {_show(header)}, not an object")
-        mapping = _str(header or {}, "mapping")
-        spots = _spots(result.get("spots_xy"))
-        master_file = _str(result, "master_file")
-        done = _num(result, "done")
-        errors = result.get("errors") or []
-        if not isinstance(errors, list):
-            raise BadMessage(f"'errors' is {_show(errors)}, not a list")
-        errors = [str(e)[:MAX_TEXT] for e in errors]
+        mapping = (result.header or {}).get("mapping")
+        spots = array("f", [v for xy in result.spots_xy or () for v in xy])
+        errors = [e[:MAX_TEXT] for e in result.errors]
+        frame = result.frame
         with self._lock:
-            view = self._view(result)
+            view = self._view(result.series, result.series_name)
             self.received += 1
             point["v"] = self.version + 1
             if frame in view.frames:
@@ -341,116 +234,76 @@ class RunModel:
             else:
                 view.frames[frame] = len(view.points)
                 view.points.append(point)
+            view.tally.add_result(result, result.done)
             view.first_frame = frame if view.first_frame is None else min(view.first_frame, frame)
-            if mapping:
-                view.mappings[frame] = mapping
+            if isinstance(mapping, str) and mapping:
+                view.mappings[frame] = mapping[:MAX_TEXT]
             self._keep_spots(view, frame, spots)
-            view.master_file = view.master_file or master_file
-            if done:
-                view.first_time = done if view.first_time is None else min(view.first_time, done)
-                view.last_time = done if view.last_time is None else max(view.last_time, done)
-            if point["status"] == "failed":
+            view.master_file = view.master_file or _clip(result.master_file)
+            if result.status == "failed":
                 self.errors = (self.errors + errors)[-50:]
             self._touch(view)
 
     def add_event(self, topic: str, body) -> None:
-        if not isinstance(body, dict):
-            raise BadMessage(f"{topic} is {_show(body)}, not an object")
+        if topic == "series":
+            event = SeriesSummary.from_wire(body)
+        elif topic == "splitter_series_end":
+            event = SeriesEnd.from_wire(body)
+        elif topic == "splitter_series_written":
+            event = SeriesWritten.from_wire(body)
+        elif topic == "splitter":
+            event = SplitterCounters.from_wire(body)
+        elif topic == "health":
+            event = self._health(body)
+        else:
+            raise BadMessage(f"unknown topic {topic!r}")
         with self._lock:
             view = None
-            if topic == "series":
-                summary: dict = {k: _int(body, k) for k in COUNT_FIELDS if body.get(k) is not None}
-                for key in RANGE_FIELDS:
-                    value = body.get(key)
-                    if value is None:
-                        continue
-                    if ranges_count(value) is None:
-                        raise BadMessage(f"{key!r} is {_show(value)}, not [[first, last], ...]")
-                    summary[key] = show_ranges(value)
-                master_file = _str(body, "master_file")
-                view = self._view(body)
-                view.summary = summary
-                view.master_file = master_file or view.master_file
-            elif topic == "splitter_series_end":
-                end = {k: _int(body, k) for k in ("received", "skipped", "forwarded", "malformed")
-                       if body.get(k) is not None}
-                received = self._received_ranges(body)
-                if received is not None:
-                    end["received_ranges"] = received
-                    end.setdefault("received", ranges_count(received))
-                    if "skipped" not in end:
-                        skipped = ranges_count(body.get("skipped_ranges"))
-                        end["skipped"] = skipped if skipped is not None else len(body.get("skipped_frames") or [])
-                view = self._view(body)
-                view.end = end
-            elif topic == "splitter_series_written":
-                written = _int(body, "frames_written")
-                master_file = _str(body, "master_file")
-                view = self._view(body)
-                view.written = written
-                view.master_file = master_file or view.master_file
-            elif topic == "splitter":
-                self.splitter = _scalars(body, "splitter counters")
+            if isinstance(event, SeriesSummary):
+                view = self._view(event.series, event.series_name)
+                view.summary = event
+                view.master_file = _clip(event.master_file) or view.master_file
+            elif isinstance(event, SeriesEnd):
+                view = self._view(event.series, event.series_name)
+                view.end = event
+            elif isinstance(event, SeriesWritten):
+                view = self._view(event.series, event.series_name)
+                view.written = event.frames_written
+                view.master_file = _clip(event.master_file) or view.master_file
+            elif isinstance(event, SplitterCounters):
+                self.splitter = scalars(event.values, "splitter counters", MAX_TEXT)
                 if self.splitter.get("last_error"):
                     error = f"splitter: {self.splitter['last_error']}"
                     if not self.errors or self.errors[-1] != error:
                         self.errors = (self.errors + [error])[-50:]
-            elif topic == "health":
-                self.health = self._health(body)
-                if body.get("splitter") is not None:
-                    self.splitter = _scalars(body["splitter"], "health's splitter counters")
             else:
-                raise BadMessage(f"unknown topic {topic!r}")
+                self.health, splitter = event
+                if splitter is not None:
+                    self.splitter = splitter
             self._touch(view)
 
     @staticmethod
-    def _received_ranges(body: dict) -> list | None:
-        """The received frames as sorted, merged ranges, from `forwarded_ranges` + `skipped_ranges`
-        (or the older frame lists); None when the message has neither."""
-        ranges = []
-        for key in ("forwarded_ranges", "skipped_ranges"):
-            value = body.get(key)
-            if value is None:
-                continue
-            if ranges_count(value) is None:
-                raise BadMessage(f"{key!r} is {_show(value)}, not [[first, last], ...]")
-            ranges += value
-        for key in ("forwarded_frames", "skipped_frames"):  # the Splitter's older form
-            value = body.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise BadMessage(f"{key!r} is {_show(value)}, not a list of frame numbers")
-            ranges += [[v, v] for v in value]
-        if not ranges and not any(k in body for k in ("forwarded_ranges", "skipped_ranges", "forwarded_frames",
-                                                      "skipped_frames")):
-            return None
-        merged: list[list[int]] = []
-        for first, last in sorted(ranges):
-            if merged and first <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], last)
-            else:
-                merged.append([first, last])
-        return merged
-
-    @staticmethod
-    def _health(body: dict) -> dict:
+    def _health(body) -> tuple[dict, dict | None]:
         """The Collector's health (`Collector.health`): per-rank rows (`dead`, `lost`, `starting`,
         `given_up`, `restarts`, ...) plus the job's state (`readers_alive`, `no_readers`,
         `no_readers_for`, `reader_restarts`, `job_restarts`, `malformed_results`, ...); every field
-        optional."""
+        optional. With the Splitter's counters it holds, when it holds them."""
+        health = scalars(body, "health", MAX_TEXT)
         ranks = body.get("ranks") or []
         if not isinstance(ranks, list):
-            raise BadMessage(f"health 'ranks' is {_show(ranks)}, not a list")
+            raise BadMessage(f"health 'ranks' is {str(ranks)[:40]!r}, not a list")
         rows = []
         for rank in ranks:
-            row = _scalars(rank, "a health rank")
-            _int(row, "rank", required=True, minimum=None)
+            row = scalars(rank, "a health rank", MAX_TEXT)
+            if not isinstance(row.get("rank"), int) or isinstance(row.get("rank"), bool):
+                raise BadMessage(f"a health rank's 'rank' is {str(row.get('rank'))[:40]!r}, not an integer")
             rows.append(row)
-        health = _scalars(body, "health")
         health.pop("splitter", None)
         health["ranks"] = rows
-        return health
+        splitter = body.get("splitter")
+        if splitter is not None:
+            splitter = scalars(splitter, "health's splitter counters", MAX_TEXT)
+        return health, splitter
 
     def delta(self, since: int) -> dict:
         """Everything a view holding version `since` lacks: new points per series, and the small
@@ -464,7 +317,7 @@ class RunModel:
                     "series": view.series,
                     "label": view.label,
                     "points": new,
-                    "counts": view.counts(self.min_bragg_peaks),
+                    "counts": view.counts(),
                 }
                 if not since or view.version > since:
                     entry["grid"] = self._grid(view)
@@ -478,7 +331,6 @@ class RunModel:
                 "health": self.health,
                 "gui": {"bad_messages": self.bad_messages, "last_bad": self.last_bad, **self.gui_counts},
                 "errors": self.errors[-10:],
-                "min_bragg_peaks": self.min_bragg_peaks,
             }
 
     def _grid(self, view: SeriesView) -> dict[str, tuple[int, int]]:

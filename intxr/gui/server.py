@@ -24,14 +24,15 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 import zmq
 
 from intxr.gui.frames import png_bytes, read_frame, render
-from intxr.gui.model import BadMessage, RunModel, SeriesView
+from intxr.gui.model import RunModel, SeriesView
+from intxr.messages import BadMessage, parse_json
+from intxr.report import Reporter
 
 # What the Collector publishes for the GUI (its `stop` is for readers). ZeroMQ subscriptions match
 # prefixes, so `splitter` also brings whatever else starts with it.
 TOPICS = ("result", "series", "health", "splitter", "splitter_series_end", "splitter_series_written")
 IGNORED = ("splitter_series_start",)  # an older Collector's: nothing to show, not a bad message
 UPDATE_INTERVAL = 0.1  # seconds between two updates to one browser: the coalescing window
-REPORT_EVERY = 10.0  # seconds between two stderr lines about bad messages (the first is said at once)
 MAX_MESSAGE = 64 << 20  # bytes: a result with every spot is far smaller; anything larger is not ours
 FRAME_CACHE = 16  # rendered frames kept for repeated requests
 # Query parameters each path takes: anything else is refused, naming what was expected.
@@ -50,35 +51,6 @@ class BadRequest(Exception):
         self.status = status
 
 
-class Reporter:
-    """One stderr line for the first bad message, then at most one every REPORT_EVERY seconds with
-    how many more came: garbage on a socket must not flood the terminal."""
-
-    def __init__(self, what: str, log=sys.stderr):
-        self.what, self.log = what, log
-        self.pending = 0
-        self.last_line = None
-        self.said_at: float | None = None
-
-    def bad(self, text: str) -> None:
-        now = time.monotonic()
-        self.pending += 1
-        self.last_line = text
-        if self.said_at is None:
-            self._say(f"gui: bad {self.what} ignored: {text} (more are counted in the health view)", now)
-        else:
-            self.flush(now)
-
-    def flush(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        if self.pending and (self.said_at is None or now - self.said_at >= REPORT_EVERY):
-            self._say(f"gui: {self.pending} more bad {self.what}s ignored (last: {self.last_line})", now)
-
-    def _say(self, line: str, now: float) -> None:
-        print(line, file=self.log, flush=True)
-        self.pending, self.said_at = 0, now
-
-
 def handle_message(model: RunModel, parts: list[bytes]) -> None:
     """Feed one message from the Collector's PUB socket to the model; BadMessage when it is not one."""
     if len(parts) != 2:
@@ -89,16 +61,13 @@ def handle_message(model: RunModel, parts: list[bytes]) -> None:
     if topic not in TOPICS:
         raise BadMessage(f"unknown topic {topic[:40]!r}")
     try:
-        body = json.loads(parts[1])
-    except (ValueError, RecursionError) as exc:
-        raise BadMessage(f"{topic}: not JSON ({str(exc)[:80]})") from None
-    try:
+        body = parse_json(parts[1])
         if topic == "result":
             model.add_result(body)
         else:
             model.add_event(topic, body)
     except BadMessage as exc:
-        raise BadMessage(f"{topic}: {exc}") from None
+        raise type(exc)(f"{topic}: {exc}") from None
 
 
 def open_subscriber(endpoint: str) -> zmq.Socket:
@@ -121,11 +90,11 @@ def subscribe(model: RunModel, endpoint: str, stop: threading.Event, sock: zmq.S
     """Feed the model from the Collector's PUB socket until `stop`. Every message is checked: a bad
     one is counted (shown in the health view) and reported, and the thread goes on."""
     sock = sock if sock is not None else open_subscriber(endpoint)
-    reporter = Reporter("message", log)
+    reporter = Reporter("gui", "bad message", endpoint, note="; counted (see the health view) and ignored", log=log)
 
     def run():
         while not stop.is_set():
-            reporter.flush()
+            reporter.tick()
             try:
                 if not sock.poll(200):
                     continue
@@ -141,11 +110,11 @@ def subscribe(model: RunModel, endpoint: str, stop: threading.Event, sock: zmq.S
                     handle_message(model, parts)
                 except BadMessage as exc:
                     model.bad_message(str(exc))
-                    reporter.bad(str(exc))
+                    reporter(str(exc))
                 except Exception as exc:  # a bug here must not stop the live view: said, counted
                     text = f"{type(exc).__name__} handling a {parts[0][:40]!r} message: {exc}"
                     model.bad_message(text)
-                    reporter.bad(text)
+                    reporter(text)
         sock.close(linger=0)
 
     thread = threading.Thread(target=run, name="gui-subscriber", daemon=True)
@@ -338,9 +307,12 @@ def serve(model: RunModel, host: str, port: int) -> Server:
     return server
 
 
-def run_gui(results_endpoint: str, host: str, port: int, *, min_bragg_peaks: int = 10,
-            row_length: int | None = None) -> int:
-    model = RunModel(min_bragg_peaks=min_bragg_peaks, row_length=row_length)
+def run_gui(results_endpoint: str, host: str, port: int, *, row_length: int | None = None,
+            min_bragg_peaks: int | None = None) -> int:
+    # min_bragg_peaks: no longer used (each result says whether it is a hit, decided by its reader
+    # with its processing section); accepted until `intxr gui --min-bragg-peaks` goes from cli.py.
+    del min_bragg_peaks
+    model = RunModel(row_length=row_length)
     try:
         server = serve(model, host, port)
     except OSError as exc:

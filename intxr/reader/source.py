@@ -75,9 +75,10 @@ class ServedFrame:
     error: str | None = None
 
     @property
-    def series_name(self) -> str:
+    def series_name(self) -> str | None:
+        """The Splitter's name of the series (None from one that gives none: keyed by number)."""
         name = self.meta.get("series_name")
-        return name if isinstance(name, str) else str(self.series)
+        return name if isinstance(name, str) else None
 
     @property
     def series(self) -> int:

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from intxr.models import Geometry
-from intxr.reader.geometry import d_star_sq, resolution_mask
+from intxr.geometry import Geometry, d_star_sq, resolution_mask
 from intxr.reader.prescreen import PrescreenParams, PrescreenResult, prescreen
-from intxr.reader.scoring import FrameScore, score_frame
+from intxr.reader.scoring import UNSCORED_HRES, FrameScore, score_frame
 from intxr.reader.spots import Spots, filter_spots, label_strong_pixels, spots_touching
 from intxr.reader.stats import ImageStats, per_image_stats
 from intxr.reader.threshold import ThresholdParams, find_strong_pixels, trusted_range_for
@@ -126,7 +125,7 @@ class SpotFinder:
                 if self.static_mask.shape != shape:
                     raise ValueError(f"mask shape {self.static_mask.shape} does not match frame shape {shape}")
                 mask = self.static_mask.copy()
-            if self.params.d_min is not None or self.params.d_max is not None:
+            if (self.params.d_min is not None or self.params.d_max is not None) and self.geometry.known:
                 keep = resolution_mask(self.geometry, shape, self.params.d_min, self.params.d_max)
                 mask = keep.copy() if mask is None else mask & keep
             self._masks[shape] = None if mask is None else mask.astype(np.uint8)
@@ -178,12 +177,21 @@ class SpotFinder:
     def _result(self, image, spots, n_strong, overloaded, timing, errors, screen, prescreened) -> FrameResult:
         p = self.params
         t = time.perf_counter()
-        dss = d_star_sq(self.geometry, spots.x, spots.y)
-        stats = per_image_stats(dss, spots.intensity)
         if image.dtype.kind == "u" and len(overloaded):
             # 2^bits-1 and 2^bits-2 mark gaps and dead pixels (dxtbx reads them as -1, -2): not saturated.
             overloaded = overloaded[image.ravel()[overloaded] < np.iinfo(image.dtype).max - 1]
         n_overloads = int(spots_touching(spots, overloaded, image.shape[1]).sum())
+        missing = self.geometry.missing_error()
+        if missing is not None:
+            # No resolution without the header's wavelength and detector position: the counts that need
+            # none are reported, the rest is -1 (stats) / not scored, and the result says why.
+            errors.append(missing)
+            stats = ImageStats(len(spots), -1, -1, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0)
+            score = FrameScore(len(spots), n_overloads, -999, UNSCORED_HRES, 0, 0.0, tuple(errors))
+            timing["stats"] = time.perf_counter() - t
+            return FrameResult(n_strong, spots, stats, score, prescreened, screen, timing, errors)
+        dss = d_star_sq(self.geometry, spots.x, spots.y)
+        stats = per_image_stats(dss, spots.intensity)
         score = score_frame(
             dss,
             spots.intensity,

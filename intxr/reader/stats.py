@@ -8,7 +8,7 @@ This is DIALS's per-image analysis (dials/algorithms/spot_finding/per_image_anal
   the 10th / 90th percentile of ln(I/sigma(I)) per bin, and the highest-resolution spot under the upper line;
 - `d_min_distl_method_1/2` and the noisiness values: Zhang et al. 2006, J. Appl. Cryst. 39:112, section 2.4.4.
 
-Inputs are per spot: d*^2 in 1/A^2 (`intxr.reader.geometry.d_star_sq` of the centroid) and the summed intensity
+Inputs are per spot: d*^2 in 1/A^2 (`intxr.geometry.d_star_sq` of the centroid) and the summed intensity
 of the spot's strong pixels. Strong spots have no background, so sigma^2(I) = I and ln(I/sigma) = ln(I)/2; every
 spot is expected to have I > 0. The order of the spots matters where intensities tie: give them in spot-finder
 order, as DIALS's stable sorts keep ties in table order.

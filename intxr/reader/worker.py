@@ -6,7 +6,6 @@ something goes wrong, so the Collector can account for every frame number.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 
@@ -14,51 +13,29 @@ import numpy as np
 import zmq
 
 from intxr.config import Configuration
+from intxr.geometry import Geometry, GeometryError
 from intxr.launch import current_placement, page_numa_node
-from intxr.models import Geometry
+from intxr.messages import FrameResult, ReaderStatus, is_hit
 from intxr.reader.source import FrameSource, ServedFrame
 from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
+from intxr.report import Reporter
 
 STATUS_INTERVAL = 1.0  # seconds between a reader's status messages to the Collector
 
 
-def _first(dicts, *keys, default=None):
-    for d in dicts:
-        if isinstance(d, dict):
-            for key in keys:
-                value = d.get(key)
-                if value is not None:
-                    return value
-    return default
-
-
 def geometry_from_series(series_info: dict, shape: tuple[int, int]) -> Geometry:
-    """Geometry from the series header as the Splitter served it: the v1 / cbfToEiger config part
-    (EIGER names, lengths in metres) or the v2 start message (its own names)."""
-    sources = [series_info.get("config"), series_info.get("header")]
-    wavelength = _first(sources, "wavelength", "incident_wavelength")
-    distance = _first(sources, "detector_distance")
-    pixel_x = _first(sources, "x_pixel_size", "pixel_size_x")
-    pixel_y = _first(sources, "y_pixel_size", "pixel_size_y", default=pixel_x)
-    beam_x = _first(sources, "beam_center_x")
-    beam_y = _first(sources, "beam_center_y")
-    cutoff = _first(sources, "countrate_correction_count_cutoff", "saturation_value")
-    known = None not in (wavelength, distance, pixel_x, beam_x, beam_y)
-    return Geometry(
-        wavelength=float(wavelength or 1.0),
-        distance=float(distance) * 1000.0 if distance else 200.0,
-        beam_center_x=float(beam_x if beam_x is not None else shape[1] / 2),
-        beam_center_y=float(beam_y if beam_y is not None else shape[0] / 2),
-        pixel_size_x=float(pixel_x) * 1000.0 if pixel_x else 0.075,
-        pixel_size_y=float(pixel_y) * 1000.0 if pixel_y else 0.075,
-        count_time=float(_first(sources, "count_time", default=0.01)),
-        frame_time=float(_first(sources, "frame_time", default=0.01)),
-        count_cutoff=int(cutoff) if cutoff is not None else None,
-        description=str(_first(sources, "description", "detector_description", default="unknown detector")),
-        sensor_material=str(_first(sources, "sensor_material", default="Si")),
-        sensor_thickness=float(_first(sources, "sensor_thickness", default=0.00045)) * 1000.0,
-        known=known,
-    )
+    """The series' geometry as the Splitter normalised it from the header (series info `"geometry"`, the
+    wire dict of `intxr.geometry`). A series info without one gives a geometry that says so: its results
+    carry that error instead of numbers from made-up values."""
+    wire = series_info.get("geometry")
+    if wire is None:
+        return Geometry.unknown("series info without geometry")
+    geometry = Geometry.from_wire(wire)
+    fast, slow = geometry.frame_size
+    if fast > shape[1] or slow > shape[0]:
+        raise GeometryError(f"geometry ({geometry.source}) covers {fast}x{slow} pixels, the frame is "
+                            f"{shape[1]}x{shape[0]}")
+    return geometry
 
 
 @dataclass
@@ -94,8 +71,9 @@ class Reader:
         self.frames = 0
         self.failed = 0
         self.stopping = False
-        self._complaints = 0
-        self._complained_at: float | None = None
+        prefix = f"reader rank {settings.rank}"
+        self.failures = Reporter(prefix, "failed frame", note="; reported failed")
+        self.bad_reply = Reporter(prefix, "bad reply", f"the Splitter's socket {settings.splitter_endpoint}")
         self._bad_replies = 0
 
     def _send(self, kind: str, body: dict) -> None:
@@ -106,19 +84,15 @@ class Reader:
 
     def status(self, started: float) -> None:
         elapsed = max(time.monotonic() - started, 1e-9)
-        self._send(
-            "status",
-            {
-                "rank": self.settings.rank,
-                **self.placement,
-                "frames": self.frames,
-                "failed": self.failed,
-                "rate": self.frames / elapsed,
-                "reconnects": self.source.counters.reconnects,
-                "bad_replies": self.source.counters.bad_replies,
-                "time": time.time(),
-            },
-        )
+        status = ReaderStatus(
+            rank=self.settings.rank, pid=self.placement.get("pid"), host=self.placement.get("host"),
+            cpus=self.placement.get("cpus"), cpu=self.placement.get("cpu"), numa=self.placement.get("numa"),
+            buffer_numa=self.placement.get("buffer_numa"), frames=self.frames, failed=self.failed,
+            rate=self.frames / elapsed, reconnects=self.source.counters.reconnects,
+            bad_replies=self.source.counters.bad_replies, time=time.time())
+        self._send("status", status.to_wire())
+        self.failures.tick()
+        self.bad_reply.tick()
 
     def finder_for(self, frame: ServedFrame) -> tuple[SpotFinder, str]:
         bl = self.configuration.beamline
@@ -132,16 +106,12 @@ class Reader:
             self._finders[key] = SpotFinder(SpotFinderParams.from_processing(section), geometry)
         return self._finders[key], section.name
 
-    def process(self, frame: ServedFrame) -> dict:
+    def process(self, frame: ServedFrame) -> FrameResult:
         timing = {}
         t0 = time.perf_counter()
         bl = self.configuration.beamline
-        result = {
-            "series": frame.series,
-            "series_name": frame.series_name,
-            "frame": frame.frame,
-            "rank": self.settings.rank,
-        }
+        result = FrameResult(series=frame.series, series_name=frame.series_name, frame=frame.frame,
+                             rank=self.settings.rank, status="failed", hit=False)
         try:
             if frame.error is not None:
                 raise ValueError(frame.error)
@@ -149,17 +119,19 @@ class Reader:
             if isinstance(forwarded, int | float) and not isinstance(forwarded, bool):
                 timing["receive"] = max(frame.received - forwarded, 0.0)
             if isinstance(received, int | float) and not isinstance(received, bool):
-                result["received"] = received
+                result.received = received
             if isinstance(frame.meta.get("master_file"), str):
-                result["master_file"] = frame.meta["master_file"]
+                result.master_file = frame.meta["master_file"]
+            header = {}
             for key in ("mapping", "reporting", "master_file", *(bl.custom_keys or ())):
                 value = frame.header(key)
                 if value is not None:
-                    result.setdefault("header", {})[key] = value
+                    header[key] = value
             if bl.output_prefix_key:
                 prefix = frame.header(bl.output_prefix_key)
                 if prefix:
-                    result.setdefault("header", {})[bl.output_prefix_key] = prefix
+                    header[bl.output_prefix_key] = prefix
+            result.header = header or None
             if self._buffer is None or self._buffer.shape != frame.shape or self._buffer.dtype != frame.dtype:
                 self._buffer = np.zeros(frame.shape, frame.dtype)  # touched here, so placed on this rank's node
                 self.placement["buffer_numa"] = page_numa_node(self._buffer.ctypes.data)
@@ -168,47 +140,42 @@ class Reader:
             finder, section = self.finder_for(frame)
             found = finder.find(image, skip_prescreen=self.settings.skip_prescreen)
             score = found.score
-            result.update(
-                status="blank" if found.prescreened else "processed",
-                processing_section=section,
-                n_spots=score.n_spots,
-                n_overloads=score.n_overloads,
-                score=score.score,
-                hres=score.hres,
-                n_ice_rings=score.n_ice_rings,
-                mean_shape_ratio=score.mean_shape_ratio,
-                n_strong_pixels=found.n_strong_pixels,
-                n_spots_total=len(found.spots),
-                errors=[*score.errors, *found.errors],
-                indexing="not available",
-            )
+            status = "blank" if found.prescreened else "processed"
+            result.status = status
+            # The hit is decided here, once, with the section this frame was processed with.
+            result.hit = is_hit(status, score.n_spots, finder.params.min_bragg_peaks)
+            result.processing_section = section
+            result.algorithm = finder.params.threshold.algorithm
+            result.n_spots = score.n_spots
+            result.n_overloads = score.n_overloads
+            result.score = score.score
+            result.hres = score.hres
+            result.n_ice_rings = score.n_ice_rings
+            result.mean_shape_ratio = score.mean_shape_ratio
+            result.n_strong_pixels = found.n_strong_pixels
+            result.n_spots_total = len(found.spots)
+            result.errors = [*score.errors, *found.errors]
+            result.indexing = "not available"
             if len(found.spots):
                 # What the GUI circles: centroids (x, y) in pixels of the 500 strongest spots.
                 strongest = np.argsort(-found.spots.intensity, kind="stable")[:500]
                 xs, ys = found.spots.x[strongest], found.spots.y[strongest]
-                result["spots_xy"] = [[round(float(x), 1), round(float(y), 1)] for x, y in zip(xs, ys, strict=True)]
+                result.spots_xy = [[round(float(x), 1), round(float(y), 1)] for x, y in zip(xs, ys, strict=True)]
             for name, seconds in found.timing.items():
                 # The spot finder's stages under the result's names: threshold + labelling = spot finding.
                 stage = {"threshold": "spotfinding", "spots": "spotfinding", "stats": "scoring"}.get(name, name)
                 timing[stage] = timing.get(stage, 0.0) + seconds
         except Exception as exc:  # a bad frame must never stop the reader
             self.failed += 1
-            self.complain(f"series {frame.series} frame {frame.frame}: {exc}")
-            result.update(status="failed", errors=[f"series {frame.series} frame {frame.frame}: {exc}"],
-                          n_spots=0, n_overloads=0, score=0, hres=99.9, n_ice_rings=0, mean_shape_ratio=0.0)
+            error = f"series {frame.series} frame {frame.frame}: {exc}"
+            self.failures(error)
+            result.status, result.hit, result.errors = "failed", False, [error]
+            result.n_spots, result.n_overloads, result.score, result.hres = 0, 0, 0, 99.9
+            result.n_ice_rings, result.mean_shape_ratio = 0, 0.0
         timing["total"] = time.perf_counter() - t0 + timing.get("receive", 0.0)
-        result["timing"] = {k: round(v, 6) for k, v in timing.items()}
-        result["done"] = time.time()
+        result.timing = {k: round(v, 6) for k, v in timing.items()}
+        result.done = time.time()
         return result
-
-    def complain(self, what: str) -> None:
-        """One line for the first failed frame or bad reply, then at most one every 10 s with a count."""
-        self._complaints += 1
-        now = time.monotonic()
-        if self._complained_at is None or now - self._complained_at >= 10.0:
-            more = f" ({self._complaints} in all)" if self._complaints > 1 else ""
-            print(f"reader rank {self.settings.rank}: {what}{more}", file=sys.stderr, flush=True)
-            self._complained_at = now
 
     def stop_requested(self) -> bool:
         if self.stopping:
@@ -227,16 +194,18 @@ class Reader:
             if self.source.counters.bad_replies != self._bad_replies:
                 self._bad_replies = self.source.counters.bad_replies
                 if frame is None or frame.error is None:  # a failed frame says it itself
-                    self.complain(self.source.counters.last_error)
+                    self.bad_reply(self.source.counters.last_error)
             if frame is not None:
                 result = self.process(frame)
                 self.frames += 1
-                self._send("result", result)
+                self._send("result", result.to_wire())
                 del frame
             if time.monotonic() - last_status >= STATUS_INTERVAL:
                 self.status(started)
                 last_status = time.monotonic()
         self.status(started)
+        self.failures.flush()
+        self.bad_reply.flush()
         self.source.close()
         self.results.close(linger=2000)
         if self.control is not None:

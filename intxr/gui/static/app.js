@@ -8,7 +8,6 @@ const state = {
   dropped: 0,             // older series the GUI no longer keeps
   selected: null,         // series shown
   userSelected: false,    // a tab was clicked: stop jumping to the newest series
-  threshold: null,
   view: null,             // strip chart x range [lo, hi] when zoomed; null = all
   health: {}, splitter: {}, errors: [], gui: {},
   frameView: { series: null, frame: null, spots: 0, loaded: false, pinned: false },
@@ -35,18 +34,15 @@ const TABS = 8;  // newest series as tabs; older ones in the "older" list
 // Everything shown comes from messages anyone on the host could publish: text, never markup.
 const esc = (v) => String(v ?? "-").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 const current = () => state.series.get(state.selected);
-const isHit = (p) => p.status === "processed" && p.n_spots >= threshold();
-const threshold = () => (state.threshold === null ? 10 : state.threshold);
+// A hit is the reader's word (decided with the processing section it used), and the counts are
+// the server's: nothing here decides them again.
+const isHit = (p) => p.hit === true;
 let dirty = true;
 
 // ---- data in --------------------------------------------------------------------------------
 
 function apply(delta) {
   state.version = delta.version;
-  if (state.threshold === null && delta.min_bragg_peaks !== undefined) {
-    state.threshold = delta.min_bragg_peaks;
-    $("threshold").value = state.threshold;
-  }
   for (const s of delta.series) {
     let series = state.series.get(s.key);
     if (!series) { series = { points: new Map(), grid: {} }; state.series.set(s.key, series); }
@@ -172,7 +168,7 @@ function drawStrip() {
   const points = s ? [...s.points.values()] : [];
   const pad = { l: 44, r: 44, t: 8, b: 22 };
   const [x0, x1] = stripRange(points);
-  const maxSpots = Math.max(threshold() * 1.5, ...points.map((p) => p.n_spots || 0), 1);
+  const maxSpots = Math.max(...points.map((p) => p.n_spots || 0), 1);
   const hresVals = points.map((p) => p.hres).filter((v) => v && v > 0 && v < 99);
   const maxHres = Math.max(5, ...hresVals);
   const X = (f) => pad.l + ((f - x0) / (x1 - x0 || 1)) * (w - pad.l - pad.r);
@@ -188,9 +184,6 @@ function drawStrip() {
   ctx.fillText(`frame ${Math.round(x0)} - ${Math.round(x1)}`, pad.l, h - 6);
   ctx.save();
   ctx.beginPath(); ctx.rect(pad.l, pad.t, w - pad.l - pad.r, h - pad.t - pad.b); ctx.clip();
-  ctx.strokeStyle = "#1a9850"; ctx.setLineDash([4, 3]);
-  ctx.beginPath(); ctx.moveTo(pad.l, Y(threshold())); ctx.lineTo(w - pad.r, Y(threshold())); ctx.stroke();
-  ctx.setLineDash([]);
   let drawn = 0;
   for (const p of points) {
     if (p.frame < x0 || p.frame > x1) continue;
@@ -264,7 +257,8 @@ function drawHealth() {
   const g = state.gui || {};
   // Names as the Collector's health and the Splitter's counters send them; the Collector's only when sent.
   const job = [["readers alive", alive], ["reader restarts", h.reader_restarts], ["job restarts", h.job_restarts],
-    ["bad results", h.malformed_results], ["bad Splitter messages", h.malformed_splitter],
+    ["bad results", h.malformed_results], ["results of another version", h.other_version_results],
+    ["bad Splitter messages", h.malformed_splitter],
     ["late results", h.late_results], ["results of unknown series", h.unknown_series],
     ["UI lines dropped", h.ui_dropped]].filter(([, v]) => v !== undefined && v !== null);
   const cells = [...job,
@@ -330,7 +324,6 @@ function latestHit() {
 // ---- interaction ----------------------------------------------------------------------------
 
 function setupInteraction() {
-  $("threshold").oninput = (e) => { state.threshold = Number(e.target.value) || 0; dirty = true; };
   $("rasterBy").onchange = () => { dirty = true; };
   $("follow").onchange = () => { dirty = true; };
   $("resetZoom").onclick = () => { state.view = null; dirty = true; };
