@@ -13,9 +13,9 @@ import numpy as np
 import zmq
 
 from intxr.config import Configuration
+from intxr.geometry import Geometry, GeometryError
 from intxr.launch import current_placement, page_numa_node
 from intxr.messages import FrameResult, ReaderStatus, is_hit
-from intxr.geometry import Geometry, GeometryError
 from intxr.reader.source import FrameSource, ServedFrame
 from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
 from intxr.report import Reporter
