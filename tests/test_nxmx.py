@@ -44,8 +44,9 @@ def test_real_v2_16m_start_gives_237_mm_in_the_series_info_and_the_master(tmp_pa
     messages = [[(folder / f"{name}.cbor").read_bytes()] for name in ("start", "image", "end")]
     serve, publish = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
     pusher = Pusher()
-    with Splitter(pusher.endpoint, tmp_path, max_series=1, series_timeout=30, serve=serve,
-                  publish=publish, skip_after=30) as splitter:
+    with Splitter(
+        pusher.endpoint, tmp_path, max_series=1, series_timeout=30, serve=serve, publish=publish, skip_after=30
+    ) as splitter:
         listener = Listener(publish)
         listener.wait_for("counters")
         pusher.send(messages)
@@ -66,8 +67,9 @@ def test_real_v2_16m_start_gives_237_mm_in_the_series_info_and_the_master(tmp_pa
         assert panel["trusted_range"] == [0, 21517]
     # The function Python calls gives the same model from the same header.
     header = json.loads(series_info)
-    again = json.loads(_splitter.geometry_from_header(json.dumps(header["config"]), json.dumps(header["header"]),
-                                                      4362, 4148))
+    again = json.loads(
+        _splitter.geometry_from_header(json.dumps(header["config"]), json.dumps(header["header"]), 4362, 4148)
+    )
     assert again == served
     with h5py.File(written["master_file"]) as f:
         det = f["entry/instrument/detector"]
@@ -111,3 +113,170 @@ def test_missing_wavelength_and_distance_are_listed():
     with pytest.raises(ValueError, match="config_json is not JSON"):
         _splitter.geometry_from_header("{", "", 1, 1)
     assert np.isfinite(g["panels"][0]["trusted_range"][1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The master file of a detector that is not an EIGER: DIALS's generic NXmx reader (FormatNXmx).
+
+MCSTAS_TO_IMGCIF = np.diag([-1.0, 1.0, -1.0])  # NeXus McStas frame -> dxtbx's (x and z flip)
+
+
+def _transform(dataset: h5py.Dataset) -> np.ndarray:
+    """The 4x4 matrix of one NXtransformations axis (lengths in mm), as the NXmx standard defines it."""
+    value = float(np.atleast_1d(dataset[()])[0])
+    vector = np.asarray(dataset.attrs["vector"], dtype=float)
+    offset = np.asarray(dataset.attrs.get("offset", np.zeros(3)), dtype=float)
+    units = dataset.attrs["units"]
+    units = units.decode() if isinstance(units, bytes) else units
+    matrix = np.identity(4)
+    if dataset.attrs["transformation_type"] in (b"rotation", "rotation"):
+        assert units == "degree"
+        a = np.radians(value)
+        k = np.array([[0, -vector[2], vector[1]], [vector[2], 0, -vector[0]], [-vector[1], vector[0], 0]])
+        matrix[:3, :3] = np.identity(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k  # Rodrigues
+        matrix[:3, 3] = offset * 1000.0
+    else:
+        assert units == "m"
+        matrix[:3, 3] = (value * vector + offset) * 1000.0
+    return matrix
+
+
+def _chain(f: h5py.File, path: str) -> list[h5py.Dataset]:
+    chain = []
+    while path not in (".", ""):
+        dataset = f[path]
+        chain.append(dataset)
+        depends_on = dataset.attrs["depends_on"]
+        path = depends_on.decode() if isinstance(depends_on, bytes) else depends_on
+    return chain
+
+
+def _panel_from_master(f: h5py.File) -> dict:
+    """Origin and axes of the detector module from its depends_on chains (dxtbx's flat detector:
+    rotations of the chain turn the axes, the whole chain places the origin)."""
+    module = f["entry/instrument/detector/module"]
+    out = {}
+    for name, key in (("fast_pixel_direction", "fast_axis"), ("slow_pixel_direction", "slow_axis")):
+        axis = module[name]
+        parents = _chain(
+            f,
+            axis.attrs["depends_on"].decode()
+            if isinstance(axis.attrs["depends_on"], bytes)
+            else axis.attrs["depends_on"],
+        )
+        rotation = np.identity(4)
+        for t in reversed(parents):
+            if t.attrs["transformation_type"] in (b"rotation", "rotation"):
+                rotation = rotation @ _transform(t)
+        out[key] = MCSTAS_TO_IMGCIF @ rotation[:3, :3] @ np.asarray(axis.attrs["vector"], dtype=float)
+        cumulative = np.identity(4)
+        for t in reversed(parents):
+            cumulative = cumulative @ _transform(t)
+        out["origin"] = MCSTAS_TO_IMGCIF @ cumulative[:3, 3]
+        out["pixel_size"] = float(axis[()]) * 1000.0
+    return out
+
+
+def _pilatus_config(two_theta: float) -> dict:
+    """A v1 config part as a PILATUS source streamed as an EIGER sends it (eiger_fw_version too)."""
+    return {
+        "beam_center_x": 1261.61,
+        "beam_center_y": 1306.96,
+        "bit_depth_image": 32,
+        "bit_depth_readout": 16,
+        "count_time": 0.019,
+        "countrate_correction_count_cutoff": 115897,
+        "description": "PILATUS3 6M",
+        "detector_distance": 0.351,
+        "detector_number": "60-0119",
+        "eiger_fw_version": "intxr-simulate",
+        "frame_time": 0.02,
+        "nimages": 2,
+        "ntrigger": 1,
+        "omega_increment": 0.1,
+        "omega_start": 10.0,
+        "sensor_material": "Si",
+        "sensor_thickness": 0.00045,
+        "two_theta_increment": 0.0,
+        "two_theta_start": two_theta,
+        "wavelength": 0.96859,
+        "x_pixel_size": 0.000172,
+        "x_pixels_in_detector": 2463,
+        "y_pixel_size": 0.000172,
+        "y_pixels_in_detector": 2527,
+    }
+
+
+def _v1_series(config: dict, frames: list[np.ndarray], mask: np.ndarray) -> list[list[bytes]]:
+    """A stream v1 series (header_detail all) of uint32 frames, encoded bs32-lz4<."""
+    from intxr import stream_format as fmt
+
+    messages = [fmt.v1_header(1, "all", config, mask)]
+    for n, frame in enumerate(frames):
+        blob = _splitter.bslz4_compress(np.ascontiguousarray(frame, dtype="<u4").view(np.uint8), 4)
+        messages.append(fmt.v1_image(1, n, blob, "bs32-lz4<", frame.shape, np.uint32, 0, 0))
+    messages.append(fmt.v1_end(1))
+    return messages
+
+
+@pytest.mark.parametrize("two_theta", [0.0, 20.0])
+def test_pilatus_master_is_generic_nxmx_with_trusted_range_mask_and_chains(tmp_path, two_theta):
+    config = _pilatus_config(two_theta)
+    shape = (2527, 2463)
+    frame = np.zeros(shape, dtype=np.uint32)
+    frame[195:212, :] = 0xFFFFFFFF  # a module gap, as a PILATUS marks it (-1)
+    frame[5, 7] = 0xFFFFFFFE  # a bad pixel (-2)
+    mask = np.zeros(shape, dtype="<u4")
+    mask[195:212, :] = 1
+    mask[5, 7] = 2
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path, max_series=1, series_timeout=30) as splitter:
+        pusher.send(_v1_series(config, [frame, frame], mask))
+        assert splitter.join(60)
+    [master] = splitter.counters()["files"]
+    model = json.loads(_splitter.geometry_from_header(json.dumps(config), "", *shape))
+    [panel] = model["panels"]
+    with h5py.File(master) as f:
+        det = f["entry/instrument/detector"]
+        # FormatNXmx (not FormatNXmxEigerFilewriter, which refuses "Unknown Eiger module size").
+        assert f["entry/definition"][()] == b"NXmx"
+        assert "detectorSpecific/eiger_fw_version" not in det
+        assert det["description"][()] == b"PILATUS3 6M"
+        # The trusted range dxtbx reads: (underload_value, saturation_value) = the CBF's (0, Count_cutoff).
+        assert det["underload_value"][()] == 0 and det["saturation_value"][()] == 115897
+        assert [det["underload_value"][()], det["saturation_value"][()]] == panel["trusted_range"]
+        # Stored pixels are uint32: the generic reader masks 2^32-1 / -2 only with bit_depth_readout 32.
+        assert det["bit_depth_readout"][()] == 32
+        assert np.array_equal(det["pixel_mask"][()], mask)
+        assert det["sensor_material"][()] == b"Si" and det["sensor_thickness"][()] == pytest.approx(0.00045)
+        module = det["module"]
+        assert list(module["data_origin"][()]) == [0, 0] and list(module["data_size"][()]) == [2527, 2463]
+        assert f["entry/sample/depends_on"][()] == b"/entry/sample/transformations/omega"
+        assert f["entry/sample/transformations/omega"][()] == pytest.approx([10.0, 10.1])
+        got = _panel_from_master(f)
+    assert got["origin"] == pytest.approx(panel["origin"], abs=1e-9)
+    assert got["fast_axis"] == pytest.approx(panel["fast_axis"], abs=1e-12)
+    assert got["slow_axis"] == pytest.approx(panel["slow_axis"], abs=1e-12)
+    assert got["pixel_size"] == pytest.approx(0.172)
+    if two_theta:
+        # The arm turned the detector: the pixel at the header's beam centre sees 2theta.
+        bx, by = 1261.61 * 0.172, 1306.96 * 0.172
+        point = np.asarray(panel["origin"]) + bx * np.asarray(panel["fast_axis"]) + by * np.asarray(panel["slow_axis"])
+        assert np.degrees(np.arccos(-point[2] / np.linalg.norm(point))) == pytest.approx(two_theta, abs=1e-9)
+
+
+def test_eiger_master_keeps_the_file_writer_layout(tmp_path, shared_data):
+    """A real EIGER2 capture keeps eiger_fw_version (DIALS's EIGER reader, a known module size)."""
+    from test_splitter import capture_messages
+
+    messages = capture_messages(shared_data / "stream_v1/eiger2_1m_lz4")[:12]
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path, max_series=1, series_timeout=30) as splitter:
+        pusher.send(messages)
+        assert splitter.join(60)
+    [master] = splitter.counters()["files"]
+    with h5py.File(master) as f:
+        det = f["entry/instrument/detector"]
+        assert det["detectorSpecific/eiger_fw_version"][()] == b"release-2020.2.5rc2"
+        assert list(det["module/data_size"][()]) == [1062, 1028]
+        assert det["bit_depth_readout"][()] == 16

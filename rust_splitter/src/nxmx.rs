@@ -1529,8 +1529,28 @@ impl SeriesWriter {
             w.f64(&format!("{det}/threshold_energy"), e, Some("eV"))?;
         }
 
-        // The detector position: a translation along the beam (McStas z) by the distance.
+        // The trusted range, as dxtbx's NXmx readers take it: (underload_value, saturation_value),
+        // inclusive (dxtbx.nexus.get_dxtbx_detector; a missing underload is -0x7FFFFFFF for the
+        // generic reader, 0 for the EIGER one). 0 as a miniCBF's (0, Count_cutoff): the gaps and
+        // bad pixels a PILATUS marks -1 and -2 stay untrusted.
+        w.i32(&format!("{det}/underload_value"), 0)?;
+
+        // The detector position: a translation along the beam (McStas z) by the distance, on an
+        // arm rotated by two-theta: dxtbx's two-theta axis is +x in its frame (imgCIF), -x in
+        // McStas (x and z flip). dxtbx applies every rotation of the chain to the module's axes
+        // and the whole chain to its origin (get_dxtbx_detector), which gives R(origin, fast, slow)
+        // as DetectorFactory.two_theta does.
         w.group(&format!("{det}/transformations"), "NXtransformations")?;
+        let two_theta = format!("{det}/transformations/two_theta");
+        w.axis(
+            &two_theta,
+            &[m.geometry.two_theta],
+            "rotation",
+            "degree",
+            [-1.0, 0.0, 0.0],
+            [0.0; 3],
+            ".",
+        )?;
         let translation = format!("{det}/transformations/translation");
         w.axis(
             &translation,
@@ -1539,7 +1559,7 @@ impl SeriesWriter {
             "m",
             [0.0, 0.0, 1.0],
             [0.0; 3],
-            ".",
+            &two_theta,
         )?;
 
         // NXdetector_module: the whole frame. data_size is [slow, fast] like the data's last two
