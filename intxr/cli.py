@@ -73,15 +73,21 @@ def _key_values(items: list[str]) -> dict[str, str]:
 # intxr subcommands
 
 
+# Simulator keys `intxr simulate` exposes as flags (declared in intxr.config.SimulatorKeys).
+SIMULATE_KEYS = ["simulate_protocol", "simulate_rate"]
+
+
 def cmd_simulate(args) -> int:
+    from intxr import config as cfg
     from intxr.simulate import Simulator, SimulatorSettings
 
+    declared = cfg.with_overrides(cfg.BeamlineConfig(), cfg.key_overrides(args, cfg.BeamlineConfig, SIMULATE_KEYS))
     settings = SimulatorSettings(
-        protocol=args.protocol,
+        protocol=declared.simulate_protocol,
         encoding=args.encoding,
         header_detail=args.header_detail,
         endpoint=args.endpoint,
-        rate=args.rate,
+        rate=declared.simulate_rate,
         frames=args.frames,
         series=args.series,
         loop=args.loop,
@@ -458,11 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
         "frames (synthetic:WIDTHxHEIGHT[:FRAMES[:SEED]]) on a bound ZeroMQ PUSH socket. "
         "Without SOURCE: the real thaumatin frames in ../shared/data, else synthetic.",
     )
-    p.add_argument("--protocol", choices=["v1", "v2", "cbftoeiger"], default="v1")
+    cfg.add_key_flags(p, cfg.BeamlineConfig, SIMULATE_KEYS)
     p.add_argument("--encoding", choices=["bs32-lz4", "bs16-lz4", "bs8-lz4", "lz4"], default="bs32-lz4")
     p.add_argument("--header-detail", choices=["none", "basic", "all"], default="basic")
     p.add_argument("--endpoint", default="tcp://127.0.0.1:9999", help="bind address (default %(default)s)")
-    p.add_argument("--rate", type=float, default=10.0, help="frames per second, 0 = as fast as possible")
     p.add_argument("--frames", type=int, default=None, help="frames per series (cycles through the sources)")
     p.add_argument("--loop", action="store_true", help="start a new series after each one until stopped")
     p.add_argument("--series", type=int, default=1, help="number of series to send (default 1)")

@@ -338,8 +338,10 @@ class SimulatorKeys:
                                "image sources of the simulated detector (files, synthetic:WxH, auto: the real "
                                "frames in ../shared/data else synthetic); None: a real detector",
                                cli=("--simulate",))
-    simulate_protocol: str = key(choice("v1", "v2", "cbftoeiger"), "v1", "the simulated detector's stream")
-    simulate_rate: float = key(ranged(number, 0), "10", "frames per second of the simulated detector")
+    simulate_protocol: str = key(choice("v1", "v2", "cbftoeiger"), "v1", "the simulated detector's stream",
+                                 cli=("--protocol",))
+    simulate_rate: float = key(ranged(number, 0), "10", "frames per second of the simulated detector, 0 = as fast "
+                               "as possible", cli=("--rate",))
 
 
 STARTUP_SUBSYSTEMS = (SplitterKeys, ReaderKeys, CollectorKeys, GuiKeys, MpiKeys, SimulatorKeys)
