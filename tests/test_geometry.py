@@ -376,3 +376,91 @@ def test_rings_for_display():
     assert len(points) > 100
     np.testing.assert_allclose(model_d(tilted, points[:, 0], points[:, 1]), 3.0, rtol=1e-9)
     assert g.header_values()["beam_center_x"] == 1000.0 and g.header_values()["distance"] == 200.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One model, every consumer: the Splitter's served geometry, its master file, the GUI
+
+
+def _splitter_run(tmp_path, messages, shape):
+    """Push a series through a real Splitter; (served series info, master file)."""
+    from test_nxmx import _request_one_frame
+    from test_serve import Listener
+    from test_splitter import Pusher
+
+    from intxr.splitter import Splitter
+    from intxr.testing import free_ports
+
+    serve, publish = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path, max_series=1, series_timeout=30, serve=serve, publish=publish,
+                  skip_after=30) as splitter:
+        listener = Listener(publish)
+        listener.wait_for("counters")
+        pusher.send(messages)
+        _meta, series_info, _blob = _request_one_frame(serve)
+        written = listener.wait_for("series_written")
+        assert splitter.join(60)
+    return json.loads(series_info), written["master_file"]
+
+
+def _same_numbers(a: Geometry, b: Geometry, shape) -> None:
+    ny, nx = shape
+    x, y = np.array([0.5, nx / 3, nx - 0.5, nx / 2]), np.array([0.5, ny / 5, ny - 0.5, ny / 2])
+    np.testing.assert_allclose(d_star_sq(a, x, y), d_star_sq(b, x, y), rtol=1e-9, atol=1e-15)
+
+
+def test_v2_16m_start_gives_237_mm_to_the_reader_the_master_and_the_gui(tmp_path, shared_data):
+    """The real EIGER2 16M v2 start message carries the distance only in detector_translation."""
+    from intxr.gui.frames import read_frame, render
+    from intxr.reader.worker import geometry_from_series
+
+    folder = shared_data / "stream_v2/eiger2_16m_final"
+    messages = [[(folder / f"{name}.cbor").read_bytes()] for name in ("start", "image", "end")]
+    shape = (4362, 4148)
+    info, master = _splitter_run(tmp_path, messages, shape)
+    reader = geometry_from_series(info, shape)
+    with h5py_file(master) as f:
+        from_master = Geometry.from_nxmx(f)
+    data, gui, _mask = read_frame(master, 0)
+    for g in (reader, from_master, gui):
+        assert g.distance == pytest.approx(237.15919962215962, abs=1e-6)
+        assert g.wavelength == pytest.approx(0.918381073013, rel=1e-7)  # the master stores what it was given
+        assert g.known and g.panels[0].image_size == (4148, 4362)
+    _same_numbers(reader, from_master, shape)
+    _same_numbers(reader, gui, shape)
+    view = render(data, gui, None)
+    ring = next(r for r in view.rings if r["d"] == 3.0)
+    assert ring["radius"] * view.scale == pytest.approx(reader.ring_radius_px(3.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("two_theta", [0.0, 20.0])
+def test_simulated_tilted_pilatus_round_trips_through_the_splitter(tmp_path, two_theta):
+    """The simulator writes a model's header (two_theta_start included), the Splitter normalises it and
+    writes the master; reader and master give the model back."""
+    from test_nxmx import _v1_series
+
+    from intxr import stream_format as fmt
+    from intxr.reader.worker import geometry_from_series
+
+    shape = (2527, 2463)
+    model = Geometry.simple(wavelength=0.96859, distance=351.0, beam_center=(1261.61, 1306.96),
+                            pixel_size=(PIXEL, PIXEL), image_size=shape[::-1], two_theta=two_theta, thickness=0.45,
+                            material="Si", count_cutoff=115897, count_time=0.019, frame_time=0.02,
+                            description="PILATUS3 6M", detector_number="60-0119")
+    config = fmt.detector_config(model, shape, np.uint32, nimages=1)
+    assert config["two_theta_start"] == two_theta
+    frame = np.zeros(shape, dtype=np.uint32)
+    info, master = _splitter_run(tmp_path, _v1_series(config, [frame], np.zeros(shape, "<u4")), shape)
+    reader = geometry_from_series(info, shape)
+    with h5py_file(master) as f:
+        from_master = Geometry.from_nxmx(f)
+    for g in (reader, from_master):
+        assert g.known and g.panels[0].origin == pytest.approx(model.panels[0].origin, abs=1e-6)
+        assert g.panels[0].slow_axis == pytest.approx(model.panels[0].slow_axis, abs=1e-9)
+        _same_numbers(model, g, shape)
+
+
+def h5py_file(path):
+    h5py = pytest.importorskip("h5py")
+    return h5py.File(path, "r")
