@@ -404,14 +404,8 @@ def cmd_config(args) -> int:
             f"output {bl.output_dir}, processing {loaded.processing.source_file} "
             f"(sections: {', '.join(loaded.processing.sections)})"
         )
-        if loaded.processing.ignored_keys:
-            print(f"  note: legacy keys accepted and ignored: {', '.join(loaded.processing.ignored_keys)} "
-                  f"({cfg.LEGACY_REASON})")
-        for section in loaded.processing.sections.values():
-            for key, spec in cfg.PROCESSING_KEYS.items():
-                note = spec.note(getattr(section, key))
-                if note and section.origins.get(key, "default") == f"file:[{section.name}]":
-                    print(f"  note: [{section.name}] {key} = {cfg.format_value(getattr(section, key))}: {note}")
+        for note in loaded.notes():
+            print(f"  note: {note}")
     return 0
 
 

@@ -716,6 +716,22 @@ class Configuration:
     beamline: BeamlineConfig
     processing: ProcessingConfigs
 
+    def notes(self) -> list[str]:
+        """What the files ask that intxr accepts but does not do (yet), one line each (a key a section sets
+        to other than its default)."""
+        lines = []
+        if self.processing.ignored_keys:
+            lines.append(f"{self.processing.source_file}: legacy keys accepted and ignored: "
+                         f"{', '.join(self.processing.ignored_keys)} ({LEGACY_REASON})")
+        for section in self.processing.sections.values():
+            for name, spec in PROCESSING_KEYS.items():
+                note = spec.note(getattr(section, name))
+                own = section.origins.get(name, "default") == f"file:[{section.name}]"
+                if note and own and getattr(section, name) != spec.parse(spec.default):
+                    lines.append(f"{section.source_file}: [{section.name}] {name} = "
+                                 f"{format_value(getattr(section, name))}: {note}")
+        return lines
+
     def explain(self) -> list[str]:
         """Every key with its value and where it came from (`intxr config -b NAME --explain`)."""
         return explain_beamline(self.beamline) + explain_processing(self.processing)

@@ -322,6 +322,8 @@ class Daemon:
         if bl.start_gui:
             print(f"  gui: intxr gui -c {self.path} -b {bl.name} (http://{bl.gui_host}:{bl.gui_port}/)")
         print(self.launch.describe())
+        for note in self.configuration.notes():
+            print(f"  note: {note}")
         return 0
 
     # -- pieces --------------------------------------------------------------------------------
@@ -437,6 +439,9 @@ class Daemon:
         import zmq
 
         from intxr.splitter import Splitter
+
+        for note in self.configuration.notes():
+            self.say(f"note: {note}")
 
         bl = self.bl
         Path(bl.output_dir).mkdir(parents=True, exist_ok=True)

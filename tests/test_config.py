@@ -293,3 +293,14 @@ def test_python_gives_the_rust_splitter_every_option(monkeypatch, tmp_path):
     assert keywords <= set(seen), keywords - set(seen)
     assert seen["frames_per_file"] == 7 and seen["disk_reserve"] == 1 << 20 and seen["check_free_space"] is False
     assert seen["series_timeout"] == 3.0 and seen["buffer_bytes"] == 64 << 20 and seen["filepath_key"] == "master_file"
+
+
+def test_notes_say_what_is_accepted_but_not_done(tmp_path):
+    proc = write(tmp_path, "proc.cfg", "[DEFAULT]\nexposure_time_cutoff = 0.1\nuse_ai = True\n"
+                 "[screening]\nprocessing_mode = indexing\nexposure_time_cutoff = 0.5\n")
+    startup = write(tmp_path, "startup.cfg", f"[bl]\nprocessing_config_file = {proc}\n")
+    notes = cfg.load(startup, "bl").notes()
+    assert any("legacy keys accepted and ignored: use_ai" in n for n in notes)
+    assert any("[screening] processing_mode = indexing: indexing is not implemented yet" in n for n in notes)
+    assert any("[screening] exposure_time_cutoff = 0.5: accepted, inactive until indexing" in n for n in notes)
+    assert not any("[DEFAULT] exposure_time_cutoff" in n for n in notes)  # the default asks nothing
