@@ -347,6 +347,18 @@ class SimulatorKeys:
 STARTUP_SUBSYSTEMS = (SplitterKeys, ReaderKeys, CollectorKeys, GuiKeys, MpiKeys, SimulatorKeys)
 
 
+class _Part:
+    """A read-only attribute giving one subsystem's model built from a whole section's values."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __get__(self, config, owner=None):
+        if config is None:
+            return self.model
+        return self.model(**{k: getattr(config, k) for k in keys_of(self.model)})
+
+
 @dataclass(frozen=True, kw_only=True)
 class BeamlineConfig(SplitterKeys, ReaderKeys, CollectorKeys, GuiKeys, MpiKeys, SimulatorKeys):
     """One section of the startup config: every subsystem's keys (flat, as the original's INI), with
@@ -357,32 +369,13 @@ class BeamlineConfig(SplitterKeys, ReaderKeys, CollectorKeys, GuiKeys, MpiKeys, 
     source_file: str = ""
     origins: Any = field(default_factory=dict, compare=False, repr=False)
 
-    def _part(self, model):
-        return model(**{k: getattr(self, k) for k in keys_of(model)})
-
-    @property
-    def splitter(self) -> SplitterKeys:
-        return self._part(SplitterKeys)
-
-    @property
-    def readers(self) -> ReaderKeys:
-        return self._part(ReaderKeys)
-
-    @property
-    def collector(self) -> CollectorKeys:
-        return self._part(CollectorKeys)
-
-    @property
-    def gui(self) -> GuiKeys:
-        return self._part(GuiKeys)
-
-    @property
-    def mpi(self) -> MpiKeys:
-        return self._part(MpiKeys)
-
-    @property
-    def simulator(self) -> SimulatorKeys:
-        return self._part(SimulatorKeys)
+    # Each subsystem's model alone: bl.splitter, bl.readers, bl.collector, bl.gui, bl.mpi, bl.simulator.
+    splitter = _Part(SplitterKeys)
+    readers = _Part(ReaderKeys)
+    collector = _Part(CollectorKeys)
+    gui = _Part(GuiKeys)
+    mpi = _Part(MpiKeys)
+    simulator = _Part(SimulatorKeys)
 
     @property
     def wait_timeout(self) -> float:
