@@ -552,7 +552,7 @@ class _Ini:
         return self._own.get(section, {})
 
 
-def _refused(model_name: str, spec: Key, value, where: str, raw: str, path: str) -> None:
+def _refused(spec: Key, value, where: str, raw: str, path: str) -> None:
     reason = spec.refuse(value) if spec.refuse else None
     if reason:
         place = f"{path}: [{where}] {spec.name} = {raw!r}" if where != CLI else f"{spec.name} = {raw!r} (command line)"
@@ -581,7 +581,7 @@ def _build(model, ini: _Ini, section: str, ignored: frozenset[str] | set[str] = 
         except ValueError:
             raise ConfigError(f"{path}: [{where}] {name} = {raw!r}: expected {spec.expected}") from None
         if where is not None:
-            _refused(model.__name__, spec, value, where, raw, path)
+            _refused(spec, value, where, raw, path)
         values[name], origins[name] = value, "default" if where is None else f"file:[{where}]"
     config = model(name=section, source_file=path, origins=MappingProxyType(origins), **values)
     return with_overrides(config, overrides) if overrides else config
@@ -597,7 +597,7 @@ def with_overrides(config, overrides: dict | None, origin: str = CLI):
     for name, value in given.items():
         if name not in specs:
             raise ConfigError(f"{name}: not a key of {type(config).__name__}")
-        _refused(type(config).__name__, specs[name], value, CLI, format_value(value), config.source_file)
+        _refused(specs[name], value, CLI, format_value(value), config.source_file)
     origins = {**config.origins, **{name: origin for name in given}}
     return replace(config, origins=MappingProxyType(origins), **given)
 

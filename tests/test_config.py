@@ -304,3 +304,39 @@ def test_notes_say_what_is_accepted_but_not_done(tmp_path):
     assert any("[screening] processing_mode = indexing: indexing is not implemented yet" in n for n in notes)
     assert any("[screening] exposure_time_cutoff = 0.5: accepted, inactive until indexing" in n for n in notes)
     assert not any("[DEFAULT] exposure_time_cutoff" in n for n in notes)  # the default asks nothing
+
+
+def test_the_original_interceptor_startup_file_loads(tmp_path):
+    # ssrl-px/interceptor resources/connector/startup.cfg's [DEFAULT], with a beamline section.
+    path = write(tmp_path, "startup.cfg", """
+        [DEFAULT]
+        beamline = None
+        custom_keys = None
+        filepath_key = None
+        run_mode_key = None
+        run_mode_key_index = 0
+        host = localhost
+        port = 9999
+        stype = req
+        uihost = localhost
+        uiport = 9998
+        uistype = push
+        send_to_ui = False
+        timeout = None
+        header_type = cbfToEiger-0.1
+        processing_config_file = None
+        output_delimiter = None
+        output_format = reporting, series, frame, result {}, mapping {}, filename
+        output_prefix_key = reporting
+        default_output_prefix = RESULTS:
+
+        [12-1]
+        beamline = 12-1
+        custom_keys = mapping, reporting, master_file
+        filepath_key = master_file
+        run_mode_key = mapping
+    """)
+    bl = cfg.load_beamline(path, "12-1")
+    assert bl.protocol == "cbftoeiger" and bl.origins["protocol"] == "header_type (file:[DEFAULT])"
+    assert bl.custom_keys == ("mapping", "reporting", "master_file") and bl.origins["custom_keys"] == "file:[12-1]"
+    assert bl.origins["output_dir"] == "default"
