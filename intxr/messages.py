@@ -374,6 +374,10 @@ class FrameResult:
     latency: float | None = None
     line: str | None = None
 
+    @property
+    def key(self) -> str:
+        return series_key(self.series, self.series_name)
+
     @classmethod
     def from_wire(cls, body) -> FrameResult:
         body = _object(body, "result")
@@ -481,6 +485,10 @@ class SeriesStart:
     series_name: str | None = None
     time: float | None = None
 
+    @property
+    def key(self) -> str:
+        return series_key(self.series, self.series_name)
+
     @classmethod
     def from_wire(cls, body) -> SeriesStart:
         body = _object(body, "series_start")
@@ -507,6 +515,10 @@ class SeriesEnd:
     bytes: int | None = None
     md5_mismatches: int | None = None
     time: float | None = None
+
+    @property
+    def key(self) -> str:
+        return series_key(self.series, self.series_name)
 
     @classmethod
     def from_wire(cls, body) -> SeriesEnd:
@@ -556,6 +568,10 @@ class SeriesWritten:
     frames_written: int | None = None
     master_file: str | None = None
     time: float | None = None
+
+    @property
+    def key(self) -> str:
+        return series_key(self.series, self.series_name)
 
     @classmethod
     def from_wire(cls, body) -> SeriesWritten:
@@ -621,6 +637,10 @@ class SeriesSummary:
     latency_p99: float | None = None
     master_file: str | None = None
     timed_out: bool = False
+
+    @property
+    def key(self) -> str:
+        return series_key(self.series, self.series_name)
 
     @property
     def label(self) -> str:

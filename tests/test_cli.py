@@ -62,6 +62,10 @@ def test_version_reports_what_is_really_loaded():
         importlib.import_module(f"intxr._kernels.{name}")
     assert f"  cython kernels: {', '.join(kernels)}\n" in result.stdout
     assert "rust core (intxr._splitter)" in result.stdout and ", links HDF5 " in result.stdout
+    from intxr import _splitter
+
+    if hasattr(_splitter, "hdf5_version"):  # the HDF5 the Splitter's writer links, not h5py's
+        assert f", links HDF5 {_splitter.hdf5_version()}\n" in result.stdout
     import h5py
 
     assert f"(HDF5 {h5py.version.hdf5_version})" in result.stdout
