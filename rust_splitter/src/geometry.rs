@@ -300,10 +300,7 @@ impl Geometry {
         if distance.is_none() {
             missing.push("distance");
         }
-        let beam_center = match (
-            keys.f64(&["beam_center_x"]),
-            keys.f64(&["beam_center_y"]),
-        ) {
+        let beam_center = match (keys.f64(&["beam_center_x"]), keys.f64(&["beam_center_y"])) {
             (Some(x), Some(y)) => Some([x, y]),
             _ => {
                 missing.push("beam_center");
@@ -358,10 +355,7 @@ impl Geometry {
         // The scan axis: the first of omega, phi, chi, kappa that moves, else omega.
         let scan_axis = ["omega", "phi", "chi", "kappa"]
             .iter()
-            .filter_map(|n| {
-                axes.iter()
-                    .position(|a| a.name == *n && a.increment != 0.0)
-            })
+            .filter_map(|n| axes.iter().position(|a| a.name == *n && a.increment != 0.0))
             .next()
             .unwrap_or(2);
         let mut geometry = Geometry {
@@ -519,7 +513,12 @@ impl Geometry {
         let start = first("Start_angle").unwrap_or(0.0);
         let increment = first("Angle_increment").unwrap_or(0.0);
         let mut axes = Vec::new();
-        for (key, name) in [("Chi", "chi"), ("Kappa", "kappa"), ("Phi", "phi"), ("Omega", "omega")] {
+        for (key, name) in [
+            ("Chi", "chi"),
+            ("Kappa", "kappa"),
+            ("Phi", "phi"),
+            ("Omega", "omega"),
+        ] {
             if let Some(value) = first(key) {
                 axes.push(Axis {
                     name: name.into(),
@@ -530,7 +529,9 @@ impl Geometry {
             }
         }
         // The scan axis: Oscillation_axis names it when it is one of these, else omega.
-        let oscillation = get("Oscillation_axis").unwrap_or_default().to_ascii_lowercase();
+        let oscillation = get("Oscillation_axis")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let scan_name = ["phi", "chi", "kappa"]
             .into_iter()
             .find(|n| oscillation.starts_with(n))
@@ -737,14 +738,20 @@ mod tests {
         assert_eq!(g.scan().unwrap().name, "omega");
         assert_eq!(g.scan().unwrap().increment, 0.1);
         let wire = g.to_json();
-        assert!(close(wire["distance"].as_f64().unwrap(), 237.15919962215962, 1e-9));
+        assert!(close(
+            wire["distance"].as_f64().unwrap(),
+            237.15919962215962,
+            1e-9
+        ));
         assert_eq!(wire["detector_kind"], "eiger");
         assert_eq!(wire["goniometer"]["scan_axis"], "omega");
     }
 
     #[test]
     fn v1_config_of_the_real_1m_capture() {
-        let Some(messages) = testdata::v1_1m_messages() else { return };
+        let Some(messages) = testdata::v1_1m_messages() else {
+            return;
+        };
         let parts = testdata::slices(&messages[0]);
         let parsed = crate::stream::v1::parse(&parts).unwrap();
         let header = parsed
@@ -776,7 +783,9 @@ mod tests {
 
     #[test]
     fn cbftoeiger_config_prefers_detector_distance_over_translation() {
-        let Some(messages) = testdata::cbf_messages(true) else { return };
+        let Some(messages) = testdata::cbf_messages(true) else {
+            return;
+        };
         let parts = testdata::slices(&messages[0]);
         let parsed = crate::stream::cbftoeiger::parse(&parts).unwrap();
         let header = parsed
@@ -882,14 +891,20 @@ X-Binary-Size-Second-Dimension: 2527
         assert_eq!(g.scan().unwrap().name, "omega");
         assert_eq!(g.scan().unwrap().start, 89.9997);
         // rows/cols given win over the MIME header.
-        assert_eq!(Geometry::from_cbf_header(THAU_HEADER, 10, 20).panels[0].image_size, [20, 10]);
+        assert_eq!(
+            Geometry::from_cbf_header(THAU_HEADER, 10, 20).panels[0].image_size,
+            [20, 10]
+        );
     }
 
     #[test]
     fn minicbf_detector_2theta_and_cdte() {
         let text = THAU_HEADER
             .replace("Detector_2theta 0.0000", "Detector_2theta 25.0000")
-            .replace("# Silicon sensor, thickness 0.000450 m", "# CdTe sensor, thickness 0.001000 m");
+            .replace(
+                "# Silicon sensor, thickness 0.000450 m",
+                "# CdTe sensor, thickness 0.001000 m",
+            );
         let g = Geometry::from_cbf_header(&text, 0, 0);
         assert_eq!(g.two_theta, 25.0);
         let p = &g.panels[0];
@@ -923,7 +938,13 @@ X-Binary-Size-Second-Dimension: 2527
         assert!(wire["wavelength"].is_null() && wire["distance"].is_null());
         assert!(wire["beam_center"].is_null());
         // A photon energy alone gives the wavelength.
-        let g = Geometry::from_stream(&json!({"photon_energy": 12398.419843320026}), &json!({}), 1, 1, SOURCE_V1);
+        let g = Geometry::from_stream(
+            &json!({"photon_energy": 12398.419843320026}),
+            &json!({}),
+            1,
+            1,
+            SOURCE_V1,
+        );
         assert!(close(g.wavelength.unwrap(), 1.0, 1e-12));
         let g = Geometry::from_cbf_header("# Detector: PILATUS 2M, S/N 1\n", 5, 5);
         assert!(g.missing.contains(&"wavelength") && g.missing.contains(&"distance"));
