@@ -419,20 +419,16 @@ def cmd_gui(args) -> int:
     given = cfg.key_overrides(args, cfg.BeamlineConfig, ["gui_host", "gui_port", "raster_row_length"])
     if args.beamline:
         loaded = cfg.load(args.config_file or cfg.default_startup_file(), args.beamline, given)
-        bl, processing = loaded.beamline, loaded.processing.default
-        results = bl.results_publish_endpoint
+        bl, results = loaded.beamline, loaded.beamline.results_publish_endpoint
     else:
-        bl, processing, results = cfg.with_overrides(cfg.BeamlineConfig(), given), cfg.ProcessingConfig(), None
+        bl, results = cfg.with_overrides(cfg.BeamlineConfig(), given), None
     results = args.results or results
     if not results:
         raise UsageError("give --results ENDPOINT (the Collector's PUB) or -b BEAMLINE")
-    return run_gui(
-        results,
-        bl.gui_host,
-        bl.gui_port,
-        min_bragg_peaks=args.min_bragg_peaks if args.min_bragg_peaks is not None else processing.min_bragg_peaks,
-        row_length=bl.raster_row_length,
-    )
+    if args.min_bragg_peaks is not None:  # kept so scripts that pass it still run
+        print("intxr gui: note: --min-bragg-peaks is ignored: each result says whether it is a hit, decided by its "
+              "reader with its run mode's min_Bragg_peaks", file=sys.stderr)
+    return run_gui(results, bl.gui_host, bl.gui_port, row_length=bl.raster_row_length)
 
 
 def _non_negative(text: str) -> float:
@@ -556,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_key_flags(p, cfg.BeamlineConfig, ["gui_port", "gui_host"], "default: the section's, else {default}")
     p.add_argument("--results", metavar="ENDPOINT", help="the Collector's PUB endpoint")
     cfg.add_key_flags(p, cfg.BeamlineConfig, ["raster_row_length"], "default: the section's, else {default}")
-    cfg.add_key_flags(p, cfg.ProcessingConfig, ["min_bragg_peaks"], "default: the processing config's [DEFAULT]")
+    p.add_argument("--min-bragg-peaks", type=int, default=None, metavar="N",
+                   help="ignored (kept for scripts): each result says whether it is a hit, decided by its reader "
+                   "with its run mode's min_Bragg_peaks")
     p.add_argument("-c", "--config_file", help="startup config")
     p.add_argument("-b", "--beamline", help="section of the startup config")
     p.set_defaults(func=cmd_gui)

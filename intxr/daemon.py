@@ -367,8 +367,10 @@ class Daemon:
 
     @staticmethod
     def name_of(body: dict) -> str:
+        from intxr.messages import series_key
+
         name = body.get("series_name")
-        return name if isinstance(name, str) else str(body.get("series"))
+        return series_key(body.get("series"), name if isinstance(name, str) else None)
 
     def take_done(self, body: dict) -> None:
         name = self.name_of(body)
@@ -625,7 +627,8 @@ class Daemon:
         line of each series no Collector summed up, from the Splitter's accounts and the results
         the dead Collector journaled; frames forwarded to the dead job without a result count as
         failed."""
-        from intxr.collector import SeriesAccount, journal_path, read_journal, summary_line
+        from intxr.collector import SeriesAccount, journal_path, read_journal
+        from intxr.messages import SeriesEnd
 
         for account in splitter.counters().get("series", []):
             name = self.name_of(account)
@@ -641,12 +644,12 @@ class Daemon:
                              f"count as failed")
                 os.unlink(journal)
             try:
-                series.take_end(account)
-            except (TypeError, ValueError):
+                series.take_end(SeriesEnd.from_wire(account))
+            except (TypeError, ValueError):  # BadMessage is a ValueError
                 continue
             series.written = account.get("frames_written")
             series.master_file = account.get("master_file")
-            print(summary_line(series.summary()) + " (summed up by the daemon: no Collector was left)", flush=True)
+            print(series.summary().line() + " (summed up by the daemon: no Collector was left)", flush=True)
             self.take_done(account)
 
 
