@@ -517,9 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "find-spots",
         help="find Bragg spots on image files (DIALS dispersion algorithm)",
-        description="Find spots as dials.find_spots does (same defaults), with DIALS's per-image "
-        "statistics and the Interceptor score. Reads .cbf[.bz2|.gz], Eiger/NXmx .h5 (all "
-        "frames) and .npy (give its geometry).",
+        description="Find spots as a reader does for a series whose run mode names --processing-section (default "
+        "[DEFAULT]: dials.find_spots's defaults), with DIALS's per-image statistics and the Interceptor score; "
+        "the flags below override that section's keys. Reads .cbf[.bz2|.gz], Eiger/NXmx .h5 (all frames) and "
+        ".npy (give its geometry).",
     )
     p.add_argument("images", nargs="+", metavar="PATH")
     p.add_argument("-c", "--config_file", metavar="FILE",

@@ -806,7 +806,8 @@ def add_key_flags(parser, model, names: list[str], default_note: str = "default 
         else:
             kwargs["type"] = _arg_type(spec)
             options = getattr(spec.parse, "choices", None)
-            kwargs["metavar"] = "{" + ",".join(options) + "}" if options else name.upper()
+            kind = "N" if "integer" in spec.expected else "X" if "number" in spec.expected else name.upper()
+            kwargs["metavar"] = "{" + ",".join(options) + "}" if options else kind
         kwargs.update(extra.get(name, {}))
         parser.add_argument(*spec.cli, **kwargs)
 
