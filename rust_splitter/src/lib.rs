@@ -2,6 +2,7 @@
 //! it releases the GIL around the work and maps errors to Python exceptions.
 
 pub mod codec;
+pub mod error;
 pub mod frame;
 pub mod geometry;
 pub mod nxmx;
@@ -11,7 +12,7 @@ pub mod stream;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,25 +25,44 @@ create_exception!(
     "A frame blob that cannot be decoded."
 );
 
+use error::SplitterError;
+
+/// The one mapping of the core's errors to Python exceptions.
+impl From<SplitterError> for PyErr {
+    fn from(err: SplitterError) -> PyErr {
+        let text = err.to_string();
+        match err {
+            SplitterError::Decode(_) => DecodeError::new_err(text),
+            SplitterError::Nxmx(nxmx::NxmxError::Hdf5 { .. } | nxmx::NxmxError::Io { .. }) => {
+                PyOSError::new_err(text)
+            }
+            SplitterError::Nxmx(_) | SplitterError::Invalid(_) | SplitterError::Run(_) => {
+                PyValueError::new_err(text)
+            }
+            SplitterError::Internal(_) => PyRuntimeError::new_err(text),
+        }
+    }
+}
+
 impl From<codec::CodecError> for PyErr {
     fn from(err: codec::CodecError) -> PyErr {
-        DecodeError::new_err(err.to_string())
+        SplitterError::from(err).into()
     }
 }
 
 /// A read-only byte view of any C-contiguous buffer (bytes, zmq.Frame, numpy array viewed as uint8).
-fn read_view(buf: &PyBuffer<u8>, what: &str) -> PyResult<(usize, usize)> {
+fn read_view(buf: &PyBuffer<u8>, what: &str) -> Result<(usize, usize), SplitterError> {
     if !buf.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
+        return Err(SplitterError::invalid(format!(
             "{what} must be C-contiguous"
         )));
     }
     Ok((buf.buf_ptr() as usize, buf.len_bytes()))
 }
 
-fn write_view(buf: &PyBuffer<u8>, what: &str) -> PyResult<(usize, usize)> {
+fn write_view(buf: &PyBuffer<u8>, what: &str) -> Result<(usize, usize), SplitterError> {
     if buf.readonly() {
-        return Err(PyValueError::new_err(format!("{what} must be writable")));
+        return Err(SplitterError::invalid(format!("{what} must be writable")));
     }
     read_view(buf, what)
 }
@@ -117,12 +137,12 @@ fn lz4_decompress_into(py: Python<'_>, blob: PyBuffer<u8>, out: PyBuffer<u8>) ->
     Ok(())
 }
 
-fn parse_json(text: &str, what: &str) -> PyResult<serde_json::Value> {
+fn parse_json(text: &str, what: &str) -> Result<serde_json::Value, SplitterError> {
     if text.trim().is_empty() {
         return Ok(serde_json::Value::Null);
     }
     serde_json::from_str(text)
-        .map_err(|e| PyValueError::new_err(format!("{what} is not JSON: {e}")))
+        .map_err(|e| SplitterError::invalid(format!("{what} is not JSON: {e}")))
 }
 
 /// The geometry (wire JSON, `intxr.geometry`) of a detector stream's header: `config_json` the
@@ -140,9 +160,11 @@ fn geometry_from_header(
     let config = parse_json(config_json, "config_json")?;
     let header = parse_json(header_json, "header_json")?;
     let source = geometry::source_from_keys(&config, &header);
-    Ok(geometry::Geometry::from_stream(&config, &header, rows, cols, source)
-        .to_json()
-        .to_string())
+    Ok(
+        geometry::Geometry::from_stream(&config, &header, rows, cols, source)
+            .to_json()
+            .to_string(),
+    )
 }
 
 /// The geometry (wire JSON) of a miniCBF PILATUS_1.2 header text.
@@ -173,10 +195,12 @@ struct SplitterCore {
 
 #[pymethods]
 impl SplitterCore {
+    /// Every option is required: `intxr.splitter.Splitter` passes them from the config's one
+    /// declaration of each (intxr.config.SplitterKeys), so no second copy of the defaults lives here.
     #[new]
-    #[pyo3(signature = (endpoint, output_dir, *, bind=false, protocol="auto", frames_per_file=1000,
-                        series_timeout=10.0, max_series=None, filepath_key=None, buffer_bytes=4u64 << 30,
-                        disk_reserve=16u64 << 20, check_free_space=true, serve=None, serve_mode="request", skip_after=2.0, heartbeat=1.0, publish=None))]
+    #[pyo3(signature = (endpoint, output_dir, *, bind, protocol, frames_per_file, series_timeout,
+                        max_series, filepath_key, buffer_bytes, disk_reserve, check_free_space,
+                        serve, serve_mode, skip_after, heartbeat, publish))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         endpoint: String,
@@ -200,16 +224,18 @@ impl SplitterCore {
             "request" => serve::ServeMode::Request,
             "push" => serve::ServeMode::Push,
             other => {
-                return Err(PyValueError::new_err(format!(
+                return Err(SplitterError::invalid(format!(
                     "serve_mode {other:?}: expected request or push"
-                )))
+                ))
+                .into())
             }
         };
         for (name, value) in [("skip_after", skip_after), ("heartbeat", heartbeat)] {
             if value.is_nan() || value <= 0.0 {
-                return Err(PyValueError::new_err(format!(
+                return Err(SplitterError::invalid(format!(
                     "{name} must be positive, not {value}"
-                )));
+                ))
+                .into());
             }
         }
         let protocol = match protocol {
@@ -218,15 +244,17 @@ impl SplitterCore {
             "v2" => Some(frame::Protocol::V2),
             "cbftoeiger" => Some(frame::Protocol::CbfToEiger),
             other => {
-                return Err(PyValueError::new_err(format!(
+                return Err(SplitterError::invalid(format!(
                     "protocol {other:?}: expected auto, v1, v2 or cbftoeiger"
-                )))
+                ))
+                .into())
             }
         };
         if frames_per_file == 0 || series_timeout.is_nan() || series_timeout <= 0.0 {
-            return Err(PyValueError::new_err(
+            return Err(SplitterError::invalid(
                 "frames_per_file and series_timeout must be positive",
-            ));
+            )
+            .into());
         }
         Ok(SplitterCore {
             config: splitter::SplitterConfig {
@@ -260,9 +288,9 @@ impl SplitterCore {
         let mut handle = self
             .handle
             .lock()
-            .map_err(|_| PyValueError::new_err("splitter state poisoned"))?;
+            .map_err(|_| SplitterError::Internal("splitter state poisoned"))?;
         if handle.is_some() {
-            return Err(PyValueError::new_err("the splitter is already running"));
+            return Err(SplitterError::invalid("the splitter is already running").into());
         }
         let (config, stop, counters) = (
             self.config.clone(),
@@ -290,7 +318,7 @@ impl SplitterCore {
                 let mut guard = self
                     .handle
                     .lock()
-                    .map_err(|_| PyValueError::new_err("splitter state poisoned"))?;
+                    .map_err(|_| SplitterError::Internal("splitter state poisoned"))?;
                 if guard.as_ref().is_none_or(|h| h.is_finished()) {
                     Some(guard.take())
                 } else {
@@ -302,9 +330,11 @@ impl SplitterCore {
                     let result = py.detach(|| handle.join());
                     match result {
                         Ok(Ok(())) => {}
-                        Ok(Err(message)) => return Err(PyValueError::new_err(message)),
+                        Ok(Err(message)) => return Err(SplitterError::Run(message).into()),
                         Err(_) => {
-                            return Err(PyValueError::new_err("the splitter thread panicked"))
+                            return Err(
+                                SplitterError::Internal("the splitter thread panicked").into()
+                            )
                         }
                     }
                 }
