@@ -428,7 +428,7 @@ impl Geometry {
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.as_str())
         };
-        // The first number of a value ("0.96859 A", "(1261.61, 1306.96) pixels").
+        // The numbers of a value ("0.96859 A", "(1261.61, 1306.96) pixels", "172e-6 m x 172e-6 m").
         let numbers = |key: &str| -> Vec<f64> {
             get(key).map_or(Vec::new(), |v| {
                 v.replace(['(', ')', ','], " ")
@@ -439,152 +439,84 @@ impl Geometry {
             })
         };
         let first = |key: &str| numbers(key).first().copied();
-        let mut missing = Vec::new();
 
-        let wavelength = first("Wavelength").filter(|w| *w > 0.0);
-        if wavelength.is_none() {
-            missing.push("wavelength");
-        }
-        let distance = first("Detector_distance")
-            .filter(|d| *d > 0.0)
-            .map(|m| m * 1000.0);
-        if distance.is_none() {
-            missing.push("distance");
-        }
-        let beam = numbers("Beam_xy");
-        let beam_center = if beam.len() >= 2 {
-            Some([beam[0], beam[1]])
-        } else {
-            missing.push("beam_center");
-            None
-        };
-        // "172e-6 m x 172e-6 m"
-        let pixel: Vec<f64> = get("Pixel_size").map_or(Vec::new(), |v| {
-            v.split_whitespace()
-                .filter_map(|t| t.parse::<f64>().ok())
-                .filter(|x| x.is_finite() && *x > 0.0)
-                .collect()
-        });
-        let pixel_size = if pixel.len() >= 2 {
-            Some([pixel[0] * 1000.0, pixel[1] * 1000.0])
-        } else {
-            missing.push("pixel_size");
-            None
-        };
-        let image_size = if rows > 0 && cols > 0 {
-            Some([cols, rows])
-        } else {
-            match (
-                first("X-Binary-Size-Fastest-Dimension"),
-                first("X-Binary-Size-Second-Dimension"),
-            ) {
-                (Some(x), Some(y)) if x >= 1.0 && y >= 1.0 => Some([x as usize, y as usize]),
-                _ => {
-                    missing.push("image_size");
-                    None
-                }
+        // The header in the detector-stream vocabulary (metres, pixels, degrees), then the one
+        // normalisation every stream header goes through.
+        let mut keys = serde_json::Map::new();
+        let mut put = |key: &str, value: Option<Value>| {
+            if let Some(v) = value {
+                keys.insert(key.to_string(), v);
             }
         };
+        put("wavelength", first("Wavelength").map(Value::from));
+        put(
+            "detector_distance",
+            first("Detector_distance").map(Value::from),
+        );
+        let beam = numbers("Beam_xy");
+        if beam.len() >= 2 {
+            put("beam_center_x", Some(beam[0].into()));
+            put("beam_center_y", Some(beam[1].into()));
+        }
+        let pixel = numbers("Pixel_size");
+        if pixel.len() >= 2 {
+            put("x_pixel_size", Some(pixel[0].into()));
+            put("y_pixel_size", Some(pixel[1].into()));
+        }
+        put(
+            "x_pixels_in_detector",
+            first("X-Binary-Size-Fastest-Dimension").map(Value::from),
+        );
+        put(
+            "y_pixels_in_detector",
+            first("X-Binary-Size-Second-Dimension").map(Value::from),
+        );
         // "# Silicon sensor, thickness 0.000450 m": the third token, in metres.
-        let (material, thickness) = [("Silicon", "Si"), ("CdTe", "CdTe")]
-            .iter()
-            .find_map(|(key, material)| {
-                let t = get(key)?
-                    .split_whitespace()
-                    .nth(2)
-                    .and_then(|t| t.parse::<f64>().ok())
-                    .filter(|t| t.is_finite() && *t >= 0.0)?;
-                Some((material.to_string(), t * 1000.0))
-            })
-            .unwrap_or_default();
-        let count_cutoff = first("Count_cutoff")
-            .filter(|c| *c >= 0.0)
-            .map(|c| c.round() as u64);
-        let two_theta = first("Detector_2theta").unwrap_or(0.0);
+        for (key, material) in [("Silicon", "Si"), ("CdTe", "CdTe")] {
+            if let Some(t) = get(key).and_then(|v| v.split_whitespace().nth(2)) {
+                put("sensor_material", Some(material.into()));
+                put("sensor_thickness", t.parse::<f64>().ok().map(Value::from));
+                break;
+            }
+        }
+        put(
+            "countrate_correction_count_cutoff",
+            first("Count_cutoff").map(Value::from),
+        );
+        put("two_theta_start", first("Detector_2theta").map(Value::from));
+        put("count_time", first("Exposure_time").map(Value::from));
+        put("frame_time", first("Exposure_period").map(Value::from));
         // "# Detector: PILATUS3 6M, S/N 60-0119"
         let detector = get("Detector").unwrap_or_default();
-        let (description, detector_number) = match detector.split_once(", S/N ") {
-            Some((d, n)) => (d.trim().to_string(), n.trim().to_string()),
-            None => (detector.trim().to_string(), String::new()),
-        };
-
-        // dxtbx: a single axis (1, 0, 0) scanned from Start_angle by Angle_increment; the header's
+        let (description, number) = detector.split_once(", S/N ").unwrap_or((detector, ""));
+        put("description", Some(description.trim().into()));
+        put("detector_number", Some(number.trim().into()));
+        // dxtbx: a single axis (1, 0, 0) scanned from Start_angle by Angle_increment, about the
+        // axis Oscillation_axis names (omega unless it says phi, chi or kappa); the header's
         // other axis readings are kept for display.
-        let start = first("Start_angle").unwrap_or(0.0);
-        let increment = first("Angle_increment").unwrap_or(0.0);
-        let mut axes = Vec::new();
+        let oscillation = get("Oscillation_axis")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let scan = ["phi", "chi", "kappa"]
+            .into_iter()
+            .find(|n| oscillation.starts_with(n))
+            .unwrap_or("omega");
         for (key, name) in [
             ("Chi", "chi"),
             ("Kappa", "kappa"),
             ("Phi", "phi"),
             ("Omega", "omega"),
         ] {
-            if let Some(value) = first(key) {
-                axes.push(Axis {
-                    name: name.into(),
-                    vector: None,
-                    start: value,
-                    increment: first(&format!("{key}_increment")).unwrap_or(0.0),
-                });
-            }
+            let (start, increment) = if name == scan {
+                (first("Start_angle"), first("Angle_increment"))
+            } else {
+                (first(key), first(&format!("{key}_increment")))
+            };
+            put(&format!("{name}_start"), start.map(Value::from));
+            put(&format!("{name}_increment"), increment.map(Value::from));
         }
-        // The scan axis: Oscillation_axis names it when it is one of these, else omega.
-        let oscillation = get("Oscillation_axis")
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let scan_name = ["phi", "chi", "kappa"]
-            .into_iter()
-            .find(|n| oscillation.starts_with(n))
-            .unwrap_or("omega");
-        let scan_axis = match axes.iter().position(|a| a.name == scan_name) {
-            Some(i) => i,
-            None => {
-                axes.push(Axis {
-                    name: scan_name.into(),
-                    vector: None,
-                    start,
-                    increment,
-                });
-                axes.len() - 1
-            }
-        };
-        axes[scan_axis].start = start;
-        axes[scan_axis].increment = increment;
-
-        let mut geometry = Geometry {
-            wavelength,
-            beam_direction: [0.0, 0.0, 1.0],
-            panels: Vec::new(),
-            two_theta,
-            distance,
-            header_beam_center: beam_center,
-            axes,
-            scan_axis,
-            count_time: first("Exposure_time"),
-            frame_time: first("Exposure_period"),
-            count_cutoff,
-            kind: DetectorKind::of(&description),
-            description,
-            detector_number,
-            missing,
-            source: SOURCE_MINICBF,
-        };
-        geometry.set_scan_vector();
-        geometry.panels.push(
-            SimpleDetector {
-                distance: distance.unwrap_or(0.0),
-                beam_center: beam_center.unwrap_or([0.0, 0.0]),
-                pixel_size: pixel_size.unwrap_or([0.0, 0.0]),
-                image_size: image_size.unwrap_or([0, 0]),
-                two_theta,
-                thickness,
-                material,
-                // FormatCBFMini: (0, Count_cutoff).
-                trusted_range: [0.0, count_cutoff.map_or(NO_SATURATION, |c| c as f64)],
-            }
-            .panel(),
-        );
-        geometry
+        let config = Value::Object(keys);
+        Geometry::from_stream(&config, &Value::Null, rows, cols, SOURCE_MINICBF)
     }
 
     /// The scan axis is dxtbx's single rotation axis (1, 0, 0) (`GoniometerFactory.single_axis`;
@@ -702,13 +634,49 @@ mod tests {
         (a - b).abs() <= tol
     }
 
+    /// A flat 450 um Si panel facing the beam, as dxtbx's simple detector builds it.
+    struct Flat {
+        image_size: [usize; 2],
+        pixel: f64,
+        trusted_max: f64,
+        beam: [f64; 2],
+        distance: f64,
+    }
+
+    impl Flat {
+        fn check(&self, p: &Panel) {
+            assert_eq!(p.image_size, self.image_size);
+            assert!(close(p.pixel_size[0], self.pixel, 1e-12));
+            assert!(close(p.pixel_size[1], self.pixel, 1e-12));
+            assert!(close(p.thickness, 0.45, 1e-12));
+            assert_eq!(p.material, "Si");
+            assert_eq!(p.trusted_range, [0.0, self.trusted_max]);
+            // origin = -d z - fast * bx - slow * by (fast +x, slow -y).
+            let [bx, by] = self.beam;
+            assert!(close(p.origin[0], -bx * self.pixel, 1e-9));
+            assert!(close(p.origin[1], by * self.pixel, 1e-9));
+            assert!(close(p.origin[2], -self.distance, 1e-9));
+            assert_eq!(
+                (p.fast_axis, p.slow_axis),
+                ([1.0, 0.0, 0.0], [0.0, -1.0, 0.0])
+            );
+        }
+    }
+
+    /// The series header among a message's parsed parts.
+    fn start_of(parsed: Vec<crate::stream::Parsed>) -> crate::frame::SeriesHeader {
+        parsed
+            .into_iter()
+            .find_map(|p| match p {
+                crate::stream::Parsed::Start(h) => Some(h),
+                _ => None,
+            })
+            .expect("a series start")
+    }
+
     fn v2_start() -> Option<crate::frame::SeriesHeader> {
         let bytes = testdata::read("stream_v2/eiger2_16m_final/start.cbor")?;
-        let parsed = crate::stream::v2::parse(&[&bytes]).expect("the real start message parses");
-        parsed.into_iter().find_map(|p| match p {
-            crate::stream::Parsed::Start(h) => Some(h),
-            _ => None,
-        })
+        Some(start_of(crate::stream::v2::parse(&[&bytes]).unwrap()))
     }
 
     #[test]
@@ -722,16 +690,14 @@ mod tests {
         assert_eq!(g.kind, DetectorKind::Eiger);
         assert_eq!(g.description, "Dectris EIGER2 Si 16M");
         assert_eq!(g.detector_number, "E-32-0117");
-        let p = &g.panels[0];
-        assert_eq!(p.image_size, [4148, 4362]);
-        assert!(close(p.pixel_size[0], 0.075, 1e-12));
-        assert!(close(p.thickness, 0.45, 1e-12));
-        assert_eq!(p.material, "Si");
-        assert_eq!(p.trusted_range, [0.0, 21517.0]);
-        // origin = -d z - fast * bx - slow * by (fast +x, slow -y).
-        assert!(close(p.origin[0], -2049.3840906675064 * 0.075, 1e-9));
-        assert!(close(p.origin[1], 2163.621048575148 * 0.075, 1e-9));
-        assert!(close(p.origin[2], -237.15919962215962, 1e-9));
+        let expected = Flat {
+            image_size: [4148, 4362],
+            pixel: 0.075,
+            trusted_max: 21517.0,
+            beam: [2049.3840906675064, 2163.621048575148],
+            distance: 237.15919962215962,
+        };
+        expected.check(&g.panels[0]);
         let bc = g.beam_center().unwrap();
         assert!(close(bc[0], 2049.3840906675064, 1e-9) && close(bc[1], 2163.621048575148, 1e-9));
         // The scan: omega 0.1 per frame, chi at 30.
@@ -753,14 +719,7 @@ mod tests {
             return;
         };
         let parts = testdata::slices(&messages[0]);
-        let parsed = crate::stream::v1::parse(&parts).unwrap();
-        let header = parsed
-            .into_iter()
-            .find_map(|p| match p {
-                crate::stream::Parsed::Start(h) => Some(h),
-                _ => None,
-            })
-            .unwrap();
+        let header = start_of(crate::stream::v1::parse(&parts).unwrap());
         let g = header.geometry(0, 0);
         assert_eq!(g.source, SOURCE_V1);
         assert_eq!(g.kind, DetectorKind::Eiger);
@@ -787,14 +746,7 @@ mod tests {
             return;
         };
         let parts = testdata::slices(&messages[0]);
-        let parsed = crate::stream::cbftoeiger::parse(&parts).unwrap();
-        let header = parsed
-            .into_iter()
-            .find_map(|p| match p {
-                crate::stream::Parsed::Start(h) => Some(h),
-                _ => None,
-            })
-            .unwrap();
+        let header = start_of(crate::stream::cbftoeiger::parse(&parts).unwrap());
         let g = header.geometry(4371, 4150);
         assert_eq!(g.source, SOURCE_CBFTOEIGER);
         // detector_distance 0.150000005960464 m; the translation says 0.25 m.
@@ -877,15 +829,14 @@ X-Binary-Size-Second-Dimension: 2527
         assert_eq!(g.kind, DetectorKind::Pilatus);
         assert_eq!(g.wavelength, Some(0.96859));
         assert!(close(g.distance.unwrap(), 351.0, 1e-9));
-        let p = &g.panels[0];
-        assert_eq!(p.image_size, [2463, 2527]);
-        assert!(close(p.pixel_size[0], 0.172, 1e-12));
-        assert!(close(p.thickness, 0.45, 1e-12));
-        assert_eq!(p.material, "Si");
-        assert_eq!(p.trusted_range, [0.0, 115897.0]);
-        assert!(close(p.origin[0], -1261.61 * 0.172, 1e-9));
-        assert!(close(p.origin[1], 1306.96 * 0.172, 1e-9));
-        assert!(close(p.origin[2], -351.0, 1e-9));
+        let expected = Flat {
+            image_size: [2463, 2527],
+            pixel: 0.172,
+            trusted_max: 115897.0,
+            beam: [1261.61, 1306.96],
+            distance: 351.0,
+        };
+        expected.check(&g.panels[0]);
         assert_eq!(g.count_time, Some(0.019));
         assert_eq!(g.frame_time, Some(0.02));
         assert_eq!(g.scan().unwrap().name, "omega");
