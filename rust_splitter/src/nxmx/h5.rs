@@ -450,6 +450,19 @@ impl H5Writer<'_> {
         self.attr_str(d.id, path, "depends_on", depends_on)
     }
 
+    /// A rotation axis (degrees) about `vector`, without offset.
+    pub(super) fn rotation(
+        &self,
+        path: &str,
+        angles: &[f64],
+        vector: [f64; 3],
+        depends_on: &str,
+    ) -> Result<()> {
+        self.axis(
+            path, angles, "rotation", "degree", vector, [0.0; 3], depends_on,
+        )
+    }
+
     /// A 2-D uint32 pixel mask, chunked and deflated when the library has deflate. With no data
     /// no chunk is written and every pixel reads as the fill value 0 (nothing masked).
     pub(super) fn mask(

@@ -160,15 +160,7 @@ impl SeriesWriter {
         // as DetectorFactory.two_theta does.
         w.group(&format!("{det}/transformations"), "NXtransformations")?;
         let two_theta = format!("{det}/transformations/two_theta");
-        w.axis(
-            &two_theta,
-            &[m.geometry.two_theta],
-            "rotation",
-            "degree",
-            [-1.0, 0.0, 0.0],
-            [0.0; 3],
-            ".",
-        )?;
+        w.rotation(&two_theta, &[m.geometry.two_theta], [-1.0, 0.0, 0.0], ".")?;
         let translation = format!("{det}/transformations/translation");
         w.axis(
             &translation,
@@ -300,13 +292,10 @@ impl SeriesWriter {
             &format!("/entry/sample/transformations/{axis}"),
         )?;
         w.group("/entry/sample/transformations", "NXtransformations")?;
-        w.axis(
+        w.rotation(
             &format!("/entry/sample/transformations/{axis}"),
             &angles,
-            "rotation",
-            "degree",
             [-1.0, 0.0, 0.0],
-            [0.0; 3],
             ".",
         )?;
         w.f64s(
