@@ -280,3 +280,42 @@ def test_eiger_master_keeps_the_file_writer_layout(tmp_path, shared_data):
         assert det["detectorSpecific/eiger_fw_version"][()] == b"release-2020.2.5rc2"
         assert list(det["module/data_size"][()]) == [1062, 1028]
         assert det["bit_depth_readout"][()] == 16
+
+
+def test_pilatus_master_as_dials_nxmx_library_reads_it(tmp_path):
+    """Read through `nxmx` (the library dxtbx's NXmx readers are built on), the way
+    dxtbx.nexus.get_dxtbx_detector / get_static_mask / get_dxtbx_goniometer use it."""
+    nxmx = pytest.importorskip("nxmx", reason="the nxmx package (dials/nxmx, needs scipy and pint) is not installed")
+    config = _pilatus_config(20.0)
+    shape = (2527, 2463)
+    frame = np.zeros(shape, dtype=np.uint32)
+    mask = np.zeros(shape, dtype="<u4")
+    mask[195:212, :] = 1
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path, max_series=1, series_timeout=30) as splitter:
+        pusher.send(_v1_series(config, [frame, frame], mask))
+        assert splitter.join(60)
+    [master] = splitter.counters()["files"]
+    [panel] = json.loads(_splitter.geometry_from_header(json.dumps(config), "", *shape))["panels"]
+    with h5py.File(master) as f:
+        [entry] = nxmx.NXmx(f).entries
+        [detector] = entry.instruments[0].detectors
+        [module] = detector.modules
+        assert (detector.underload_value, detector.saturation_value) == (0, 115897)
+        assert detector.bit_depth_readout == 32 and detector.sensor_material == "Si"
+        assert np.array_equal(detector.pixel_mask[()], mask)
+        assert tuple(module.data_size) == shape and tuple(module.data_origin) == (0, 0)
+        # The flat-detector rule of get_dxtbx_detector: rotations of the chain turn the axes, the
+        # whole chain places the origin; McStas -> imgCIF.
+        chain = nxmx.get_dependency_chain(module.fast_pixel_direction.depends_on)
+        rotations = [t for t in chain if t.transformation_type == "rotation"]
+        r = nxmx.get_cumulative_transformation(rotations)[0, :3, :3]
+        fast = MCSTAS_TO_IMGCIF @ r @ module.fast_pixel_direction.vector
+        slow = MCSTAS_TO_IMGCIF @ r @ module.slow_pixel_direction.vector
+        origin = MCSTAS_TO_IMGCIF @ nxmx.get_cumulative_transformation(chain)[0, :3, 3]
+        assert origin == pytest.approx(panel["origin"], abs=1e-9)
+        assert fast == pytest.approx(panel["fast_axis"], abs=1e-12)
+        assert slow == pytest.approx(panel["slow_axis"], abs=1e-12)
+        axes = nxmx.get_rotation_axes(nxmx.get_dependency_chain(entry.samples[0].depends_on))
+        assert list(axes.names) == ["omega"] and MCSTAS_TO_IMGCIF @ axes.axes[0] == pytest.approx([1, 0, 0])
+        assert entry.instruments[0].beams[0].incident_wavelength.to("angstrom").magnitude == pytest.approx(0.96859)
