@@ -17,6 +17,15 @@
 //! relative file names, so the set can be moved. The master is written when the series starts
 //! (linking the data files the series is expected to fill) and rewritten at the end.
 //!
+//! DIALS (dxtbx) picks its reader by what the master holds: `detectorSpecific/eiger_fw_version`
+//! selects its EIGER file-writer reader, which accepts only EIGER module sizes, so only EIGERs
+//! (by their description) keep it; any other detector (a PILATUS streamed by a simulator or by
+//! SSRL's cbfToEiger) is read by dxtbx's generic NXmx reader, which takes the trusted range from
+//! `underload_value`/`saturation_value` (written: 0 and the count cutoff, as a miniCBF's), the mask
+//! from the NXdetector's `pixel_mask`, and the detector position from the `depends_on` chain
+//! `module_offset -> translation (distance) -> two_theta` (the arm's rotation about dxtbx's +x).
+//! The geometry written is `crate::geometry`'s, the one the Splitter serves to readers.
+//!
 //! Only the raw HDF5 C API (hdf5-metno-sys, linked to the system libhdf5) is used.
 //!
 //! Modules: `h5` (HDF5 handles, the write helpers and their errors), `meta` (what the master
