@@ -177,6 +177,17 @@ def _panel_from_master(f: h5py.File) -> dict:
     return out
 
 
+def _pilatus_6m_gaps() -> np.ndarray:
+    """dxtbx's hard-coded PILATUS 6M module gaps (FormatPilatusHelpers.pilatus_6M_mask, 1-based
+    f0, f1, s0, s1), as a mask with bit 0 (gap) set."""
+    gaps = np.zeros((2527, 2463), dtype="<u4")
+    for f0 in (488, 982, 1476, 1970):
+        gaps[:, f0 - 1 : f0 + 6] = 1
+    for s0 in range(196, 2317, 212):
+        gaps[s0 - 1 : s0 + 16, :] = 1
+    return gaps
+
+
 def _pilatus_config(two_theta: float) -> dict:
     """A v1 config part as a PILATUS source streamed as an EIGER sends it (eiger_fw_version too)."""
     return {
@@ -207,11 +218,12 @@ def _pilatus_config(two_theta: float) -> dict:
     }
 
 
-def _v1_series(config: dict, frames: list[np.ndarray], mask: np.ndarray) -> list[list[bytes]]:
-    """A stream v1 series (header_detail all) of uint32 frames, encoded bs32-lz4<."""
+def _v1_series(config: dict, frames: list[np.ndarray], mask: np.ndarray | None) -> list[list[bytes]]:
+    """A stream v1 series of uint32 frames, encoded bs32-lz4<: header_detail all with `mask`,
+    basic (no mask) when it is None."""
     from intxr import stream_format as fmt
 
-    messages = [fmt.v1_header(1, "all", config, mask)]
+    messages = [fmt.v1_header(1, "all", config, mask) if mask is not None else fmt.v1_header(1, "basic", config)]
     for n, frame in enumerate(frames):
         blob = _splitter.bslz4_compress(np.ascontiguousarray(frame, dtype="<u4").view(np.uint8), 4)
         messages.append(fmt.v1_image(1, n, blob, "bs32-lz4<", frame.shape, np.uint32, 0, 0))
@@ -247,7 +259,8 @@ def test_pilatus_master_is_generic_nxmx_with_trusted_range_mask_and_chains(tmp_p
         assert [det["underload_value"][()], det["saturation_value"][()]] == panel["trusted_range"]
         # Stored pixels are uint32: the generic reader masks 2^32-1 / -2 only with bit_depth_readout 32.
         assert det["bit_depth_readout"][()] == 32
-        assert np.array_equal(det["pixel_mask"][()], mask)
+        # The sent mask, with every module gap dxtbx masks on a PILATUS's own files.
+        assert np.array_equal(det["pixel_mask"][()], mask | _pilatus_6m_gaps())
         assert det["sensor_material"][()] == b"Si" and det["sensor_thickness"][()] == pytest.approx(0.00045)
         module = det["module"]
         assert list(module["data_origin"][()]) == [0, 0] and list(module["data_size"][()]) == [2527, 2463]
@@ -265,6 +278,19 @@ def test_pilatus_master_is_generic_nxmx_with_trusted_range_mask_and_chains(tmp_p
         assert np.degrees(np.arccos(-point[2] / np.linalg.norm(point))) == pytest.approx(two_theta, abs=1e-9)
 
 
+def test_pilatus_without_a_mask_gets_dxtbx_s_module_gaps(tmp_path):
+    """header_detail basic sends no mask: the master still masks what DIALS masks on the CBF."""
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path, max_series=1, series_timeout=30) as splitter:
+        pusher.send(_v1_series(_pilatus_config(0.0), [np.zeros((2527, 2463), dtype=np.uint32)], None))
+        assert splitter.join(60)
+    [master] = splitter.counters()["files"]
+    with h5py.File(master) as f:
+        det = f["entry/instrument/detector"]
+        assert np.array_equal(det["pixel_mask"][()], _pilatus_6m_gaps())
+        assert det["underload_value"][()] == 0 and det["saturation_value"][()] == 115897
+
+
 def test_eiger_master_keeps_the_file_writer_layout(tmp_path, shared_data):
     """A real EIGER2 capture keeps eiger_fw_version (DIALS's EIGER reader, a known module size)."""
     from test_splitter import capture_messages
@@ -280,6 +306,10 @@ def test_eiger_master_keeps_the_file_writer_layout(tmp_path, shared_data):
         assert det["detectorSpecific/eiger_fw_version"][()] == b"release-2020.2.5rc2"
         assert list(det["module/data_size"][()]) == [1062, 1028]
         assert det["bit_depth_readout"][()] == 16
+        # This dark capture says detector_distance 0 and translation [0, 0, 0]: the master says 0 as
+        # the served geometry does (which lists the distance as missing), not an invented one.
+        assert det["detector_distance"][()] == 0.0 and det["transformations/translation"][()] == 0.0
+        assert _panel_from_master(f)["origin"][2] == 0.0
 
 
 def test_pilatus_master_as_dials_nxmx_library_reads_it(tmp_path):
@@ -303,7 +333,7 @@ def test_pilatus_master_as_dials_nxmx_library_reads_it(tmp_path):
         [module] = detector.modules
         assert (detector.underload_value, detector.saturation_value) == (0, 115897)
         assert detector.bit_depth_readout == 32 and detector.sensor_material == "Si"
-        assert np.array_equal(detector.pixel_mask[()], mask)
+        assert np.array_equal(detector.pixel_mask[()], mask | _pilatus_6m_gaps())
         assert tuple(module.data_size) == shape and tuple(module.data_origin) == (0, 0)
         # The flat-detector rule of get_dxtbx_detector: rotations of the chain turn the axes, the
         # whole chain places the origin; McStas -> imgCIF.

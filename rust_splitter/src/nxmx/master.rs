@@ -270,16 +270,16 @@ impl SeriesWriter {
         if let Some(n) = m.number_of_excluded_pixels {
             w.u32(&format!("{spec}/number_of_excluded_pixels"), clamp(n))?;
         }
-        // The mask (zeros when none was sent); the NXdetector's pixel_mask is the same dataset.
+        // The mask (zeros when none was sent and none is known); the NXdetector's pixel_mask is the
+        // same dataset.
         w.mask(
             &format!("{spec}/pixel_mask"),
             ny,
             nx,
             self.pixel_mask.as_deref(),
         )?;
-        if self.pixel_mask.is_some() {
-            w.hard_link(&format!("{det}/pixel_mask"), &format!("{spec}/pixel_mask"))?;
-        }
+        // Always there: dxtbx's generic NXmx reader takes its static mask only from the NXdetector.
+        w.hard_link(&format!("{det}/pixel_mask"), &format!("{spec}/pixel_mask"))?;
 
         // NXsample: the rotation axis of the scan, one angle per frame (NXmx depends_on chain).
         w.group("/entry/sample", "NXsample")?;

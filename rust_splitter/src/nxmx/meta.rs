@@ -59,14 +59,16 @@ impl Meta {
             placeholders.push("wavelength 1 A");
             1.0
         });
+        // Distance and beam centre as the served geometry has them: what the header said, or 0
+        // (the detector at the sample, the beam at pixel (0, 0)), never an invented value.
         let distance = g.distance.map(|mm| mm / 1000.0).unwrap_or_else(|| {
-            placeholders.push("distance 100 mm");
-            0.1
+            placeholders.push("distance 0");
+            0.0
         });
         let beam_center = g.header_beam_center.map_or_else(
             || {
-                placeholders.push("beam centre at the frame's centre");
-                (nx as f64 / 2.0, ny as f64 / 2.0)
+                placeholders.push("beam centre (0, 0)");
+                (0.0, 0.0)
             },
             |[x, y]| (x, y),
         );
@@ -218,3 +220,42 @@ impl Meta {
 
 /// The most frames a series' first master file is built for (see `announced_frames`).
 pub(super) const MAX_ANNOUNCED_FRAMES: u64 = 1_000_000;
+
+/// PILATUS modules and the gaps between them, as dxtbx has them (`_DetectorDatabase["Pilatus"]`
+/// in FormatPilatusHelpers): 487 x 195 pixels, gaps of 7 columns and 17 rows.
+const PILATUS_MODULE: (usize, usize) = (487, 195);
+const PILATUS_GAP: (usize, usize) = (7, 17);
+
+/// Set bit 0 (gap) on a PILATUS's inter-module rows and columns, the regions dxtbx masks on every
+/// PILATUS miniCBF (`determine_pilatus_mask`, added by FormatCBFMiniPilatus._detector). False (mask
+/// unchanged) when the frame is not a whole grid of PILATUS modules.
+pub(super) fn mark_pilatus_gaps(mask: &mut [u32], ny: usize, nx: usize) -> bool {
+    let grid = |size: usize, module: usize, gap: usize| {
+        let n = (size + gap) / (module + gap);
+        (n >= 1 && n * module + (n - 1) * gap == size).then_some(n)
+    };
+    let (Some(n_fast), Some(n_slow)) = (
+        grid(nx, PILATUS_MODULE.0, PILATUS_GAP.0),
+        grid(ny, PILATUS_MODULE.1, PILATUS_GAP.1),
+    ) else {
+        return false;
+    };
+    if mask.len() != ny * nx {
+        return false;
+    }
+    for i in 1..n_fast {
+        let start = i * PILATUS_MODULE.0 + (i - 1) * PILATUS_GAP.0;
+        for row in mask.chunks_exact_mut(nx) {
+            for v in &mut row[start..start + PILATUS_GAP.0] {
+                *v |= 1;
+            }
+        }
+    }
+    for i in 1..n_slow {
+        let start = i * PILATUS_MODULE.1 + (i - 1) * PILATUS_GAP.1;
+        for v in &mut mask[start * nx..(start + PILATUS_GAP.1) * nx] {
+            *v |= 1;
+        }
+    }
+    true
+}

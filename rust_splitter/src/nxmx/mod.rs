@@ -46,6 +46,7 @@ use hdf5_metno_sys::h5z::H5Z_filter_t;
 use thiserror::Error;
 
 use crate::frame::{Compression, FrameHeader, SeriesHeader};
+use crate::geometry::DetectorKind;
 
 use h5::{h5_init, Handle};
 pub use h5::{hdf5_version, one_line};
@@ -212,7 +213,7 @@ impl SeriesWriter {
                 source,
             })?;
         }
-        let pixel_mask = match &header.pixel_mask {
+        let mut pixel_mask = match &header.pixel_mask {
             Some((rows, cols, mask)) if (*rows, *cols) == (ny, nx) && mask.len() == ny * nx => {
                 Some(mask.clone())
             }
@@ -220,6 +221,12 @@ impl SeriesWriter {
             _ => None,
         };
         let meta = Meta::from_header(header, first);
+        if meta.geometry.kind == DetectorKind::Pilatus {
+            // The module gaps DIALS masks on a PILATUS's own files, whether or not a mask came.
+            let mut mask = pixel_mask.take().unwrap_or_else(|| vec![0; ny * nx]);
+            let gaps = meta::mark_pilatus_gaps(&mut mask, ny, nx);
+            pixel_mask = (gaps || header.pixel_mask.is_some()).then_some(mask);
+        }
         let mut writer = SeriesWriter {
             series: header.series,
             master,

@@ -613,3 +613,31 @@ fn nxmx_hdf5_errors_name_file_and_call() {
     drop(writer);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn pilatus_gaps_are_dxtbx_s_6m_regions() {
+    // dxtbx's hard-coded PILATUS 6M mask (FormatPilatusHelpers.pilatus_6M_mask, 1-based inclusive
+    // f0, f1, s0, s1): columns 488-494, 982-988, 1476-1482, 1970-1976; rows 196-212, 408-424, ...
+    let (ny, nx) = (2527, 2463);
+    let mut mask = vec![0u32; ny * nx];
+    mask[5 * nx + 7] = 2;
+    assert!(meta::mark_pilatus_gaps(&mut mask, ny, nx));
+    let (mut gap_col, mut gap_row) = (vec![false; nx], vec![false; ny]);
+    for c in [488, 982, 1476, 1970] {
+        gap_col[c - 1..c + 6].fill(true);
+    }
+    for i in 0..11 {
+        gap_row[195 + 212 * i..212 + 212 * i].fill(true);
+    }
+    for y in 0..ny {
+        for x in 0..nx {
+            let gap = gap_col[x] || gap_row[y];
+            let expected = u32::from(gap) | if (y, x) == (5, 7) { 2 } else { 0 };
+            assert_eq!(mask[y * nx + x], expected, "pixel ({y}, {x})");
+        }
+    }
+    // Not a grid of PILATUS modules (an EIGER2 1M): unchanged.
+    let mut other = vec![0u32; 1062 * 1028];
+    assert!(!meta::mark_pilatus_gaps(&mut other, 1062, 1028));
+    assert!(other.iter().all(|&v| v == 0));
+}
