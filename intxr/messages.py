@@ -374,10 +374,6 @@ class FrameResult:
     latency: float | None = None
     line: str | None = None
 
-    @property
-    def key(self) -> str:
-        return series_key(self.series, self.series_name)
-
     @classmethod
     def from_wire(cls, body) -> FrameResult:
         body = _object(body, "result")
@@ -485,10 +481,6 @@ class SeriesStart:
     series_name: str | None = None
     time: float | None = None
 
-    @property
-    def key(self) -> str:
-        return series_key(self.series, self.series_name)
-
     @classmethod
     def from_wire(cls, body) -> SeriesStart:
         body = _object(body, "series_start")
@@ -515,10 +507,6 @@ class SeriesEnd:
     bytes: int | None = None
     md5_mismatches: int | None = None
     time: float | None = None
-
-    @property
-    def key(self) -> str:
-        return series_key(self.series, self.series_name)
 
     @classmethod
     def from_wire(cls, body) -> SeriesEnd:
@@ -568,10 +556,6 @@ class SeriesWritten:
     frames_written: int | None = None
     master_file: str | None = None
     time: float | None = None
-
-    @property
-    def key(self) -> str:
-        return series_key(self.series, self.series_name)
 
     @classmethod
     def from_wire(cls, body) -> SeriesWritten:
@@ -637,10 +621,6 @@ class SeriesSummary:
     latency_p99: float | None = None
     master_file: str | None = None
     timed_out: bool = False
-
-    @property
-    def key(self) -> str:
-        return series_key(self.series, self.series_name)
 
     @property
     def label(self) -> str:

@@ -76,7 +76,10 @@ def test_frame_rendering_and_png():
     data = rng.poisson(3, (300, 200)).astype(np.uint32)
     data[100, 50] = 5000  # a spot
     data[:, 120] = 2**32 - 1  # a gap column
-    geometry = {"beam_x": 100.0, "beam_y": 150.0, "distance_m": 0.2, "pixel_m": 0.000172, "wavelength": 1.0}
+    from intxr.geometry import Geometry
+
+    geometry = Geometry.simple(wavelength=1.0, distance=200.0, beam_center=(100.0, 150.0), pixel_size=(0.172, 0.172),
+                               image_size=(200, 300))
     view = render(data, geometry, None, max_size=150)
     assert view.scale == 2 and view.image.shape == (150, 100)
     assert view.image[50, 25] == 0  # the spot is black at any scale (block maximum)
@@ -207,7 +210,7 @@ def test_frame_view_reads_a_series_while_the_splitter_writes_it(tmp_path, shared
         [master] = tmp_path.glob("*_master.h5")
         data, geometry, _ = read_frame(str(master), 2)
         np.testing.assert_array_equal(data, decode(frames[2][2], "lz4<", np.uint32, (1062, 1028)))
-        assert geometry is not None and geometry["wavelength"] > 0
+        assert geometry is not None and geometry.wavelength > 0
 
 
 def test_page_keeps_up_with_500_results_per_second(tmp_path, chromium):

@@ -116,10 +116,32 @@ def records(path: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "frame" in r], [r["summary"] for r in rows if "summary" in r]
 
 
+def processing_config(tmp_path: Path, **rastering) -> Path:
+    """The bundled processing config with [rastering] keys changed."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(Path(cfg.__file__).parent / "configs" / "processing.cfg")
+    for key, value in rastering.items():
+        parser["rastering"][key] = str(value)
+    path = tmp_path / "processing.cfg"
+    with open(path, "w") as f:
+        parser.write(f)
+    return path
+
+
 def test_every_real_frame_gets_its_result_line_under_mpirun(tmp_path, thaumatin_cbfs):
-    config, keys = write_config(tmp_path)
+    from intxr.gui.model import RunModel
+    from intxr.gui.server import subscribe
+
+    # A hit takes 10 spots in [DEFAULT] and 1000 in [rastering], the run mode of these frames: the
+    # readers decide with [rastering], and the SERIES line and the GUI say their word.
+    processing = processing_config(tmp_path, min_bragg_peaks=1000)
+    config, keys = write_config(tmp_path, processing_config_file=str(processing))
     ui = UiListener(keys["uiport"])
     record = tmp_path / "results.jsonl"
+    gui, stop = RunModel(), threading.Event()
+    subscriber = subscribe(gui, f"tcp://127.0.0.1:{keys['results_pub_port']}", stop)
     try:
         proc = daemon(config, "-n", "3", "--max_series", "1", "--verbose", "--record", str(record),
                       "--simulate", *thaumatin_cbfs)
@@ -127,6 +149,8 @@ def test_every_real_frame_gets_its_result_line_under_mpirun(tmp_path, thaumatin_
         time.sleep(0.3)
     finally:
         ui.close()
+        stop.set()
+        subscriber.join(5)
     assert proc.returncode == 0, err
     assert re.search(r"rank +2 reader .* on CPU \d", err), err  # every rank says where it runs
     results, summaries = records(record)
@@ -141,7 +165,8 @@ def test_every_real_frame_gets_its_result_line_under_mpirun(tmp_path, thaumatin_
             pixels_for(image.data, "bs32-lz4")
         )
         r = by_frame[k]
-        assert r["processing_section"] == section.name == "rastering"
+        assert r["processing_section"] == section.name == "rastering" and r["algorithm"] == "dispersion"
+        assert r["hit"] is (not expected.prescreened and expected.score.n_spots >= 1000)
         assert r["status"] == ("blank" if expected.prescreened else "processed")
         assert r["n_spots"] == expected.score.n_spots, (k, r["n_spots"], expected.score.n_spots)
         assert r["score"] == expected.score.score
@@ -160,9 +185,14 @@ def test_every_real_frame_gets_its_result_line_under_mpirun(tmp_path, thaumatin_
     ), line
     [summary] = summaries
     assert summary["received"] == summary["written"] == 12
+    hits = sum(r["hit"] for r in results)
+    assert 0 < hits < sum(r["status"] == "processed" and r["n_spots"] >= 10 for r in results)  # sections disagree
     assert (summary["processed"], summary["hits"], summary["blank"], summary["skipped"], summary["failed"]) == (
-        10, 10, 2, 0, 0)
-    assert "SERIES 1: received 12, written 12, processed 10 (hits 10" in out
+        10, hits, 2, 0, 0)
+    assert f"SERIES 1: received 12, written 12, processed 10 (hits {hits}" in out
+    [shown] = gui.delta(0)["series"]  # what the GUI shows: the same hits, counted and per point
+    assert (shown["counts"]["hits"], shown["counts"]["ended"], len(shown["points"])) == (hits, True, 12)
+    assert sum(p["hit"] for p in shown["points"]) == hits
     with h5py.File(Path(keys["output_dir"]) / "intxr_sim_000001_master.h5") as f:
         assert f["entry/data/data_000001"].shape == (12, 2527, 2463)
 

@@ -104,11 +104,11 @@ class SeriesView:
     def counts(self) -> dict:
         """The Collector's summary once it came (frames whose reader died are failed there), else
         the same summary computed live from the results so far."""
-        summary = self.summary or self.tally.summary(self.end, self.written, self.master_file, final=False)
-        counts = summary.to_wire()
+        counts = self.tally.summary(self.end, self.written, self.master_file, final=False).to_wire()
+        if self.summary is not None:  # what it does not know (written, when that came later) stays
+            counts.update((k, v) for k, v in self.summary.to_wire().items() if v is not None)
         del counts["htype"]
-        counts.update(name=self.name, label=self.label, results=len(self.points), ended=self.summary is not None,
-                      master_file=summary.master_file or self.master_file)
+        counts.update(name=self.name, label=self.label, results=len(self.points), ended=self.summary is not None)
         for key in ("lost_ranges", "skipped_ranges"):  # the frames named, as text
             if counts[key] is not None:
                 counts[key] = show_ranges(counts[key])
@@ -211,16 +211,7 @@ class RunModel:
 
     def add_result(self, body) -> None:
         result = FrameResult.from_wire(body)
-        point = {
-            "frame": result.frame,
-            "n_spots": result.n_spots,
-            "hres": result.hres,
-            "score": result.score,
-            "status": result.status,
-            "hit": result.hit,
-            "rank": result.rank,
-            "latency": result.latency,
-        }
+        point = {key: getattr(result, key) for key in POINT_FIELDS}
         mapping = (result.header or {}).get("mapping")
         spots = array("f", [v for xy in result.spots_xy or () for v in xy])
         errors = [e[:MAX_TEXT] for e in result.errors]
