@@ -91,9 +91,8 @@ class SeriesAccount(SeriesTally):
     confirmed: bool = False  # the Splitter published something of this series
     touched: float = field(default_factory=time.monotonic)  # its latest result or event
 
-    def take_end(self, end: SeriesEnd | dict) -> None:
-        """The Splitter's series_end (a dict is validated: BadMessage, a ValueError, when it is bad)."""
-        self.end = end if isinstance(end, SeriesEnd) else SeriesEnd.from_wire(end)
+    def take_end(self, end: SeriesEnd) -> None:
+        self.end = end
         self.ended_at = time.monotonic()
 
     def lost(self) -> RangeSet:
@@ -106,11 +105,6 @@ class SeriesAccount(SeriesTally):
     def summary(self) -> SeriesSummary:
         """The final summary: frames forwarded without a result count failed (lost)."""
         return SeriesTally.summary(self, self.end, self.written, self.master_file, final=True)
-
-
-def summary_line(summary: SeriesSummary) -> str:
-    """The SERIES line (intxr.daemon sums up the series no Collector was left to sum up)."""
-    return summary.line()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,11 +307,7 @@ def serve(model: RunModel, host: str, port: int) -> Server:
     return server
 
 
-def run_gui(results_endpoint: str, host: str, port: int, *, row_length: int | None = None,
-            min_bragg_peaks: int | None = None) -> int:
-    # min_bragg_peaks: no longer used (each result says whether it is a hit, decided by its reader
-    # with its processing section); accepted until `intxr gui --min-bragg-peaks` goes from cli.py.
-    del min_bragg_peaks
+def run_gui(results_endpoint: str, host: str, port: int, *, row_length: int | None = None) -> int:
     model = RunModel(row_length=row_length)
     try:
         server = serve(model, host, port)
