@@ -231,9 +231,14 @@ def _v1_series(config: dict, frames: list[np.ndarray], mask: np.ndarray | None) 
     return messages
 
 
-@pytest.mark.parametrize("two_theta", [0.0, 20.0])
-def test_pilatus_master_is_generic_nxmx_with_trusted_range_mask_and_chains(tmp_path, two_theta):
+@pytest.mark.parametrize(
+    ("two_theta", "orientation"),
+    [(0.0, None), (20.0, None), (-15.0, [0.0, -1.0, 0.0, 1.0, 0.0, 0.0])],  # the last turned by 90 deg
+)
+def test_pilatus_master_is_generic_nxmx_with_trusted_range_mask_and_chains(tmp_path, two_theta, orientation):
     config = _pilatus_config(two_theta)
+    if orientation is not None:
+        config["detector_orientation"] = orientation
     shape = (2527, 2463)
     frame = np.zeros(shape, dtype=np.uint32)
     frame[195:212, :] = 0xFFFFFFFF  # a module gap, as a PILATUS marks it (-1)
@@ -275,7 +280,7 @@ def test_pilatus_master_is_generic_nxmx_with_trusted_range_mask_and_chains(tmp_p
         # The arm turned the detector: the pixel at the header's beam centre sees 2theta.
         bx, by = 1261.61 * 0.172, 1306.96 * 0.172
         point = np.asarray(panel["origin"]) + bx * np.asarray(panel["fast_axis"]) + by * np.asarray(panel["slow_axis"])
-        assert np.degrees(np.arccos(-point[2] / np.linalg.norm(point))) == pytest.approx(two_theta, abs=1e-9)
+        assert np.degrees(np.arccos(-point[2] / np.linalg.norm(point))) == pytest.approx(abs(two_theta), abs=1e-9)
 
 
 def test_pilatus_without_a_mask_gets_dxtbx_s_module_gaps(tmp_path):

@@ -27,6 +27,9 @@ use serde_json::{json, Value};
 /// hc / e in eV * Angstrom (CODATA 2018), to turn photon energies into wavelengths.
 pub const EV_ANGSTROM: f64 = 12398.419843320026;
 
+/// dxtbx's simple detector: fast along +x, slow along -y (FormatCBFMini: "+x", "-y").
+pub const STANDARD_ORIENTATION: [[f64; 3]; 2] = [[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]];
+
 /// dxtbx's default for a missing saturation_value in NXmx (`dxtbx.nexus.get_dxtbx_detector`).
 pub const NO_SATURATION: f64 = 2147483647.0;
 
@@ -103,6 +106,9 @@ pub struct Geometry {
     pub distance: Option<f64>,
     /// The beam centre as the header gave it (fast, slow pixels, detector at two-theta 0).
     pub header_beam_center: Option<[f64; 2]>,
+    /// The detector's fast and slow directions before two-theta (dxtbx frame): (+x, -y) unless
+    /// the header's `detector_orientation` says otherwise.
+    pub orientation: [[f64; 3]; 2],
     pub axes: Vec<Axis>,
     /// Index in `axes` of the scan axis.
     pub scan_axis: usize,
@@ -143,6 +149,8 @@ fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
 
 /// What a simple (optionally two-theta) detector is built from.
 struct SimpleDetector {
+    /// Fast and slow directions (dxtbx frame) before two-theta.
+    orientation: [[f64; 3]; 2],
     distance: f64,
     beam_center: [f64; 2],
     pixel_size: [f64; 2],
@@ -154,10 +162,10 @@ struct SimpleDetector {
 }
 
 impl SimpleDetector {
-    /// dxtbx's `DetectorFactory.simple` (fast +x, slow -y), then `two_theta` about +x.
+    /// dxtbx's `DetectorFactory.simple` (fast +x, slow -y unless oriented otherwise), then
+    /// `two_theta` about +x.
     fn panel(&self) -> Panel {
-        let fast = [1.0, 0.0, 0.0];
-        let slow = [0.0, -1.0, 0.0];
+        let [fast, slow] = self.orientation;
         let (bx, by) = (
             self.beam_center[0] * self.pixel_size[0],
             self.beam_center[1] * self.pixel_size[1],
@@ -165,7 +173,7 @@ impl SimpleDetector {
         let origin = [
             -fast[0] * bx - slow[0] * by,
             -fast[1] * bx - slow[1] * by,
-            -self.distance,
+            -fast[2] * bx - slow[2] * by - self.distance,
         ];
         Panel {
             name: "panel0".into(),
@@ -358,6 +366,24 @@ impl Geometry {
             .filter_map(|n| axes.iter().position(|a| a.name == *n && a.increment != 0.0))
             .next()
             .unwrap_or(2);
+        // The legacy DECTRIS `detector_orientation` (NXorientation: fast then slow direction, in
+        // the NeXus McStas frame; x and z flip into dxtbx's); used when it is two orthogonal unit
+        // vectors, else the standard (+x, -y).
+        let orientation = keys
+            .get(&["detector_orientation"])
+            .and_then(Value::as_array)
+            .map(|o| o.iter().filter_map(Value::as_f64).collect::<Vec<f64>>())
+            .filter(|o| o.len() == 6)
+            .map(|o| {
+                let mcstas = |v: &[f64]| [-v[0], v[1], -v[2]];
+                [mcstas(&o[0..3]), mcstas(&o[3..6])]
+            })
+            .filter(|[f, s]| {
+                (dot(*f, *f) - 1.0).abs() < 1e-6
+                    && (dot(*s, *s) - 1.0).abs() < 1e-6
+                    && dot(*f, *s).abs() < 1e-6
+            })
+            .unwrap_or(STANDARD_ORIENTATION);
         let mut geometry = Geometry {
             wavelength,
             beam_direction: [0.0, 0.0, 1.0],
@@ -365,6 +391,7 @@ impl Geometry {
             two_theta,
             distance,
             header_beam_center: beam_center,
+            orientation,
             axes,
             scan_axis,
             count_time: keys.f64(&["count_time"]),
@@ -381,6 +408,7 @@ impl Geometry {
         geometry.set_scan_vector();
         geometry.panels.push(
             SimpleDetector {
+                orientation,
                 distance: distance.unwrap_or(0.0),
                 beam_center: beam_center.unwrap_or([0.0, 0.0]),
                 pixel_size: pixel_size.unwrap_or([0.0, 0.0]),
@@ -875,6 +903,34 @@ X-Binary-Size-Second-Dimension: 2527
         let len = dot(x, x).sqrt();
         let angle = (-x[2] / len).acos().to_degrees();
         assert!(close(angle, 25.0, 1e-9), "{angle}");
+    }
+
+    #[test]
+    fn detector_orientation_turns_the_panel() {
+        let mut config = json!({
+            "wavelength": 1.0, "detector_distance": 0.1, "beam_center_x": 10.0,
+            "beam_center_y": 20.0, "x_pixel_size": 1e-4, "y_pixel_size": 1e-4,
+            // The real cbfToEiger value: DECTRIS's standard orientation.
+            "detector_orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0],
+        });
+        let g = Geometry::from_stream(&config, &Value::Null, 30, 40, SOURCE_V1);
+        assert_eq!(g.orientation, STANDARD_ORIENTATION);
+        // A detector turned by 90 degrees: fast along -y, slow along -x (McStas: (0,-1,0), (1,0,0)).
+        config["detector_orientation"] = json!([0.0, -1.0, 0.0, 1.0, 0.0, 0.0]);
+        let g = Geometry::from_stream(&config, &Value::Null, 30, 40, SOURCE_V1);
+        let p = &g.panels[0];
+        assert_eq!(
+            (p.fast_axis, p.slow_axis),
+            ([0.0, -1.0, 0.0], [-1.0, 0.0, 0.0])
+        );
+        // origin = -d z - fast * 1 mm - slow * 2 mm; the beam still meets it at the header's centre.
+        assert_eq!(p.origin, [2.0, 1.0, -100.0]);
+        let bc = g.beam_center().unwrap();
+        assert!(close(bc[0], 10.0, 1e-9) && close(bc[1], 20.0, 1e-9));
+        // Not two orthogonal unit vectors: the standard orientation.
+        config["detector_orientation"] = json!([1.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
+        let g = Geometry::from_stream(&config, &Value::Null, 30, 40, SOURCE_V1);
+        assert_eq!(g.orientation, STANDARD_ORIENTATION);
     }
 
     #[test]

@@ -173,16 +173,19 @@ impl SeriesWriter {
         )?;
 
         // NXdetector_module: the whole frame. data_size is [slow, fast] like the data's last two
-        // dimensions. Pixel (0, 0) sits at (bx * px, by * py) from the beam, since the fast
-        // axis runs along -x and the slow axis along -y (DECTRIS convention, NXmx McStas frame).
+        // dimensions. Pixel (0, 0) sits at -fast * bx * px - slow * by * py from where the beam
+        // meets the detector (the geometry's orientation, (+x, -y) in dxtbx's frame unless the
+        // header oriented it otherwise), written in the McStas frame (x and z flip).
+        let mcstas = |v: [f64; 3]| [-v[0], v[1], -v[2]];
+        let [fast, slow] = m.geometry.orientation.map(mcstas);
         let module = format!("{det}/module");
         w.group(&module, "NXdetector_module")?;
         w.u32s(&format!("{module}/data_origin"), &[0, 0])?;
         w.u32s(&format!("{module}/data_size"), &[ny as u32, nx as u32])?;
-        let offset = [bx * px, by * py, 0.0];
-        let length = (offset[0] * offset[0] + offset[1] * offset[1]).sqrt();
+        let offset: [f64; 3] = std::array::from_fn(|i| -fast[i] * bx * px - slow[i] * by * py);
+        let length = offset.iter().map(|x| x * x).sum::<f64>().sqrt();
         let direction = if length > 0.0 {
-            [offset[0] / length, offset[1] / length, 0.0]
+            offset.map(|x| x / length)
         } else {
             [1.0, 0.0, 0.0]
         };
@@ -196,31 +199,24 @@ impl SeriesWriter {
             [0.0; 3],
             &translation,
         )?;
-        w.axis(
-            &format!("{module}/fast_pixel_direction"),
-            &[px],
-            "translation",
-            "m",
-            [-1.0, 0.0, 0.0],
-            [0.0; 3],
-            &module_offset,
-        )?;
-        w.axis(
-            &format!("{module}/slow_pixel_direction"),
-            &[py],
-            "translation",
-            "m",
-            [0.0, -1.0, 0.0],
-            [0.0; 3],
-            &module_offset,
-        )?;
+        for (name, size, vector) in [("fast", px, fast), ("slow", py, slow)] {
+            w.axis(
+                &format!("{module}/{name}_pixel_direction"),
+                &[size],
+                "translation",
+                "m",
+                vector,
+                [0.0; 3],
+                &module_offset,
+            )?;
+        }
 
         // Legacy DECTRIS geometry (read by older DIALS Eiger readers).
         w.group(&format!("{det}/geometry"), "NXgeometry")?;
         w.group(&format!("{det}/geometry/orientation"), "NXorientation")?;
         w.f64s(
             &format!("{det}/geometry/orientation/value"),
-            &[-1.0, 0.0, 0.0, 0.0, -1.0, 0.0],
+            &[fast, slow].concat(),
             None,
         )?;
         w.group(&format!("{det}/geometry/translation"), "NXtranslation")?;
