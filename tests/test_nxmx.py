@@ -309,6 +309,8 @@ def test_eiger_master_keeps_the_file_writer_layout(tmp_path, shared_data):
     with h5py.File(master) as f:
         det = f["entry/instrument/detector"]
         assert det["detectorSpecific/eiger_fw_version"][()] == b"release-2020.2.5rc2"
+        # The file writer's layout: data_NNNNNN links only, no virtual dataset, no signal.
+        assert list(f["entry/data"]) == ["data_000001"] and "signal" not in f["entry/data"].attrs
         assert list(det["module/data_size"][()]) == [1062, 1028]
         assert det["bit_depth_readout"][()] == 16
         # This dark capture says detector_distance 0 and translation [0, 0, 0]: the master says 0 as
@@ -354,3 +356,24 @@ def test_pilatus_master_as_dials_nxmx_library_reads_it(tmp_path):
         axes = nxmx.get_rotation_axes(nxmx.get_dependency_chain(entry.samples[0].depends_on))
         assert list(axes.names) == ["omega"] and MCSTAS_TO_IMGCIF @ axes.axes[0] == pytest.approx([1, 0, 0])
         assert entry.instruments[0].beams[0].incident_wavelength.to("angstrom").magnitude == pytest.approx(0.96859)
+
+
+def test_non_eiger_frames_over_several_files_read_through_the_nxdata_signal(tmp_path, monkeypatch):
+    """dxtbx's generic NXmx reader reads frame i as nxdata[signal][i] (dxtbx.nexus.get_raw_data),
+    else from the first member only: the signal names a virtual dataset over every data file."""
+    shape = (2527, 2463)
+    frames = [np.full(shape, n, dtype=np.uint32) for n in range(5)]
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path / "out", max_series=1, series_timeout=30, frames_per_file=2) as splitter:
+        pusher.send(_v1_series(_pilatus_config(0.0), frames, None))
+        assert splitter.join(60)
+    [master] = splitter.counters()["files"]
+    monkeypatch.chdir(tmp_path)  # the sources are found beside the master, not in the working directory
+    with h5py.File(master) as f:
+        data = f["entry/data"]
+        assert sorted(data) == ["data_000001", "data_000002", "data_000003", "frames"]
+        signal = data.attrs["signal"]
+        signal = signal.decode() if isinstance(signal, bytes) else signal
+        assert signal == "frames" and data[signal].shape == (5, *shape) and data[signal].dtype == np.uint32
+        for n in range(5):
+            assert data[signal][n, ::500, ::500].tolist() == frames[n][::500, ::500].tolist()

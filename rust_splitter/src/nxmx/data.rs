@@ -10,12 +10,11 @@ use hdf5_metno_sys::h5p::{
     H5Pclose, H5Pcreate, H5Pset_chunk, H5Pset_filter, H5P_CLS_DATASET_CREATE, H5P_DEFAULT,
 };
 use hdf5_metno_sys::h5s::H5S_UNLIMITED;
-use hdf5_metno_sys::h5t::{H5T_STD_U16LE, H5T_STD_U32LE, H5T_STD_U8LE};
 use hdf5_metno_sys::h5z::H5Z_FLAG_OPTIONAL;
 
 use crate::frame::{Compression, FrameHeader};
 
-use super::h5::{c_name, create_file, h5_error, h5_error_detail, H5Writer};
+use super::h5::{c_name, create_file, h5_error, h5_error_detail, pixel_type, H5Writer};
 use super::{DataFile, Result, SeriesWriter, FILTER_BITSHUFFLE, FILTER_LZ4, FLUSH_INTERVAL};
 
 impl SeriesWriter {
@@ -227,11 +226,7 @@ impl SeriesWriter {
             let ret = unsafe { H5Pset_filter(dcpl.id, id, H5Z_FLAG_OPTIONAL, cd.len(), cd_ptr) };
             w.check(ret, || format!("H5Pset_filter({id}, /entry/data/data)"))?;
         }
-        let (ftype, what) = match self.elem_size {
-            1 => (*H5T_STD_U8LE, "u8"),
-            2 => (*H5T_STD_U16LE, "u16"),
-            _ => (*H5T_STD_U32LE, "u32"),
-        };
+        let (ftype, what) = pixel_type(self.elem_size);
         let space = w.space(
             Some(&[0, ny, nx]),
             Some(&[H5S_UNLIMITED, ny, nx]),

@@ -17,14 +17,16 @@ use hdf5_metno_sys::h5g::{H5Gclose, H5Gcreate2};
 use hdf5_metno_sys::h5i::hid_t;
 use hdf5_metno_sys::h5l::{H5Lcreate_external, H5Lcreate_hard};
 use hdf5_metno_sys::h5p::{
-    H5Pclose, H5Pcreate, H5Pset_chunk, H5Pset_deflate, H5Pset_fill_value, H5P_CLS_DATASET_CREATE,
-    H5P_DEFAULT,
+    H5Pclose, H5Pcreate, H5Pset_chunk, H5Pset_deflate, H5Pset_fill_value, H5Pset_virtual,
+    H5P_CLS_DATASET_CREATE, H5P_DEFAULT,
 };
-use hdf5_metno_sys::h5s::{H5Sclose, H5Screate, H5Screate_simple, H5S_ALL, H5S_SCALAR};
+use hdf5_metno_sys::h5s::{
+    H5S_seloper_t, H5Sclose, H5Screate, H5Screate_simple, H5Sselect_hyperslab, H5S_ALL, H5S_SCALAR,
+};
 use hdf5_metno_sys::h5t::{
     H5Tclose, H5Tcopy, H5Tset_size, H5Tset_strpad, H5T_C_S1, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
-    H5T_NATIVE_INT32, H5T_NATIVE_UINT32, H5T_NATIVE_UINT64, H5T_STD_I32LE, H5T_STD_U32LE,
-    H5T_STD_U64LE, H5T_STR_NULLPAD,
+    H5T_NATIVE_INT32, H5T_NATIVE_UINT32, H5T_NATIVE_UINT64, H5T_STD_I32LE, H5T_STD_U16LE,
+    H5T_STD_U32LE, H5T_STD_U64LE, H5T_STD_U8LE, H5T_STR_NULLPAD,
 };
 use hdf5_metno_sys::h5z::{H5Zfilter_avail, H5Z_FILTER_DEFLATE};
 
@@ -220,7 +222,7 @@ impl H5Writer<'_> {
     }
 
     /// A group with its NeXus class in the `NX_class` attribute.
-    pub(super) fn group(&self, path: &str, nx_class: &str) -> Result<()> {
+    pub(super) fn group(&self, path: &str, nx_class: &str) -> Result<Handle> {
         let name = c_name(path)?;
         let g = unsafe {
             H5Gcreate2(
@@ -232,7 +234,8 @@ impl H5Writer<'_> {
             )
         };
         let g = self.check_id(g, H5Gclose, || format!("H5Gcreate2({path})"))?;
-        self.attr_str(g.id, path, "NX_class", nx_class)
+        self.attr_str(g.id, path, "NX_class", nx_class)?;
+        Ok(g)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -463,6 +466,73 @@ impl H5Writer<'_> {
         )
     }
 
+    /// A virtual dataset of `frames` x ny x nx pixels of `ftype` mapping, for each source
+    /// `(file, first, count)`, frames first..first+count to that file's `src_dset` (a relative file
+    /// name is found beside this file, as HDF5 resolves virtual sources).
+    pub(super) fn virtual_frames(
+        &self,
+        path: &str,
+        ftype: hid_t,
+        (ny, nx): (usize, usize),
+        sources: &[(String, usize, usize)],
+        src_dset: &str,
+    ) -> Result<()> {
+        let frames = sources.iter().map(|s| s.1 + s.2).max().unwrap_or(0);
+        let (ny, nx) = (ny as hsize_t, nx as hsize_t);
+        let dcpl = self.check_id(
+            unsafe { H5Pcreate(*H5P_CLS_DATASET_CREATE) },
+            H5Pclose,
+            || format!("H5Pcreate({path})"),
+        )?;
+        let vspace = self.space(Some(&[frames as hsize_t, ny, nx]), None, path)?;
+        let src_name = c_name(src_dset)?;
+        for (file, first, count) in sources {
+            let block = [*count as hsize_t, ny, nx];
+            let sspace = self.space(Some(&block), None, path)?;
+            let start = [*first as hsize_t, 0, 0];
+            self.check(
+                unsafe {
+                    H5Sselect_hyperslab(
+                        vspace.id,
+                        H5S_seloper_t::H5S_SELECT_SET,
+                        start.as_ptr(),
+                        std::ptr::null(),
+                        block.as_ptr(),
+                        std::ptr::null(),
+                    )
+                },
+                || format!("H5Sselect_hyperslab({path}, {file})"),
+            )?;
+            let file_name = c_name(file)?;
+            self.check(
+                unsafe {
+                    H5Pset_virtual(
+                        dcpl.id,
+                        vspace.id,
+                        file_name.as_ptr(),
+                        src_name.as_ptr(),
+                        sspace.id,
+                    )
+                },
+                || format!("H5Pset_virtual({path}, {file})"),
+            )?;
+        }
+        let name = c_name(path)?;
+        let d = unsafe {
+            H5Dcreate2(
+                self.file,
+                name.as_ptr(),
+                ftype,
+                vspace.id,
+                H5P_DEFAULT,
+                dcpl.id,
+                H5P_DEFAULT,
+            )
+        };
+        self.check_id(d, H5Dclose, || format!("H5Dcreate2({path}, virtual)"))
+            .map(drop)
+    }
+
     /// A 2-D uint32 pixel mask, chunked and deflated when the library has deflate. With no data
     /// no chunk is written and every pixel reads as the fill value 0 (nothing masked).
     pub(super) fn mask(
@@ -567,6 +637,15 @@ impl H5Writer<'_> {
 
 /// Create a new file; never truncate one that exists (the disk is sacred: an existing file is an
 /// error, the caller picks names that do not exist).
+/// The file type of pixels of `elem_size` bytes (unsigned, little-endian, as the streams send).
+pub(super) fn pixel_type(elem_size: usize) -> (hid_t, &'static str) {
+    match elem_size {
+        1 => (*H5T_STD_U8LE, "u8"),
+        2 => (*H5T_STD_U16LE, "u16"),
+        _ => (*H5T_STD_U32LE, "u32"),
+    }
+}
+
 pub(super) fn create_file(path: &Path) -> Result<Handle> {
     let name = c_path(path)?;
     let existed = path.symlink_metadata().is_ok();

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use crate::frame::Compression;
 
-use super::h5::{create_file, H5Writer, Handle};
+use super::h5::{create_file, pixel_type, H5Writer, Handle};
 use super::{NxmxError, Result, SeriesWriter};
+use crate::geometry::DetectorKind;
 
 impl SeriesWriter {
     /// Write the master file, linking data files 1..=`files`, for a series of `frames` frames.
@@ -72,13 +73,40 @@ impl SeriesWriter {
         }
 
         // NXdata: one external link per data file, by relative file name.
-        w.group("/entry/data", "NXdata")?;
+        let data = w.group("/entry/data", "NXdata")?;
         for number in 1..=files {
             w.external_link(
                 &format!("/entry/data/data_{number:06}"),
                 &self.data_name(number),
                 "/entry/data/data",
             )?;
+        }
+        // dxtbx's generic NXmx reader (every detector but an EIGER) reads frame i as
+        // nxdata[signal][i], else as the first member's (dxtbx.nexus.get_raw_data): without a
+        // signal only data_000001's frames. So for those, a virtual dataset over all the data files
+        // named by the NXdata's signal; EIGERs keep the file writer's layout (DIALS's EIGER reader
+        // walks data_NNNNNN). Named `frames`, not `data`, so readers that take every `data*` member
+        // (and the DECTRIS-layout readers) see the links only.
+        if self.meta.geometry.kind != DetectorKind::Eiger && frames > 0 {
+            let sources: Vec<(String, usize, usize)> = (1..=files)
+                .map(|n| {
+                    let first = (n - 1) * self.frames_per_file;
+                    (
+                        self.data_name(n),
+                        first,
+                        self.frames_per_file.min(frames.saturating_sub(first)),
+                    )
+                })
+                .filter(|s| s.2 > 0)
+                .collect();
+            w.virtual_frames(
+                "/entry/data/frames",
+                pixel_type(self.elem_size).0,
+                self.shape,
+                &sources,
+                "/entry/data/data",
+            )?;
+            w.attr_str(data.id, "/entry/data", "signal", "frames")?;
         }
 
         w.group("/entry/instrument", "NXinstrument")?;
