@@ -176,42 +176,22 @@ fn attr_u64(obj: &Ro, name: &str) -> u64 {
     v
 }
 
-fn read_f64s(file: &Ro, path: &str) -> Vec<f64> {
+/// Every element of a dataset, read as `mtype` (a scalar's dims are [], so it reads as one).
+fn read_all<T: Copy + Default>(file: &Ro, path: &str, mtype: hid_t) -> Vec<T> {
     let d = dataset(file, path);
     let n: u64 = dims(&d).iter().product();
-    let mut v = vec![0f64; n as usize];
-    assert!(
-        unsafe {
-            H5Dread(
-                d.0,
-                *H5T_NATIVE_DOUBLE,
-                H5S_ALL,
-                H5S_ALL,
-                H5P_DEFAULT,
-                v.as_mut_ptr() as *mut c_void,
-            )
-        } >= 0
-    );
+    let mut v = vec![T::default(); n as usize];
+    let ptr = v.as_mut_ptr() as *mut c_void;
+    assert!(unsafe { H5Dread(d.0, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, ptr) } >= 0);
     v
 }
 
+fn read_f64s(file: &Ro, path: &str) -> Vec<f64> {
+    read_all(file, path, *H5T_NATIVE_DOUBLE)
+}
+
 fn read_u32s(file: &Ro, path: &str) -> Vec<u32> {
-    let d = dataset(file, path);
-    let n: u64 = dims(&d).iter().product::<u64>().max(1);
-    let mut v = vec![0u32; n as usize];
-    assert!(
-        unsafe {
-            H5Dread(
-                d.0,
-                *H5T_NATIVE_UINT32,
-                H5S_ALL,
-                H5S_ALL,
-                H5P_DEFAULT,
-                v.as_mut_ptr() as *mut c_void,
-            )
-        } >= 0
-    );
-    v
+    read_all(file, path, *H5T_NATIVE_UINT32)
 }
 
 fn read_str(file: &Ro, path: &str) -> String {
