@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod frame;
 pub mod nxmx;
+mod py_stream;
 pub mod serve;
 pub mod splitter;
 pub mod stream;
@@ -325,5 +326,6 @@ fn _splitter(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lz4_compress, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_decompress_into, m)?)?;
     m.add_class::<SplitterCore>()?;
+    py_stream::register(m)?;
     Ok(())
 }
