@@ -645,6 +645,34 @@ mod tests {
     }
 
     #[test]
+    fn protocol_names_and_a_config_sent_alone() {
+        assert_eq!(protocol_named("auto"), Ok(None));
+        assert_eq!(protocol_named("cbftoeiger"), Ok(Some(Protocol::CbfToEiger)));
+        assert_eq!(
+            protocol_named("v3").unwrap_err(),
+            "protocol \"v3\": expected auto, v1, v2 or cbftoeiger"
+        );
+        let config = lone_config(&[b"{\"nimages\": 2}\n\0"]).unwrap();
+        assert_eq!(config["nimages"], 2);
+        for parts in [
+            &[&b"{\"htype\":\"dconfig-1.0\"}"[..]][..],
+            &[b"[1]"],
+            &[b"{}", b"{}"],
+            &[],
+        ] {
+            assert!(lone_config(parts).is_none());
+        }
+        let alone = |detail: &str| {
+            let text = format!("{{\"htype\":\"dheader-1.0\",\"header_detail\":\"{detail}\"}}");
+            match parse_message(&[text.as_bytes()], None).unwrap().remove(0) {
+                Parsed::Start(start) => config_follows(&start),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(alone("basic") && alone("all") && !alone("none"));
+    }
+
+    #[test]
     fn detects_real_captures() {
         let Some(dir) = testdata::dir() else { return };
         let v2 =
