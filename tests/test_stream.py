@@ -302,3 +302,42 @@ def test_merged_v1_header_and_first_frame(shared_data):
     messages = v1_capture_messages(shared_data)
     events = parse_message(messages[0] + messages[1])
     assert [type(e).__name__ for e in events] == ["SeriesStart", "FrameMessage"]
+
+
+# --- intxr monitor ---------------------------------------------------------------------------------
+
+
+def test_monitor_reads_a_cbftoeiger_series_once_and_says_one_line_per_bad_message(capsys):
+    """`intxr monitor` on the one parser: cbfToEiger's header resent with every frame starts one series;
+    a bad message is one line naming the message and the part, counted, and the frames after it come."""
+    import io
+    import threading
+
+    from intxr.monitor import monitor
+    from intxr.simulate import Simulator, SimulatorSettings
+
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    sim = Simulator(["synthetic:64x48:2"], SimulatorSettings(protocol="cbftoeiger", frames=3))
+    messages = [parts for parts, _ in sim.series_messages(4)]
+
+    def feed():
+        push.send_multipart(messages[0])
+        push.send_multipart(messages[1][:3])  # cut short
+        for parts in messages[1:]:
+            push.send_multipart(parts)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    out = io.StringIO()
+    counters = monitor(f"tcp://127.0.0.1:{port}", max_series=1, timeout=20, out=out)
+    thread.join(10)
+    push.close()
+    assert (counters.series_started, counters.frames, counters.series_ended, counters.errors) == (1, 3, 1, 1)
+    assert counters.last_error == "cbfToEiger message has 3 parts, expected 6"
+    err = capsys.readouterr().err
+    assert "monitor: message 2 skipped: cbfToEiger message has 3 parts, expected 6\n" in err
+    assert "Traceback" not in err
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("series 4 start (cbftoeiger)") and lines[-1] == "series 4 end"
+    assert [line.split(" |")[0] for line in lines[1:4]] == [f"series 4 frame {k}" for k in (1, 2, 3)]
