@@ -3,7 +3,6 @@ captures of every protocol in ../shared/data, the pixel types, and malformed mes
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 
@@ -26,16 +25,9 @@ from intxr.stream import (
 
 
 def v1_capture_messages(shared_data) -> list[list[bytes]]:
-    """The EIGER2 1M capture (one file per part), grouped into messages: one starts at each dheader,
-    dimage (not dimage_d) and dseries_end part."""
-    messages: list[list[bytes]] = []
-    for name in sorted(glob.glob(str(shared_data / "stream_v1/eiger2_1m_lz4/streamData.*"))):
-        part = open(name, "rb").read()
-        htype = json.loads(part).get("htype", "") if part.startswith(b"{") else ""
-        if htype.startswith(("dheader", "dseries_end")) or (htype.startswith("dimage") and "_d" not in htype):
-            messages.append([])
-        messages[-1].append(part)
-    return messages
+    from test_splitter import capture_messages  # the EIGER2 1M capture grouped into messages
+
+    return capture_messages(shared_data / "stream_v1/eiger2_1m_lz4")
 
 
 def cbf_messages(shared_data) -> list[list[bytes]]:
