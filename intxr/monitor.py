@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from intxr.codec import DecodeError, decode
-from intxr.stream_decode import FrameMessage, SeriesEnd, SeriesStart, StreamError, parse_message
+from intxr.codec import DecodeError
+from intxr.stream import FrameMessage, SeriesConfig, SeriesEnd, SeriesStart, StreamError, StreamParser
 
 
 @dataclass
@@ -47,7 +47,7 @@ class FrameSummary:
 
 def summarize(message: FrameMessage, bright_threshold: int = 100) -> FrameSummary:
     t0 = time.perf_counter()
-    pixels = decode(message.blob, message.encoding, message.dtype, message.shape)
+    pixels = message.pixels()
     decode_ms = (time.perf_counter() - t0) * 1000
     top = np.iinfo(pixels.dtype).max
     masked = pixels >= top - 1
@@ -96,6 +96,7 @@ def monitor(
     """Receive until `max_series` series have ended, `max_frames` frames came, `timeout` seconds pass
     with no message, or `stop()` returns True."""
     counters = MonitorCounters()
+    parser = StreamParser(protocol)  # the Splitter's parser: the same rules, the same error text
     context = zmq.Context.instance()
     socket = context.socket(zmq.PULL)
     socket.setsockopt(zmq.LINGER, 0)
@@ -115,19 +116,21 @@ def monitor(
             last = time.monotonic()
             counters.messages += 1
             try:
-                events = parse_message(parts, protocol)
+                events = parser.parse(parts)
             except StreamError as exc:
                 counters.errors += 1
                 counters.last_error = str(exc)
                 print(f"monitor: message {counters.messages} skipped: {exc}", file=sys.stderr)
                 continue
             for event in events:
-                if isinstance(event, SeriesStart) and event.protocol != "cbftoeiger":
-                    counters.series_started += 1
+                if isinstance(event, SeriesStart | SeriesConfig):
+                    if isinstance(event, SeriesStart):
+                        counters.series_started += 1
                     if verbose:
                         cfg = event.config
+                        what = "start" if isinstance(event, SeriesStart) else "config"
                         print(
-                            f"series {event.series} start ({event.protocol}): "
+                            f"series {event.series} {what} ({event.protocol}): "
                             f"{cfg.get('description', cfg.get('detector_description', '?'))}, "
                             f"{cfg.get('nimages', cfg.get('number_of_images', '?'))} images",
                             file=out,

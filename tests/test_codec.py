@@ -112,7 +112,7 @@ def test_real_stream_v1_lz4_blobs(shared_data):
 
 
 def test_real_stream_v2_blob(shared_data):
-    from intxr.stream_decode import parse_message
+    from intxr.stream import parse_message
 
     [event] = parse_message([(shared_data / "stream_v2/eiger2_16m_final/image.cbor").read_bytes()])
     ours = codec.decode(event.blob, event.encoding, event.dtype, event.shape)

@@ -170,7 +170,7 @@ def test_every_query_parameter_is_checked_and_no_other_frame_is_served(tmp_path,
     from test_splitter import Pusher, capture_messages
 
     from intxr.splitter import Splitter
-    from intxr.stream_decode import FrameMessage, SeriesEnd, SeriesStart, parse_message
+    from intxr.stream import FrameMessage, SeriesEnd, SeriesStart, parse_message
 
     messages = capture_messages(shared_data / "stream_v1/eiger2_1m_lz4")
     header, frames = messages[0], messages[1:4]

@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from intxr.simulate import Simulator, SimulatorSettings
-from intxr.stream_decode import FrameMessage, SeriesEnd, parse_message
+from intxr.stream import FrameMessage, SeriesEnd, StreamParser, parse_message
 from intxr.testing import free_ports
 
 EXE = Path(sys.executable).parent
@@ -48,6 +48,7 @@ def slow_receive(endpoint: str, n_series: int, timeout_s: float = 60, slow_for: 
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     series, events, taken = [], [], 0
+    parser = StreamParser()
     deadline = time.monotonic() + timeout_s
     try:
         while len(series) < n_series:
@@ -56,7 +57,7 @@ def slow_receive(endpoint: str, n_series: int, timeout_s: float = 60, slow_for: 
             taken += 1
             if taken <= slow_for:
                 time.sleep(0.1)
-            events += parse_message(parts)
+            events += parser.parse(parts)
             if isinstance(events[-1], SeriesEnd):
                 series.append(events)
                 events = []

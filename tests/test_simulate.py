@@ -14,7 +14,7 @@ from dectris.compression import decompress as dectris_decompress
 
 from intxr.images import open_source
 from intxr.simulate import Simulator, SimulatorSettings, pixels_for
-from intxr.stream_decode import FrameMessage, SeriesEnd, SeriesStart, parse_message
+from intxr.stream import FrameMessage, SeriesEnd, SeriesStart, StreamParser
 
 
 def start(sources, **settings) -> tuple[Simulator, threading.Thread]:
@@ -31,10 +31,11 @@ def receive_series(endpoint: str, n_series: int = 1, timeout_s: float = 30) -> l
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(endpoint)
     series, events = [], []
+    parser = StreamParser()
     try:
         while len(series) < n_series:
             assert socket.poll(int(timeout_s * 1000)), "simulator went silent"
-            events += parse_message(socket.recv_multipart(copy=False))
+            events += parser.parse(socket.recv_multipart(copy=False))
             if isinstance(events[-1], SeriesEnd):
                 series.append(events)
                 events = []
@@ -99,7 +100,7 @@ def test_v2_blobs_decode_with_dectris_compression(thaumatin_cbfs, encoding):
     start_event = events[0]
     assert start_event.config["image_size_x"] == 2463 and start_event.config["image_size_y"] == 2527
     assert start_event.config["incident_wavelength"] == pytest.approx(0.96859)
-    mask = start_event.arrays["pixel_mask:threshold_1"]
+    mask = start_event.pixel_mask
     assert (mask[expected == np.iinfo(expected.dtype).max] == 1).all()
     for frame in events[1:3]:
         assert frame.encoding == "bslz4" and frame.shape == (2527, 2463)

@@ -193,3 +193,46 @@ def test_pixel_mask_marks_gaps_and_dead_pixels():
     frame = SyntheticSource("synthetic:1100x600:1").read(0).data
     mask = fmt.pixel_mask_of(frame)
     assert (mask[frame == 0xFFFFFFFF] == 1).all() and mask[frame < 1000].max() == 0
+
+
+@pytest.mark.parametrize(
+    "protocol,header_detail,encoding",
+    [
+        ("v1", "none", "lz4"),
+        ("v1", "basic", "bs16-lz4"),
+        ("v1", "all", "bs32-lz4"),
+        ("v2", "basic", "bs8-lz4"),
+        ("v2", "basic", "lz4"),
+        ("cbftoeiger", "basic", "bs32-lz4"),
+    ],
+)
+def test_simulated_series_read_back_with_the_splitters_parser(protocol, header_detail, encoding):
+    """What the simulator sends, read by the one stream parser (the Splitter's, through PyO3): one start,
+    the frames in order with the pixels it encoded, the pixel mask where it sends one, one end."""
+    from intxr.simulate import pixels_for
+    from intxr.stream import FrameMessage, SeriesEnd, SeriesStart, StreamParser
+
+    parser = StreamParser()
+    events = [e for parts in simulator_messages(protocol, header_detail, encoding) for e in parser.parse(parts)]
+    assert parser.protocol == protocol
+    assert [type(e) for e in events] == [SeriesStart, FrameMessage, FrameMessage, SeriesEnd]
+    start, *frames, end = events
+    assert start.series == end.series == 5 and {f.series for f in frames} == {5}
+    first = 1 if protocol == "cbftoeiger" else 0
+    assert [f.frame for f in frames] == [first, first + 1]
+    source = SyntheticSource("synthetic:1028x1062:2")
+    for k, frame in enumerate(frames):
+        expected = pixels_for(source.read(k).data, encoding)
+        assert frame.shape == (1062, 1028) and frame.dtype == expected.dtype
+        assert np.array_equal(frame.pixels(), expected)
+        assert frame.md5_ok is (True if protocol == "v1" else None)
+    if protocol == "v2" or header_detail == "all":
+        assert start.pixel_mask is not None and start.pixel_mask.shape == (1062, 1028)
+        top = np.iinfo(frames[0].dtype).max
+        assert (start.pixel_mask[frames[0].pixels() == top] == 1).all()
+    else:
+        assert start.pixel_mask is None
+    if protocol == "v2":
+        assert start.config["image_size_x"] == 1028 and start.config["number_of_images"] == 2
+    elif header_detail != "none":
+        assert start.config["x_pixels_in_detector"] == 1028 and start.config["nimages"] == 2

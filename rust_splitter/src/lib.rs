@@ -6,6 +6,7 @@ pub mod error;
 pub mod frame;
 pub mod geometry;
 pub mod nxmx;
+mod py_stream;
 pub mod serve;
 pub mod splitter;
 pub mod stream;
@@ -402,5 +403,6 @@ fn _splitter(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(geometry_from_cbf_header, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_version, m)?)?;
     m.add_class::<SplitterCore>()?;
+    py_stream::register(m)?;
     Ok(())
 }

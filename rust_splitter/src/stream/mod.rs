@@ -1,5 +1,6 @@
 //! Stream parsers: one ZeroMQ multipart message (a slice of parts) in, series starts, frames and
-//! series ends out. Mirrors `intxr/stream_decode.py` (same rules, same error wording).
+//! series ends out. The one parser: the Splitter uses it, and Python through `crate::py_stream`
+//! (`intxr.stream`).
 //!
 //! - DECTRIS stream v1 (`v1.rs`): JSON parts plus binary blobs, read by `htype`.
 //! - DECTRIS stream v2 (`v2.rs`): one CBOR message per part (start, image, end).
@@ -204,6 +205,42 @@ pub fn detect_protocol(parts: &[&[u8]]) -> Result<Protocol, StreamError> {
             .first()
             .map_or_else(|| "none".to_string(), |b| format!("{b:02x}")),
     })
+}
+
+/// A protocol by the name the configs and the CLI use: `auto` (None: detect it), `v1`, `v2`, `cbftoeiger`.
+pub fn protocol_named(name: &str) -> Result<Option<Protocol>, String> {
+    match name {
+        "auto" => Ok(None),
+        "v1" => Ok(Some(Protocol::V1)),
+        "v2" => Ok(Some(Protocol::V2)),
+        "cbftoeiger" => Ok(Some(Protocol::CbfToEiger)),
+        other => Err(format!(
+            "protocol {other:?}: expected auto, v1, v2 or cbftoeiger"
+        )),
+    }
+}
+
+/// A v1 detector config sent as a message of its own after a `dheader` that came without it: one
+/// JSON object without an `htype` (a trailing NUL or newline allowed). None for anything else.
+pub fn lone_config(parts: &[&[u8]]) -> Option<Value> {
+    let [part] = parts else { return None };
+    let text = part.strip_suffix(b"\0").unwrap_or(part);
+    match serde_json::from_slice::<Value>(text.trim_ascii_end()) {
+        Ok(value) if value.is_object() && value.get("htype").is_none() => Some(value),
+        _ => None,
+    }
+}
+
+/// Whether a start leaves the detector config to a message of its own ([`lone_config`]): a v1
+/// `dheader` with `header_detail` basic or all that came without its config part.
+pub fn config_follows(start: &SeriesHeader) -> bool {
+    let detail = start
+        .header
+        .get("header_detail")
+        .and_then(|d| d.as_str())
+        .unwrap_or("none");
+    let no_config = start.config.as_object().is_none_or(|c| c.is_empty());
+    start.protocol == Protocol::V1 && detail != "none" && no_config
 }
 
 /// Parse one multipart message. `protocol` None: detect it from the first part.
@@ -605,6 +642,34 @@ mod tests {
         assert!(matches!(detect_protocol(&[]), Err(StreamError::Empty)));
         assert!(matches!(parse_message(&[], None), Err(StreamError::Empty)));
         assert!(parse_message(&[b"{\"htype\":\"dfoo-1.0\"}"], None).is_err());
+    }
+
+    #[test]
+    fn protocol_names_and_a_config_sent_alone() {
+        assert_eq!(protocol_named("auto"), Ok(None));
+        assert_eq!(protocol_named("cbftoeiger"), Ok(Some(Protocol::CbfToEiger)));
+        assert_eq!(
+            protocol_named("v3").unwrap_err(),
+            "protocol \"v3\": expected auto, v1, v2 or cbftoeiger"
+        );
+        let config = lone_config(&[b"{\"nimages\": 2}\n\0"]).unwrap();
+        assert_eq!(config["nimages"], 2);
+        for parts in [
+            &[&b"{\"htype\":\"dconfig-1.0\"}"[..]][..],
+            &[b"[1]"],
+            &[b"{}", b"{}"],
+            &[],
+        ] {
+            assert!(lone_config(parts).is_none());
+        }
+        let alone = |detail: &str| {
+            let text = format!("{{\"htype\":\"dheader-1.0\",\"header_detail\":\"{detail}\"}}");
+            match parse_message(&[text.as_bytes()], None).unwrap().remove(0) {
+                Parsed::Start(start) => config_follows(&start),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(alone("basic") && alone("all") && !alone("none"));
     }
 
     #[test]

@@ -79,8 +79,8 @@ fn parse_header(
         .unwrap_or_else(|| "none".into());
     let mut i = i;
     let config = if detail != "none" {
-        // basic / all: the detector config follows (as in stream_decode.py, a dheader sent alone
-        // gives an empty config).
+        // basic / all: the detector config follows (a dheader sent alone gives an empty config;
+        // the config may then come as a message of its own, see `super::lone_config`).
         let config = if i + 1 < n {
             json_part(parts[i + 1], At::new(i + 1, "config"))?
         } else {
@@ -219,7 +219,7 @@ fn pixel_mask_of(
     Ok((dims[0], dims[1], values))
 }
 
-/// `dimage-1.0` at part `i`, then `dimage_d-1.0`, the blob and (optional, as in stream_decode.py)
+/// `dimage-1.0` at part `i`, then `dimage_d-1.0`, the blob and (optional)
 /// `dconfig-1.0`, then an optional appendix. Returns the frame and the index after it.
 fn parse_image(
     parts: &[&[u8]],
@@ -607,8 +607,8 @@ mod tests {
             e.to_string(),
             "part 0 (dimage): image message truncated (2 parts, need 4)"
         );
-        // every JSON part cut short; the blob cut short. (Not the dconfig part: as in
-        // stream_decode.py, dconfig is optional and a part after the blob without an htype is
+        // every JSON part cut short; the blob cut short. (Not the dconfig part:
+        // dconfig is optional and a part after the blob without an htype is
         // taken for an image appendix.)
         for msg in [&msgs[0], image, &msgs[11]] {
             for p in 0..msg.len() {

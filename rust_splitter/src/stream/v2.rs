@@ -852,7 +852,7 @@ mod tests {
         let Some(dir) = testdata::dir() else { return };
         let read =
             |name: &str| std::fs::read(dir.join("stream_v2/eiger2_1m_alpha").join(name)).unwrap();
-        // The 2020 alpha image keeps its pixels under `channels`, not `data`: not read (as in stream_decode.py).
+        // The 2020 alpha image keeps its pixels under `channels`, not `data`: not read.
         let e = parse_message(&[&read("stream2.000002")], None).unwrap_err();
         assert_eq!(e.to_string(), "part 0: image message without data channels");
         let events = parse_message(&[&read("stream2.000012")], None).unwrap();
