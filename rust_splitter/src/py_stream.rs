@@ -139,7 +139,7 @@ impl StreamParser {
         let views = buffers
             .iter()
             .map(|b| crate::read_view(b, "a message part"))
-            .collect::<PyResult<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let protocol = self.asked.or(self.locked);
         let config_series = self.config_for.take();
         let outcome = py.detach(|| {
@@ -254,7 +254,7 @@ fn detect_stream_protocol(py: Python<'_>, parts: Vec<Bound<'_, PyAny>>) -> PyRes
     let views = buffers
         .iter()
         .map(|b| crate::read_view(b, "a message part"))
-        .collect::<PyResult<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     // SAFETY: `buffers` holds the part's buffer for the whole call.
     let slices: Vec<&[u8]> = views
         .iter()
