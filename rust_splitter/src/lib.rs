@@ -1,5 +1,7 @@
-//! `intxr._splitter`: the Rust core behind Interceptor's Splitter. Only this file knows PyO3:
-//! it releases the GIL around the work and maps errors to Python exceptions.
+//! `intxr._splitter`: the Rust core behind Interceptor's Splitter. Only this file and
+//! `py_stream.rs` (the stream parser's Python face, which maps its own StreamError) know PyO3:
+//! they release the GIL around the work; the core's errors become Python exceptions once, here
+//! (`From<SplitterError> for PyErr`).
 
 pub mod codec;
 pub mod error;
@@ -239,18 +241,7 @@ impl SplitterCore {
                 .into());
             }
         }
-        let protocol = match protocol {
-            "auto" => None,
-            "v1" => Some(frame::Protocol::V1),
-            "v2" => Some(frame::Protocol::V2),
-            "cbftoeiger" => Some(frame::Protocol::CbfToEiger),
-            other => {
-                return Err(SplitterError::invalid(format!(
-                    "protocol {other:?}: expected auto, v1, v2 or cbftoeiger"
-                ))
-                .into())
-            }
-        };
+        let protocol = stream::protocol_named(protocol).map_err(SplitterError::Invalid)?;
         if frames_per_file == 0 || series_timeout.is_nan() || series_timeout <= 0.0 {
             return Err(SplitterError::invalid(
                 "frames_per_file and series_timeout must be positive",

@@ -198,19 +198,6 @@ enum Job {
     Config(Value),
 }
 
-/// A v1 header with header_detail basic/all may arrive without its config part, which then comes
-/// as the next message on its own: a JSON object without an htype.
-fn lone_config(parts: &[&[u8]]) -> Option<serde_json::Value> {
-    if parts.len() != 1 {
-        return None;
-    }
-    let text = parts[0].strip_suffix(b"\0").unwrap_or(parts[0]);
-    match serde_json::from_slice::<serde_json::Value>(text.trim_ascii_end()) {
-        Ok(value) if value.is_object() && value.get("htype").is_none() => Some(value),
-        _ => None,
-    }
-}
-
 /// Run until `stop` is set or `max_series` series have ended (end message or timeout); returns the first fatal error
 /// (a socket that cannot be opened). Bad messages are counted, never fatal.
 pub fn run(
@@ -308,7 +295,7 @@ pub fn run(
         let slices: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
         if expect_config {
             expect_config = false;
-            if let Some(config) = lone_config(&slices) {
+            if let Some(config) = crate::stream::lone_config(&slices) {
                 series.config_part(config);
                 continue;
             }
@@ -330,14 +317,9 @@ pub fn run(
             match item {
                 Parsed::Start(header) => {
                     protocol.get_or_insert(header.protocol);
-                    let detail = header
-                        .header
-                        .get("header_detail")
-                        .and_then(|d| d.as_str())
-                        .unwrap_or("none");
-                    let no_config = header.config.as_object().is_none_or(|c| c.is_empty());
-                    expect_config =
-                        header.protocol == Protocol::V1 && detail != "none" && no_config;
+                    // A v1 header with header_detail basic/all may come without its config
+                    // part, which then comes as the next message on its own.
+                    expect_config = crate::stream::config_follows(&header);
                     series.start(header);
                 }
                 Parsed::Frame(frame) => {
