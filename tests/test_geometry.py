@@ -464,3 +464,33 @@ def test_simulated_tilted_pilatus_round_trips_through_the_splitter(tmp_path, two
 def h5py_file(path):
     h5py = pytest.importorskip("h5py")
     return h5py.File(path, "r")
+
+
+def test_a_series_without_geometry_gives_results_that_say_so_once(thaumatin_cbfs):
+    """The reader never invents a geometry: a frame whose series info has none is processed (spots found)
+    and its result carries the reason once, with no resolution-dependent numbers."""
+    import time
+
+    from intxr.config import default_startup_file, load
+    from intxr.images import open_source
+    from intxr.reader.source import ServedFrame
+    from intxr.reader.worker import Reader, ReaderSettings
+
+    configuration = load(default_startup_file(), "demo")
+    reader = Reader(ReaderSettings(rank=1, splitter_endpoint="tcp://127.0.0.1:1", collector_endpoint="tcp://127.0.0.1:1",
+                                   control_endpoint=None, timeout=1.0), configuration)
+    try:
+        pixels = open_source(thaumatin_cbfs[1]).read(0).data.astype(np.uint32)
+        meta = {"series": 1, "series_name": "s", "frame": 1, "shape": list(pixels.shape), "type": "uint32",
+                "encoding": "bs32-lz4"}
+        frame = ServedFrame(meta, {}, memoryview(b""), time.time())
+        frame.pixels = lambda out=None: pixels
+        result = reader.process(frame)
+    finally:
+        reader.source.close()
+        reader.results.close(linger=0)
+    assert result.status == "processed"
+    assert result.n_spots_total > 100
+    said = [e for e in result.errors if "without geometry" in e]
+    assert len(said) == 1, result.errors
+    assert result.score == -999

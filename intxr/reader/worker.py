@@ -154,7 +154,7 @@ class Reader:
             result.mean_shape_ratio = score.mean_shape_ratio
             result.n_strong_pixels = found.n_strong_pixels
             result.n_spots_total = len(found.spots)
-            result.errors = [*score.errors, *found.errors]
+            result.errors = list(score.errors)  # the finder's own errors are already in its score's
             result.indexing = "not available"
             if len(found.spots):
                 # What the GUI circles: centroids (x, y) in pixels of the 500 strongest spots.
