@@ -55,6 +55,7 @@ from intxr.messages import (
     series_label,
     splitter_event,
 )
+from intxr.raster import RASTER_SECTIONS, RasterScan
 from intxr.report import Reporter
 from intxr.sinks.result_line import format_result_line
 
@@ -90,6 +91,7 @@ class SeriesAccount(SeriesTally):
     done: bool = False
     confirmed: bool = False  # the Splitter published something of this series
     touched: float = field(default_factory=time.monotonic)  # its latest result or event
+    raster: RasterScan | None = None  # its hits on the grid (intxr.raster), until it is summed up
 
     def take_end(self, end: SeriesEnd) -> None:
         self.end = end
@@ -257,8 +259,9 @@ class Collector:
                                      f"the Splitter's socket {bl.splitter_publish_endpoint}")
         self.late_results = Reporter("collector", "late result", "the results socket (after its series was summed up)")
         self.unknown_series = Reporter("collector", "unknown series", "the results socket")
+        self.bad_raster = Reporter("collector", "raster scan not summed up", note="; its crystals are not reported")
         self.reporters = (self.bad_results, self.other_version, self.bad_splitter, self.late_results,
-                          self.unknown_series)
+                          self.unknown_series, self.bad_raster)
         self.splitter_counters: dict = {}
         self.splitter_heard = False
         self.resumed = settings.resume_file is None
@@ -271,6 +274,11 @@ class Collector:
         self.replay_journals()
         self.ui_sent = 0
         self.ui_dropped = 0
+        # Raster keys: the startup config's when it has them (raster_row_length does), else these.
+        self.raster_row_length = getattr(bl, "raster_row_length", None)
+        self.raster_snake = bool(getattr(bl, "raster_snake", False))
+        self.raster_min_score = getattr(bl, "raster_min_score", None)
+        self.raster_sections = tuple(getattr(bl, "raster_sections", None) or RASTER_SECTIONS)
         self.results_total = 0
         self.series_done = 0
         self.started = time.monotonic()
@@ -330,6 +338,12 @@ class Collector:
             raise BadMessage(f"series {result.series} frame {result.frame}: a second result")
         series.touched = time.monotonic()
         self.results_total += 1
+        try:
+            if series.raster is None:
+                series.raster = RasterScan(self.raster_sections, self.raster_min_score)
+            series.raster.add(result)
+        except Exception as exc:  # a crystal map is never worth a result
+            self.bad_raster(f"series {result.series} frame {result.frame}: {type(exc).__name__}: {exc}")
         if not self.journal_off:
             hit = result.hit and result.status == "processed"
             hres = result.hres if hit and result.hres and 0 < result.hres < 99 else None
@@ -674,6 +688,7 @@ class Collector:
             self.record.write(json.dumps({"summary": summary.to_wire()}) + "\n")
             self.record.flush()
         self._publish("series", summary.to_wire())
+        self.report_raster(account)
         self.forget_journal(account.name)
         self.series_done += 1
         # A daemon runs for weeks: keep the accounts of the latest series only.
@@ -682,6 +697,33 @@ class Collector:
             del self.series[old.name]
         if self.settings.max_series is not None and self.series_done >= self.settings.max_series:
             self.stopping = True
+
+    def report_raster(self, account: SeriesAccount) -> None:
+        """A raster series' crystals (intxr.raster): one RASTER line to BluIce, stdout and the
+        record, and `raster` for the GUI."""
+        scan, account.raster = account.raster, None
+        if scan is None or not scan.raster:
+            return
+        try:
+            received = account.end.received_frames() if account.end is not None else None
+            first = received.starts[0] if received else None
+            report = scan.report(account.series, account.name, self.raster_row_length, self.raster_snake, first)
+            line = report.line()
+            wire = report.to_wire()
+        except Exception as exc:
+            self.bad_raster(f"series {series_label(account.series, account.name)}: {type(exc).__name__}: {exc}")
+            return
+        print(line, flush=True)
+        if self.record is not None:
+            self.record.write(json.dumps({"raster": wire}) + "\n")
+            self.record.flush()
+        if self.ui is not None:
+            try:
+                self.ui.send_string(line, zmq.DONTWAIT)
+                self.ui_sent += 1
+            except zmq.Again:
+                self.ui_dropped += 1
+        self._publish("raster", wire)
 
     # -- readers -------------------------------------------------------------------------------
 

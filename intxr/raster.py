@@ -1,0 +1,253 @@
+"""Crystals in a raster (grid) scan: where they are, how big and how good, from the per-frame
+results of one series.
+
+A raster series is one whose frames were processed with a raster section (`rastering`, the run
+mode the header names) or whose frames carry a grid position. Each frame's cell on the grid comes
+from, in this order:
+- its `mapping` header value, when that names one: `row 3 col 7`, `rastering.row3.col7`, `r3c7`,
+  `3,7`, `3x7` (row, then column, counted from 0);
+- else the frame's place in the series and the configured row length (`raster_row_length`),
+  rows one after the other from the series' first frame, every other row backwards when the scan
+  is a snake (serpentine) scan;
+- else the series is one row (a line scan): the column is the frame's place in the series.
+
+A crystal is an 8-connected region of hit cells (a hit: the reader's word, `hit`, or a score at
+least `min_score` when one is set). For each: the centre of mass weighted by score (x the column,
+y the row, in grid cells counted from 0; plain mean when no frame of it scored above 0), the
+bounding box's width and height in cells, the best score and its frame and cell, the number of
+frames, the total spots, the median resolution (hres) of its frames with one, and the indexed cell
+of its best indexed frame when the reader indexed. Crystals are listed strongest first: by best
+score, then total spots, then number of frames.
+
+The line BluIce gets, once per raster series (Tcl lists, as the result line):
+`RASTER: series N crystals K {x y width height score n_frames d_min n_spots best_frame best_x best_y
+{sg a b c alpha beta gamma}} ...` with `{}` for the cell where nothing was indexed.
+
+Only hits are kept (one small record each, at most MAX_HITS a series): a series of 10^6 blank
+frames costs nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from statistics import median
+
+RASTER_SECTIONS = ("rastering",)  # processing sections whose series are raster scans
+MAX_HITS = 100_000  # hits kept per series; past it the scan is reported cut
+NO_RESOLUTION = 99.9  # the original's hres when there is no estimate
+
+_ROW_COL = (
+    re.compile(r"\brow\D{0,3}?(\d+)\D{1,5}?col(?:umn)?\D{0,3}?(\d+)", re.I),
+    re.compile(r"(?:^|[^A-Za-z])r(\d+)[ ._,:-]?c(\d+)\b", re.I),
+    re.compile(r"^\s*(\d+)\s*[,x:]\s*(\d+)\s*$"),
+)
+
+
+def grid_cell(mapping) -> tuple[int, int] | None:
+    """(row, column) a `mapping` header value names, else None."""
+    if not isinstance(mapping, str) or not mapping or len(mapping) > 300:
+        return None
+    for pattern in _ROW_COL:
+        m = pattern.search(mapping)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
+
+
+def place(frame: int, first_frame: int, row_length: int | None, snake: bool) -> tuple[int, int]:
+    """(row, column) of a frame from its place in the series: rows of `row_length` frames (every
+    other one backwards in a snake scan); one row when no length is known."""
+    k = frame - first_frame
+    if not row_length:
+        return 0, k
+    row, col = divmod(k, row_length)
+    if snake and row % 2:
+        col = row_length - 1 - col
+    return row, col
+
+
+@dataclass(slots=True)
+class Hit:
+    frame: int
+    score: float
+    n_spots: int
+    hres: float | None
+    cell: tuple[int, int] | None  # (row, column) from the header, else placed later
+    unit_cell: tuple | None = None  # (sg, a, b, c, alpha, beta, gamma) where indexed
+
+
+@dataclass
+class Crystal:
+    x: float  # centre of mass, column
+    y: float  # centre of mass, row
+    width: int  # columns covered
+    height: int  # rows covered
+    score: float  # the best frame's score
+    n_frames: int
+    d_min: float | None  # median hres of its frames with one
+    n_spots: int  # all its frames' spots
+    best_frame: int
+    best_x: int
+    best_y: int
+    unit_cell: tuple | None = None  # (sg, a, b, c, alpha, beta, gamma) of its best indexed frame
+    cells: list[list[int]] = field(default_factory=list)  # [[column, row], ...]: the region, for the GUI
+
+    def brace(self) -> str:
+        d_min = self.d_min if self.d_min is not None else NO_RESOLUTION
+        cell = ""
+        if self.unit_cell:
+            cell = " ".join([str(self.unit_cell[0])] + [f"{v:.2f}" for v in self.unit_cell[1:]])
+        return (f"{{{self.x:.2f} {self.y:.2f} {self.width} {self.height} {self.score:.2f} {self.n_frames} "
+                f"{d_min:.2f} {self.n_spots} {self.best_frame} {self.best_x} {self.best_y} {{{cell}}}}}")
+
+    def to_wire(self) -> dict:
+        return {"x": round(self.x, 3), "y": round(self.y, 3), "width": self.width, "height": self.height,
+                "score": self.score, "n_frames": self.n_frames, "d_min": self.d_min, "n_spots": self.n_spots,
+                "best_frame": self.best_frame, "best_x": self.best_x, "best_y": self.best_y,
+                "unit_cell": list(self.unit_cell) if self.unit_cell else None, "cells": self.cells}
+
+
+@dataclass
+class RasterReport:
+    """A raster series' crystals: the RASTER line, the record's and the GUI's `raster`."""
+
+    series: int
+    series_name: str | None
+    crystals: list[Crystal]
+    placed_by: str  # mapping | row_length | one_row (how frames got their cells)
+    rows: int
+    columns: int
+    frames: int  # frames with a result
+    hits: int
+    cut: bool = False  # more than MAX_HITS hits: the rest were not kept
+
+    def line(self) -> str:
+        return " ".join([f"RASTER: series {self.series} crystals {len(self.crystals)}",
+                         *(c.brace() for c in self.crystals)]).rstrip()
+
+    def to_wire(self) -> dict:
+        return {"series": self.series, "series_name": self.series_name, "placed_by": self.placed_by,
+                "rows": self.rows, "columns": self.columns, "frames": self.frames, "hits": self.hits,
+                "cut": self.cut, "crystals": [c.to_wire() for c in self.crystals], "line": self.line()}
+
+
+def _unit_cell(result) -> tuple | None:
+    sg = getattr(result, "space_group", None)
+    cell = getattr(result, "unit_cell", None)
+    if not sg or not isinstance(cell, list | tuple) or len(cell) != 6:
+        return None
+    try:
+        return (str(sg)[:20], *(float(v) for v in cell))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class RasterScan:
+    """One series' raster account, as results come (in any order)."""
+
+    sections: tuple[str, ...] = RASTER_SECTIONS
+    min_score: float | None = None
+    raster: bool = False  # a raster section or a grid position was seen
+    first_frame: int | None = None
+    last_frame: int | None = None
+    frames: int = 0
+    hits: dict[int, Hit] = field(default_factory=dict)
+    cut: bool = False
+
+    def is_hit(self, result) -> bool:
+        if result.status != "processed":
+            return False
+        if self.min_score is not None:
+            return result.score is not None and result.score >= self.min_score
+        return bool(result.hit)
+
+    def add(self, result) -> None:
+        """Take one FrameResult (validated: see intxr.messages)."""
+        frame = result.frame
+        self.frames += 1
+        self.first_frame = frame if self.first_frame is None else min(self.first_frame, frame)
+        self.last_frame = frame if self.last_frame is None else max(self.last_frame, frame)
+        cell = grid_cell((result.header or {}).get("mapping"))
+        if cell is not None or result.processing_section in self.sections:
+            self.raster = True
+        if not self.is_hit(result):
+            return
+        if len(self.hits) >= MAX_HITS and frame not in self.hits:
+            self.cut = True
+            return
+        hres = result.hres if result.hres is not None and 0 < result.hres < NO_RESOLUTION - 0.5 else None
+        self.hits[frame] = Hit(frame, float(result.score or 0.0), int(result.n_spots or 0), hres, cell,
+                               _unit_cell(result))
+
+    def report(self, series: int, name: str | None, row_length: int | None = None, snake: bool = False,
+               first_frame: int | None = None) -> RasterReport:
+        """The crystals: `first_frame` is the series' first frame where known better than from the
+        results (the Splitter's received frames)."""
+        first = self.first_frame if self.first_frame is not None else 0
+        if first_frame is not None:
+            first = min(first, first_frame)
+        by_header = [h for h in self.hits.values() if h.cell is not None]
+        placed_by = "mapping" if by_header else "row_length" if row_length else "one_row"
+        cells: dict[tuple[int, int], list[Hit]] = {}
+        for hit in self.hits.values():
+            cell = hit.cell if hit.cell is not None else place(hit.frame, first, row_length, snake)
+            cells.setdefault(cell, []).append(hit)
+        crystals = [_crystal(region, cells) for region in regions(cells)]
+        crystals.sort(key=lambda c: (-c.score, -c.n_spots, -c.n_frames, c.y, c.x))
+        if placed_by == "mapping" or not self.frames:
+            rows = 1 + max((r for r, _ in cells), default=-1)
+            columns = 1 + max((c for _, c in cells), default=-1)
+        else:
+            n = (self.last_frame or 0) - first + 1
+            columns = row_length or n
+            rows = -(-n // columns)
+        return RasterReport(series, name, crystals, placed_by, rows, columns, self.frames, len(self.hits),
+                            self.cut)
+
+
+def regions(cells) -> list[list[tuple[int, int]]]:
+    """The 8-connected regions of a set of (row, column) cells, each in row-major order."""
+    left = set(cells)
+    out = []
+    for start in sorted(cells):
+        if start not in left:
+            continue
+        left.discard(start)
+        region, todo = [], [start]
+        while todo:
+            r, c = todo.pop()
+            region.append((r, c))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    n = (r + dr, c + dc)
+                    if n in left:
+                        left.discard(n)
+                        todo.append(n)
+        out.append(sorted(region))
+    return out
+
+
+def _crystal(region, cells) -> Crystal:
+    hits = [h for cell in region for h in cells[cell]]
+    where = {h.frame: cell for cell in region for h in cells[cell]}
+    weights = [max(h.score, 0.0) for h in hits]
+    total = sum(weights)
+    if total <= 0:
+        weights, total = [1.0] * len(hits), float(len(hits))
+    y = sum(w * where[h.frame][0] for w, h in zip(weights, hits, strict=True)) / total
+    x = sum(w * where[h.frame][1] for w, h in zip(weights, hits, strict=True)) / total
+    best = max(hits, key=lambda h: (h.score, h.n_spots, -h.frame))
+    indexed = [h for h in hits if h.unit_cell]
+    resolutions = [h.hres for h in hits if h.hres is not None]
+    rows = [r for r, _ in region]
+    columns = [c for _, c in region]
+    return Crystal(
+        x=x, y=y, width=max(columns) - min(columns) + 1, height=max(rows) - min(rows) + 1, score=best.score,
+        n_frames=len(hits), d_min=median(resolutions) if resolutions else None,
+        n_spots=sum(h.n_spots for h in hits), best_frame=best.frame, best_x=where[best.frame][1],
+        best_y=where[best.frame][0],
+        unit_cell=max(indexed, key=lambda h: (h.score, -h.frame)).unit_cell if indexed else None,
+        cells=[[c, r] for r, c in region],
+    )

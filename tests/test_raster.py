@@ -1,0 +1,288 @@
+"""Crystals in raster scans (intxr.raster): synthetic grids with crystals whose places are known
+(one, two touching diagonally, two apart, a snake scan, an empty scan, results out of order,
+positions from the mapping header), and the whole way through a real Collector: real thaumatin
+frames placed on a grid, processed by a real Reader, and the RASTER line BluIce receives."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+
+import pytest
+import zmq
+
+from intxr.messages import FrameResult, splitter_event
+from intxr.raster import RasterScan, grid_cell, place, regions
+
+
+def result(frame: int, score: float = 0.0, hit: bool | None = None, n_spots: int | None = None,
+           hres: float | None = None, mapping: str = "rastering", section: str = "rastering",
+           status: str = "processed", **extra) -> FrameResult:
+    hit = score > 0 if hit is None else hit
+    return FrameResult(series=1, frame=frame, status=status, hit=hit, processing_section=section,
+                       n_spots=n_spots if n_spots is not None else (100 if hit else 2), score=score,
+                       hres=hres if hres is not None else (2.0 if hit else 99.9), header={"mapping": mapping},
+                       **extra)
+
+
+def scan_of(grid: list[list[float]], snake: bool = False, first: int = 1, order=None) -> list[FrameResult]:
+    """Results of a scan of `grid` (rows of scores; 0 is no hit), frames numbered from `first`
+    in scan order (row by row, every other row backwards when `snake`)."""
+    out = []
+    k = first
+    for r, row in enumerate(grid):
+        columns = range(len(row) - 1, -1, -1) if snake and r % 2 else range(len(row))
+        for c in columns:
+            out.append(result(k, row[c], n_spots=int(row[c] * 50) if row[c] else 3))
+            k += 1
+    if order is not None:
+        order(out)
+    return out
+
+
+def crystals(results, row_length=None, snake=False, **kwargs):
+    scan = RasterScan(**kwargs)
+    for r in results:
+        scan.add(r)
+    return scan.report(1, "series_000001", row_length, snake)
+
+
+def near(crystal, x, y):
+    assert abs(crystal.x - x) < 0.5 and abs(crystal.y - y) < 0.5, (crystal.x, crystal.y, x, y)
+
+
+def test_one_crystal_its_centre_of_mass_weighted_by_score_its_box_and_its_numbers():
+    grid = [[0, 0, 0, 0, 0],
+            [0, 2, 6, 0, 0],
+            [0, 2, 2, 0, 0],
+            [0, 0, 0, 0, 0]]
+    report = crystals(scan_of(grid), row_length=5)
+    [c] = report.crystals
+    # sum(score * column) / sum(score), sum(score * row) / sum(score)
+    assert (c.x, c.y) == pytest.approx(((2 * 1 + 6 * 2 + 2 * 1 + 2 * 2) / 12, (2 * 1 + 6 * 1 + 2 * 2 + 2 * 2) / 12))
+    near(c, 1.5, 1.5)
+    assert (c.width, c.height, c.score, c.n_frames, c.n_spots) == (2, 2, 6.0, 4, 100 + 300 + 100 + 100)
+    assert (c.best_x, c.best_y, c.best_frame) == (2, 1, 8) and c.d_min == 2.0
+    assert sorted(c.cells) == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert (report.rows, report.columns, report.frames, report.hits, report.placed_by) == (4, 5, 20, 4, "row_length")
+    assert report.line() == "RASTER: series 1 crystals 1 {1.67 1.33 2 2 6.00 4 2.00 600 8 2 1 {}}"
+
+
+def test_two_crystals_touching_at_a_corner_are_one_8_connected_region():
+    grid = [[5, 0, 0, 0],
+            [0, 5, 0, 0],
+            [0, 0, 0, 0]]
+    [c] = crystals(scan_of(grid), row_length=4).crystals
+    near(c, 0.5, 0.5)
+    assert (c.width, c.height, c.n_frames) == (2, 2, 2)
+
+
+def test_two_separate_crystals_strongest_first():
+    grid = [[3, 3, 0, 0, 0, 0],
+            [3, 3, 0, 0, 0, 0],
+            [0, 0, 0, 0, 9, 0],
+            [0, 0, 0, 0, 9, 0]]
+    report = crystals(scan_of(grid), row_length=6)
+    weak, strong = report.crystals[1], report.crystals[0]
+    near(strong, 4, 2.5)
+    near(weak, 0.5, 0.5)
+    assert (strong.width, strong.height, strong.n_frames, strong.score) == (1, 2, 2, 9.0)
+    assert (weak.width, weak.height, weak.n_frames, weak.score) == (2, 2, 4, 3.0)
+    assert report.line().startswith("RASTER: series 1 crystals 2 {4.00 2.50 1 2 9.00 2 2.00 ")
+    assert re.fullmatch(r"RASTER: series 1 crystals 2 (\{[^{}]+ \{\}\} ?){2}", report.line()), report.line()
+
+
+def test_a_snake_scan_is_placed_row_by_row_every_other_row_backwards():
+    grid = [[0, 0, 0, 0, 0],
+            [0, 0, 0, 7, 4],  # scanned right to left
+            [0, 0, 0, 4, 0],
+            [0, 0, 0, 0, 0]]
+    results = scan_of(grid, snake=True)
+    [c] = crystals(results, row_length=5, snake=True).crystals
+    near(c, 3.27, 1.27)
+    assert (c.best_x, c.best_y, c.width, c.height) == (3, 1, 2, 2)
+    assert c.best_frame == 1 + 5 + 1  # row 1 runs backwards: column 3 is its second frame
+    # Read as a plain scan the same frames are elsewhere: the snake setting matters.
+    plain = crystals(results, row_length=5).crystals
+    assert [(p.best_x, p.best_y, p.n_frames) for p in plain] == [(1, 1, 2), (3, 2, 1)]
+    assert place(6, 1, 5, True) == (1, 4) and place(10, 1, 5, True) == (1, 0) and place(11, 1, 5, True) == (2, 0)
+
+
+def test_an_empty_scan_says_crystals_0():
+    report = crystals(scan_of([[0] * 4] * 3), row_length=4)
+    assert report.crystals == [] and report.line() == "RASTER: series 1 crystals 0"
+    nothing = RasterScan()
+    assert nothing.report(3, None).line() == "RASTER: series 3 crystals 0"
+
+
+def test_results_out_of_order_give_the_same_crystals():
+    grid = [[0, 1, 0, 0, 0, 0],
+            [0, 4, 2, 0, 0, 8],
+            [0, 0, 0, 0, 0, 8],
+            [0, 0, 3, 0, 0, 0]]
+    in_order = crystals(scan_of(grid, snake=True), row_length=6, snake=True)
+    shuffled = crystals(scan_of(grid, snake=True, order=random.Random(4).shuffle), row_length=6, snake=True)
+    assert in_order.line() == shuffled.line() and len(in_order.crystals) == 3
+    assert [(c.best_x, c.best_y) for c in in_order.crystals] == [(5, 1), (1, 1), (2, 3)]
+
+
+def test_positions_from_the_mapping_header_and_a_line_scan_without_any():
+    assert grid_cell("rastering.row3.col7") == (3, 7) and grid_cell("row 3 col 7") == (3, 7)
+    assert grid_cell("r2c11") == (2, 11) and grid_cell("4,5") == (4, 5) and grid_cell("4x5") == (4, 5)
+    assert grid_cell("rastering") is None and grid_cell("") is None and grid_cell(None) is None
+    results = [result(10 + k, score=5.0, mapping=f"rastering.row{r}.col{c}")
+               for k, (r, c) in enumerate([(7, 2), (7, 3), (8, 3)])]
+    results += [result(20, mapping="rastering.row0.col0")]
+    report = crystals(results, row_length=99)  # the header wins over a row length
+    [c] = report.crystals
+    near(c, 2.67, 7.33)
+    assert report.placed_by == "mapping" and (report.rows, report.columns) == (9, 4)
+    # No position and no row length: one row, the frame's place in the series is its column.
+    line = crystals([result(1), result(2), result(3, score=4), result(4, score=4), result(5)])
+    assert line.placed_by == "one_row"
+    near(line.crystals[0], 2.5, 0)
+
+
+def test_hits_are_the_readers_word_or_a_score_threshold_and_other_series_are_not_rasters():
+    results = [result(1, score=3, hit=False), result(2, score=1, hit=True), result(3, score=0, status="blank"),
+               result(4, score=5, hit=True, status="failed")]
+    assert [c.best_frame for c in crystals(results).crystals] == [2]
+    assert {c.best_frame for c in crystals(results, min_score=2.0).crystals} == {1}
+    scan = RasterScan()
+    scan.add(result(1, 5, section="screening", mapping=""))
+    assert not scan.raster
+    scan.add(result(2, 5, section="screening", mapping="row 0 col 1"))
+    assert scan.raster
+
+
+def test_the_indexed_cell_of_the_best_indexed_frame_and_regions():
+    class Indexed:
+        def __init__(self, base: FrameResult, sg, cell):
+            self.__dict__.update(base.__dict__)
+            self.space_group, self.unit_cell = sg, cell
+
+    results = [Indexed(result(1, 6), "P41212", [57.8, 57.8, 150.2, 90, 90, 90]), result(2, 9),
+               Indexed(result(3, 2), "P1", [1, 2, 3, 90, 90, 90])]
+    [c] = crystals(results).crystals
+    assert c.unit_cell == ("P41212", 57.8, 57.8, 150.2, 90.0, 90.0, 90.0)
+    assert c.brace().endswith(" {P41212 57.80 57.80 150.20 90.00 90.00 90.00}}")
+    assert regions({(0, 0), (1, 1), (3, 3), (3, 4)}) == [[(0, 0), (1, 1)], [(3, 3), (3, 4)]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole way: real frames on a grid, a real Reader and Collector, the line BluIce receives
+
+
+class UiListener:
+    """What BluIce would read: a PULL socket bound at uihost:uiport (as tests/test_pipeline.py's)."""
+
+    def __init__(self, port: int):
+        self.sock = zmq.Context.instance().socket(zmq.PULL)
+        self.sock.bind(f"tcp://127.0.0.1:{port}")
+        self.lines: list[str] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.running:
+            if self.sock.poll(100):
+                self.lines.append(self.sock.recv_string())
+
+    def close(self):
+        self.running = False
+        self.thread.join(5)
+        self.sock.close(linger=0)
+
+
+def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_grid(
+        tmp_path, thaumatin_cbfs, capfd):
+    """A 5 x 4 grid scanned as a snake: four real thaumatin frames (hundreds to a thousand spots)
+    on the cells of columns 1-2, rows 1-2, blank frames (all zero) everywhere else. A real Reader
+    processes every frame with [rastering] (the header's run mode), a real Collector sums the
+    series up, and the BluIce listener, stdout and the record get one RASTER line: one crystal
+    whose centre of mass (by the readers' scores) is within half a cell of (1.5, 1.5)."""
+    import numpy as np
+    from test_faults_pipeline import write_config
+
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings
+    from intxr.images import open_source
+    from intxr.reader.source import ServedFrame
+    from intxr.reader.worker import Reader, ReaderSettings
+    from intxr.simulate import pixels_for
+    from intxr.testing import free_ports
+
+    [ui_port] = free_ports(1)
+    config, keys = write_config(tmp_path, uihost="127.0.0.1", uiport=ui_port, send_to_ui="True",
+                                raster_row_length="5")
+    record = tmp_path / "record.jsonl"
+    collector = Collector(cfg.load(str(config), "t"), CollectorSettings(grace=1.0, record=str(record)))
+    collector.raster_snake = True  # the startup config has no snake key yet (see the README)
+    reader = Reader(ReaderSettings(rank=1, splitter_endpoint=f"tcp://127.0.0.1:{keys['port']}",
+                                   collector_endpoint=f"tcp://127.0.0.1:{keys['collector_port']}",
+                                   control_endpoint=None, timeout=3.0, skip_prescreen=False),
+                    collector.configuration)
+    ui = UiListener(ui_port)
+    name = "series_000001"
+    crystal = {(1, 1): 0, (1, 2): 1, (2, 1): 2, (2, 2): 3}  # (row, column) -> which real frame
+    images = [open_source(path).read(0) for path in thaumatin_cbfs[:4]]
+    blank = pixels_for(np.zeros_like(images[0].data), "bs32-lz4")
+    cell_of, results = {}, []
+    try:
+        for frame in range(1, 21):
+            row, column = place(frame, 1, 5, snake=True)
+            cell_of[frame] = (row, column)
+            image = images[crystal[row, column]] if (row, column) in crystal else None
+            pixels = pixels_for(image.data, "bs32-lz4") if image is not None else blank
+            meta = {"series": 1, "series_name": name, "frame": frame, "shape": list(pixels.shape),
+                    "type": "uint32", "encoding": "bs32-lz4", "header": {"mapping": "rastering"}}
+            served = ServedFrame(meta, {"geometry": images[0].geometry.to_wire()}, memoryview(b""), time.time())
+            served.pixels = lambda out=None, pixels=pixels: pixels  # decoded already
+            out = reader.process(served)
+            results.append(out)
+            reader._send("result", out.to_wire())
+        deadline = time.monotonic() + 20
+        while collector.results_total < 20 and time.monotonic() < deadline:
+            collector.receive_results()
+            time.sleep(0.01)
+        end = {"series": 1, "series_name": name, "timed_out": False, "received": 20, "forwarded": 20,
+               "skipped": 0, "forwarded_ranges": [[1, 20]], "skipped_ranges": []}
+        collector.take_splitter("series_end", splitter_event("series_end", end))
+        collector.take_splitter("series_written", splitter_event(
+            "series_written", {"series": 1, "series_name": name, "frames_written": 20}))
+        collector.check_series()
+        assert collector.series_done == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(line.startswith("RASTER:") for line in ui.lines):
+            time.sleep(0.05)
+    finally:
+        ui.close()
+        reader.source.close()
+        reader.results.close(linger=0)
+        collector.shutdown()
+    hits = [r for r in results if r.hit]
+    assert sorted(cell_of[r.frame] for r in hits) == sorted(crystal), [(r.frame, r.status, r.n_spots)
+                                                                        for r in results]
+    assert all(r.processing_section == "rastering" for r in results)
+    # What the line must say, from the readers' own results.
+    total = sum(r.score for r in hits)
+    x = sum(r.score * cell_of[r.frame][1] for r in hits) / total
+    y = sum(r.score * cell_of[r.frame][0] for r in hits) / total
+    best = max(hits, key=lambda r: r.score)
+    hres = sorted(r.hres for r in hits)
+    assert abs(x - 1.5) < 0.5 and abs(y - 1.5) < 0.5
+    expected = (f"RASTER: series 1 crystals 1 {{{x:.2f} {y:.2f} 2 2 {best.score:.2f} 4 {(hres[1] + hres[2]) / 2:.2f} "
+                f"{sum(r.n_spots for r in hits)} ")
+    raster_lines = [line for line in ui.lines if line.startswith("RASTER:")]
+    assert len(raster_lines) == 1 and raster_lines[0].startswith(expected), (raster_lines, expected)
+    assert len([line for line in ui.lines if line.startswith("RESULTS:")]) == 20
+    assert raster_lines[0] in capfd.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    [raster] = [row["raster"] for row in rows if "raster" in row]
+    assert raster["line"] == raster_lines[0] and raster["series_name"] == name
+    assert raster["crystals"][0]["best_frame"] == best.frame and raster["placed_by"] == "row_length"
+    assert re.fullmatch(r"RASTER: series 1 crystals 1 \{[^{}]+ \{\}\}", raster_lines[0])
