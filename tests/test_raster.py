@@ -172,6 +172,20 @@ def test_the_indexed_cell_of_the_best_indexed_frame_and_regions():
     assert regions({(0, 0), (1, 1), (3, 3), (3, 4)}) == [[(0, 0), (1, 1)], [(3, 3), (3, 4)]]
 
 
+
+def test_the_readmes_example_is_what_the_code_says():
+    from pathlib import Path
+
+    grid = [[0, 0, 0, 0, 0, 0],
+            [0, 2, 6, 0, 0, 0],
+            [0, 2, 2, 0, 5, 0],
+            [0, 0, 0, 0, 5, 0]]
+    results = scan_of(grid)
+    results[16].hres = 2.2  # frame 17
+    line = crystals(results, row_length=6).line()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "\n" + line + "\n" in readme, line
+
 # ---------------------------------------------------------------------------------------------
 # The whole way: real frames on a grid, a real Reader and Collector, the line BluIce receives
 
