@@ -40,7 +40,7 @@ NO_RESOLUTION = 99.9  # the original's hres when there is no estimate
 _ROW_COL = (
     re.compile(r"\brow\D{0,3}?(\d+)\D{1,5}?col(?:umn)?\D{0,3}?(\d+)", re.I),
     re.compile(r"(?:^|[^A-Za-z])r(\d+)[ ._,:-]?c(\d+)\b", re.I),
-    re.compile(r"^\s*(\d+)\s*[,x:]\s*(\d+)\s*$"),
+    re.compile(r"^\s*(\d+)\s*[,x: ]\s*(\d+)\s*$"),
 )
 
 
@@ -105,6 +105,8 @@ class Crystal:
         return {"x": round(self.x, 3), "y": round(self.y, 3), "width": self.width, "height": self.height,
                 "score": self.score, "n_frames": self.n_frames, "d_min": self.d_min, "n_spots": self.n_spots,
                 "best_frame": self.best_frame, "best_x": self.best_x, "best_y": self.best_y,
+                "left": min((c for c, _ in self.cells), default=self.best_x),
+                "top": min((r for _, r in self.cells), default=self.best_y),
                 "unit_cell": list(self.unit_cell) if self.unit_cell else None, "cells": self.cells}
 
 

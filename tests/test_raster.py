@@ -218,12 +218,15 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
     on the cells of columns 1-2, rows 1-2, blank frames (all zero) everywhere else. A real Reader
     processes every frame with [rastering] (the header's run mode), a real Collector sums the
     series up, and the BluIce listener, stdout and the record get one RASTER line: one crystal
-    whose centre of mass (by the readers' scores) is within half a cell of (1.5, 1.5)."""
+    whose centre of mass (by the readers' scores) is within half a cell of (1.5, 1.5); the GUI,
+    subscribed to the Collector, has it for its raster map."""
     import numpy as np
     from test_faults_pipeline import write_config
 
     from intxr import config as cfg
     from intxr.collector import Collector, CollectorSettings
+    from intxr.gui.model import RunModel
+    from intxr.gui.server import subscribe
     from intxr.images import open_source
     from intxr.reader.source import ServedFrame
     from intxr.reader.worker import Reader, ReaderSettings
@@ -241,6 +244,10 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
                                    control_endpoint=None, timeout=3.0, skip_prescreen=False),
                     collector.configuration)
     ui = UiListener(ui_port)
+    model = RunModel(row_length=5)
+    stop = threading.Event()
+    gui = subscribe(model, f"tcp://127.0.0.1:{keys['results_pub_port']}", stop)
+    time.sleep(0.5)  # the GUI's subscription reaches the Collector's PUB
     name = "series_000001"
     crystal = {(1, 1): 0, (1, 2): 1, (2, 1): 2, (2, 2): 3}  # (row, column) -> which real frame
     images = [open_source(path).read(0) for path in thaumatin_cbfs[:4]]
@@ -271,9 +278,12 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
         collector.check_series()
         assert collector.series_done == 1
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(line.startswith("RASTER:") for line in ui.lines):
+        while time.monotonic() < deadline and not (any(line.startswith("RASTER:") for line in ui.lines)
+                                                   and model.find(name) and model.find(name).crystals):
             time.sleep(0.05)
     finally:
+        stop.set()
+        gui.join(5)
         ui.close()
         reader.source.close()
         reader.results.close(linger=0)
@@ -300,3 +310,7 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
     assert raster["line"] == raster_lines[0] and raster["series_name"] == name
     assert raster["crystals"][0]["best_frame"] == best.frame and raster["placed_by"] == "row_length"
     assert re.fullmatch(r"RASTER: series 1 crystals 1 \{[^{}]+ \{\}\}", raster_lines[0])
+    [series] = model.delta(0)["series"]
+    [shown] = series["crystals"]
+    box = (shown["left"], shown["top"], shown["width"], shown["height"])
+    assert shown["best_frame"] == best.frame and box == (1, 1, 2, 2)

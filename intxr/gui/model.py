@@ -16,7 +16,6 @@ own code, until the Collector's SERIES summary replaces them: nothing here decid
 
 from __future__ import annotations
 
-import re
 import threading
 from array import array
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from intxr.messages import (
     series_key,
     series_label,
 )
+from intxr.raster import grid_cell, place
 
 # Fields of a result the views need; the rest (spot lists, timings) stays out of the live feed.
 POINT_FIELDS = ("frame", "n_spots", "hres", "score", "status", "hit", "rank", "latency")
@@ -42,6 +42,8 @@ MAX_SPOT_FRAMES = 2000  # frames per series whose spots are kept for the frame v
 # ~130): beyond it the oldest series' oldest frames lose their circles first. A run of weeks levels
 # off here instead of growing with every spot of every series kept.
 MAX_SPOT_BYTES = 24 << 20
+MAX_CRYSTALS = 200  # crystals of a series kept for the map, strongest first
+CRYSTAL_NUMBERS = ("x", "y", "width", "height", "left", "top", "score", "n_frames", "best_frame", "best_x", "best_y")
 MAX_TEXT = 300  # characters kept of any text from a message (errors, names)
 MAX_RANGES_SHOWN = 8
 
@@ -56,17 +58,16 @@ def _nbytes(xy: array | None) -> int:
     return 0 if xy is None else xy.itemsize * len(xy)
 
 
-def grid_position(mapping, frame: int, row_length: int | None, first_frame: int) -> tuple[int, int] | None:
-    """(row, column) of a frame in a raster: from a `mapping` header value naming it (`row 3 col 7`,
-    `3,7`, `3x7`), else from a row length (frames in order, row by row), else None."""
-    if isinstance(mapping, str):
-        m = re.search(r"row\D*(\d+)\D+col\D*(\d+)", mapping, re.I) or re.fullmatch(r"\s*(\d+)\s*[,x: ]\s*(\d+)\s*",
-                                                                                   mapping)
-        if m:
-            return int(m.group(1)), int(m.group(2))
+def grid_position(mapping, frame: int, row_length: int | None, first_frame: int,
+                  snake: bool = False) -> tuple[int, int] | None:
+    """(row, column) of a frame in a raster, as the Collector places it for its crystals
+    (intxr.raster): from a `mapping` header value naming it (`row 3 col 7`, `3,7`, `3x7`, ...),
+    else from a row length (frames in order, row by row), else None."""
+    cell = grid_cell(mapping)
+    if cell is not None:
+        return cell
     if row_length:
-        k = frame - first_frame
-        return k // row_length, k % row_length
+        return place(frame, first_frame, row_length, snake)
     return None
 
 
@@ -92,6 +93,7 @@ class SeriesView:
     end: SeriesEnd | None = None  # the Splitter's series_end: counts and the received frames
     written: int | None = None
     first_frame: int | None = None
+    crystals: list[dict] | None = None  # the Collector's crystals of a raster series (its `raster`)
     version: int = 0  # model version of the last change
 
     def __post_init__(self):
@@ -246,6 +248,8 @@ class RunModel:
             event = SplitterCounters.from_wire(body)
         elif topic == "health":
             event = self._health(body)
+        elif topic == "raster":
+            event = self._raster(body)
         else:
             raise BadMessage(f"unknown topic {topic!r}")
         with self._lock:
@@ -261,6 +265,10 @@ class RunModel:
                 view = self._view(event.series, event.series_name)
                 view.written = event.frames_written
                 view.master_file = _clip(event.master_file) or view.master_file
+            elif isinstance(event, tuple) and event[0] == "raster":
+                _, series, name, crystals = event
+                view = self._view(series, name)
+                view.crystals = crystals
             elif isinstance(event, SplitterCounters):
                 self.splitter = scalars(event.values, "splitter counters", MAX_TEXT)
                 if self.splitter.get("last_error"):
@@ -272,6 +280,29 @@ class RunModel:
                 if splitter is not None:
                     self.splitter = splitter
             self._touch(view)
+
+    @staticmethod
+    def _raster(body) -> tuple:
+        """The Collector's crystals of a raster series (intxr.raster.RasterReport.to_wire): the
+        numbers the map draws, each checked; at most MAX_CRYSTALS, strongest first."""
+        if not isinstance(body, dict):
+            raise BadMessage(f"raster is {str(body)[:40]!r}, not an object")
+        series = body.get("series")
+        name = body.get("series_name")
+        crystals = body.get("crystals")
+        if not isinstance(series, int) or isinstance(series, bool) or not (name is None or isinstance(name, str)):
+            raise BadMessage("raster: no series")
+        if not isinstance(crystals, list):
+            raise BadMessage(f"raster 'crystals' is {str(crystals)[:40]!r}, not a list")
+        out = []
+        for crystal in crystals[:MAX_CRYSTALS]:
+            row = scalars(crystal, "a raster crystal", MAX_TEXT)
+            for key in CRYSTAL_NUMBERS:
+                value = row.get(key)
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    raise BadMessage(f"a raster crystal's {key!r} is {str(value)[:40]!r}, not a number")
+            out.append({k: row.get(k) for k in (*CRYSTAL_NUMBERS, "d_min", "n_spots")})
+        return "raster", series, _clip(name), out
 
     @staticmethod
     def _health(body) -> tuple[dict, dict | None]:
@@ -312,6 +343,7 @@ class RunModel:
                 }
                 if not since or view.version > since:
                     entry["grid"] = self._grid(view)
+                    entry["crystals"] = view.crystals or []
                 series.append(entry)
             return {
                 "version": self.version,

@@ -30,7 +30,7 @@ from intxr.report import Reporter
 
 # What the Collector publishes for the GUI (its `stop` is for readers). ZeroMQ subscriptions match
 # prefixes, so `splitter` also brings whatever else starts with it.
-TOPICS = ("result", "series", "health", "splitter", "splitter_series_end", "splitter_series_written")
+TOPICS = ("result", "series", "health", "splitter", "splitter_series_end", "splitter_series_written", "raster")
 IGNORED = ("splitter_series_start",)  # an older Collector's: nothing to show, not a bad message
 UPDATE_INTERVAL = 0.1  # seconds between two updates to one browser: the coalescing window
 MAX_MESSAGE = 64 << 20  # bytes: a result with every spot is far smaller; anything larger is not ours

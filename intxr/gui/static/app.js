@@ -51,6 +51,7 @@ function apply(delta) {
     series.label = s.label;
     series.number = s.series;
     if (s.grid) series.grid = s.grid;  // sent only when it changed
+    if (s.crystals) series.crystals = s.crystals;  // the Collector's, once a raster series is summed up
   }
   state.order = delta.series.map((s) => s.key);
   for (const key of [...state.series.keys()]) if (!state.order.includes(key)) state.series.delete(key);
@@ -231,6 +232,18 @@ function drawRaster() {
     }
     rasterCells.push({ frame: Number(f), x, y, size: cell - 1 });
   });
+  // The crystals the Collector found (strongest first): box outlined, centre of mass marked, numbered.
+  (s.crystals || []).forEach((k, i) => {
+    const x = 1 + k.left * cell, y = 1 + k.top * cell;
+    ctx.strokeStyle = "#e7298a"; ctx.lineWidth = 2; ctx.setLineDash([4, 2]);
+    ctx.strokeRect(x, y, k.width * cell - 1, k.height * cell - 1);
+    ctx.setLineDash([]);
+    const cx = 1 + (k.x + 0.5) * cell, cy = 1 + (k.y + 0.5) * cell;
+    ctx.beginPath(); ctx.moveTo(cx - 4, cy); ctx.lineTo(cx + 4, cy); ctx.moveTo(cx, cy - 4); ctx.lineTo(cx, cy + 4);
+    ctx.stroke();
+    ctx.fillStyle = "#e7298a"; ctx.font = "11px sans-serif"; ctx.fillText(String(i + 1), x + 2, y + 11);
+  });
+  if (s.crystals) $("rasterNote").textContent += `; ${s.crystals.length} crystal(s) found`;
 }
 
 function drawHealth() {
