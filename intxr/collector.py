@@ -55,7 +55,7 @@ from intxr.messages import (
     series_label,
     splitter_event,
 )
-from intxr.raster import RASTER_SECTIONS, RasterScan
+from intxr.raster import RASTER_SECTIONS, Hit, RasterScan
 from intxr.report import Reporter
 from intxr.sinks.result_line import format_result_line
 
@@ -92,6 +92,7 @@ class SeriesAccount(SeriesTally):
     confirmed: bool = False  # the Splitter published something of this series
     touched: float = field(default_factory=time.monotonic)  # its latest result or event
     raster: RasterScan | None = None  # its hits on the grid (intxr.raster), until it is summed up
+    raster_journaled: bool = False  # its journal says it is a raster ("R *")
 
     def take_end(self, end: SeriesEnd) -> None:
         self.end = end
@@ -118,8 +119,22 @@ class SeriesAccount(SeriesTally):
 # the series (a replayed account is not dropped as made up): what the account needs, about 20
 # bytes a frame, never the spots. Past JOURNAL_COMPACT_AFTER lines it is rewritten as the header
 # and one "S <account JSON>" line. A kill mid-write leaves a torn last line: ignored and cut off.
+# A raster series (intxr.raster) adds "R *" once it is known to be one, and "R <hit JSON>" after
+# each hit's line (its score, spots, hres, grid cell, indexed cell): its crystals survive too.
 
 CODES = {"h": "processed", "p": "processed", "b": "blank", "f": "failed"}
+
+
+def raster_journal_lines(account: SeriesAccount, hit) -> list[str]:
+    """What the journal gets of a raster series for one result: "R *" and every hit kept so far
+    the first time the series is known to be a raster, else the hit the result added."""
+    scan = account.raster
+    if scan is None or not scan.raster:
+        return []
+    if not account.raster_journaled:
+        account.raster_journaled = True
+        return ["R *\n"] + [f"R {json.dumps(h.to_row())}\n" for h in scan.hits.values()]
+    return [f"R {json.dumps(hit.to_row())}\n"] if hit is not None else []
 
 
 def journal_path(directory: str | os.PathLike, name: str) -> str:
@@ -178,12 +193,22 @@ def read_journal(path: str) -> tuple[SeriesAccount, int, int]:
                     account.confirmed = True  # the Splitter had named the series
                 elif text[0] == "S":
                     _take_snapshot(account, json.loads(text[2:]))
+                elif text[0] == "R":
+                    scan = account.raster = account.raster or RasterScan()
+                    scan.raster = account.raster_journaled = True
+                    if text != "R *\n":
+                        scan.keep(Hit.from_row(json.loads(text[2:])))
                 else:
                     frame, code, hres, latency = text.split()
                     account.add(int(frame), CODES[code], code == "h", None if hres == "-" else float(hres),
                                 None if latency == "-" else float(latency))
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 bad += 1
+    if account.raster is not None and account.results.starts:
+        # Its frames: every frame with a result (the lines above hold them all).
+        scan = account.raster
+        scan.frames = len(account.results)
+        scan.first_frame, scan.last_frame = account.results.starts[0], account.results.ends[-1]
     return account, good, bad
 
 
@@ -271,14 +296,14 @@ class Collector:
         self.journal_lines: dict[str, int] = {}  # lines appended since the last snapshot
         self.journal_batch: set[str] = set()  # journals written in this batch (flushed before it is emitted)
         self.journal_off = settings.state_dir is None
-        self.replay_journals()
-        self.ui_sent = 0
-        self.ui_dropped = 0
         # Raster keys: the startup config's when it has them (raster_row_length does), else these.
         self.raster_row_length = getattr(bl, "raster_row_length", None)
         self.raster_snake = bool(getattr(bl, "raster_snake", False))
         self.raster_min_score = getattr(bl, "raster_min_score", None)
         self.raster_sections = tuple(getattr(bl, "raster_sections", None) or RASTER_SECTIONS)
+        self.replay_journals()
+        self.ui_sent = 0
+        self.ui_dropped = 0
         self.results_total = 0
         self.series_done = 0
         self.started = time.monotonic()
@@ -338,10 +363,12 @@ class Collector:
             raise BadMessage(f"series {result.series} frame {result.frame}: a second result")
         series.touched = time.monotonic()
         self.results_total += 1
+        raster_lines = []
         try:
             if series.raster is None:
                 series.raster = RasterScan(self.raster_sections, self.raster_min_score)
-            series.raster.add(result)
+            hit = series.raster.add(result)
+            raster_lines = raster_journal_lines(series, hit)
         except Exception as exc:  # a crystal map is never worth a result
             self.bad_raster(f"series {result.series} frame {result.frame}: {type(exc).__name__}: {exc}")
         if not self.journal_off:
@@ -351,6 +378,8 @@ class Collector:
             latency = result.latency
             self.journal(series, now, f"{result.frame} {code} {f'{hres:.3f}' if hres else '-'} "
                                       f"{f'{latency:.5f}' if latency is not None else '-'}\n")
+            for line in raster_lines:
+                self.journal(series, now, line)
 
     def emit(self, result: FrameResult) -> None:
         """Hand a taken (and journaled) result to the sinks."""
@@ -535,6 +564,9 @@ class Collector:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps({"series": account.series, "series_name": account.name}) + "\n")
             f.write("S " + json.dumps(_snapshot(account)) + "\n" + ("C\n" if account.confirmed else ""))
+            if account.raster_journaled:
+                account.raster_journaled = False
+                f.writelines(raster_journal_lines(account, None))
         self.journals.pop(account.name).close()
         os.replace(tmp, path)
         self.journals[account.name] = open(path, "a", encoding="utf-8")
@@ -578,6 +610,8 @@ class Collector:
                 os.truncate(path, good)  # the next line appended starts on a line of its own
             self.series[account.name] = account
             self.journal_lines[account.name] = 0
+            if account.raster is not None:
+                account.raster.sections, account.raster.min_score = self.raster_sections, self.raster_min_score
             print(f"collector: series {label}: {len(account.results)} result(s) taken by the Collector "
                   f"before this one, from its journal" + (f" (a torn last line of {torn} bytes cut off)" if torn
                                                           else "") + (f"; {bad} unreadable line(s) ignored"

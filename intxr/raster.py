@@ -76,6 +76,22 @@ class Hit:
     cell: tuple[int, int] | None  # (row, column) from the header, else placed later
     unit_cell: tuple | None = None  # (sg, a, b, c, alpha, beta, gamma) where indexed
 
+    def to_row(self) -> list:
+        """As a JSON list (the Collector's journal)."""
+        return [self.frame, self.score, self.n_spots, self.hres, list(self.cell) if self.cell else None,
+                list(self.unit_cell) if self.unit_cell else None]
+
+    @classmethod
+    def from_row(cls, row) -> Hit:
+        """From `to_row()`'s list; ValueError or TypeError for anything else."""
+        frame, score, n_spots, hres, cell, unit_cell = row
+        if cell is not None:
+            row_, column = cell
+            cell = (int(row_), int(column))
+        if unit_cell is not None:
+            unit_cell = (str(unit_cell[0]), *(float(v) for v in unit_cell[1:7]))
+        return cls(int(frame), float(score), int(n_spots), None if hres is None else float(hres), cell, unit_cell)
+
 
 @dataclass
 class Crystal:
@@ -165,8 +181,8 @@ class RasterScan:
             return result.score is not None and result.score >= self.min_score
         return bool(result.hit)
 
-    def add(self, result) -> None:
-        """Take one FrameResult (validated: see intxr.messages)."""
+    def add(self, result) -> Hit | None:
+        """Take one FrameResult (validated: see intxr.messages); the hit it adds, if any."""
         frame = result.frame
         self.frames += 1
         self.first_frame = frame if self.first_frame is None else min(self.first_frame, frame)
@@ -175,13 +191,17 @@ class RasterScan:
         if cell is not None or result.processing_section in self.sections:
             self.raster = True
         if not self.is_hit(result):
-            return
-        if len(self.hits) >= MAX_HITS and frame not in self.hits:
-            self.cut = True
-            return
+            return None
         hres = result.hres if result.hres is not None and 0 < result.hres < NO_RESOLUTION - 0.5 else None
-        self.hits[frame] = Hit(frame, float(result.score or 0.0), int(result.n_spots or 0), hres, cell,
-                               _unit_cell(result))
+        return self.keep(Hit(frame, float(result.score or 0.0), int(result.n_spots or 0), hres, cell,
+                             _unit_cell(result)))
+
+    def keep(self, hit: Hit) -> Hit | None:
+        if len(self.hits) >= MAX_HITS and hit.frame not in self.hits:
+            self.cut = True
+            return None
+        self.hits[hit.frame] = hit
+        return hit
 
     def report(self, series: int, name: str | None, row_length: int | None = None, snake: bool = False,
                first_frame: int | None = None) -> RasterReport:

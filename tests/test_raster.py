@@ -314,3 +314,87 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
     [shown] = series["crystals"]
     box = (shown["left"], shown["top"], shown["width"], shown["height"])
     assert shown["best_frame"] == best.frame and box == (1, 1, 2, 2)
+
+
+def _wire_result(frame: int, score: float, mapping: str) -> list[bytes]:
+    from intxr.messages import RESULT_HTYPE
+
+    body = {"htype": RESULT_HTYPE, "series": 2, "series_name": "series_000002", "frame": frame,
+            "status": "processed", "hit": score > 0, "rank": 1, "processing_section": "rastering",
+            "n_spots": int(score * 40) if score else 1, "score": score, "hres": 2.5 if score else 99.9,
+            "header": {"mapping": mapping}}
+    return [b"result", json.dumps(body).encode()]
+
+
+def _take(collector, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while collector.results_total + collector.bad_results.count < n and time.monotonic() < deadline:
+        collector.receive_results()
+        time.sleep(0.01)
+
+
+def test_a_restarted_collector_keeps_the_crystals_from_its_journal_and_bad_input_stops_nothing(
+        tmp_path, monkeypatch, capfd):
+    """Half a raster scan goes to a Collector that is then killed; its journal (compacted on the
+    way) gives the next Collector the hits it had, and the RASTER line holds the crystal made of
+    hits from both. Odd mapping values and scores never stop it."""
+    from test_faults_pipeline import write_config
+
+    from intxr import collector as collector_module
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings
+
+    monkeypatch.setattr(collector_module, "JOURNAL_COMPACT_AFTER", 7)
+    state = tmp_path / "state"
+    state.mkdir()
+    grid = [[0, 0, 0, 0],
+            [0, 3, 8, 0],
+            [0, 0, 4, 0],
+            [0, 0, 0, 0]]
+    messages = [_wire_result(4 * r + c, grid[r][c], f"rastering.row{r}.col{c}") for r in range(4) for c in range(4)]
+
+    def collector_at(directory):
+        directory.mkdir(exist_ok=True)
+        config, keys = write_config(directory)
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
+        settings = CollectorSettings(grace=1.0, state_dir=str(state), record=str(tmp_path / "record.jsonl"))
+        return Collector(cfg.load(str(config), "t"), settings), push
+
+    def killed(collector, push):
+        for sock in (collector.results, collector.splitter, collector.publisher, push):
+            sock.close(linger=0)
+        collector.record.close()
+
+    first, push = collector_at(tmp_path / "1")
+    for message in messages[:8]:  # rows 0 and 1: frames 5 and 6 are hits
+        push.send_multipart(message)
+    _take(first, 8)
+    [journal] = collector_module.journal_paths(state)
+    text = open(journal).read()
+    assert text.splitlines()[1].startswith("S ") and "\nR *\n" in text, text  # compacted, hits kept
+    killed(first, push)
+    second, push = collector_at(tmp_path / "2")
+    try:
+        assert len(second.series["series_000002"].raster.hits) == 2
+        odd = [_wire_result(100, 5, "row 99999999999999999999 col 1"), _wire_result(101, 5, "x" * 10_000)]
+        odd_header = json.loads(odd[1][1])
+        odd_header["header"] = {"mapping": ["row", 1]}
+        odd.append([b"result", json.dumps({**odd_header, "frame": 102}).encode()])
+        for message in messages[8:] + odd:
+            push.send_multipart(message)
+        _take(second, 8 + 3)
+        assert second.bad_results.count == 0 and second.bad_raster.count == 0
+        second.take_series_event(splitter_event("series_end", {
+            "series": 2, "series_name": "series_000002", "timed_out": False, "received": 19,
+            "forwarded_ranges": [[0, 15], [100, 102]], "skipped_ranges": []}))
+        second.finish_series(second.series["series_000002"])
+    finally:
+        killed(second, push)
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("RASTER:")]
+    assert len(lines) == 1 and lines[0].startswith("RASTER: series 2 crystals 3 {"), lines
+    rows = [json.loads(line) for line in (tmp_path / "record.jsonl").read_text().splitlines()]
+    report = [row["raster"] for row in rows if "raster" in row]
+    [mine] = [c for c in report[0]["crystals"] if c["n_frames"] == 3]
+    assert (mine["best_frame"], mine["width"], mine["height"], mine["left"], mine["top"]) == (6, 2, 2, 1, 1)
+    assert abs(mine["x"] - (3 * 1 + 8 * 2 + 4 * 2) / 15) < 1e-3 and abs(mine["y"] - (3 + 8 + 4 * 2) / 15) < 1e-3
