@@ -1,0 +1,484 @@
+"""Native stills indexing: spots of one frame + the series' geometry -> lattice, space group, unit cell.
+
+Reciprocal-lattice points (rlps) are mapped as DIALS maps centroids for stills: frame pixel -> lab point
+(`intxr.geometry.lab_coordinates`, parallax included) -> s1 = unit * 1/lambda -> r = s1 - s0 (1/A, dxtbx's
+lab frame).
+
+Known-cell search, the idea of DIALS's `real_space_grid_search`: a direct-lattice vector t of the target
+length L, pointing along a true lattice direction, has near-integer projections r . t on every rlp. Directions
+are sampled on a hemisphere (a Fibonacci grid of about 2 pi / delta^2 points for an angular step delta) and
+scored with sum_i cos(2 pi r_i . t) over the low-resolution rlps (|r| small enough that an angular error of
+delta moves a projection by less than ~0.3). Two found directions whose angle matches the target's give two
+basis vectors; the third follows from the target's angles (its components along a, b and a x b), which also
+fixes the handedness. Each candidate basis indexes the rlps shell by shell (low resolution first, so a cell a
+few % off still indexes), the reciprocal matrix A = UB is refitted by linear least squares after each shell
+(r = A h), and the best candidate by number indexed is kept. Positional RMSD: each indexed spot's predicted
+ray s0 + A h meets the spot's panel; the distance to the observed centroid in pixels (stills: no rotation).
+
+Success needs a clear margin: enough indexed spots, an indexed fraction, an RMSD in pixels, and the refined
+cell within a tolerance of the target; anything else is reported not indexed, with the reason.
+
+Lattice and space group come from the target space group (gemmi): its crystal system and centring give the
+Bravais lattice (aP ... cI), reported with the lattice's lowest-symmetry space group as the original Interceptor
+reports it (P1, P2, C2, P222, ..., P4, I4, P3, R3, P23, F23, I23); the refined cell is symmetrised by averaging
+the metric tensor over the group's rotations (G' = mean R^T G R), after checking that the unconstrained cell is
+within the tolerance of the symmetric one (a metric that does not fit the lattice is not indexed).
+
+Ab initio search (no target cell) is not implemented yet: such a frame is reported not indexed with that reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from intxr.geometry import Geometry, GeometryError, lab_coordinates, panel_of
+
+# The lowest-symmetry space group of each Bravais lattice, as the original Interceptor (DIALS's
+# refine_bravais_settings) reports the chosen lattice.
+LOWEST_SPACE_GROUP = {
+    "aP": "P1", "mP": "P2", "mC": "C2", "oP": "P222", "oC": "C222", "oF": "F222", "oI": "I222",
+    "tP": "P4", "tI": "I4", "hP": "P3", "hR": "R3", "cP": "P23", "cF": "F23", "cI": "I23",
+}
+_SYSTEM_LETTER = {"triclinic": "a", "monoclinic": "m", "orthorhombic": "o", "tetragonal": "t",
+                  "trigonal": "h", "hexagonal": "h", "cubic": "c"}
+
+
+@dataclass(frozen=True)
+class IndexingParams:
+    target_unit_cell: tuple[float, ...] | None = None  # a, b, c, alpha, beta, gamma (A, degrees)
+    target_space_group: str | None = None
+    min_spots: int = 10  # fewer spots than this: not tried
+    min_indexed: int = 10  # fewer indexed spots: not indexed
+    min_indexed_fraction: float = 0.25  # of the spots given
+    max_rmsd_px: float = 2.5
+    hkl_tolerance: float = 0.3  # DIALS's indexing.index_assignment.simple.hkl_tolerance
+    cell_length_tolerance: float = 0.10  # relative, refined vs target
+    cell_angle_tolerance: float = 5.0  # degrees, refined vs target
+    symmetry_length_tolerance: float = 0.03  # unconstrained cell vs its symmetrised self
+    symmetry_angle_tolerance: float = 3.0
+    outlier_min_px: float = 2.0  # positional outliers: beyond max(this, outlier_medians x the median distance)
+    outlier_medians: float = 2.5
+    angular_step: float = 0.02  # rad: DIALS real_space_grid_search's characteristic grid
+    n_peaks: int = 12  # candidate directions kept per length
+
+
+@dataclass
+class IndexingResult:
+    indexed: bool = False
+    n_indexed: int = 0
+    n_spots: int = 0
+    lattice: str | None = None
+    space_group: str | None = None
+    unit_cell: list[float] | None = None
+    p1_unit_cell: list[float] | None = None
+    rmsd_px: float | None = None
+    orientation_matrix: list[list[float]] | None = None  # A = UB: columns a*, b*, c* in the lab frame (1/A)
+    method: str = "real_space_grid_search"
+    errors: list[str] = field(default_factory=list)
+    timing: float = 0.0
+    miller: np.ndarray | None = field(default=None, repr=False)  # per spot (h, k, l); 0,0,0 where not indexed
+    indexed_mask: np.ndarray | None = field(default=None, repr=False)
+    predicted_xy: np.ndarray | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        return {
+            "indexed": self.indexed,
+            "n_indexed": self.n_indexed,
+            "lattice": self.lattice,
+            "space_group": self.space_group,
+            "unit_cell": self.unit_cell,
+            "p1_unit_cell": self.p1_unit_cell,
+            "rmsd_px": None if self.rmsd_px is None else round(self.rmsd_px, 4),
+            "orientation_matrix": self.orientation_matrix,
+            "method": self.method,
+            "errors": list(self.errors),
+            "timing": {"indexing": round(self.timing, 6)},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells and symmetry (gemmi)
+
+
+def parse_unit_cell(value) -> tuple[float, ...]:
+    """'a,b,c,al,be,ga' (or 6 numbers) -> a validated 6-tuple; ValueError with the reason otherwise."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", ",").split(",") if p]
+    else:
+        parts = list(value)
+    try:
+        cell = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"unit cell {value!r}: expected six numbers a,b,c,alpha,beta,gamma") from None
+    if len(cell) != 6 or not all(math.isfinite(v) for v in cell):
+        raise ValueError(f"unit cell {value!r}: expected six numbers a,b,c,alpha,beta,gamma")
+    if min(cell[:3]) <= 0 or not all(0 < v < 180 for v in cell[3:]):
+        raise ValueError(f"unit cell {value!r}: lengths must be > 0 and angles within (0, 180) degrees")
+    import gemmi
+
+    if gemmi.UnitCell(*cell).volume <= 0 or not math.isfinite(gemmi.UnitCell(*cell).volume):
+        raise ValueError(f"unit cell {value!r}: these angles make no cell")
+    return cell
+
+
+def parse_space_group(value: str):
+    """A space-group symbol or number -> gemmi.SpaceGroup; ValueError with the reason otherwise."""
+    import gemmi
+
+    text = str(value).strip()
+    try:
+        sg = gemmi.SpaceGroup(int(text)) if text.isdigit() else gemmi.SpaceGroup(text)
+    except (ValueError, RuntimeError):
+        raise ValueError(f"space group {value!r}: not a space group gemmi knows") from None
+    return sg
+
+
+def lattice_of(space_group) -> str:
+    """Bravais lattice symbol (aP ... cI) of a gemmi.SpaceGroup: crystal system + centring."""
+    system = _SYSTEM_LETTER[space_group.crystal_system_str()]
+    centring = space_group.centring_type()
+    if system == "h":
+        return "hR" if centring == "R" else "hP"
+    if centring in ("A", "B"):
+        centring = "C"
+    return system + centring
+
+
+def cell_from_direct(direct: np.ndarray) -> list[float]:
+    """Rows a, b, c of a direct basis (A) -> [a, b, c, alpha, beta, gamma]."""
+    a, b, c = direct
+    la, lb, lc = (float(np.linalg.norm(v)) for v in (a, b, c))
+
+    def angle(u, v, lu, lv):
+        return math.degrees(math.acos(max(-1.0, min(1.0, float(u @ v) / (lu * lv)))))
+
+    return [la, lb, lc, angle(b, c, lb, lc), angle(a, c, la, lc), angle(a, b, la, lb)]
+
+
+def cell_from_metric(g: np.ndarray) -> list[float]:
+    la, lb, lc = (math.sqrt(g[i, i]) for i in range(3))
+    return [la, lb, lc, math.degrees(math.acos(g[1, 2] / (lb * lc))), math.degrees(math.acos(g[0, 2] / (la * lc))),
+            math.degrees(math.acos(g[0, 1] / (la * lb)))]
+
+
+def symmetrised_metric(g: np.ndarray, space_group) -> np.ndarray:
+    """Average of R^T G R over the group's rotations (fractional, integer matrices): the nearest metric the
+    lattice's point group keeps."""
+    rots = [np.array(op.rot, dtype=np.float64) / op.DEN for op in space_group.operations().sym_ops]
+    return sum(r.T @ g @ r for r in rots) / len(rots)
+
+
+def orth_matrix(cell) -> np.ndarray:
+    """Rows a, b, c in gemmi's Cartesian frame (a along x, b in the xy plane)."""
+    import gemmi
+
+    m = np.array(gemmi.UnitCell(*cell).orth.mat, dtype=np.float64)
+    return m.T
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: rlps and predictions
+
+
+def reciprocal_points(geometry: Geometry, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """Per spot: r = s1 - s0 (1/A, lab) and the lab point (mm) the centroid maps to."""
+    vx, vy, vz = lab_coordinates(geometry, x, y)
+    lab = np.stack([vx, vy, vz], axis=1)
+    s1 = lab / (np.linalg.norm(lab, axis=1)[:, None] * geometry.wavelength)
+    return s1 - geometry.s0[None, :], lab
+
+
+def predict_xy(geometry: Geometry, r_calc: np.ndarray, panels: np.ndarray) -> np.ndarray:
+    """Frame pixel (x, y) where each predicted diffracted ray meets its spot's panel (no parallax); NaN where
+    the ray misses the panel's plane. Stills: the rlp r = A h is rotated in the plane of s0 and r onto the
+    Ewald sphere, keeping |r| (its resolution), as DIALS's stills predictor places a reflection: r' with
+    |r'| = |r| and r' . s0 = -|r|^2 / 2 (so |s0 + r'| = |s0|), then s1 = s0 + r'."""
+    s0 = geometry.s0
+    k = float(np.linalg.norm(s0))
+    u0 = s0 / k
+    q2 = np.einsum("ij,ij->i", r_calc, r_calc)
+    par = -q2 / (2 * k)
+    perp = r_calc - np.outer(r_calc @ u0, u0)
+    perp_norm = np.linalg.norm(perp, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.sqrt(np.maximum(q2 - par * par, 0.0)) / perp_norm
+    s1 = s0[None, :] + np.outer(par, u0) + perp * scale[:, None]
+    out = np.full((len(r_calc), 2), np.nan)
+    for i, p in enumerate(geometry.panels):
+        sel = panels == i
+        if not sel.any():
+            continue
+        o, f, s = (np.asarray(v, dtype=np.float64) for v in (p.origin, p.fast_axis, p.slow_axis))
+        n = np.cross(f, s)
+        denom = s1[sel] @ n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (o @ n) / denom
+        point = s1[sel] * t[:, None] - o[None, :]
+        px = point @ f / p.pixel_size[0] + p.frame_offset[0]
+        py = point @ s / p.pixel_size[1] + p.frame_offset[1]
+        bad = ~(t > 0)
+        px[bad] = np.nan
+        py[bad] = np.nan
+        out[sel, 0] = px
+        out[sel, 1] = py
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+
+def hemisphere(n: int) -> np.ndarray:
+    """n unit vectors spread evenly over the hemisphere z >= 0 (Fibonacci lattice)."""
+    i = np.arange(n) + 0.5
+    z = 1.0 - i / n
+    rho = np.sqrt(1.0 - z * z)
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
+
+
+def _search_length(rlps: np.ndarray, length: float, params: IndexingParams) -> np.ndarray:
+    """Directions (unit, up to n_peaks, best first) along which vectors of `length` project the rlps onto
+    near-integers, scored as sum cos(2 pi r . t) over the rlps an angular step cannot blur."""
+    step = params.angular_step
+    norms = np.linalg.norm(rlps, axis=1)
+    r_max = 0.3 / (length * step)
+    use = rlps[norms <= r_max]
+    if len(use) < 12:  # too few low-resolution spots for this length: use the lowest ones and a finer grid
+        order = np.argsort(norms)[: max(12, min(len(norms), 40))]
+        use = rlps[order]
+        step = min(step, 0.3 / (length * float(norms[order].max())))
+    n = int(min(200000, max(2000, 2 * math.pi / (step * step))))
+    dirs = hemisphere(n)
+    scores = np.cos(2 * math.pi * length * (use @ dirs.T)).sum(axis=0)
+    order = np.argsort(scores)[::-1]
+    picked: list[np.ndarray] = []
+    cos_sep = math.cos(3 * step)
+    for k in order[: 50 * params.n_peaks]:
+        u = dirs[k]
+        if all(abs(float(u @ v)) < cos_sep for v in picked):
+            picked.append(u)
+            if len(picked) >= params.n_peaks:
+                break
+    return np.array(picked)
+
+
+def _near(cell, target, params: IndexingParams) -> bool:
+    return all(abs(g - w) <= params.cell_length_tolerance * w for g, w in zip(cell[:3], target[:3], strict=True)) and \
+        all(abs(g - w) <= params.cell_angle_tolerance for g, w in zip(cell[3:], target[3:], strict=True))
+
+
+def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, params: IndexingParams):
+    """Index shell by shell from low resolution, refitting A = UB (r = A h) by least squares after each; a
+    refit that takes the cell away from the target (a larger cell indexes anything) ends the candidate.
+    Returns (A, hkl, indexed mask), or None for a candidate that drifted."""
+    norms = np.linalg.norm(rlps, axis=1)
+    order_norms = np.sort(norms)
+    a_mat = np.linalg.inv(direct)  # columns a*, b*, c*
+    shells = np.unique(np.quantile(order_norms, [0.25, 0.4, 0.55, 0.7, 0.85, 1.0]))
+    mask = np.zeros(len(rlps), dtype=bool)
+    hkl = np.zeros((len(rlps), 3))
+    for r_max in list(shells) + [shells[-1]]:
+        frac = rlps @ np.linalg.inv(a_mat).T  # h = A^-1 r
+        hkl = np.round(frac)
+        ok = (np.abs(frac - hkl).max(axis=1) < tol) & (norms <= r_max + 1e-12) & (np.abs(hkl).sum(axis=1) > 0)
+        if ok.sum() < 6 or np.linalg.matrix_rank(hkl[ok]) < 3:
+            mask = ok
+            break
+        sol, *_ = np.linalg.lstsq(hkl[ok], rlps[ok], rcond=None)  # r = h A^T  ->  A^T = sol
+        if not _near(cell_from_direct(np.linalg.inv(sol.T)), target, params):
+            return None
+        a_mat = sol.T
+        mask = ok
+    frac = rlps @ np.linalg.inv(a_mat).T
+    hkl = np.round(frac)
+    mask = (np.abs(frac - hkl).max(axis=1) < tol) & (np.abs(hkl).sum(axis=1) > 0)
+    return a_mat, hkl, mask
+
+
+def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3) -> np.ndarray:
+    """Gauss-Newton on the nine elements of A against the spots' pixel positions (numeric Jacobian)."""
+    x = a_mat.ravel().copy()
+    for _ in range(n_iter):
+        def resid(v):
+            pred = predict_xy(geometry, hkl @ v.reshape(3, 3).T, panels)
+            return (pred - xy).ravel()
+
+        r0 = resid(x)
+        if not np.all(np.isfinite(r0)):
+            break
+        jac = np.empty((len(r0), 9))
+        for k in range(9):
+            h = 1e-7 * max(1e-3, abs(x[k]))
+            xk = x.copy()
+            xk[k] += h
+            jac[:, k] = (resid(xk) - r0) / h
+        step, *_ = np.linalg.lstsq(jac, -r0, rcond=None)
+        if not np.all(np.isfinite(step)):
+            break
+        x_new = x + step
+        r_new = resid(x_new)
+        if not np.all(np.isfinite(r_new)) or (r_new @ r_new) > (r0 @ r0):
+            break
+        x = x_new
+    return x.reshape(3, 3)
+
+
+def _candidate_bases(rlps: np.ndarray, target_direct: np.ndarray, params: IndexingParams) -> list[np.ndarray]:
+    """Direct bases (rows a, b, c in the lab frame) built from two searched directions and the target."""
+    lengths = np.linalg.norm(target_direct, axis=1)
+    i, j = (int(v) for v in np.argsort(lengths)[:2])
+    k = 3 - i - j
+    ti, tj, tk = target_direct[i], target_direct[j], target_direct[k]
+    # tk in the frame (ti, tj, ti x tj)
+    frame = np.stack([ti, tj, np.cross(ti, tj)], axis=1)
+    coef = np.linalg.solve(frame, tk)
+    cos_ij = float(ti @ tj) / (lengths[i] * lengths[j])
+    peaks_i = _search_length(rlps, float(lengths[i]), params)
+    same = abs(lengths[i] - lengths[j]) < 0.02 * lengths[i]
+    peaks_j = peaks_i if same else _search_length(rlps, float(lengths[j]), params)
+    cos_tol = math.radians(6.0)
+    bases = []
+    for ui in peaks_i:
+        for uj in peaks_j:
+            for sign in (1.0, -1.0):
+                c = sign * float(ui @ uj)
+                if abs(math.acos(max(-1.0, min(1.0, c))) - math.acos(cos_ij)) > cos_tol:
+                    continue
+                vi = ui * lengths[i]
+                vj = sign * uj * lengths[j]
+                vk = coef[0] * vi + coef[1] * vj + coef[2] * np.cross(vi, vj)
+                basis = np.empty((3, 3))
+                basis[i], basis[j], basis[k] = vi, vj, vk
+                bases.append(basis)
+    return bases
+
+
+# ---------------------------------------------------------------------------------------------
+# The indexer
+
+
+def index_spots(geometry: Geometry, x, y, params: IndexingParams) -> IndexingResult:
+    """Index one still's spots (frame pixel centroids, DIALS convention). Never raises for bad input: the
+    reason is in the result's errors."""
+    t0 = time.perf_counter()
+    result = IndexingResult()
+    try:
+        _index(geometry, np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel(),
+               params, result)
+    except (GeometryError, ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:
+        result.indexed = False
+        result.errors.append(f"not indexed: {exc}")
+    result.timing = time.perf_counter() - t0
+    return result
+
+
+def _fail(result: IndexingResult, reason: str) -> None:
+    result.indexed = False
+    result.errors.append(f"not indexed: {reason}")
+
+
+def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingParams, result: IndexingResult) -> None:
+    n = len(x)
+    result.n_spots = n
+    if not geometry.known:
+        return _fail(result, geometry.missing_error() or "the geometry lacks what indexing needs")
+    if len(y) != n:
+        return _fail(result, f"{n} x but {len(y)} y centroids")
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = x[finite], y[finite]
+    if len(x) < params.min_spots:
+        return _fail(result, f"{len(x)} spots, fewer than the {params.min_spots} indexing needs")
+    centred = np.stack([x - x.mean(), y - y.mean()], axis=1)
+    sv = np.linalg.svd(centred, compute_uv=False)
+    if sv[1] / math.sqrt(len(x)) < 2.0:
+        return _fail(result, "the spots lie on one line (no 3-D lattice can be determined from them)")
+    if params.target_unit_cell is None:
+        return _fail(result, "no target_unit_cell: ab initio indexing is not implemented yet (set "
+                             "target_unit_cell and target_space_group)")
+    cell = parse_unit_cell(params.target_unit_cell)
+    sg = parse_space_group(params.target_space_group or "P1")
+    lattice = lattice_of(sg)
+    target_direct = orth_matrix(cell)
+
+    rlps, _lab = reciprocal_points(geometry, x, y)
+    keep = np.isfinite(rlps).all(axis=1) & (np.linalg.norm(rlps, axis=1) > 1e-6)
+    rlps, x, y = rlps[keep], x[keep], y[keep]
+    xy = np.stack([x, y], axis=1)
+    panels = panel_of(geometry, x, y).ravel()
+
+    best = None
+    for basis in _candidate_bases(rlps, target_direct, params):
+        got = _index_and_refine(rlps, basis, params.hkl_tolerance, cell, params)
+        if got is None:
+            continue
+        a_mat, hkl, mask = got
+        count = int(mask.sum())
+        if best is None or count > best[0]:
+            best = (count, a_mat, hkl, mask)
+    if best is None or best[0] < 3:
+        return _fail(result, "no lattice direction of the target cell found in the spots")
+    count, a_mat, hkl, mask = best
+    # Refine against the spot positions, rejecting positional outliers (a spot whose predicted position is
+    # far from its centroid is not indexed by this lattice, however close its h is to integers).
+    dist = np.full(len(rlps), np.inf)
+    for n_iter in (3, 2, 2):
+        if mask.sum() < 6 or np.linalg.matrix_rank(hkl[mask]) < 3:
+            break
+        refined = _refine_positions(geometry, a_mat, hkl[mask], xy[mask], panels[mask], n_iter=n_iter)
+        if not _near(cell_from_direct(np.linalg.inv(refined)), cell, params):
+            break
+        a_mat = refined
+        frac = rlps @ np.linalg.inv(a_mat).T
+        hkl = np.round(frac)
+        mask = (np.abs(frac - hkl).max(axis=1) < params.hkl_tolerance) & (np.abs(hkl).sum(axis=1) > 0)
+        dist = np.hypot(*(predict_xy(geometry, hkl @ a_mat.T, panels) - xy).T)
+        good = mask & np.isfinite(dist)
+        if not good.any():
+            break
+        cutoff = max(params.outlier_min_px, params.outlier_medians * float(np.median(dist[good])))
+        mask = good & (dist <= cutoff)
+    pred = predict_xy(geometry, hkl @ a_mat.T, panels)
+    dist = np.hypot(*(pred - xy).T)
+    mask &= np.isfinite(dist)
+    n_indexed = int(mask.sum())
+    result.n_indexed = n_indexed
+    direct = np.linalg.inv(a_mat)  # rows a, b, c (D A = I)
+    p1 = cell_from_direct(direct)
+    result.p1_unit_cell = [round(v, 4) for v in p1]
+    rmsd = float(np.sqrt(np.mean(dist[mask] ** 2))) if n_indexed else float("inf")
+    result.rmsd_px = rmsd
+    full_hkl = np.zeros((n, 3), dtype=np.int64)
+    full_mask = np.zeros(n, dtype=bool)
+    full_pred = np.full((n, 2), np.nan)
+    where = np.flatnonzero(finite)[keep]
+    full_hkl[where] = hkl.astype(np.int64)
+    full_mask[where] = mask
+    full_pred[where] = pred
+    result.miller, result.indexed_mask, result.predicted_xy = full_hkl, full_mask, full_pred
+
+    if n_indexed < params.min_indexed:
+        return _fail(result, f"{n_indexed} spots indexed, fewer than {params.min_indexed}")
+    if n_indexed < params.min_indexed_fraction * n:
+        return _fail(result, f"{n_indexed} of {n} spots indexed, less than {params.min_indexed_fraction:.0%}")
+    if not rmsd <= params.max_rmsd_px:
+        return _fail(result, f"positional RMSD {rmsd:.2f} px exceeds {params.max_rmsd_px} px")
+    metric = direct @ direct.T
+    sym = cell_from_metric(symmetrised_metric(metric, sg))
+    for got, want, what in ((p1, sym, "its lattice's symmetry"), (sym, cell, "the target cell")):
+        tol_l = params.symmetry_length_tolerance if what != "the target cell" else params.cell_length_tolerance
+        tol_a = params.symmetry_angle_tolerance if what != "the target cell" else params.cell_angle_tolerance
+        if any(abs(g - w) > tol_l * w for g, w in zip(got[:3], want[:3], strict=True)) or \
+                any(abs(g - w) > tol_a for g, w in zip(got[3:], want[3:], strict=True)):
+            shown = " ".join(f"{v:.2f}" for v in got)
+            wanted = " ".join(f"{v:.2f}" for v in want)
+            return _fail(result, f"refined cell {shown} does not match {what} ({wanted})")
+    result.indexed = True
+    result.lattice = lattice
+    result.space_group = LOWEST_SPACE_GROUP[lattice]
+    result.unit_cell = [round(v, 4) for v in sym]
+    result.orientation_matrix = [[round(float(v), 8) for v in row] for row in a_mat]
