@@ -445,10 +445,29 @@ def _bind_host(host: str) -> str:
 # Processing config: one model, one section per run mode
 
 
-def _indexing_inactive(mode: str) -> str | None:
-    if mode == "spotfinding":
+@_expects("six numbers a,b,c,alpha,beta,gamma (A, degrees)")
+def unit_cell(raw: str) -> tuple[float, ...]:
+    from intxr.reader.indexing import parse_unit_cell
+
+    return parse_unit_cell(raw)
+
+
+@_expects("a space-group symbol or number (e.g. P41212, C2, 19)")
+def space_group(raw: str) -> str:
+    from intxr.reader.indexing import parse_space_group
+
+    return parse_space_group(raw).short_name()
+
+
+def _dials_indexing_refused(backend: str) -> str | None:
+    if backend != "dials":
         return None
-    return "indexing is not implemented yet (its own issue): frames get spot finding and the score only"
+    try:
+        import dials  # noqa: F401
+    except ImportError as exc:
+        return f"DIALS is not importable here ({exc}): use indexing_backend = native"
+    return ("intxr does not drive DIALS's stills indexer yet (only its spot finder): use indexing_backend = "
+            "native")
 
 
 @subsystem("processing")
@@ -461,9 +480,23 @@ class ProcessingConfig:
     origins: Any = field(default_factory=dict, compare=False, repr=False)
 
     processing_mode: str = key(choice("spotfinding", "indexing", "spotfinding_indexing"), "spotfinding",
-                               "spotfinding; indexing and spotfinding_indexing are accepted (the original's files "
-                               "say indexing) and run spot finding only until indexing lands",
-                               inactive=_indexing_inactive)
+                               "spotfinding: spots and score only; indexing (spotfinding_indexing is the same): "
+                               "also index each hit (n_spots >= min_Bragg_peaks, exposure >= exposure_time_cutoff) "
+                               "with target_unit_cell / target_space_group")
+    target_unit_cell: tuple[float, ...] | None = key(
+        optional(unit_cell), "None",
+        "the crystal's cell a,b,c,alpha,beta,gamma (A, degrees), as DIALS's indexing.known_symmetry.unit_cell: "
+        "the indexer searches for it, and a solution that does not match it is rejected; None: ab initio (not "
+        "implemented yet: such hits are reported not indexed, with the reason)", cli=("--unit-cell",))
+    target_space_group: str | None = key(
+        optional(space_group), "None",
+        "the crystal's space group (DIALS's indexing.known_symmetry.space_group): its lattice is the one reported "
+        "(as its lowest-symmetry group, e.g. P41212 -> tP, P4); None: P1", cli=("--space-group",))
+    indexing_backend: str = key(
+        choice("native", "dials"), "native",
+        "native: intxr's own stills indexer (numpy + gemmi); dials: refused with the reason (DIALS's stills "
+        "indexer is not driven yet, and only where DIALS is importable)",
+        refuse=_dials_indexing_refused)
     processing_phil_file: str | None = key(
         optional(text), "None",
         "the original's DIALS PHIL file for its spot finder and indexer: only None is accepted",
@@ -481,9 +514,8 @@ class ProcessingConfig:
                                cli=("--min-bragg-peaks",))
     exposure_time_cutoff: float | None = key(
         optional(ranged(number, 0)), "0.1",
-        "the original indexes only frames exposed at least this long (s); accepted and inactive: intxr does not "
-        "index yet (it comes alive with indexing, in its own issue)",
-        inactive=_always("accepted, inactive until indexing lands (its own issue)"))
+        "with processing_mode = indexing, frames exposed less than this (s; the header's count_time) are not "
+        "indexed, as the original did (there is no time); None: no cutoff")
     # Spot finder (DIALS dispersion threshold names and defaults).
     spf_backend: str = key(choice("native", "dials"), "native",
                            "native: intxr's own spot finder; dials: real DIALS when it is importable",
@@ -505,6 +537,11 @@ class ProcessingConfig:
                                     cli=("--max-separation",))
     spf_prescreen: bool = key(boolean, "True", "skip full spot finding on frames the Cython pre-screen finds blank",
                               cli=("--prescreen",))
+
+    @property
+    def does_indexing(self) -> bool:
+        """processing_mode indexing (or its alias spotfinding_indexing): hits are indexed."""
+        return self.processing_mode in ("indexing", "spotfinding_indexing")
 
 
 PROCESSING_KEYS: dict[str, Key] = keys_of(ProcessingConfig)

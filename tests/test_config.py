@@ -227,8 +227,8 @@ def test_explain_on_the_command_line(tmp_path):
     assert origin("spf_sigma_strong", "  [rastering]") == "file:[DEFAULT])"
     assert origin("spf_algorithm", "  [rastering]") == "file:[rastering])"
     assert origin("spf_min_local", "  [rastering]") == "default)"
-    inactive = next(ln for ln in out if ln.split()[:1] == ["exposure_time_cutoff"])
-    assert "inactive until indexing" in inactive
+    active = next(ln for ln in out if ln.split()[:1] == ["exposure_time_cutoff"])
+    assert "inactive" not in active  # indexing landed (issue 14): the cutoff decides which hits are indexed
     no_section = subprocess.run([intxr, "config", "-c", startup, "--explain"], capture_output=True, text=True)
     assert no_section.returncode == 2 and "--explain needs -b BEAMLINE" in no_section.stderr
 
@@ -242,11 +242,9 @@ def test_keys_that_would_be_ignored_are_refused_with_the_reason(tmp_path):
     assert "spf_*" in str(err.value)
     # None, as the original's shipped file says, is accepted.
     assert cfg.load_processing(write(tmp_path, "ok.cfg", "[DEFAULT]\nprocessing_phil_file = None\n"))
-    # Accepted but inactive until indexing: said in the help and by --explain.
-    spec = cfg.PROCESSING_KEYS["exposure_time_cutoff"]
-    assert "inactive" in spec.help and spec.note(0.1)
-    assert cfg.PROCESSING_KEYS["processing_mode"].note("indexing") and not cfg.PROCESSING_KEYS[
-        "processing_mode"].note("spotfinding")
+    # Indexing landed (issue 14): its keys are active, so nothing says otherwise.
+    assert not cfg.PROCESSING_KEYS["exposure_time_cutoff"].note(0.1)
+    assert not cfg.PROCESSING_KEYS["processing_mode"].note("indexing")
 
 
 @pytest.mark.parametrize("body,protocol,origin", [
@@ -301,9 +299,8 @@ def test_notes_say_what_is_accepted_but_not_done(tmp_path):
     startup = write(tmp_path, "startup.cfg", f"[bl]\nprocessing_config_file = {proc}\n")
     notes = cfg.load(startup, "bl").notes()
     assert any("legacy keys accepted and ignored: use_ai" in n for n in notes)
-    assert any("[screening] processing_mode = indexing: indexing is not implemented yet" in n for n in notes)
-    assert any("[screening] exposure_time_cutoff = 0.5: accepted, inactive until indexing" in n for n in notes)
-    assert not any("[DEFAULT] exposure_time_cutoff" in n for n in notes)  # the default asks nothing
+    # Indexing landed (issue 14): processing_mode = indexing and exposure_time_cutoff are active, not noted.
+    assert not any("processing_mode" in n or "exposure_time_cutoff" in n for n in notes)
 
 
 def test_the_original_interceptor_startup_file_loads(tmp_path):
