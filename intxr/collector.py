@@ -69,6 +69,8 @@ REPLACE_WINDOW = 600.0
 UNCONFIRMED_AFTER = 600.0  # seconds an account the Splitter never named is kept without a result
 MAX_MESSAGE = 64 << 20  # bytes on the results socket, as the GUI's and the Splitter's
 MAX_UNCONFIRMED = 100  # accounts the Splitter never named (a flood of made-up series numbers)
+RASTER_LIVE_INTERVAL = 2.0  # seconds between the GUI's updates of a running raster series' crystals
+RASTER_LIVE_MAX_HITS = 20_000  # a running series with more hits gets its crystals at its end only
 JOURNAL_COMPACT_AFTER = 50_000  # result lines appended to a journal before it is rewritten as one snapshot
 
 
@@ -759,6 +761,25 @@ class Collector:
                 self.ui_dropped += 1
         self._publish("raster", wire)
 
+    def publish_live_rasters(self) -> int:
+        """The crystals so far of each running raster series with new hits, for the GUI only
+        (`raster` with `final` false); BluIce and the record get the line once, at the series' end."""
+        n = 0
+        for account in list(self.series.values()):
+            scan = account.raster
+            if account.done or scan is None or not scan.raster or not scan.changed or \
+                    len(scan.hits) > RASTER_LIVE_MAX_HITS:
+                continue
+            try:
+                report = scan.report(account.series, account.name, self.raster_row_length, self.raster_snake)
+            except Exception as exc:
+                self.bad_raster(f"series {series_label(account.series, account.name)}: {type(exc).__name__}: {exc}")
+                continue
+            report.final = False
+            self._publish("raster", report.to_wire())
+            n += 1
+        return n
+
     # -- readers -------------------------------------------------------------------------------
 
     def readers_alive(self) -> int:
@@ -939,7 +960,7 @@ class Collector:
         poller = zmq.Poller()
         poller.register(self.results, zmq.POLLIN)
         poller.register(self.splitter, zmq.POLLIN)
-        last_health = last_rate = last_check = time.monotonic()
+        last_health = last_rate = last_check = last_raster = time.monotonic()
         self.health()  # the daemon starts the detector on the first health: say it at once
         while not self.stopping and not (stop is not None and stop()):
             self.step(poller)
@@ -953,6 +974,9 @@ class Collector:
             if now - last_health >= HEALTH_INTERVAL:
                 self.health()
                 last_health = now
+            if now - last_raster >= RASTER_LIVE_INTERVAL:
+                self.publish_live_rasters()
+                last_raster = now
             if self.settings.show_time and now - last_rate >= 5.0:
                 self.print_rate()
                 last_rate = now

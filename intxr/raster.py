@@ -139,6 +139,7 @@ class RasterReport:
     frames: int  # frames with a result
     hits: int
     cut: bool = False  # more than MAX_HITS hits: the rest were not kept
+    final: bool = True  # False: the series still runs (the GUI's live view)
 
     def line(self) -> str:
         return " ".join([f"RASTER: series {self.series} crystals {len(self.crystals)}",
@@ -147,7 +148,8 @@ class RasterReport:
     def to_wire(self) -> dict:
         return {"series": self.series, "series_name": self.series_name, "placed_by": self.placed_by,
                 "rows": self.rows, "columns": self.columns, "frames": self.frames, "hits": self.hits,
-                "cut": self.cut, "crystals": [c.to_wire() for c in self.crystals], "line": self.line()}
+                "cut": self.cut, "final": self.final, "crystals": [c.to_wire() for c in self.crystals],
+                "line": self.line()}
 
 
 def _unit_cell(result) -> tuple | None:
@@ -173,6 +175,7 @@ class RasterScan:
     frames: int = 0
     hits: dict[int, Hit] = field(default_factory=dict)
     cut: bool = False
+    changed: bool = False  # a hit kept since the last report
 
     def is_hit(self, result) -> bool:
         if result.status != "processed":
@@ -201,12 +204,14 @@ class RasterScan:
             self.cut = True
             return None
         self.hits[hit.frame] = hit
+        self.changed = True
         return hit
 
     def report(self, series: int, name: str | None, row_length: int | None = None, snake: bool = False,
                first_frame: int | None = None) -> RasterReport:
         """The crystals: `first_frame` is the series' first frame where known better than from the
         results (the Splitter's received frames)."""
+        self.changed = False
         first = self.first_frame if self.first_frame is not None else 0
         if first_frame is not None:
             first = min(first, first_frame)

@@ -398,3 +398,55 @@ def test_a_restarted_collector_keeps_the_crystals_from_its_journal_and_bad_input
     [mine] = [c for c in report[0]["crystals"] if c["n_frames"] == 3]
     assert (mine["best_frame"], mine["width"], mine["height"], mine["left"], mine["top"]) == (6, 2, 2, 1, 1)
     assert abs(mine["x"] - (3 * 1 + 8 * 2 + 4 * 2) / 15) < 1e-3 and abs(mine["y"] - (3 + 8 + 4 * 2) / 15) < 1e-3
+
+
+def test_the_gui_gets_the_crystals_while_the_series_runs_and_bluice_only_at_its_end(tmp_path):
+    from test_faults_pipeline import write_config
+
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings
+    from intxr.gui.model import RunModel
+    from intxr.gui.server import subscribe
+    from intxr.testing import free_ports
+
+    [ui_port] = free_ports(1)
+    config, keys = write_config(tmp_path, uihost="127.0.0.1", uiport=ui_port, send_to_ui="True")
+    collector = Collector(cfg.load(str(config), "t"), CollectorSettings(grace=1.0))
+    ui = UiListener(ui_port)
+    model = RunModel()
+    stop = threading.Event()
+    gui = subscribe(model, f"tcp://127.0.0.1:{keys['results_pub_port']}", stop)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
+    try:
+        time.sleep(0.5)  # the GUI's subscription reaches the Collector's PUB
+        for frame, (r, c) in enumerate([(0, 0), (0, 1), (2, 2)]):
+            push.send_multipart(_wire_result(frame, 5.0 + frame, f"row {r} col {c}"))
+        _take(collector, 3)
+        assert collector.publish_live_rasters() == 1 and collector.publish_live_rasters() == 0  # only when new
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (model.find("series_000002") and
+                                                   model.find("series_000002").crystals):
+            time.sleep(0.05)
+        live = model.find("series_000002")
+        assert [c["best_frame"] for c in live.crystals] == [2, 1] and live.summary is None
+        push.send_multipart(_wire_result(3, 9.0, "row 1 col 2"))  # joins the two: one crystal now
+        _take(collector, 4)
+        collector.take_series_event(splitter_event("series_end", {
+            "series": 2, "series_name": "series_000002", "timed_out": False, "received": 4,
+            "forwarded_ranges": [[0, 3]], "skipped_ranges": []}))
+        collector.finish_series(collector.series["series_000002"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (len(live.crystals) == 1 and live.summary is not None
+                                                   and any(line.startswith("RASTER") for line in ui.lines)):
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        gui.join(5)
+        ui.close()
+        push.close(linger=0)
+        collector.shutdown()
+    assert [c["best_frame"] for c in live.crystals] == [3]
+    assert [line for line in ui.lines if line.startswith("RASTER")] == [
+        # x = (0 * 5 + 1 * 6 + 2 * 7 + 2 * 9) / 27, y = (0 * 5 + 0 * 6 + 2 * 7 + 1 * 9) / 27
+        "RASTER: series 2 crystals 1 {1.41 0.85 3 3 9.00 4 2.50 1080 3 2 1 {}}"]
