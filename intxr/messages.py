@@ -174,6 +174,27 @@ def _ranges(body: dict, name: str) -> RangeSet | None:
     return RangeSet(ranges)
 
 
+def _numbers(body: dict, key: str, n: int) -> list | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == n and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise BadMessage(f"{key!r} is {_show(value)}, not {n} numbers")
+    return value
+
+
+def _matrix(body: dict, key: str) -> list | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 3):
+        raise BadMessage(f"{key!r} is {_show(value)}, not a 3x3 matrix")
+    for i in range(3):
+        _numbers({key: value[i]}, key, 3)
+    return value
+
+
 def _spots(body: dict) -> list | None:
     value = body.get("spots_xy")
     if value is None:
@@ -364,7 +385,14 @@ class FrameResult:
     n_strong_pixels: int | None = None
     n_spots_total: int | None = None
     errors: list[str] = field(default_factory=list)
-    indexing: str | None = None
+    indexing: str | None = None  # indexed | not indexed | not asked (spotfinding mode) | not a hit | ...
+    indexed: bool | None = None  # None: indexing was not tried
+    n_indexed: int | None = None
+    lattice: str | None = None  # Bravais lattice: aP, mP, mC, oP, oC, oF, oI, tP, tI, hP, hR, cP, cF, cI
+    space_group: str | None = None  # the lattice's lowest-symmetry group, as the original reports it
+    unit_cell: list | None = None  # [a, b, c, alpha, beta, gamma] (A, degrees)
+    rmsd_px: float | None = None
+    orientation_matrix: list | None = None  # A = UB, rows of a 3x3 (1/A, lab frame)
     spots_xy: list | None = None  # centroids [x, y] of the strongest spots, for the GUI
     header: dict | None = None  # header values the result line and the GUI use
     master_file: str | None = None
@@ -407,6 +435,13 @@ class FrameResult:
             n_spots_total=_int(body, "n_spots_total", low=0),
             errors=_texts(body, "errors"),
             indexing=_text(body, "indexing"),
+            indexed=_bool(body, "indexed"),
+            n_indexed=_int(body, "n_indexed", low=0),
+            lattice=_text(body, "lattice"),
+            space_group=_text(body, "space_group"),
+            unit_cell=_numbers(body, "unit_cell", 6),
+            rmsd_px=_number(body, "rmsd_px"),
+            orientation_matrix=_matrix(body, "orientation_matrix"),
             spots_xy=_spots(body),
             header=header,
             master_file=_text(body, "master_file"),

@@ -373,6 +373,9 @@ def index_spots(geometry: Geometry, x, y, params: IndexingParams) -> IndexingRes
     except (GeometryError, ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:
         result.indexed = False
         result.errors.append(f"not indexed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - bad input never raises out of a reader
+        result.indexed = False
+        result.errors.append(f"not indexed: indexer error {type(exc).__name__}: {exc}")
     result.timing = time.perf_counter() - t0
     return result
 
@@ -482,3 +485,41 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     result.space_group = LOWEST_SPACE_GROUP[lattice]
     result.unit_cell = [round(v, 4) for v in sym]
     result.orientation_matrix = [[round(float(v), 8) for v in row] for row in a_mat]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a reader (and `intxr index`) does with a frame of a run mode
+
+
+def params_from_processing(section) -> IndexingParams:
+    """From a validated processing-config section (intxr.config.ProcessingConfig)."""
+    return IndexingParams(target_unit_cell=section.target_unit_cell, target_space_group=section.target_space_group)
+
+
+def index_if_asked(section, geometry: Geometry, x, y, n_spots: int) -> tuple[str, IndexingResult | None]:
+    """The frame's `indexing` word and, when tried, the result: only with processing_mode = indexing, on a hit
+    (n_spots >= min_Bragg_peaks) exposed at least exposure_time_cutoff (the header's count_time; a frame whose
+    exposure is unknown is indexed)."""
+    if not getattr(section, "does_indexing", False):
+        return "not asked (processing_mode = spotfinding)", None
+    if n_spots < section.min_bragg_peaks:
+        return f"not a hit ({n_spots} spots < min_Bragg_peaks {section.min_bragg_peaks})", None
+    cutoff, exposure = section.exposure_time_cutoff, geometry.count_time
+    if cutoff is not None and exposure is not None and exposure < cutoff:
+        return f"not indexed: exposure {exposure:g} s < exposure_time_cutoff {cutoff:g} s", None
+    result = index_spots(geometry, x, y, params_from_processing(section))
+    return ("indexed" if result.indexed else "not indexed"), result
+
+
+def result_fields(word: str, result: IndexingResult | None) -> dict:
+    """The FrameResult fields of an indexing outcome (intxr.messages.FrameResult)."""
+    out: dict = {"indexing": word}
+    if result is None:
+        return out
+    out.update(indexed=result.indexed, n_indexed=result.n_indexed,
+               rmsd_px=None if result.rmsd_px is None or not math.isfinite(result.rmsd_px)
+               else round(result.rmsd_px, 4))
+    if result.indexed:
+        out.update(lattice=result.lattice, space_group=result.space_group,
+                   unit_cell=[round(v, 3) for v in result.unit_cell], orientation_matrix=result.orientation_matrix)
+    return out

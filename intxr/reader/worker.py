@@ -16,6 +16,7 @@ from intxr.config import Configuration
 from intxr.geometry import Geometry, GeometryError
 from intxr.launch import current_placement, page_numa_node
 from intxr.messages import FrameResult, ReaderStatus, is_hit
+from intxr.reader.indexing import index_if_asked, result_fields
 from intxr.reader.source import FrameSource, ServedFrame
 from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
 from intxr.report import Reporter
@@ -67,6 +68,7 @@ class Reader:
         self.source = FrameSource(settings.splitter_endpoint, timeout=settings.timeout, identity=identity,
                                   context=self.context)
         self._finders: dict[tuple, SpotFinder] = {}
+        self._sections: dict[tuple, object] = {}
         self._buffer: np.ndarray | None = None
         self.frames = 0
         self.failed = 0
@@ -104,7 +106,14 @@ class Reader:
                 self._finders.clear()
             geometry = geometry_from_series(frame.series_info, frame.shape)
             self._finders[key] = SpotFinder(SpotFinderParams.from_processing(section), geometry)
+            self._sections[key] = section
         return self._finders[key], section.name
+
+    def section_for(self, finder: SpotFinder):
+        for key, f in self._finders.items():
+            if f is finder:
+                return self._sections.get(key)
+        return None
 
     def process(self, frame: ServedFrame) -> FrameResult:
         timing = {}
@@ -155,7 +164,19 @@ class Reader:
             result.n_strong_pixels = found.n_strong_pixels
             result.n_spots_total = len(found.spots)
             result.errors = list(score.errors)  # the finder's own errors are already in its score's
-            result.indexing = "not available"
+            section_model = self.section_for(finder)
+            t_index = time.perf_counter()
+            word, indexed = index_if_asked(section_model, finder.geometry, found.spots.x, found.spots.y,
+                                           score.n_spots if status == "processed" else 0)
+            for name, value in result_fields(word, indexed).items():
+                setattr(result, name, value)
+            if indexed is not None:
+                timing["indexing"] = time.perf_counter() - t_index
+                for error in indexed.errors:
+                    if error not in result.errors:
+                        result.errors.append(error)
+            elif word.startswith("not indexed"):
+                result.errors.append(word)
             if len(found.spots):
                 # What the GUI circles: centroids (x, y) in pixels of the 500 strongest spots.
                 strongest = np.argsort(-found.spots.intensity, kind="stable")[:500]

@@ -8,7 +8,8 @@
 - `[kw]`     -> `value`
 - the item naming `output_prefix_key` is the prefix itself and is not repeated
 - any item containing `result` -> `result {n_spots n_overloads score hres n_ice_rings
-  mean_shape_ratio sg a b c alpha beta gamma {errors}}`, `NA` where nothing was indexed.
+  mean_shape_ratio sg a b c alpha beta gamma {errors}}`: the indexed lattice's space group and cell with two
+  decimals, `NA` where nothing was indexed (the reason is among the errors).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def result_block(result: dict) -> str:
     ]
     cell = result.get("unit_cell")
     sg = result.get("space_group")
-    if sg and cell:
+    if sg and isinstance(cell, list | tuple) and len(cell) == 6 and result.get("indexed", True) is not False:
         head += [str(sg)] + [f"{v:.2f}" for v in cell]
     else:
         head += ["NA"] * 7
