@@ -153,6 +153,10 @@ class RasterReport:
 
 
 def _unit_cell(result) -> tuple | None:
+    """(sg, a, b, c, alpha, beta, gamma) of an indexed result (FrameResult's `indexed`, `space_group`,
+    `unit_cell`), else None."""
+    if getattr(result, "indexed", None) is False:
+        return None
     sg = getattr(result, "space_group", None)
     cell = getattr(result, "unit_cell", None)
     if not sg or not isinstance(cell, list | tuple) or len(cell) != 6:

@@ -159,13 +159,13 @@ def test_hits_are_the_readers_word_or_a_score_threshold_and_other_series_are_not
 
 
 def test_the_indexed_cell_of_the_best_indexed_frame_and_regions():
-    class Indexed:
-        def __init__(self, base: FrameResult, sg, cell):
-            self.__dict__.update(base.__dict__)
-            self.space_group, self.unit_cell = sg, cell
+    def indexed(base: FrameResult, sg, cell, ok=True) -> FrameResult:
+        base.indexed, base.space_group, base.unit_cell = ok, sg, cell
+        return base
 
-    results = [Indexed(result(1, 6), "P41212", [57.8, 57.8, 150.2, 90, 90, 90]), result(2, 9),
-               Indexed(result(3, 2), "P1", [1, 2, 3, 90, 90, 90])]
+    results = [indexed(result(1, 6), "P41212", [57.8, 57.8, 150.2, 90, 90, 90]), result(2, 9),
+               indexed(result(3, 2), "P1", [1, 2, 3, 90, 90, 90]),
+               indexed(result(4, 8), "C2", [9, 9, 9, 90, 90, 90], ok=False)]  # not indexed: its cell is no cell
     [c] = crystals(results).crystals
     assert c.unit_cell == ("P41212", 57.8, 57.8, 150.2, 90.0, 90.0, 90.0)
     assert c.brace().endswith(" {P41212 57.80 57.80 150.20 90.00 90.00 90.00}}")
