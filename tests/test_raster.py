@@ -244,7 +244,7 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
                                    control_endpoint=None, timeout=3.0, skip_prescreen=False),
                     collector.configuration)
     ui = UiListener(ui_port)
-    model = RunModel(row_length=5)
+    model = RunModel(row_length=5, snake=True)
     stop = threading.Event()
     gui = subscribe(model, f"tcp://127.0.0.1:{keys['results_pub_port']}", stop)
     time.sleep(0.5)  # the GUI's subscription reaches the Collector's PUB
@@ -314,6 +314,8 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
     [shown] = series["crystals"]
     box = (shown["left"], shown["top"], shown["width"], shown["height"])
     assert shown["best_frame"] == best.frame and box == (1, 1, 2, 2)
+    # The map puts every frame where the Collector put it for its crystals.
+    assert all(tuple(series["grid"][str(frame)]) == cell for frame, cell in cell_of.items())
 
 
 def _wire_result(frame: int, score: float, mapping: str) -> list[bytes]:

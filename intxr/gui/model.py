@@ -133,8 +133,9 @@ class SeriesView:
 class RunModel:
     """Thread-safe: a subscriber thread feeds it, request threads read it."""
 
-    def __init__(self, row_length: int | None = None):
+    def __init__(self, row_length: int | None = None, snake: bool = False):
         self.row_length = row_length
+        self.snake = snake  # rows of raster_row_length frames alternate direction, as the Collector reads them
         self.series: dict[str, SeriesView] = {}  # by key, oldest first
         self.series_dropped = 0  # older series no longer kept
         self.splitter: dict = {}
@@ -359,7 +360,7 @@ class RunModel:
     def _grid(self, view: SeriesView) -> dict[str, tuple[int, int]]:
         grid = {}
         for frame in view.frames:
-            pos = grid_position(view.mappings.get(frame), frame, self.row_length, _first_frame(view))
+            pos = grid_position(view.mappings.get(frame), frame, self.row_length, _first_frame(view), self.snake)
             if pos is not None:
                 grid[str(frame)] = pos
         return grid

@@ -307,8 +307,9 @@ def serve(model: RunModel, host: str, port: int) -> Server:
     return server
 
 
-def run_gui(results_endpoint: str, host: str, port: int, *, row_length: int | None = None) -> int:
-    model = RunModel(row_length=row_length)
+def run_gui(results_endpoint: str, host: str, port: int, *, row_length: int | None = None,
+            snake: bool = False) -> int:
+    model = RunModel(row_length=row_length, snake=snake)
     try:
         server = serve(model, host, port)
     except OSError as exc:
