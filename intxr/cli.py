@@ -247,15 +247,37 @@ def find_spots_section(args):
     return cfg.with_overrides(section, cfg.key_overrides(args, cfg.ProcessingConfig, FIND_SPOTS_KEYS))
 
 
-def cmd_find_spots(args) -> int:
-    import json
+def _read_frames(args):
+    """Every frame of the paths, as find-spots and index read them: (path, index, data, geometry, static mask,
+    read seconds); the file's geometry with the command line's values in its place."""
     import time
-    from dataclasses import replace
 
     import numpy as np
 
-    from intxr import config as cfg
     from intxr.images import open_source
+
+    mask = None
+    if args.mask:
+        mask = np.load(args.mask) != 0  # nonzero = a pixel to use, as DIALS masks are
+    for path in args.images:
+        t = time.perf_counter()
+        source = open_source(path)  # a miniCBF is read and decoded here, once
+        open_s = time.perf_counter() - t
+        for index in range(len(source)):
+            t = time.perf_counter()
+            image = source.read(index)
+            data = np.asarray(image.data)  # a memory-mapped .npy is read here
+            read_s = time.perf_counter() - t + (open_s if index == 0 else 0.0)
+            geometry = _geometry_from_args(args, image)
+            static = mask if mask is not None else image.extra.get("mask")
+            yield path, index, data, geometry, static, read_s
+
+
+def cmd_find_spots(args) -> int:
+    import json
+    from dataclasses import replace
+
+    from intxr import config as cfg
     from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
 
     section = find_spots_section(args)
@@ -269,41 +291,73 @@ def cmd_find_spots(args) -> int:
             origin = section.origins.get(name, "default")
             if getattr(section, name) != spec.parse(spec.default) or origin in ("CLI", f"file:[{section.name}]"):
                 print(f"  {name} = {cfg.format_value(getattr(section, name))}  ({origin})", flush=True)
-    mask = None
-    if args.mask:
-        mask = np.load(args.mask) != 0  # nonzero = a pixel to use, as DIALS masks are
     finders: dict = {}
-    for path in args.images:
+    for path, index, data, geometry, static, read_s in _read_frames(args):
+        key = (json.dumps(geometry.to_wire(), sort_keys=True), None if static is None else id(static))
+        finder = finders.get(key)
+        if finder is None:
+            finder = finders[key] = SpotFinder(params, geometry, static)
+        result = finder.find(data)
+        result.timing = {"read": read_s, **result.timing}
+        if args.json:
+            print(json.dumps({**result.as_json(file=path, frame=index), **used}), flush=True)
+        else:
+            s = result.stats
+            print(
+                f"{path} frame {index}: {len(result.spots)} spots ({result.n_strong_pixels} strong pixels), "
+                f"{s.n_spots_no_ice} without ice, {s.n_spots_4A} beyond 4 A, d_min {s.estimated_d_min:.2f} A, "
+                f"score {result.score.score}, hres {result.score.hres:.2f}"
+                + (" [blank: pre-screened]" if result.prescreened else "")
+                + f" | {sum(result.timing.values()) * 1000:.0f} ms"
+                + (f" (read {read_s * 1000:.0f} ms) | [{section.name}] {section.spf_algorithm}"
+                   if args.verbose else ""),
+                flush=True,
+            )
+    return 0
+
+
+# Processing keys `intxr index` exposes as flags, besides find-spots' own.
+INDEX_KEYS = ["target_unit_cell", "target_space_group"]
+
+
+def cmd_index(args) -> int:
+    """Find spots and index every frame with enough of them, as a reader does for a run mode that indexes."""
+    import json
+    import time
+    from dataclasses import replace
+
+    from intxr import config as cfg
+    from intxr.reader.indexing import index_spots, params_from_processing
+    from intxr.reader.spotfinder import SpotFinder, SpotFinderParams
+
+    section = find_spots_section(args)
+    section = cfg.with_overrides(section, cfg.key_overrides(args, cfg.ProcessingConfig, INDEX_KEYS))
+    params = replace(SpotFinderParams.from_processing(section), d_min=args.d_min, d_max=args.d_max)
+    index_params = params_from_processing(section)
+    finders: dict = {}
+    for path, index, data, geometry, static, read_s in _read_frames(args):
+        key = (json.dumps(geometry.to_wire(), sort_keys=True), None if static is None else id(static))
+        finder = finders.get(key)
+        if finder is None:
+            finder = finders[key] = SpotFinder(params, geometry, static)
         t = time.perf_counter()
-        source = open_source(path)  # a miniCBF is read and decoded here, once
-        open_s = time.perf_counter() - t
-        for index in range(len(source)):
-            t = time.perf_counter()
-            image = source.read(index)
-            data = np.asarray(image.data)  # a memory-mapped .npy is read here
-            read_s = time.perf_counter() - t + (open_s if index == 0 else 0.0)
-            geometry = _geometry_from_args(args, image)
-            static = mask if mask is not None else image.extra.get("mask")
-            key = (json.dumps(geometry.to_wire(), sort_keys=True), None if static is None else id(static))
-            finder = finders.get(key)
-            if finder is None:
-                finder = finders[key] = SpotFinder(params, geometry, static)
-            result = finder.find(data)
-            result.timing = {"read": read_s, **result.timing}
-            if args.json:
-                print(json.dumps({**result.as_json(file=path, frame=index), **used}), flush=True)
-            else:
-                s = result.stats
-                print(
-                    f"{path} frame {index}: {len(result.spots)} spots ({result.n_strong_pixels} strong pixels), "
-                    f"{s.n_spots_no_ice} without ice, {s.n_spots_4A} beyond 4 A, d_min {s.estimated_d_min:.2f} A, "
-                    f"score {result.score.score}, hres {result.score.hres:.2f}"
-                    + (" [blank: pre-screened]" if result.prescreened else "")
-                    + f" | {sum(result.timing.values()) * 1000:.0f} ms"
-                    + (f" (read {read_s * 1000:.0f} ms) | [{section.name}] {section.spf_algorithm}"
-                       if args.verbose else ""),
-                    flush=True,
-                )
+        found = finder.find(data, skip_prescreen=True)
+        spots_s = time.perf_counter() - t
+        result = index_spots(geometry, found.spots.x, found.spots.y, index_params)
+        out = {"file": path, "frame": index, "n_spots": len(found.spots), **result.as_dict(),
+               "processing_section": section.name, "target_unit_cell": index_params.target_unit_cell,
+               "target_space_group": index_params.target_space_group}
+        out["timing"] = {"read": round(read_s, 6), "spotfinding": round(spots_s, 6), **out["timing"]}
+        if args.json:
+            print(json.dumps(out), flush=True)
+        elif result.indexed:
+            cell = " ".join(f"{v:.2f}" for v in result.unit_cell)
+            print(f"{path} frame {index}: {len(found.spots)} spots, indexed {result.n_indexed}: {result.lattice} "
+                  f"{result.space_group} {cell}, rmsd {result.rmsd_px:.2f} px | "
+                  f"{result.timing * 1000:.0f} ms", flush=True)
+        else:
+            print(f"{path} frame {index}: {len(found.spots)} spots, {'; '.join(result.errors)} | "
+                  f"{result.timing * 1000:.0f} ms", flush=True)
     return 0
 
 
@@ -543,6 +597,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="say the processing section, algorithm and every value not at its default, and each "
                    "frame's read time")
     p.set_defaults(func=cmd_find_spots)
+
+    p = sub.add_parser(
+        "index",
+        help="find spots and index each frame (native stills indexer)",
+        description="Find spots as find-spots does, then index every frame with at least 10 spots with the native "
+        "stills indexer: with --unit-cell and --space-group (or the section's target_unit_cell and "
+        "target_space_group) it searches for that cell and rejects solutions that do not match it. Reads "
+        ".cbf[.bz2|.gz], Eiger/NXmx .h5 (all frames) and .npy (give its geometry).",
+    )
+    p.add_argument("images", nargs="+", metavar="PATH")
+    p.add_argument("-c", "--config_file", metavar="FILE",
+                   help="processing config (default: the processing.cfg shipped with intxr)")
+    p.add_argument("--processing-section", default="DEFAULT", metavar="NAME",
+                   help="its section to use, as a series whose run mode names it (default: DEFAULT)")
+    cfg.add_key_flags(p, cfg.ProcessingConfig, INDEX_KEYS, "default: the section's; DEFAULT's is {default}",
+                      target_unit_cell={"metavar": "a,b,c,al,be,ga"}, target_space_group={"metavar": "SG"})
+    cfg.add_key_flags(p, cfg.ProcessingConfig, FIND_SPOTS_KEYS, "default: the section's; DEFAULT's is {default}",
+                      spf_kernel_size={"metavar": "NY,NX"}, spf_global_threshold={"metavar": "T|Auto"})
+    p.add_argument("--d-min", type=float, default=None, help="mask pixels at d <= D before thresholding")
+    p.add_argument("--d-max", type=float, default=None, help="mask pixels at d >= D before thresholding")
+    p.add_argument("--mask", metavar="MASK.npy", help="pixels to use (nonzero), same shape as the frames")
+    p.add_argument("--distance", type=float, metavar="MM")
+    p.add_argument("--pixel-size", type=float, metavar="MM")
+    p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"), help="pixels (fast, slow)")
+    p.add_argument("--wavelength", type=float, metavar="A")
+    p.add_argument("--count-cutoff", type=int, help="highest trusted count (overrides the file's)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per frame per line: file, frame, n_spots, indexed, n_indexed, lattice, "
+                   "space_group, unit_cell, p1_unit_cell, rmsd_px, orientation_matrix, errors, timing")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser(
         "gui",
