@@ -70,7 +70,7 @@ UNCONFIRMED_AFTER = 600.0  # seconds an account the Splitter never named is kept
 MAX_MESSAGE = 64 << 20  # bytes on the results socket, as the GUI's and the Splitter's
 MAX_UNCONFIRMED = 100  # accounts the Splitter never named (a flood of made-up series numbers)
 RASTER_LIVE_INTERVAL = 2.0  # seconds between the GUI's updates of a running raster series' crystals
-RASTER_LIVE_MAX_HITS = 20_000  # a running series with more hits gets its crystals at its end only
+RASTER_LIVE_MAX_HITS = 5_000  # a running series with more hits gets its crystals at its end only (~0.1 s a report)
 JOURNAL_COMPACT_AFTER = 50_000  # result lines appended to a journal before it is rewritten as one snapshot
 
 

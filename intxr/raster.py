@@ -35,6 +35,7 @@ from statistics import median
 
 RASTER_SECTIONS = ("rastering",)  # processing sections whose series are raster scans
 MAX_HITS = 100_000  # hits kept per series; past it the scan is reported cut
+MAX_CRYSTALS = 100  # crystals listed (the strongest); `found` says how many there were
 NO_RESOLUTION = 99.9  # the original's hres when there is no estimate
 
 _ROW_COL = (
@@ -140,6 +141,7 @@ class RasterReport:
     hits: int
     cut: bool = False  # more than MAX_HITS hits: the rest were not kept
     final: bool = True  # False: the series still runs (the GUI's live view)
+    found: int | None = None  # crystals found, when more than the MAX_CRYSTALS listed
 
     def line(self) -> str:
         return " ".join([f"RASTER: series {self.series} crystals {len(self.crystals)}",
@@ -148,7 +150,9 @@ class RasterReport:
     def to_wire(self) -> dict:
         return {"series": self.series, "series_name": self.series_name, "placed_by": self.placed_by,
                 "rows": self.rows, "columns": self.columns, "frames": self.frames, "hits": self.hits,
-                "cut": self.cut, "final": self.final, "crystals": [c.to_wire() for c in self.crystals],
+                "cut": self.cut, "final": self.final,
+                "found": self.found if self.found is not None else len(self.crystals),
+                "crystals": [c.to_wire() for c in self.crystals],
                 "line": self.line()}
 
 
@@ -227,6 +231,8 @@ class RasterScan:
             cells.setdefault(cell, []).append(hit)
         crystals = [_crystal(region, cells) for region in regions(cells)]
         crystals.sort(key=lambda c: (-c.score, -c.n_spots, -c.n_frames, c.y, c.x))
+        found = len(crystals)
+        crystals = crystals[:MAX_CRYSTALS]
         if placed_by == "mapping" or not self.frames:
             rows = 1 + max((r for r, _ in cells), default=-1)
             columns = 1 + max((c for _, c in cells), default=-1)
@@ -235,7 +241,7 @@ class RasterScan:
             columns = row_length or n
             rows = -(-n // columns)
         return RasterReport(series, name, crystals, placed_by, rows, columns, self.frames, len(self.hits),
-                            self.cut)
+                            self.cut, found=found)
 
 
 def regions(cells) -> list[list[tuple[int, int]]]:

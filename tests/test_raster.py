@@ -452,3 +452,14 @@ def test_the_gui_gets_the_crystals_while_the_series_runs_and_bluice_only_at_its_
     assert [line for line in ui.lines if line.startswith("RASTER")] == [
         # x = (0 * 5 + 1 * 6 + 2 * 7 + 2 * 9) / 27, y = (0 * 5 + 0 * 6 + 2 * 7 + 1 * 9) / 27
         "RASTER: series 2 crystals 1 {1.41 0.85 3 3 9.00 4 2.50 1080 3 2 1 {}}"]
+
+
+def test_a_scan_full_of_small_crystals_lists_the_strongest_and_says_how_many_there_were():
+    from intxr.raster import MAX_CRYSTALS
+
+    grid = [[(1 + (r * 7 + c) % 9) if r % 2 == 0 and c % 2 == 0 else 0 for c in range(30)] for r in range(30)]
+    report = crystals(scan_of(grid), row_length=30)
+    assert len(report.crystals) == MAX_CRYSTALS and report.to_wire()["found"] == 15 * 15
+    assert report.line().startswith(f"RASTER: series 1 crystals {MAX_CRYSTALS} {{")
+    scores = sorted((v for row in grid for v in row if v), reverse=True)  # each crystal is one cell
+    assert [c.score for c in report.crystals] == scores[:MAX_CRYSTALS]  # the strongest, strongest first
