@@ -18,6 +18,8 @@ window.intxr = {
   points: () => { const s = current(); return s ? s.points.size : 0; },
   hits: () => { const s = current(); return s ? [...s.points.values()].filter(isHit).length : 0; },
   rasterCells: () => rasterCells.length,
+  crystals: () => { const s = current(); return s && s.crystals ? s.crystals.map((k) => ({ ...k })) : []; },
+  crystalsDrawn: () => crystalsDrawn,
   frameView: () => ({ ...state.frameView }),
   tabs: () => [...document.querySelectorAll("#tabs button")].map((b) => b.textContent),
   // Page coordinates of a frame's raster cell (for clicking it from a test or a script).
@@ -200,11 +202,13 @@ function drawStrip() {
 }
 
 let rasterCells = [];
+let crystalsDrawn = 0;
 function drawRaster() {
   const canvas = $("raster");
   const [ctx, w, h] = fitCanvas(canvas);
   ctx.clearRect(0, 0, w, h);
   rasterCells = [];
+  crystalsDrawn = 0;
   const s = current();
   const grid = (s && s.grid) || {};
   const frames = Object.keys(grid);
@@ -242,6 +246,7 @@ function drawRaster() {
     ctx.beginPath(); ctx.moveTo(cx - 4, cy); ctx.lineTo(cx + 4, cy); ctx.moveTo(cx, cy - 4); ctx.lineTo(cx, cy + 4);
     ctx.stroke();
     ctx.fillStyle = "#e7298a"; ctx.font = "11px sans-serif"; ctx.fillText(String(i + 1), x + 2, y + 11);
+    crystalsDrawn += 1;
   });
   if (s.crystals) $("rasterNote").textContent += `; ${s.crystals.length} crystal(s) found`;
 }
