@@ -23,8 +23,8 @@ The line BluIce gets, once per raster series (Tcl lists, as the result line):
 `RASTER: series N crystals K {x y width height score n_frames d_min n_spots best_frame best_x best_y
 {sg a b c alpha beta gamma}} ...` with `{}` for the cell where nothing was indexed.
 
-Only hits are kept (one small record each, at most MAX_HITS a series): a series of 10^6 blank
-frames costs nothing.
+Only hits of a raster series are kept (one small record each, at most MAX_HITS a series), from the
+first result that says the series is one: any other series costs a few counters.
 """
 
 from __future__ import annotations
@@ -201,8 +201,8 @@ class RasterScan:
         cell = grid_cell((result.header or {}).get("mapping"))
         if cell is not None or result.processing_section in self.sections:
             self.raster = True
-        if not self.is_hit(result):
-            return None
+        if not self.raster or not self.is_hit(result):
+            return None  # a series not (yet) known as a raster keeps nothing: serial runs of 10^6 hits cost nothing
         hres = result.hres if result.hres is not None and 0 < result.hres < NO_RESOLUTION - 0.5 else None
         return self.keep(Hit(frame, float(result.score or 0.0), int(result.n_spots or 0), hres, cell,
                              _unit_cell(result)))

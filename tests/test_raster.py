@@ -155,7 +155,7 @@ def test_hits_are_the_readers_word_or_a_score_threshold_and_other_series_are_not
     scan.add(result(1, 5, section="screening", mapping=""))
     assert not scan.raster
     scan.add(result(2, 5, section="screening", mapping="row 0 col 1"))
-    assert scan.raster
+    assert scan.raster and list(scan.hits) == [2]  # a series not known as a raster keeps no hits
 
 
 def test_the_indexed_cell_of_the_best_indexed_frame_and_regions():
