@@ -54,7 +54,7 @@ class IndexingParams:
     min_spots: int = 10  # fewer spots than this: not tried
     min_indexed: int = 10  # fewer indexed spots: not indexed
     min_indexed_fraction: float = 0.25  # of the spots given
-    max_rmsd_px: float = 2.5
+    max_rmsd_px: float = 4.0  # as DIALS stills indexing was run for the reference (indexing.stills.rmsd_min_px=4)
     hkl_tolerance: float = 0.3  # DIALS's indexing.index_assignment.simple.hkl_tolerance
     cell_length_tolerance: float = 0.10  # relative, refined vs target
     cell_angle_tolerance: float = 5.0  # degrees, refined vs target
@@ -64,6 +64,7 @@ class IndexingParams:
     outlier_medians: float = 2.5
     angular_step: float = 0.02  # rad: DIALS real_space_grid_search's characteristic grid
     n_peaks: int = 12  # candidate directions kept per length
+    n_refined: int = 10  # candidate bases refined against the positions
 
 
 @dataclass
@@ -264,7 +265,24 @@ def _search_length(rlps: np.ndarray, length: float, params: IndexingParams) -> n
             picked.append(u)
             if len(picked) >= params.n_peaks:
                 break
-    return np.array(picked)
+    # Each peak refined on finer local grids with rlps to higher resolution (finer in angle as they go).
+    offsets = np.array([(i, j) for i in range(-3, 4) for j in range(-3, 4)], dtype=np.float64) / 3.0
+    refined = []
+    for u in picked:
+        local_step, local_rmax = step, r_max
+        for _ in range(2):
+            local_rmax *= 3.0
+            use_local = rlps[norms <= local_rmax]
+            e1 = np.cross(u, [1.0, 0.0, 0.0] if abs(u[0]) < 0.9 else [0.0, 1.0, 0.0])
+            e1 /= np.linalg.norm(e1)
+            e2 = np.cross(u, e1)
+            cand = u[None, :] + local_step * (offsets[:, :1] * e1[None, :] + offsets[:, 1:] * e2[None, :])
+            cand /= np.linalg.norm(cand, axis=1)[:, None]
+            local = np.cos(2 * math.pi * length * (use_local @ cand.T)).sum(axis=0)
+            u = cand[int(np.argmax(local))]
+            local_step /= 3.0
+        refined.append(u)
+    return np.array(refined)
 
 
 def _near(cell, target, params: IndexingParams) -> bool:
@@ -300,14 +318,38 @@ def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, 
     return a_mat, hkl, mask
 
 
-def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3) -> np.ndarray:
-    """Gauss-Newton on the nine elements of A against the spots' pixel positions (numeric Jacobian)."""
-    x = a_mat.ravel().copy()
-    for _ in range(n_iter):
-        def resid(v):
-            pred = predict_xy(geometry, hkl @ v.reshape(3, 3).T, panels)
-            return (pred - xy).ravel()
+def _restraints(a_mat: np.ndarray, target_metric: np.ndarray, rotations: list[np.ndarray]) -> np.ndarray:
+    """Soft restraints of the refined cell: its metric G = D D^T (D = A^-1, rows a, b, c) toward the one the
+    lattice's point group keeps (mean R^T G R) and toward the target's, each element relative to |a_i||a_j|.
+    One still constrains the cell along the beam poorly (DIALS's per-frame thaumatin cells scatter by a few %);
+    restraints to the target cell are DIALS's way too (refinement.parameterisation.crystal.unit_cell.restraints)."""
+    d = np.linalg.inv(a_mat)
+    g = d @ d.T
+    scale = np.sqrt(np.outer(np.diag(target_metric), np.diag(target_metric)))
+    sym = sum(r.T @ g @ r for r in rotations) / len(rotations)
+    iu = np.triu_indices(3)
+    return np.concatenate([((g - sym) / scale)[iu] / RESTRAINT_SYMMETRY, ((g - target_metric) / scale)[iu]
+                           / RESTRAINT_TARGET])
 
+
+RESTRAINT_SYMMETRY = 0.001  # sigma of (G - G_sym) / (|a_i| |a_j|): a soft symmetry constraint
+RESTRAINT_TARGET = 0.05  # sigma of (G - G_target) / (|a_i| |a_j|): about 2.5% in length
+
+
+def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3, target_metric=None,
+                      rotations=None) -> np.ndarray:
+    """Gauss-Newton on the nine elements of A against the spots' pixel positions (numeric Jacobian), with the
+    cell restrained to its lattice's symmetry and the target when those are given."""
+    x = a_mat.ravel().copy()
+
+    def resid(v):
+        pred = predict_xy(geometry, hkl @ v.reshape(3, 3).T, panels)
+        out = (pred - xy).ravel()
+        if target_metric is not None:
+            out = np.concatenate([out, _restraints(v.reshape(3, 3), target_metric, rotations)])
+        return out
+
+    for _ in range(n_iter):
         r0 = resid(x)
         if not np.all(np.isfinite(r0)):
             break
@@ -341,17 +383,31 @@ def _candidate_bases(rlps: np.ndarray, target_direct: np.ndarray, params: Indexi
     peaks_i = _search_length(rlps, float(lengths[i]), params)
     same = abs(lengths[i] - lengths[j]) < 0.02 * lengths[i]
     peaks_j = peaks_i if same else _search_length(rlps, float(lengths[j]), params)
+    same_k = [m for m in (i, j) if abs(lengths[m] - lengths[k]) < 0.02 * lengths[k]]
+    peaks_k = (peaks_i if same_k and same_k[0] == i else peaks_j) if same_k else \
+        _search_length(rlps, float(lengths[k]), params)
+    cos_k = math.cos(math.radians(6.0))
     cos_tol = math.radians(6.0)
     bases = []
-    for ui in peaks_i:
+    # Directions come from a hemisphere: both signs of each, since (-a, -b) implies the mirror image of c
+    # (a lattice of another hand) unless a two-fold axis relates them.
+    for ui0 in peaks_i:
         for uj in peaks_j:
-            for sign in (1.0, -1.0):
+            for sign_i, sign in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
+                ui = sign_i * ui0
                 c = sign * float(ui @ uj)
                 if abs(math.acos(max(-1.0, min(1.0, c))) - math.acos(cos_ij)) > cos_tol:
                     continue
                 vi = ui * lengths[i]
                 vj = sign * uj * lengths[j]
                 vk = coef[0] * vi + coef[1] * vj + coef[2] * np.cross(vi, vj)
+                # The third vector: the searched direction nearest the one the target's angles imply, when
+                # one is within 6 degrees (one still fixes it better than the angles of a cell a few % off).
+                if len(peaks_k):
+                    along = peaks_k @ (vk / np.linalg.norm(vk))
+                    best_k = int(np.argmax(np.abs(along)))
+                    if abs(along[best_k]) >= cos_k:
+                        vk = np.sign(along[best_k]) * peaks_k[best_k] * lengths[k]
                 basis = np.empty((3, 3))
                 basis[i], basis[j], basis[k] = vi, vj, vk
                 bases.append(basis)
@@ -360,6 +416,35 @@ def _candidate_bases(rlps: np.ndarray, target_direct: np.ndarray, params: Indexi
 
 # ---------------------------------------------------------------------------------------------
 # The indexer
+
+
+def _same_lattice(d1: np.ndarray, d2: np.ndarray, tol: float = 0.15) -> bool:
+    m = d1 @ np.linalg.inv(d2)
+    r = np.round(m)
+    return bool(np.abs(m - r).max() < tol and abs(round(np.linalg.det(r))) == 1)
+
+
+def _refine_candidate(geometry, rlps, xy, panels, a_mat, hkl, mask, cell, target_metric, rotations, params):
+    """Refine against the spot positions, rejecting positional outliers (a spot whose predicted position is far
+    from its centroid is not indexed by this lattice, however close its h is to integers)."""
+    for n_iter in (3, 2, 2):
+        if mask.sum() < 6 or np.linalg.matrix_rank(hkl[mask]) < 3:
+            break
+        refined = _refine_positions(geometry, a_mat, hkl[mask], xy[mask], panels[mask], n_iter=n_iter,
+                                    target_metric=target_metric, rotations=rotations)
+        if not _near(cell_from_direct(np.linalg.inv(refined)), cell, params):
+            break
+        a_mat = refined
+        frac = rlps @ np.linalg.inv(a_mat).T
+        hkl = np.round(frac)
+        mask = (np.abs(frac - hkl).max(axis=1) < params.hkl_tolerance) & (np.abs(hkl).sum(axis=1) > 0)
+        dist = np.hypot(*(predict_xy(geometry, hkl @ a_mat.T, panels) - xy).T)
+        good = mask & np.isfinite(dist)
+        if not good.any():
+            break
+        cutoff = max(params.outlier_min_px, params.outlier_medians * float(np.median(dist[good])))
+        mask = good & (dist <= cutoff)
+    return a_mat, hkl, mask
 
 
 def index_spots(geometry: Geometry, x, y, params: IndexingParams) -> IndexingResult:
@@ -407,6 +492,8 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     sg = parse_space_group(params.target_space_group or "P1")
     lattice = lattice_of(sg)
     target_direct = orth_matrix(cell)
+    target_metric = target_direct @ target_direct.T
+    rotations = [np.array(op.rot, dtype=np.float64) / op.DEN for op in sg.operations().sym_ops]
 
     rlps, _lab = reciprocal_points(geometry, x, y)
     keep = np.isfinite(rlps).all(axis=1) & (np.linalg.norm(rlps, axis=1) > 1e-6)
@@ -414,40 +501,38 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     xy = np.stack([x, y], axis=1)
     panels = panel_of(geometry, x, y).ravel()
 
-    best = None
+    candidates = []
     for basis in _candidate_bases(rlps, target_direct, params):
         got = _index_and_refine(rlps, basis, params.hkl_tolerance, cell, params)
-        if got is None:
-            continue
-        a_mat, hkl, mask = got
-        count = int(mask.sum())
-        if best is None or count > best[0]:
-            best = (count, a_mat, hkl, mask)
-    if best is None or best[0] < 3:
+        if got is not None and got[2].sum() >= 3:
+            candidates.append(got)
+    if not candidates:
         return _fail(result, "no lattice direction of the target cell found in the spots")
-    count, a_mat, hkl, mask = best
-    # Refine against the spot positions, rejecting positional outliers (a spot whose predicted position is
-    # far from its centroid is not indexed by this lattice, however close its h is to integers).
-    dist = np.full(len(rlps), np.inf)
-    for n_iter in (3, 2, 2):
-        if mask.sum() < 6 or np.linalg.matrix_rank(hkl[mask]) < 3:
+    # The few best by count are each refined against the positions (a near-miss basis can index many spots at
+    # the loose tolerance and still be the wrong orientation); the best then is the one indexing most spots
+    # within the RMSD limit, the lower RMSD breaking ties.
+    candidates.sort(key=lambda c: -int(c[2].sum()))
+    distinct: list = []
+    for cand in candidates:
+        # The same lattice in another basis (a and b swapped, signs, ...): D1 D2^-1 is a unimodular integer matrix.
+        d1 = np.linalg.inv(cand[0])
+        if not any(_same_lattice(d1, np.linalg.inv(other[0])) for other in distinct):
+            distinct.append(cand)
+        if len(distinct) >= params.n_refined:
             break
-        refined = _refine_positions(geometry, a_mat, hkl[mask], xy[mask], panels[mask], n_iter=n_iter)
-        if not _near(cell_from_direct(np.linalg.inv(refined)), cell, params):
-            break
-        a_mat = refined
-        frac = rlps @ np.linalg.inv(a_mat).T
-        hkl = np.round(frac)
-        mask = (np.abs(frac - hkl).max(axis=1) < params.hkl_tolerance) & (np.abs(hkl).sum(axis=1) > 0)
+    best = None
+    for a_mat, hkl, mask in distinct:
+        a_mat, hkl, mask = _refine_candidate(geometry, rlps, xy, panels, a_mat, hkl, mask, cell, target_metric,
+                                             rotations, params)
         dist = np.hypot(*(predict_xy(geometry, hkl @ a_mat.T, panels) - xy).T)
-        good = mask & np.isfinite(dist)
-        if not good.any():
-            break
-        cutoff = max(params.outlier_min_px, params.outlier_medians * float(np.median(dist[good])))
-        mask = good & (dist <= cutoff)
+        mask &= np.isfinite(dist)
+        n_ok = int(mask.sum())
+        rmsd = float(np.sqrt(np.mean(dist[mask] ** 2))) if n_ok else float("inf")
+        key = (rmsd <= params.max_rmsd_px, n_ok, -rmsd)
+        if best is None or key > best[0]:
+            best = (key, a_mat, hkl, mask, dist)
+    _, a_mat, hkl, mask, dist = best
     pred = predict_xy(geometry, hkl @ a_mat.T, panels)
-    dist = np.hypot(*(pred - xy).T)
-    mask &= np.isfinite(dist)
     n_indexed = int(mask.sum())
     result.n_indexed = n_indexed
     direct = np.linalg.inv(a_mat)  # rows a, b, c (D A = I)
