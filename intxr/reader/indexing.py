@@ -65,6 +65,7 @@ class IndexingParams:
     angular_step: float = 0.02  # rad: DIALS real_space_grid_search's characteristic grid
     n_peaks: int = 12  # candidate directions kept per length
     n_refined: int = 10  # candidate bases refined against the positions
+    max_search_spots: int = 200  # rlps scored on the coarse direction grid
 
 
 @dataclass
@@ -253,9 +254,12 @@ def _search_length(rlps: np.ndarray, length: float, params: IndexingParams) -> n
         order = np.argsort(norms)[: max(12, min(len(norms), 40))]
         use = rlps[order]
         step = min(step, 0.3 / (length * float(norms[order].max())))
-    n = int(min(200000, max(2000, 2 * math.pi / (step * step))))
+    if len(use) > params.max_search_spots:  # the lowest-resolution ones: the coarse grid blurs the rest most
+        use = use[np.argsort(np.linalg.norm(use, axis=1))[: params.max_search_spots]]
+    n = int(min(20000, max(2000, 2 * math.pi / (step * step))))  # peaks are refined locally below
     dirs = hemisphere(n)
-    scores = np.cos(2 * math.pi * length * (use @ dirs.T)).sum(axis=0)
+    phase = (length * use.astype(np.float32)) @ dirs.T.astype(np.float32)
+    scores = np.cos(np.float32(2 * math.pi) * phase).sum(axis=0)
     order = np.argsort(scores)[::-1]
     picked: list[np.ndarray] = []
     cos_sep = math.cos(3 * step)
