@@ -64,8 +64,10 @@ class IndexingParams:
     outlier_medians: float = 2.5
     angular_step: float = 0.02  # rad: DIALS real_space_grid_search's characteristic grid
     n_peaks: int = 12  # candidate directions kept per length
+    n_shortlisted: int = 12  # candidate bases (by a quick low-resolution score) indexed shell by shell
     n_refined: int = 10  # candidate bases refined against the positions
     max_search_spots: int = 200  # rlps scored on the coarse direction grid
+    refine_fraction: float = 0.6  # candidates indexing fewer than this x the best (before refinement) are dropped
 
 
 @dataclass
@@ -505,8 +507,23 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     xy = np.stack([x, y], axis=1)
     panels = panel_of(geometry, x, y).ravel()
 
+    # A quick score first (low-resolution rlps within tolerance of integers, as the basis stands), the same
+    # lattice in another basis merged, then the best few indexed shell by shell.
+    bases = _candidate_bases(rlps, target_direct, params)
+    low = rlps[np.linalg.norm(rlps, axis=1) <= np.quantile(np.linalg.norm(rlps, axis=1), 0.4)]
+    quick = []
+    for basis in bases:
+        frac = low @ basis.T  # h = D r: rows a, b, c
+        quick.append(int((np.abs(frac - np.round(frac)).max(axis=1) < params.hkl_tolerance).sum()))
+    shortlisted: list = []
+    for n_quick in np.argsort(quick)[::-1]:
+        basis = bases[int(n_quick)]
+        if not any(_same_lattice(basis, other) for other in shortlisted):
+            shortlisted.append(basis)
+        if len(shortlisted) >= params.n_shortlisted:
+            break
     candidates = []
-    for basis in _candidate_bases(rlps, target_direct, params):
+    for basis in shortlisted:
         got = _index_and_refine(rlps, basis, params.hkl_tolerance, cell, params)
         if got is not None and got[2].sum() >= 3:
             candidates.append(got)
@@ -517,7 +534,10 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     # within the RMSD limit, the lower RMSD breaking ties.
     candidates.sort(key=lambda c: -int(c[2].sum()))
     distinct: list = []
+    top = int(candidates[0][2].sum())
     for cand in candidates:
+        if cand[2].sum() < params.refine_fraction * top:
+            break
         # The same lattice in another basis (a and b swapped, signs, ...): D1 D2^-1 is a unimodular integer matrix.
         d1 = np.linalg.inv(cand[0])
         if not any(_same_lattice(d1, np.linalg.inv(other[0])) for other in distinct):
