@@ -176,7 +176,18 @@ def test_every_real_frame_gets_its_result_line_under_mpirun(tmp_path, thaumatin_
     assert all(by_frame[k]["n_spots"] >= 10 for k in range(1, 11))
     # The result lines: printed with --verbose and sent to the UI endpoint, identical.
     printed = [line for line in out.splitlines() if line.startswith("RESULTS:")]
-    assert len(printed) == 12 and sorted(printed) == sorted(ui.lines)
+    assert len(printed) == 12 and sorted(printed) == sorted(p for p in ui.lines if p.startswith("RESULTS:"))
+    # The run mode is rastering: one RASTER line after them (to the UI and stdout). No grid position
+    # and no raster_row_length: the scan is one row, so its crystals are the runs of hit frames.
+    [raster] = [p for p in ui.lines if p.startswith("RASTER:")]
+    assert ui.lines[-1] == raster and raster in out.splitlines()
+    hit_frames = sorted(r["frame"] for r in results if r["hit"])
+    runs = 1 + sum(b - a > 1 for a, b in zip(hit_frames, hit_frames[1:], strict=False)) if hit_frames else 0
+    crystals = [c.split() for c in re.findall(r"\{([^{}]*) \{[^{}]*\}\}", raster)]
+    assert raster.startswith(f"RASTER: series 1 crystals {runs} ") and len(crystals) == runs, (raster, hit_frames)
+    assert sum(int(c[5]) for c in crystals) == len(hit_frames) and all(c[1] == "0.00" for c in crystals)
+    best = max((r for r in results if r["hit"]), key=lambda r: (r["score"], r["n_spots"], -r["frame"]))
+    assert int(crystals[0][8]) == best["frame"] and float(crystals[0][4]) == best["score"]
     line = next(p for p in printed if " frame 3 " in p)
     assert re.fullmatch(
         r"RESULTS: series 1 frame 3 result \{\d+ \d+ \d+ \d+\.\d\d \d+ \d+\.\d\d NA NA NA NA NA NA NA \{.*\}\} "
