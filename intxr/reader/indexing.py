@@ -271,24 +271,28 @@ def _search_length(rlps: np.ndarray, length: float, params: IndexingParams) -> n
             picked.append(u)
             if len(picked) >= params.n_peaks:
                 break
-    # Each peak refined on finer local grids with rlps to higher resolution (finer in angle as they go).
+    # Each peak refined on finer local grids with rlps to higher resolution (finer in angle as they go), all
+    # peaks in one product.
+    if not picked:
+        return np.zeros((0, 3))
     offsets = np.array([(i, j) for i in range(-3, 4) for j in range(-3, 4)], dtype=np.float64) / 3.0
-    refined = []
-    for u in picked:
-        local_step, local_rmax = step, r_max
-        for _ in range(2):
-            local_rmax *= 3.0
-            use_local = rlps[norms <= local_rmax]
-            e1 = np.cross(u, [1.0, 0.0, 0.0] if abs(u[0]) < 0.9 else [0.0, 1.0, 0.0])
-            e1 /= np.linalg.norm(e1)
-            e2 = np.cross(u, e1)
-            cand = u[None, :] + local_step * (offsets[:, :1] * e1[None, :] + offsets[:, 1:] * e2[None, :])
-            cand /= np.linalg.norm(cand, axis=1)[:, None]
-            local = np.cos(2 * math.pi * length * (use_local @ cand.T)).sum(axis=0)
-            u = cand[int(np.argmax(local))]
-            local_step /= 3.0
-        refined.append(u)
-    return np.array(refined)
+    u = np.array(picked)
+    local_step, local_rmax = step, r_max
+    for _ in range(2):
+        local_rmax *= 3.0
+        use_local = rlps[norms <= local_rmax].astype(np.float32)
+        helper = np.where(np.abs(u[:, :1]) < 0.9, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]])
+        e1 = np.cross(u, helper)
+        e1 /= np.linalg.norm(e1, axis=1)[:, None]
+        e2 = np.cross(u, e1)
+        cand = (u[:, None, :] + local_step * (offsets[None, :, :1] * e1[:, None, :]
+                                              + offsets[None, :, 1:] * e2[:, None, :]))  # (peaks, 49, 3)
+        cand /= np.linalg.norm(cand, axis=2)[:, :, None]
+        flat = cand.reshape(-1, 3).astype(np.float32)
+        local = np.cos(np.float32(2 * math.pi * length) * (use_local @ flat.T)).sum(axis=0).reshape(len(u), -1)
+        u = cand[np.arange(len(u)), np.argmax(local, axis=1)]
+        local_step /= 3.0
+    return u
 
 
 def _near(cell, target, params: IndexingParams) -> bool:
@@ -324,18 +328,19 @@ def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, 
     return a_mat, hkl, mask
 
 
-def _restraints(a_mat: np.ndarray, target_metric: np.ndarray, rotations: list[np.ndarray]) -> np.ndarray:
-    """Soft restraints of the refined cell: its metric G = D D^T (D = A^-1, rows a, b, c) toward the one the
-    lattice's point group keeps (mean R^T G R) and toward the target's, each element relative to |a_i||a_j|.
-    One still constrains the cell along the beam poorly (DIALS's per-frame thaumatin cells scatter by a few %);
-    restraints to the target cell are DIALS's way too (refinement.parameterisation.crystal.unit_cell.restraints)."""
-    d = np.linalg.inv(a_mat)
-    g = d @ d.T
+def _restraints(a_mats: np.ndarray, target_metric: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """Soft restraints of refined cells (a stack of A matrices -> one row each): the metric G = D D^T
+    (D = A^-1, rows a, b, c) toward the one the lattice's point group keeps (mean R^T G R) and toward the
+    target's, each element relative to |a_i||a_j|. One still constrains the cell along the beam poorly (DIALS's
+    per-frame thaumatin cells scatter by a few %); restraints to a target cell are DIALS's way too
+    (refinement.parameterisation.crystal.unit_cell.restraints)."""
+    d = np.linalg.inv(a_mats)
+    g = d @ np.swapaxes(d, 1, 2)
     scale = np.sqrt(np.outer(np.diag(target_metric), np.diag(target_metric)))
-    sym = sum(r.T @ g @ r for r in rotations) / len(rotations)
+    sym = np.einsum("rji,mjk,rkl->mil", rotations, g, rotations) / len(rotations)
     iu = np.triu_indices(3)
-    return np.concatenate([((g - sym) / scale)[iu] / RESTRAINT_SYMMETRY, ((g - target_metric) / scale)[iu]
-                           / RESTRAINT_TARGET])
+    return np.concatenate([((g - sym) / scale)[:, iu[0], iu[1]] / RESTRAINT_SYMMETRY,
+                           ((g - target_metric) / scale)[:, iu[0], iu[1]] / RESTRAINT_TARGET], axis=1)
 
 
 RESTRAINT_SYMMETRY = 0.001  # sigma of (G - G_sym) / (|a_i| |a_j|): a soft symmetry constraint
@@ -347,29 +352,32 @@ def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3, target_
     """Gauss-Newton on the nine elements of A against the spots' pixel positions (numeric Jacobian), with the
     cell restrained to its lattice's symmetry and the target when those are given."""
     x = a_mat.ravel().copy()
+    n_par = 9
 
-    def resid(v):
-        pred = predict_xy(geometry, hkl @ v.reshape(3, 3).T, panels)
-        out = (pred - xy).ravel()
+    def resids(vs: np.ndarray) -> np.ndarray:
+        """Residuals of several parameter vectors at once (one prediction for all: rows of vs)."""
+        mats = vs.reshape(-1, 3, 3)
+        r_calc = np.einsum("nj,mij->mni", hkl, mats).reshape(-1, 3)
+        pred = predict_xy(geometry, r_calc, np.tile(panels, len(mats))).reshape(len(mats), -1, 2)
+        out = (pred - xy[None]).reshape(len(mats), -1)
         if target_metric is not None:
-            out = np.concatenate([out, _restraints(v.reshape(3, 3), target_metric, rotations)])
+            extra = _restraints(mats, target_metric, rotations)
+            out = np.concatenate([out, extra], axis=1)
         return out
 
     for _ in range(n_iter):
-        r0 = resid(x)
+        hs = 1e-7 * np.maximum(1e-3, np.abs(x))
+        trial = np.vstack([x, x[None, :] + np.diag(hs)])
+        values = resids(trial)
+        r0 = values[0]
         if not np.all(np.isfinite(r0)):
             break
-        jac = np.empty((len(r0), 9))
-        for k in range(9):
-            h = 1e-7 * max(1e-3, abs(x[k]))
-            xk = x.copy()
-            xk[k] += h
-            jac[:, k] = (resid(xk) - r0) / h
+        jac = ((values[1:] - r0[None, :]) / hs[:, None]).T
         step, *_ = np.linalg.lstsq(jac, -r0, rcond=None)
-        if not np.all(np.isfinite(step)):
+        if not np.all(np.isfinite(step)) or jac.shape[1] != n_par:
             break
         x_new = x + step
-        r_new = resid(x_new)
+        r_new = resids(x_new[None, :])[0]
         if not np.all(np.isfinite(r_new)) or (r_new @ r_new) > (r0 @ r0):
             break
         x = x_new
@@ -499,7 +507,7 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     lattice = lattice_of(sg)
     target_direct = orth_matrix(cell)
     target_metric = target_direct @ target_direct.T
-    rotations = [np.array(op.rot, dtype=np.float64) / op.DEN for op in sg.operations().sym_ops]
+    rotations = np.array([np.array(op.rot, dtype=np.float64) / op.DEN for op in sg.operations().sym_ops])
 
     rlps, _lab = reciprocal_points(geometry, x, y)
     keep = np.isfinite(rlps).all(axis=1) & (np.linalg.norm(rlps, axis=1) > 1e-6)
