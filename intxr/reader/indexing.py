@@ -62,8 +62,8 @@ class IndexingParams:
     symmetry_angle_tolerance: float = 3.0
     outlier_min_px: float = 2.0  # positional outliers: beyond max(this, outlier_medians x the median distance)
     outlier_medians: float = 2.5
-    angular_step: float = 0.02  # rad: DIALS real_space_grid_search's characteristic grid; peaks refined locally
-    n_peaks: int = 12  # candidate directions kept per length
+    angular_step: float = 0.03  # rad (DIALS real_space_grid_search's grid is 0.02); peaks refined locally
+    n_peaks: int = 20  # candidate directions kept per length
     n_shortlisted: int = 12  # candidate bases (by a quick low-resolution score) indexed shell by shell
     n_refined: int = 10  # candidate bases refined against the positions
     max_search_spots: int = 200  # rlps scored on the coarse direction grid
