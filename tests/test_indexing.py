@@ -259,3 +259,53 @@ def test_thaumatin_hits_index_as_tP_near_dials_median_cell(thaumatin_indexing):
     indexed = sum(1 for d in ours.values() if d["indexed"])
     print(f"thaumatin: {indexed} of {len(ours)} hits indexed (DIALS: {len(cells)})")
     assert not failures, "\n".join(failures)
+
+
+def test_a_reader_indexes_hits_of_a_run_mode_that_says_indexing(tmp_path):
+    """Through the reader: [screening] indexes (known cell), [rastering] does not; the result carries the crystal
+    and the result line its space group and cell; a frame without geometry says why it is not indexed."""
+    import time
+
+    from intxr.config import load
+    from intxr.images import open_source
+    from intxr.reader.source import ServedFrame
+    from intxr.reader.worker import Reader, ReaderSettings
+    from intxr.sinks.result_line import format_result_line
+
+    path = shared_path("data") / "cbf" / "thaumatin_grid" / "thau_3_2_0005.cbf.bz2"
+    processing = tmp_path / "processing.cfg"
+    processing.write_text("[DEFAULT]\nprocessing_mode = spotfinding\n"
+                          "[screening]\nprocessing_mode = spotfinding_indexing\n"
+                          "target_unit_cell = 57.8,57.8,150,90,90,90\ntarget_space_group = P41212\n"
+                          "exposure_time_cutoff = 0.01\n[rastering]\nprocessing_mode = spotfinding\n")
+    startup = tmp_path / "startup.cfg"
+    startup.write_text(f"[bl]\nprocessing_config_file = {processing}\nrun_mode_key = mapping\ncustom_keys = mapping\n")
+    configuration = load(str(startup), "bl")
+    reader = Reader(ReaderSettings(rank=1, splitter_endpoint="tcp://127.0.0.1:1", collector_endpoint="tcp://127.0.0.1:1",
+                                   control_endpoint=None, timeout=1.0), configuration)
+    image = open_source(str(path)).read(0)
+    pixels = np.asarray(image.data).astype(np.uint32)
+    results = {}
+    try:
+        for k, (mode, info) in enumerate([("screening", {"geometry": image.geometry.to_wire()}),
+                                          ("rastering", {"geometry": image.geometry.to_wire()}),
+                                          ("screening", {})], start=1):
+            meta = {"series": k, "series_name": f"s{k}", "frame": 1, "shape": list(pixels.shape), "type": "uint32",
+                    "encoding": "bs32-lz4", "header": {"mapping": mode}}
+            frame = ServedFrame(meta, info, memoryview(b""), time.time())
+            frame.pixels = lambda out=None: pixels
+            results[k] = reader.process(frame)
+    finally:
+        reader.source.close()
+        reader.results.close(linger=0)
+    indexed, raster, no_geometry = results[1], results[2], results[3]
+    assert indexed.status == "processed" and indexed.indexing == "indexed", indexed.errors
+    assert indexed.lattice == "tP" and indexed.space_group == "P4" and indexed.n_indexed > 500
+    assert "indexing" in indexed.timing
+    line = format_result_line({"series": 1, "frame": 1}, indexed.to_wire(), ["series", "frame", "result {}"], None,
+                              None, "RESULTS:")
+    cell = " ".join(f"{v:.2f}" for v in indexed.unit_cell)
+    assert f" P4 {cell} {{" in line and cell.startswith("58.")
+    assert raster.indexing.startswith("not asked") and raster.space_group is None and raster.indexed is None
+    assert no_geometry.indexed is False and no_geometry.space_group is None
+    assert any(e.startswith("not indexed:") and "geometry" in e for e in no_geometry.errors), no_geometry.errors
