@@ -212,14 +212,26 @@ class UiListener:
         self.sock.close(linger=0)
 
 
+INDEXING = """[rastering]
+processing_mode = spotfinding_indexing
+spf_d_max = 40
+spf_algorithm = dispersion
+target_unit_cell = 57.8,57.8,150,90,90,90
+target_space_group = P41212
+exposure_time_cutoff = 0.01
+"""
+
+
+@pytest.mark.parametrize("indexing", [False, True], ids=["spotfinding", "indexing"])
 def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_grid(
-        tmp_path, thaumatin_cbfs, capfd):
+        tmp_path, thaumatin_cbfs, capfd, indexing):
     """A 5 x 4 grid scanned as a snake: four real thaumatin frames (hundreds to a thousand spots)
     on the cells of columns 1-2, rows 1-2, blank frames (all zero) everywhere else. A real Reader
     processes every frame with [rastering] (the header's run mode), a real Collector sums the
     series up, and the BluIce listener, stdout and the record get one RASTER line: one crystal
     whose centre of mass (by the readers' scores) is within half a cell of (1.5, 1.5); the GUI,
-    subscribed to the Collector, has it for its raster map."""
+    subscribed to the Collector, has it for its raster map. Where [rastering] indexes (a known
+    cell), the crystal carries the cell of its best indexed frame."""
     import numpy as np
     from test_faults_pipeline import write_config
 
@@ -234,8 +246,12 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
     from intxr.testing import free_ports
 
     [ui_port] = free_ports(1)
+    processing = {}
+    if indexing:
+        (tmp_path / "processing.cfg").write_text(INDEXING)
+        processing = {"processing_config_file": str(tmp_path / "processing.cfg")}
     config, keys = write_config(tmp_path, uihost="127.0.0.1", uiport=ui_port, send_to_ui="True",
-                                raster_row_length="5")
+                                raster_row_length="5", **processing)
     record = tmp_path / "record.jsonl"
     collector = Collector(cfg.load(str(config), "t"), CollectorSettings(grace=1.0, record=str(record)))
     collector.raster_snake = True  # the startup config has no snake key yet (see the README)
@@ -309,7 +325,15 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
     [raster] = [row["raster"] for row in rows if "raster" in row]
     assert raster["line"] == raster_lines[0] and raster["series_name"] == name
     assert raster["crystals"][0]["best_frame"] == best.frame and raster["placed_by"] == "row_length"
-    assert re.fullmatch(r"RASTER: series 1 crystals 1 \{[^{}]+ \{\}\}", raster_lines[0])
+    indexed = [r for r in hits if r.indexed]
+    if not indexing:
+        assert not indexed and re.fullmatch(r"RASTER: series 1 crystals 1 \{[^{}]+ \{\}\}", raster_lines[0])
+    else:
+        assert indexed, [(r.frame, r.indexing, r.errors) for r in hits]
+        top = max(indexed, key=lambda r: (r.score, -r.frame))
+        cell = " ".join([top.space_group] + [f"{v:.2f}" for v in top.unit_cell])
+        assert raster_lines[0].endswith(f" {{{cell}}}}}"), (raster_lines[0], cell)
+        assert raster["crystals"][0]["unit_cell"][0] == top.space_group
     [series] = model.delta(0)["series"]
     [shown] = series["crystals"]
     box = (shown["left"], shown["top"], shown["width"], shown["height"])
