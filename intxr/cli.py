@@ -199,6 +199,12 @@ def cmd_version(args) -> int:
     )
     print(f"  MPI: {mpi_library_version()}")
     try:
+        import gemmi
+
+        print(f"  gemmi {gemmi.__version__} (the indexer's cells, space groups and lattice symmetry)")
+    except ImportError as exc:
+        print(f"  gemmi: not importable ({exc}): a dependency of intxr, needed for indexing")
+    try:
         import dials  # noqa: F401
 
         print("  dials: available (spf_backend = dials can be used)")
