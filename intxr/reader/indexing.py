@@ -265,12 +265,15 @@ def _search_length(rlps: np.ndarray, length: float, params: IndexingParams) -> n
     order = np.argsort(scores)[::-1]
     picked: list[np.ndarray] = []
     cos_sep = math.cos(3 * step)
-    for k in order[: 50 * params.n_peaks]:
-        u = dirs[k]
-        if all(abs(float(u @ v)) < cos_sep for v in picked):
-            picked.append(u)
-            if len(picked) >= params.n_peaks:
-                break
+    top = dirs[order[: 50 * params.n_peaks]]
+    free = np.ones(len(top), dtype=bool)
+    for idx in range(len(top)):
+        if not free[idx]:
+            continue
+        picked.append(top[idx])
+        if len(picked) >= params.n_peaks:
+            break
+        free &= np.abs(top @ top[idx]) < cos_sep  # non-maximum suppression around the pick
     # Each peak refined on finer local grids with rlps to higher resolution (finer in angle as they go), all
     # peaks in one product.
     if not picked:
@@ -405,26 +408,29 @@ def _candidate_bases(rlps: np.ndarray, target_direct: np.ndarray, params: Indexi
     bases = []
     # Directions come from a hemisphere: both signs of each, since (-a, -b) implies the mirror image of c
     # (a lattice of another hand) unless a two-fold axis relates them.
-    for ui0 in peaks_i:
-        for uj in peaks_j:
-            for sign_i, sign in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
-                ui = sign_i * ui0
-                c = sign * float(ui @ uj)
-                if abs(math.acos(max(-1.0, min(1.0, c))) - math.acos(cos_ij)) > cos_tol:
-                    continue
-                vi = ui * lengths[i]
-                vj = sign * uj * lengths[j]
-                vk = coef[0] * vi + coef[1] * vj + coef[2] * np.cross(vi, vj)
-                # The third vector: the searched direction nearest the one the target's angles imply, when
-                # one is within 6 degrees (one still fixes it better than the angles of a cell a few % off).
-                if len(peaks_k):
-                    along = peaks_k @ (vk / np.linalg.norm(vk))
-                    best_k = int(np.argmax(np.abs(along)))
-                    if abs(along[best_k]) >= cos_k:
-                        vk = np.sign(along[best_k]) * peaks_k[best_k] * lengths[k]
-                basis = np.empty((3, 3))
-                basis[i], basis[j], basis[k] = vi, vj, vk
-                bases.append(basis)
+    dots = np.clip(peaks_i @ peaks_j.T, -1.0, 1.0)
+    want = math.acos(cos_ij)
+    for a, b in zip(*np.nonzero(np.abs(np.arccos(np.abs(dots)) - min(want, math.pi - want)) <= cos_tol),
+                    strict=True):
+        ui0, uj = peaks_i[a], peaks_j[b]
+        for sign_i, sign in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
+            ui = sign_i * ui0
+            c = sign * float(ui @ uj)
+            if abs(math.acos(max(-1.0, min(1.0, c))) - want) > cos_tol:
+                continue
+            vi = ui * lengths[i]
+            vj = sign * uj * lengths[j]
+            vk = coef[0] * vi + coef[1] * vj + coef[2] * np.cross(vi, vj)
+            # The third vector: the searched direction nearest the one the target's angles imply, when
+            # one is within 6 degrees (one still fixes it better than the angles of a cell a few % off).
+            if len(peaks_k):
+                along = peaks_k @ (vk / np.linalg.norm(vk))
+                best_k = int(np.argmax(np.abs(along)))
+                if abs(along[best_k]) >= cos_k:
+                    vk = np.sign(along[best_k]) * peaks_k[best_k] * lengths[k]
+            basis = np.empty((3, 3))
+            basis[i], basis[j], basis[k] = vi, vj, vk
+            bases.append(basis)
     return bases
 
 
@@ -524,7 +530,10 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
         frac = low @ basis.T  # h = D r: rows a, b, c
         quick.append(int((np.abs(frac - np.round(frac)).max(axis=1) < params.hkl_tolerance).sum()))
     shortlisted: list = []
+    best_quick = max(quick, default=0)
     for n_quick in np.argsort(quick)[::-1]:
+        if quick[int(n_quick)] < 0.5 * best_quick:
+            break
         basis = bases[int(n_quick)]
         if not any(_same_lattice(basis, other) for other in shortlisted):
             shortlisted.append(basis)
