@@ -67,6 +67,8 @@ class IndexingParams:
     n_shortlisted: int = 12  # candidate bases (by a quick low-resolution score) indexed shell by shell
     n_refined: int = 10  # candidate bases refined against the positions
     max_search_spots: int = 200  # rlps scored on the coarse direction grid
+    chance_trials: int = 8  # random orientations for the chance level of the indexed fraction
+    min_over_chance: float = 2.0  # indexed fraction / chance fraction needed
     refine_fraction: float = 0.6  # candidates indexing fewer than this x the best (before refinement) are dropped
 
 
@@ -87,6 +89,7 @@ class IndexingResult:
     miller: np.ndarray | None = field(default=None, repr=False)  # per spot (h, k, l); 0,0,0 where not indexed
     indexed_mask: np.ndarray | None = field(default=None, repr=False)
     predicted_xy: np.ndarray | None = field(default=None, repr=False)
+    chance_fraction: float | None = None  # what the same cell indexes in random orientations
 
     def as_dict(self) -> dict:
         return {
@@ -96,7 +99,8 @@ class IndexingResult:
             "space_group": self.space_group,
             "unit_cell": self.unit_cell,
             "p1_unit_cell": self.p1_unit_cell,
-            "rmsd_px": None if self.rmsd_px is None else round(self.rmsd_px, 4),
+            "rmsd_px": None if self.rmsd_px is None or not math.isfinite(self.rmsd_px) else round(self.rmsd_px, 4),
+            "chance_fraction": None if self.chance_fraction is None else round(self.chance_fraction, 4),
             "orientation_matrix": self.orientation_matrix,
             "method": self.method,
             "errors": list(self.errors),
@@ -444,6 +448,23 @@ def _same_lattice(d1: np.ndarray, d2: np.ndarray, tol: float = 0.15) -> bool:
     return bool(np.abs(m - r).max() < tol and abs(round(np.linalg.det(r))) == 1)
 
 
+def _chance_fraction(geometry, rlps, xy, panels, a_mat, cutoff_px: float, params) -> float:
+    """The fraction of these spots the same cell indexes by chance: with the solution's tolerances (hkl and the
+    largest positional residual it accepted) in a few random orientations (fixed seed), no refinement."""
+    rng = np.random.default_rng(12345)
+    fractions = []
+    for _ in range(params.chance_trials):
+        q, _r = np.linalg.qr(rng.normal(size=(3, 3)))
+        rot = q * np.sign(np.linalg.det(q))
+        a_rot = rot @ a_mat
+        frac = rlps @ np.linalg.inv(a_rot).T
+        hkl = np.round(frac)
+        ok = (np.abs(frac - hkl).max(axis=1) < params.hkl_tolerance) & (np.abs(hkl).sum(axis=1) > 0)
+        dist = np.hypot(*(predict_xy(geometry, hkl @ a_rot.T, panels) - xy).T)
+        fractions.append(float((ok & (dist <= cutoff_px)).mean()))
+    return float(np.mean(fractions))
+
+
 def _refine_candidate(geometry, rlps, xy, panels, a_mat, hkl, mask, cell, target_metric, rotations, params):
     """Refine against the spot positions, rejecting positional outliers (a spot whose predicted position is far
     from its centroid is not indexed by this lattice, however close its h is to integers)."""
@@ -575,6 +596,9 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     _, a_mat, hkl, mask, dist = best
     pred = predict_xy(geometry, hkl @ a_mat.T, panels)
     n_indexed = int(mask.sum())
+    chance = _chance_fraction(geometry, rlps, xy, panels, a_mat, float(dist[mask].max()) if n_indexed else 0.0,
+                              params)
+    result.chance_fraction = chance
     result.n_indexed = n_indexed
     direct = np.linalg.inv(a_mat)  # rows a, b, c (D A = I)
     p1 = cell_from_direct(direct)
@@ -594,6 +618,9 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
         return _fail(result, f"{n_indexed} spots indexed, fewer than {params.min_indexed}")
     if n_indexed < params.min_indexed_fraction * n:
         return _fail(result, f"{n_indexed} of {n} spots indexed, less than {params.min_indexed_fraction:.0%}")
+    if n_indexed < params.min_over_chance * chance * n:
+        return _fail(result, f"{n_indexed} of {n} spots indexed ({n_indexed / n:.0%}), not clearly above chance: "
+                             f"this cell indexes {chance:.0%} of them in random orientations")
     if not rmsd <= params.max_rmsd_px:
         return _fail(result, f"positional RMSD {rmsd:.2f} px exceeds {params.max_rmsd_px} px")
     metric = direct @ direct.T
