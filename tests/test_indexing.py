@@ -133,7 +133,7 @@ def test_a_wrong_target_cell_is_not_called_success():
     assert not result.indexed and result.errors
 
 
-@pytest.mark.parametrize("case", ["few", "line", "no geometry", "nan", "ab initio", "bad cell"])
+@pytest.mark.parametrize("case", ["few", "line", "no geometry", "nan", "ab initio", "bad cell", "cell vs group"])
 def test_bad_input_gives_a_reason_never_an_exception(case):
     params = IndexingParams(target_unit_cell=(57.8, 57.8, 150, 90, 90, 90), target_space_group="P41212")
     geometry = GEOMETRY
@@ -152,11 +152,14 @@ def test_bad_input_gives_a_reason_never_an_exception(case):
         params = IndexingParams()
     elif case == "bad cell":
         params = IndexingParams(target_unit_cell=(57.8, 57.8, -1, 90, 90, 90))
+    elif case == "cell vs group":
+        params = IndexingParams(target_unit_cell=(57.8, 61.0, 150, 90, 90, 90), target_space_group="P41212")
     result = index_spots(geometry, x, y, params)
     assert not result.indexed
     reason = "; ".join(result.errors)
     expected = {"few": "fewer than the 10", "line": "on one line", "no geometry": "geometry",
-                "nan": "fewer than the 10", "ab initio": "ab initio", "bad cell": "lengths must be > 0"}[case]
+                "nan": "fewer than the 10", "ab initio": "ab initio", "bad cell": "lengths must be > 0",
+                "cell vs group": "does not have the metric symmetry of target_space_group P41212"}[case]
     assert expected in reason, reason
 
 

@@ -531,6 +531,11 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
                              "target_unit_cell and target_space_group)")
     cell = parse_unit_cell(params.target_unit_cell)
     sg = parse_space_group(params.target_space_group or "P1")
+    import gemmi
+
+    if not gemmi.UnitCell(*cell).is_compatible_with_spacegroup(sg, 1e-3):
+        return _fail(result, f"target_unit_cell {' '.join(f'{v:g}' for v in cell)} does not have the metric "
+                             f"symmetry of target_space_group {sg.short_name()}")
     lattice = lattice_of(sg)
     target_direct = orth_matrix(cell)
     target_metric = target_direct @ target_direct.T
