@@ -24,7 +24,8 @@ reports it (P1, P2, C2, P222, ..., P4, I4, P3, R3, P23, F23, I23); the refined c
 the metric tensor over the group's rotations (G' = mean R^T G R), after checking that the unconstrained cell is
 within the tolerance of the symmetric one (a metric that does not fit the lattice is not indexed).
 
-Ab initio search (no target cell) is not implemented yet: such a frame is reported not indexed with that reason.
+Without a target cell, `intxr.reader.ab_initio` finds one (an fft1d-style search, Niggli reduction, metric
+symmetry; primitive lattices only so far) and hands it to the same search and checks.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class IndexingResult:
     p1_unit_cell: list[float] | None = None
     rmsd_px: float | None = None
     orientation_matrix: list[list[float]] | None = None  # A = UB: columns a*, b*, c* in the lab frame (1/A)
-    method: str = "real_space_grid_search"
+    method: str = "real_space_grid_search"  # fft1d when the cell was found ab initio
     errors: list[str] = field(default_factory=list)
     timing: float = 0.0
     miller: np.ndarray | None = field(default=None, repr=False)  # per spot (h, k, l); 0,0,0 where not indexed
@@ -526,9 +527,27 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     sv = np.linalg.svd(centred, compute_uv=False)
     if sv[1] / math.sqrt(len(x)) < 2.0:
         return _fail(result, "the spots lie on one line (no 3-D lattice can be determined from them)")
+    note = None
     if params.target_unit_cell is None:
-        return _fail(result, "no target_unit_cell: ab initio indexing is not implemented yet (set "
-                             "target_unit_cell and target_space_group)")
+        # Ab initio (intxr.reader.ab_initio: fft1d-style search, Niggli reduction, metric symmetry); the cell it
+        # finds becomes the known-cell search's target, with every check below.
+        from dataclasses import replace
+
+        from intxr.reader import ab_initio
+
+        result.method = "fft1d"
+        rl, _lab = reciprocal_points(geometry, x, y)
+        rl = rl[np.isfinite(rl).all(axis=1)]
+        basis = ab_initio.find_basis(rl)
+        if basis is None:
+            return _fail(result, "ab initio (no target_unit_cell): no three independent lattice vectors found")
+        found, lattice_found, group, note = ab_initio.reduce_and_classify(basis)
+        found = ab_initio.symmetric_cell(found, lattice_found)
+        try:
+            parse_unit_cell(found)
+        except ValueError:
+            return _fail(result, "ab initio (no target_unit_cell): the vectors found make no cell")
+        params = replace(params, target_unit_cell=tuple(found), target_space_group=group)
     cell = parse_unit_cell(params.target_unit_cell)
     sg = parse_space_group(params.target_space_group or "P1")
     import gemmi
@@ -639,6 +658,8 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
             wanted = " ".join(f"{v:.2f}" for v in want)
             return _fail(result, f"refined cell {shown} does not match {what} ({wanted})")
     result.indexed = True
+    if note:
+        result.errors.append(note)
     result.lattice = lattice
     result.space_group = LOWEST_SPACE_GROUP[lattice]
     result.unit_cell = [round(v, 4) for v in sym]
