@@ -486,12 +486,13 @@ class ProcessingConfig:
     target_unit_cell: tuple[float, ...] | None = key(
         optional(unit_cell), "None",
         "the crystal's cell a,b,c,alpha,beta,gamma (A, degrees), as DIALS's indexing.known_symmetry.unit_cell: "
-        "the indexer searches for it, and a solution that does not match it is rejected; None: ab initio (not "
-        "implemented yet: such hits are reported not indexed, with the reason)", cli=("--unit-cell",))
+        "the indexer searches for it, and a solution that does not match it is rejected; None: ab initio (an "
+        "fft1d-style search; slower, and centred lattices come out as aP)", cli=("--unit-cell",))
     target_space_group: str | None = key(
         optional(space_group), "None",
         "the crystal's space group (DIALS's indexing.known_symmetry.space_group): its lattice is the one reported "
-        "(as its lowest-symmetry group, e.g. P41212 -> tP, P4); None: P1", cli=("--space-group",))
+        "(as its lowest-symmetry group, e.g. P41212 -> tP, P4); None: P1 with a target cell, the metric's "
+        "lattice ab initio", cli=("--space-group",))
     indexing_backend: str = key(
         choice("native", "dials"), "native",
         "native: intxr's own stills indexer (numpy + gemmi); dials: refused with the reason (DIALS's stills "
