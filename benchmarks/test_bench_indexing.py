@@ -59,3 +59,27 @@ def test_spotfinding_same_hit(benchmark, hits):
     data = np.asarray(image.data)
     result = benchmark(finder.find, data)
     assert len(result.spots) > 300
+
+
+def test_index_thaumatin_hit_ab_initio(benchmark, hits):
+    """No cell given (fft1d-style search first), one hit per call cycling through the 10."""
+    benchmark.group = "index one thaumatin hit ab initio, per hit"
+    benchmark.extra_info["role"] = "intxr"
+    state = {"i": 0}
+
+    def one():
+        name, image, x, y = hits[state["i"] % len(hits)]
+        state["i"] += 1
+        return index_spots(image.geometry, x, y, IndexingParams())
+
+    result = benchmark(one)
+    assert result.method == "fft1d"
+
+
+def test_spotfinding_same_hit_ab_initio_group(benchmark, hits):
+    benchmark.group = "index one thaumatin hit ab initio, per hit"
+    benchmark.extra_info["role"] = "baseline:spot finding + stats + score of the hit"
+    _, image, _, _ = hits[4]
+    finder = SpotFinder(SpotFinderParams(), image.geometry)
+    result = benchmark(finder.find, np.asarray(image.data))
+    assert len(result.spots) > 300
