@@ -53,6 +53,7 @@ class IndexingParams:
     target_unit_cell: tuple[float, ...] | None = None  # a, b, c, alpha, beta, gamma (A, degrees)
     target_space_group: str | None = None
     min_spots: int = 10  # fewer spots than this: not tried
+    max_spots: int = 2500  # more: the lowest-resolution ones are used (latency)
     min_indexed: int = 10  # fewer indexed spots: not indexed
     min_indexed_fraction: float = 0.25  # of the spots given
     max_rmsd_px: float = 4.0  # as DIALS stills indexing was run for the reference (indexing.stills.rmsd_min_px=4)
@@ -562,7 +563,15 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
 
     rlps, _lab = reciprocal_points(geometry, x, y)
     keep = np.isfinite(rlps).all(axis=1) & (np.linalg.norm(rlps, axis=1) > 1e-6)
+    if keep.sum() > params.max_spots:
+        # Within the latency budget: the lowest-resolution spots (those a cell a few % off still indexes).
+        kept = np.flatnonzero(keep)
+        norms = np.linalg.norm(rlps[kept], axis=1)
+        keep = np.zeros_like(keep)
+        keep[kept[np.argsort(norms)[: params.max_spots]]] = True
+        result.errors.append(f"indexing used the {params.max_spots} lowest-resolution of {n} spots")
     rlps, x, y = rlps[keep], x[keep], y[keep]
+    n_used = len(rlps)
     xy = np.stack([x, y], axis=1)
     panels = panel_of(geometry, x, y).ravel()
 
@@ -640,10 +649,11 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
 
     if n_indexed < params.min_indexed:
         return _fail(result, f"{n_indexed} spots indexed, fewer than {params.min_indexed}")
-    if n_indexed < params.min_indexed_fraction * n:
-        return _fail(result, f"{n_indexed} of {n} spots indexed, less than {params.min_indexed_fraction:.0%}")
-    if n_indexed < params.min_over_chance * chance * n:
-        return _fail(result, f"{n_indexed} of {n} spots indexed ({n_indexed / n:.0%}), not clearly above chance: "
+    if n_indexed < params.min_indexed_fraction * n_used:
+        return _fail(result, f"{n_indexed} of {n_used} spots indexed, less than {params.min_indexed_fraction:.0%}")
+    if n_indexed < params.min_over_chance * chance * n_used:
+        return _fail(result, f"{n_indexed} of {n_used} spots indexed ({n_indexed / n_used:.0%}), not clearly above "
+                             "chance: "
                              f"this cell indexes {chance:.0%} of them in random orientations")
     if not rmsd <= params.max_rmsd_px:
         return _fail(result, f"positional RMSD {rmsd:.2f} px exceeds {params.max_rmsd_px} px")
