@@ -369,3 +369,16 @@ def test_ab_initio_thaumatin_hits():
         tp += 1
     print(f"thaumatin ab initio: {tp} of 10 hits indexed as tP (DIALS fft1d: 0)")
     assert tp >= 5
+
+
+def test_very_many_spots_use_the_lowest_resolution_ones_and_say_so():
+    x, y, n_true = synthetic_still((57.8, 57.8, 150.0, 90, 90, 90), "P41212", seed=8, outliers=0.0, d_min=1.5,
+                                   band=0.004)
+    rng = np.random.default_rng(8)
+    extra = 2600 - len(x) if len(x) < 2600 else 0
+    x = np.concatenate([x, rng.uniform(0, 2463, extra)])
+    y = np.concatenate([y, rng.uniform(0, 2527, extra)])
+    result = index_spots(GEOMETRY, x, y, IndexingParams(target_unit_cell=(57.8, 57.8, 150, 90, 90, 90),
+                                                        target_space_group="P41212"))
+    assert any("lowest-resolution of" in e for e in result.errors), result.errors
+    assert result.indexed and result.lattice == "tP", result.errors
