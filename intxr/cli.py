@@ -501,6 +501,31 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _add_frame_source_args(p) -> None:
+    """The images and processing section, as find-spots and index both read them."""
+    p.add_argument("images", nargs="+", metavar="PATH")
+    p.add_argument("-c", "--config_file", metavar="FILE",
+                   help="processing config (default: the processing.cfg shipped with intxr)")
+    p.add_argument("--processing-section", default="DEFAULT", metavar="NAME",
+                   help="its section to use, as a series whose run mode names it (default: DEFAULT)")
+
+
+def _add_spot_finding_args(p) -> None:
+    """The spot finder's keys and the geometry overrides, as find-spots and index both take them."""
+    from intxr import config as cfg
+
+    cfg.add_key_flags(p, cfg.ProcessingConfig, FIND_SPOTS_KEYS, "default: the section's; DEFAULT's is {default}",
+                      spf_kernel_size={"metavar": "NY,NX"}, spf_global_threshold={"metavar": "T|Auto"})
+    p.add_argument("--d-min", type=float, default=None, help="mask pixels at d <= D before thresholding")
+    p.add_argument("--d-max", type=float, default=None, help="mask pixels at d >= D before thresholding")
+    p.add_argument("--mask", metavar="MASK.npy", help="pixels to use (nonzero), same shape as the frames")
+    p.add_argument("--distance", type=float, metavar="MM")
+    p.add_argument("--pixel-size", type=float, metavar="MM")
+    p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"), help="pixels (fast, slow)")
+    p.add_argument("--wavelength", type=float, metavar="A")
+    p.add_argument("--count-cutoff", type=int, help="highest trusted count (overrides the file's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from intxr import config as cfg
 
@@ -582,21 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the flags below override that section's keys. Reads .cbf[.bz2|.gz], Eiger/NXmx .h5 (all frames) and "
         ".npy (give its geometry).",
     )
-    p.add_argument("images", nargs="+", metavar="PATH")
-    p.add_argument("-c", "--config_file", metavar="FILE",
-                   help="processing config (default: the processing.cfg shipped with intxr)")
-    p.add_argument("--processing-section", default="DEFAULT", metavar="NAME",
-                   help="its section to use, as a series whose run mode names it (default: DEFAULT)")
-    cfg.add_key_flags(p, cfg.ProcessingConfig, FIND_SPOTS_KEYS, "default: the section's; DEFAULT's is {default}",
-                      spf_kernel_size={"metavar": "NY,NX"}, spf_global_threshold={"metavar": "T|Auto"})
-    p.add_argument("--d-min", type=float, default=None, help="mask pixels at d <= D before thresholding")
-    p.add_argument("--d-max", type=float, default=None, help="mask pixels at d >= D before thresholding")
-    p.add_argument("--mask", metavar="MASK.npy", help="pixels to use (nonzero), same shape as the frames")
-    p.add_argument("--distance", type=float, metavar="MM")
-    p.add_argument("--pixel-size", type=float, metavar="MM")
-    p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"), help="pixels (fast, slow)")
-    p.add_argument("--wavelength", type=float, metavar="A")
-    p.add_argument("--count-cutoff", type=int, help="highest trusted count (overrides the file's)")
+    _add_frame_source_args(p)
+    _add_spot_finding_args(p)
     p.add_argument("--json", action="store_true",
                    help="one JSON object per frame per line (with processing_section and algorithm)")
     p.add_argument("--verbose", action="store_true",
@@ -612,23 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
         "target_space_group) it searches for that cell and rejects solutions that do not match it. Reads "
         ".cbf[.bz2|.gz], Eiger/NXmx .h5 (all frames) and .npy (give its geometry).",
     )
-    p.add_argument("images", nargs="+", metavar="PATH")
-    p.add_argument("-c", "--config_file", metavar="FILE",
-                   help="processing config (default: the processing.cfg shipped with intxr)")
-    p.add_argument("--processing-section", default="DEFAULT", metavar="NAME",
-                   help="its section to use, as a series whose run mode names it (default: DEFAULT)")
+    _add_frame_source_args(p)
     cfg.add_key_flags(p, cfg.ProcessingConfig, INDEX_KEYS, "default: the section's; DEFAULT's is {default}",
                       target_unit_cell={"metavar": "a,b,c,al,be,ga"}, target_space_group={"metavar": "SG"})
-    cfg.add_key_flags(p, cfg.ProcessingConfig, FIND_SPOTS_KEYS, "default: the section's; DEFAULT's is {default}",
-                      spf_kernel_size={"metavar": "NY,NX"}, spf_global_threshold={"metavar": "T|Auto"})
-    p.add_argument("--d-min", type=float, default=None, help="mask pixels at d <= D before thresholding")
-    p.add_argument("--d-max", type=float, default=None, help="mask pixels at d >= D before thresholding")
-    p.add_argument("--mask", metavar="MASK.npy", help="pixels to use (nonzero), same shape as the frames")
-    p.add_argument("--distance", type=float, metavar="MM")
-    p.add_argument("--pixel-size", type=float, metavar="MM")
-    p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"), help="pixels (fast, slow)")
-    p.add_argument("--wavelength", type=float, metavar="A")
-    p.add_argument("--count-cutoff", type=int, help="highest trusted count (overrides the file's)")
+    _add_spot_finding_args(p)
     p.add_argument("--json", action="store_true",
                    help="one JSON object per frame per line: file, frame, n_spots, indexed, n_indexed, lattice, "
                    "space_group, unit_cell, p1_unit_cell, rmsd_px, orientation_matrix, errors, timing")
