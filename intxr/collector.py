@@ -383,15 +383,10 @@ class Collector:
             for line in raster_lines:
                 self.journal(series, now, line)
 
-    def emit(self, result: FrameResult) -> None:
-        """Hand a taken (and journaled) result to the sinks."""
-        line = self.result_line(result)
-        result.line = line
-        wire = result.to_wire()
-        text = json.dumps(wire)
-        # The record first: a result seen anywhere is in the record.
+    def record_and_send(self, record_text: str, line: str) -> None:
+        """The record first (a line seen anywhere is in the record), then BluIce's socket."""
         if self.record is not None:
-            self.record.write(text + "\n")
+            self.record.write(record_text + "\n")
             self.record.flush()
         if self.ui is not None:
             try:
@@ -399,6 +394,14 @@ class Collector:
                 self.ui_sent += 1
             except zmq.Again:
                 self.ui_dropped += 1  # a slow or absent listener costs nothing; counted
+
+    def emit(self, result: FrameResult) -> None:
+        """Hand a taken (and journaled) result to the sinks."""
+        line = self.result_line(result)
+        result.line = line
+        wire = result.to_wire()
+        text = json.dumps(wire)
+        self.record_and_send(text, line)
         if self.settings.verbose:
             print(text if self.settings.result_format == "json" else line, flush=True)
         rank = self.ranks.get(result.rank if result.rank is not None else -1)
@@ -750,15 +753,7 @@ class Collector:
             self.bad_raster(f"series {series_label(account.series, account.name)}: {type(exc).__name__}: {exc}")
             return
         print(line, flush=True)
-        if self.record is not None:
-            self.record.write(json.dumps({"raster": wire}) + "\n")
-            self.record.flush()
-        if self.ui is not None:
-            try:
-                self.ui.send_string(line, zmq.DONTWAIT)
-                self.ui_sent += 1
-            except zmq.Again:
-                self.ui_dropped += 1
+        self.record_and_send(json.dumps({"raster": wire}), line)
         self._publish("raster", wire)
 
     def publish_live_rasters(self) -> int:
