@@ -68,7 +68,6 @@ class Reader:
         self.source = FrameSource(settings.splitter_endpoint, timeout=settings.timeout, identity=identity,
                                   context=self.context)
         self._finders: dict[tuple, SpotFinder] = {}
-        self._sections: dict[tuple, object] = {}
         self._buffer: np.ndarray | None = None
         self.frames = 0
         self.failed = 0
@@ -96,7 +95,8 @@ class Reader:
         self.failures.tick()
         self.bad_reply.tick()
 
-    def finder_for(self, frame: ServedFrame) -> tuple[SpotFinder, str]:
+    def finder_for(self, frame: ServedFrame):
+        """The spot finder for this frame's series, section and shape, and that processing section."""
         bl = self.configuration.beamline
         run_mode = frame.header(bl.run_mode_key) if bl.run_mode_key else None
         section = self.configuration.processing.for_run_mode(run_mode, bl.run_mode_key_index)
@@ -106,14 +106,7 @@ class Reader:
                 self._finders.clear()
             geometry = geometry_from_series(frame.series_info, frame.shape)
             self._finders[key] = SpotFinder(SpotFinderParams.from_processing(section), geometry)
-            self._sections[key] = section
-        return self._finders[key], section.name
-
-    def section_for(self, finder: SpotFinder):
-        for key, f in self._finders.items():
-            if f is finder:
-                return self._sections.get(key)
-        return None
+        return self._finders[key], section
 
     def process(self, frame: ServedFrame) -> FrameResult:
         timing = {}
@@ -153,7 +146,7 @@ class Reader:
             result.status = status
             # The hit is decided here, once, with the section this frame was processed with.
             result.hit = is_hit(status, score.n_spots, finder.params.min_bragg_peaks)
-            result.processing_section = section
+            result.processing_section = section.name
             result.algorithm = finder.params.threshold.algorithm
             result.n_spots = score.n_spots
             result.n_overloads = score.n_overloads
@@ -164,9 +157,8 @@ class Reader:
             result.n_strong_pixels = found.n_strong_pixels
             result.n_spots_total = len(found.spots)
             result.errors = list(score.errors)  # the finder's own errors are already in its score's
-            section_model = self.section_for(finder)
             t_index = time.perf_counter()
-            word, indexed = index_if_asked(section_model, finder.geometry, found.spots.x, found.spots.y,
+            word, indexed = index_if_asked(section, finder.geometry, found.spots.x, found.spots.y,
                                            score.n_spots if status == "processed" else 0)
             for name, value in result_fields(word, indexed).items():
                 setattr(result, name, value)
