@@ -63,6 +63,9 @@ class Gui:
         results_port, self.port = free_ports(2)
         self.publisher = zmq.Context.instance().socket(zmq.PUB)
         self.publisher.setsockopt(zmq.LINGER, 0)
+        # As the Collector's publisher: a burst of thousands must not meet PUB's default 1000-message
+        # queue while the GUI's I/O thread waits for a CPU on a loaded machine (PUB drops, silently).
+        self.publisher.setsockopt(zmq.SNDHWM, 10_000)
         self.publisher.bind(f"tcp://127.0.0.1:{results_port}")
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process = subprocess.Popen(

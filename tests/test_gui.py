@@ -223,6 +223,7 @@ def test_page_keeps_up_with_500_results_per_second(tmp_path, chromium):
     results_port, gui_port = _free_ports(2)
     endpoint = f"tcp://127.0.0.1:{results_port}"
     publisher = zmq.Context.instance().socket(zmq.PUB)
+    publisher.setsockopt(zmq.SNDHWM, 10_000)  # as the Collector's: a loaded machine must not drop
     publisher.bind(endpoint)
     gui = subprocess.Popen([str(EXE / "intxr"), "gui", "--results", endpoint, "--port", str(gui_port),
                             "--row-length", "50"], stderr=subprocess.DEVNULL)
