@@ -4,12 +4,12 @@ low-resolution rlps are projected onto u and histogrammed; a real-lattice vector
 projections periodic with period 1/L, a peak of the histogram's Fourier transform at L. The strongest directions
 (with their lengths, refined on local grids) give candidate vectors; the non-coplanar triple that indexes most
 low-resolution rlps is the basis; gemmi's Niggli reduction gives the reduced cell, and gemmi's lattice symmetry
-search (Le Page's idea: two-fold axes within `max_obliquity` degrees) its metric symmetry.
+search (Le Page 1982: two-fold axes within `max_obliquity` degrees) its metric symmetry.
 
-The lattice is reported only where the reduced cell itself shows it (a primitive lattice whose symmetry
-operations permute its axes: aP, mP, oP, tP, cP, and hP with gamma 120): centred lattices (mC, oC, oI, oF, tI,
-hR, cI, cF) are not resolved ab initio yet, so such a frame gets the triclinic cell and aP (true, not the
-highest symmetry) and says so. The cell found is then handed to the known-cell indexer as its target.
+The Bravais lattice and conventional cell follow from that symmetry (`conventional_setting`): the holohedry's
+order gives the crystal family, its rotation axes the conventional axes, and the volume ratio with the reduced
+vectors' conventional coordinates the centring, so centred lattices (mC, oC, oI, oF, tI, hR, cI, cF) are found as
+primitive ones are. The cell found is then handed to the known-cell indexer as its target, with all its checks.
 """
 
 from __future__ import annotations
@@ -159,23 +159,188 @@ def _smallest_cell(basis: np.ndarray, low: np.ndarray, tol: float) -> np.ndarray
 def symmetric_cell(cell: list[float], lattice: str) -> list[float]:
     """The cell with its lattice's metric constraints imposed (equal lengths averaged, fixed angles set)."""
     a, b, c, al, be, ga = cell
-    if lattice == "mP":
+    family = lattice[0]
+    if family == "m":
         return [a, b, c, 90.0, be, 90.0]
-    if lattice == "oP":
+    if family == "o":
         return [a, b, c, 90.0, 90.0, 90.0]
-    if lattice == "tP":
+    if family == "t":
         return [(a + b) / 2, (a + b) / 2, c, 90.0, 90.0, 90.0]
-    if lattice == "hP":
+    if family == "h":
         return [(a + b) / 2, (a + b) / 2, c, 90.0, 90.0, 120.0]
-    if lattice == "cP":
+    if family == "c":
         m = (a + b + c) / 3
         return [m, m, m, 90.0, 90.0, 90.0]
     return list(cell)
 
 
-def reduce_and_classify(basis: np.ndarray, max_obliquity: float = 3.0) -> tuple[list[float], str, str, str | None]:
-    """(conventional cell, lattice, space group, note) from a direct basis: gemmi's Niggli reduction, then its
-    lattice symmetry; see the module's note on centred lattices (the note says when one was not resolved)."""
+# Lattice vectors of a Niggli-reduced basis, as integer coordinates: the conventional axes of every Bravais
+# lattice are short combinations of the reduced vectors (F: a + b - c and the like; hR: a - b, a + b + c).
+_VECTORS = np.array([n for n in np.ndindex(7, 7, 7) if any(v != 3 for v in n)], dtype=np.int64) - 3
+_VECTORS = _VECTORS[np.gcd.reduce(np.abs(_VECTORS), axis=1) == 1]
+
+# The proper rotations of each holohedry: 1 (aP), 2 (2/m), 4 (mmm), 8 (4/mmm), 6 (-3m), 12 (6/mmm), 24 (m-3m).
+_FAMILY_BY_ORDER = {1: "a", 2: "m", 4: "o", 8: "t", 6: "hR", 12: "hP", 24: "c"}
+# A rotation's order from its trace (proper rotations: 1 + 2 cos(2 pi / n)).
+_ORDER_BY_TRACE = {3: 1, -1: 2, 0: 3, 1: 4, 2: 6}
+# The Bravais lattices, with the centring each conventional cell may have.
+_ALLOWED = {"m": "PC", "o": "PCIF", "t": "PI", "c": "PIF"}
+
+
+def _centring(m: np.ndarray) -> str | None:
+    """Centring of the conventional basis M (rows: conventional vectors in reduced-basis coordinates) from the
+    fractional conventional coordinates of the reduced vectors (rows of M^-1): P, C, A, B, I, F, R (obverse),
+    or None when it is none of these."""
+    det = round(abs(float(np.linalg.det(m))))
+    if det == 1:
+        return "P"
+    frac = np.linalg.inv(m.astype(np.float64))
+    frac = np.round((frac - np.floor(frac + 1e-9)) * 6) / 6 % 1.0  # translations modulo the lattice
+    points = {tuple(np.round(row, 4)) for row in frac if np.abs(row).max() > 1e-6}
+    half = {(0.5, 0.5, 0.0): "C", (0.0, 0.5, 0.5): "A", (0.5, 0.0, 0.5): "B", (0.5, 0.5, 0.5): "I"}
+    if det == 2 and len(points) == 1:
+        return half.get(points.pop())
+    if det == 4 and points <= {(0.5, 0.5, 0.0), (0.0, 0.5, 0.5), (0.5, 0.0, 0.5)}:
+        return "F"
+    if det == 3:
+        third = {tuple(np.round(p, 4)) for p in [(2 / 3, 1 / 3, 1 / 3), (1 / 3, 2 / 3, 2 / 3)]}
+        if points <= third:
+            return "R"
+        return "reverse"
+    return None
+
+
+def conventional_setting(rcell: list[float], rots: list[np.ndarray]) -> tuple[list[float], str] | None:
+    """The conventional cell and Bravais lattice of a Niggli-reduced cell from its lattice symmetry (the proper
+    rotations, integer matrices acting on reduced fractional coordinates): the holohedry's order gives the crystal
+    family; its rotation axes give the conventional axes (International Tables A, ch. 3.1: b along the monoclinic
+    two-fold, c along the four-, three- or six-fold, a, b, c along the orthorhombic two-folds and the cubic
+    four-folds), each the shortest lattice vector along its axis; the volume ratio and the reduced vectors'
+    conventional coordinates give the centring (C, I, F, R obverse). None when the symmetry fits no lattice."""
+    from intxr.reader.indexing import orth_matrix
+
+    family = _FAMILY_BY_ORDER.get(len(rots))
+    if family is None:
+        return None
+    if family == "a":
+        return list(rcell), "aP"
+    d = orth_matrix(rcell)
+    g = d @ d.T
+    lengths = np.sqrt(np.einsum("ij,jk,ik->i", _VECTORS, g, _VECTORS))
+    by_order: dict[int, list[np.ndarray]] = {}
+    for r in rots:
+        by_order.setdefault(_ORDER_BY_TRACE.get(int(round(np.trace(r))), 0), []).append(r)
+
+    def fixed(r: np.ndarray) -> np.ndarray:
+        return (_VECTORS @ r.T == _VECTORS).all(axis=1)
+
+    def shortest(mask: np.ndarray) -> np.ndarray | None:
+        if not mask.any():
+            return None
+        return _VECTORS[np.flatnonzero(mask)[np.argmin(lengths[mask])]]
+
+    def perpendicular(r: np.ndarray, n: int) -> np.ndarray:
+        total, power = np.zeros_like(_VECTORS), _VECTORS.copy()
+        for _ in range(n):
+            total += power
+            power = power @ r.T
+        return (total == 0).all(axis=1)
+
+    def axes(order: int) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for r in by_order.get(order, []):
+            v = shortest(fixed(r))
+            if v is not None and not any(abs(int(v @ w)) and (np.cross(v, w) == 0).all() for w in out):
+                out.append(v)
+        return out
+
+    if family == "m":
+        [r2] = by_order[2]
+        b = shortest(fixed(r2))
+        plane = perpendicular(r2, 2)
+        a = shortest(plane)
+        if b is None or a is None:
+            return None
+        c = shortest(plane & (np.cross(_VECTORS, a) != 0).any(axis=1))
+        m = np.array([a, b, c])
+    elif family == "o":
+        found = axes(2)
+        if len(found) != 3:
+            return None
+        m = np.array(found)
+    elif family == "c":
+        found = axes(4)
+        if len(found) != 3:
+            return None
+        m = np.array(found)
+    else:
+        order = {"t": 4, "hP": 6, "hR": 3}[family]
+        r = by_order.get(order, [None])[0]
+        if r is None:
+            return None
+        c = shortest(fixed(r))
+        plane = perpendicular(r, order)
+        if family == "t":  # a along a two-fold: the shortest such gives tP or tI (never the larger tC)
+            plane &= np.any([fixed(r2) for r2 in by_order.get(2, [])], axis=0)
+        a = shortest(plane)
+        if c is None or a is None:
+            return None
+        b = r @ a if family == "t" else r @ r @ a if family == "hP" else r @ a
+        m = np.array([a, b, c])
+    if round(np.linalg.det(m)) < 0:
+        m[2] = -m[2] if family != "m" else m[2]
+        m[1] = -m[1] if family == "m" else m[1]
+    centring = _centring(m)
+    if family == "hR" and centring == "reverse":
+        m[0], m[1] = -m[0], -m[1]  # a half turn about c: reverse -> obverse
+        centring = _centring(m)
+    if family == "m" and centring in ("A", "I"):
+        # A: swap a and c (b reversed keeps the hand); I: a + c with c gives C.
+        m = np.array([m[2], -m[1], m[0]]) if centring == "A" else np.array([m[0] + m[2], m[1], m[2]])
+        centring = _centring(m)
+    if family == "o" and centring in ("A", "B"):
+        m = np.roll(m, 2 if centring == "A" else 1, axis=0)  # the centred face to ab; cyclic keeps the hand
+        centring = _centring(m)
+    if family == "o" and centring == "C" and m[0] @ g @ m[0] > m[1] @ g @ m[1]:
+        m = np.array([m[1], m[0], -m[2]])  # a < b
+    if family == "m" and centring in ("P", "C"):
+        # Of the settings with the same b and centring (a, c any basis of the plane lattice), the one with beta
+        # nearest 90 degrees, then the shortest a + c.
+        settings = []
+        for i, j, k, ell in np.ndindex(5, 5, 5, 5):
+            t = np.array([[i - 2, j - 2], [k - 2, ell - 2]])
+            if round(abs(np.linalg.det(t))) != 1:
+                continue
+            mm = np.array([t[0, 0] * m[0] + t[0, 1] * m[2], m[1], t[1, 0] * m[0] + t[1, 1] * m[2]])
+            if round(np.linalg.det(mm)) < 0 or _centring(mm) != centring:
+                continue
+            cell = cell_from_direct(mm @ d)
+            settings.append((round(abs(cell[4] - 90.0), 1), cell[0] + cell[2], mm.tolist()))
+        m = np.array(min(settings)[2]) if settings else m
+        if cell_from_direct(m @ d)[4] < 90.0:
+            m = np.array([m[0], -m[1], -m[2]])  # beta obtuse, as conventional (same hand, same centring)
+    if family == "o" and centring in ("P", "I", "F"):
+        order_abc = np.argsort([float(np.sqrt(v @ g @ v)) for v in m])
+        m = m[order_abc]
+        if round(np.linalg.det(m)) < 0:
+            m[2] = -m[2]
+    if family in ("hP", "hR"):
+        lattice = family if centring == ("P" if family == "hP" else "R") else None
+    else:
+        lattice = family + centring if centring and centring in _ALLOWED[family] else None
+    if lattice is None:
+        return None
+    return cell_from_direct(m @ d), lattice
+
+
+def reduce_and_classify(basis: np.ndarray, max_obliquity: float = 3.0,
+                        length_tolerance: float = 0.03) -> tuple[list[float], str, str, str | None]:
+    """(conventional cell, lattice, space group, note) from a direct basis: gemmi's Niggli reduction, its lattice
+    symmetry (Le Page's two-fold axes within `max_obliquity` degrees), then the conventional setting. Obliquity alone
+    lets a metric through whose lengths are several % off the lattice's (a tI cell with c/a 1.5 is 3 degrees from
+    cF): the highest symmetry whose conventional cell is within `length_tolerance` of its symmetric self (and its
+    angles within max_obliquity) is taken, tightening the obliquity until one is. A symmetry that fits no Bravais
+    lattice is reported as aP, with a note saying so."""
     import gemmi
 
     cell = cell_from_direct(basis)
@@ -183,38 +348,22 @@ def reduce_and_classify(basis: np.ndarray, max_obliquity: float = 3.0) -> tuple[
     gv.niggli_reduce(100)
     reduced = gv.get_cell()
     rcell = [reduced.a, reduced.b, reduced.c, reduced.alpha, reduced.beta, reduced.gamma]
-    ops = gemmi.find_lattice_symmetry(reduced, "P", max_obliquity)
-    rots = [np.array(op.rot) // op.DEN for op in ops.sym_ops]
-    order = len(rots)
-    signed_perm = all(((np.abs(r) == 1).sum(axis=0) == 1).all() and ((np.abs(r) == 1).sum() == 3) for r in rots)
-    if order == 1:
-        return rcell, "aP", "P1", None
-    if order == 12:
-        lens, angles = rcell[:3], rcell[3:]
-        for u in range(3):  # the six-fold axis: the angle of 120 degrees is between the two other axes
-            others = [i for i in range(3) if i != u]
-            same = abs(lens[others[0]] - lens[others[1]]) < 0.03 * lens[others[0]]
-            if abs(angles[u] - 120) < max_obliquity + 1 and same:
-                a = (lens[others[0]] + lens[others[1]]) / 2
-                return [a, a, lens[u], 90.0, 90.0, 120.0], "hP", LOWEST_SPACE_GROUP["hP"], None
-    if signed_perm and order in (2, 4, 8, 24):
-        lattice = {2: "mP", 4: "oP", 8: "tP", 24: "cP"}[order]
-        if lattice == "tP":
-            # The four-fold axis: the reduced cell's odd length out goes to c.
-            a, b, c = rcell[:3]
-            if abs(a - b) > abs(b - c):
-                rcell = [b, c, a, 90.0, 90.0, 90.0]
-            elif abs(a - b) > abs(a - c):
-                rcell = [a, c, b, 90.0, 90.0, 90.0]
-        if lattice == "mP":
-            # The two-fold axis is b: the axis whose two angles are 90.
-            angles = rcell[3:]
-            unique = [i for i in range(3) if all(abs(angles[j] - 90) < max_obliquity for j in range(3) if j != i)]
-            if unique and unique[0] != 1:
-                u = unique[0]
-                lens = rcell[:3]
-                others = [i for i in range(3) if i != u]
-                rcell = [lens[others[0]], lens[u], lens[others[1]], 90.0, angles[u], 90.0]
-        return rcell, lattice, LOWEST_SPACE_GROUP[lattice], None
-    return rcell, "aP", "P1", (f"ab initio: the reduced cell has {order} lattice symmetry operations (a centred or "
-                               f"non-standard setting, not resolved yet): reported as aP")
+    obliquity, note = max_obliquity, None
+    while obliquity > 0.1:
+        ops = gemmi.find_lattice_symmetry(reduced, "P", obliquity)
+        rots = [np.array(op.rot, dtype=np.int64) // op.DEN for op in ops.sym_ops]
+        rots = [r for r in rots if round(np.linalg.det(r)) == 1]
+        got = conventional_setting(rcell, rots)
+        if got is None:
+            note = (f"ab initio: the reduced cell's {len(rots)} lattice symmetry operations fit no Bravais lattice: "
+                    "reported as aP")
+        else:
+            raw, lattice = got
+            conventional = symmetric_cell(raw, lattice)
+            if all(abs(r - c) <= length_tolerance * c for r, c in zip(raw[:3], conventional[:3], strict=True)) and \
+                    all(abs(r - c) <= max_obliquity for r, c in zip(raw[3:], conventional[3:], strict=True)):
+                return conventional, lattice, LOWEST_SPACE_GROUP[lattice], None
+        if len(rots) == 1:
+            break
+        obliquity /= 2
+    return rcell, "aP", "P1", note
