@@ -93,7 +93,8 @@ def _candidates(a_mat: np.ndarray, s0: np.ndarray, d_star_max: float, e_max: flo
     j = int(np.argmax(n))  # solved for: the longest axis has the most indices
     i1, i2 = (i for i in range(3) if i != j)
     if (2 * n[i1] + 1) * (2 * n[i2] + 1) > MAX_PAIRS:
-        raise ValueError(f"a cell this large ({2 * n[i1] + 1} x {2 * n[i2] + 1} index pairs) is not predicted")
+        raise ValueError(f"cell too large to predict ({2 * n[i1] + 1} x {2 * n[i2] + 1} index pairs, more than "
+                         f"{MAX_PAIRS})")
     k = float(np.linalg.norm(s0))
     c = a_mat[:, j]
     qc = float(c @ c)
