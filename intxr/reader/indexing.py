@@ -596,12 +596,21 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
         basis = ab_initio.find_basis(rl)
         if basis is None:
             return _fail(result, "ab initio (no target_unit_cell): no three independent lattice vectors found")
-        found, lattice_found, group, note = ab_initio.reduce_and_classify(basis)
-        found = ab_initio.symmetric_cell(found, lattice_found)
+        # As DIALS does: index and refine in P1 first (a basis from the search is a few tenths of a % off, enough
+        # to fake or hide metric symmetry), then the Bravais lattice from the refined P1 cell.
+        reduced = ab_initio.reduce_and_classify(basis, classify=False)[0]
         try:
-            parse_unit_cell(found)
+            parse_unit_cell(reduced)
         except ValueError:
             return _fail(result, "ab initio (no target_unit_cell): the vectors found make no cell")
+        first = IndexingResult()
+        _index(geometry, x, y, replace(params, target_unit_cell=tuple(reduced), target_space_group="P1"), first)
+        if not first.indexed:
+            result.errors.extend(e.replace("not indexed: ", "not indexed: ab initio, in P1: ", 1)
+                                 for e in first.errors if e.startswith("not indexed: "))
+            result.n_indexed, result.rmsd_px = first.n_indexed, first.rmsd_px
+            return None
+        found, _lattice, group, note = ab_initio.reduce_and_classify(orth_matrix(first.p1_unit_cell))
         params = replace(params, target_unit_cell=tuple(found), target_space_group=group)
     cell = parse_unit_cell(params.target_unit_cell)
     sg = parse_space_group(params.target_space_group or "P1")
