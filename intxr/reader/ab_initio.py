@@ -64,9 +64,14 @@ def fft_vectors(rlps: np.ndarray, *, l_min: float = L_MIN, l_max: float = 250.0,
     return out
 
 
-def _refine_vector(rlps: np.ndarray, u: np.ndarray, length: float, step: float) -> np.ndarray:
-    """Direction (local grids) and length (a 1-D scan) of one vector, by sum cos(2 pi r . t)."""
+def _refine_vector(rlps: np.ndarray, u: np.ndarray, length: float, step: float,
+                   max_spots: int = 200) -> np.ndarray:
+    """Direction (local grids) and length (a 1-D scan) of one vector, by sum cos(2 pi r . t) over the
+    `max_spots` lowest-resolution rlps (enough for a starting basis: the indexer refines it against every spot)."""
     norms = np.linalg.norm(rlps, axis=1)
+    if len(rlps) > max_spots:
+        order = np.argsort(norms)[:max_spots]
+        rlps, norms = rlps[order], norms[order]
     offsets = np.array([(i, j) for i in range(-3, 4) for j in range(-3, 4)], dtype=np.float64) / 3.0
     for _ in range(3):
         use = rlps[norms <= 0.3 / (length * step / 3)]
@@ -87,34 +92,34 @@ def _refine_vector(rlps: np.ndarray, u: np.ndarray, length: float, step: float) 
     return u * length
 
 
-def find_basis(rlps: np.ndarray, tol: float = 0.2) -> np.ndarray | None:
-    """A direct basis (rows) from the strongest FFT vectors: the non-coplanar triple that indexes the most
-    low-resolution rlps, the smaller volume breaking ties."""
+def find_basis(rlps: np.ndarray, tol: float = 0.2, n_vectors: int = 20) -> np.ndarray | None:
+    """A direct basis (rows) from the `n_vectors` strongest FFT vectors: the non-coplanar triple that indexes the
+    most low-resolution rlps, the smaller volume breaking ties. An rlp is indexed by a triple when its projection
+    on each of the three is within `tol` of an integer, so the counts of all triples come from one boolean matrix
+    (rlps x vectors) and two products, not a loop over triples."""
     if len(rlps) < 10:
         return None
-    vectors = [_refine_vector(rlps, u, length, 0.03) for u, length, _ in fft_vectors(rlps)[:15]]
-    vectors = [v for v in vectors if np.linalg.norm(v) >= 0.9 * L_MIN]
+    vectors = [_refine_vector(rlps, u, length, 0.03) for u, length, _ in fft_vectors(rlps)[:n_vectors]]
+    vectors = np.array([v for v in vectors if np.linalg.norm(v) >= 0.9 * L_MIN])
     if len(vectors) < 3:
         return None
     norms = np.linalg.norm(rlps, axis=1)
     low = rlps[norms <= np.quantile(norms, 0.5)]
-    best = None
-    for i in range(len(vectors)):
-        for j in range(i + 1, len(vectors)):
-            for k in range(j + 1, len(vectors)):
-                basis = np.array([vectors[i], vectors[j], vectors[k]])
-                lens = np.linalg.norm(basis, axis=1)
-                volume = abs(float(np.linalg.det(basis)))
-                if volume < 0.3 * float(np.prod(lens)):
-                    continue
-                frac = low @ basis.T
-                count = int((np.abs(frac - np.round(frac)).max(axis=1) < tol).sum())
-                key = (count, -volume)
-                if best is None or key > best[0]:
-                    best = (key, basis)
-    if best is None:
+    proj = low @ vectors.T
+    near = (np.abs(proj - np.round(proj)) < tol).astype(np.float32)  # (rlps, vectors)
+    n = len(vectors)
+    i, j, k = (t.ravel() for t in np.meshgrid(*(np.arange(n),) * 3, indexing="ij"))
+    triples = (i < j) & (j < k)
+    i, j, k = i[triples], j[triples], k[triples]
+    counts = np.einsum("ri,rj,rk->ijk", near, near, near, optimize=True)[i, j, k]
+    bases = np.stack([vectors[i], vectors[j], vectors[k]], axis=1)  # (triples, 3, 3)
+    volumes = np.abs(np.linalg.det(bases))
+    flat = volumes >= 0.3 * np.prod(np.linalg.norm(bases, axis=2), axis=1)  # coplanar triples give no cell
+    if not flat.any():
         return None
-    basis = _smallest_cell(best[1], low, tol)
+    candidates = np.flatnonzero(flat)
+    best = candidates[np.lexsort((volumes[candidates], -np.rint(counts[candidates])))[0]]
+    basis = _smallest_cell(bases[best], low, tol)
     if np.linalg.det(basis) < 0:
         basis = -basis
     return basis
@@ -333,14 +338,14 @@ def conventional_setting(rcell: list[float], rots: list[np.ndarray]) -> tuple[li
     return cell_from_direct(m @ d), lattice
 
 
-def reduce_and_classify(basis: np.ndarray, max_obliquity: float = 3.0,
-                        length_tolerance: float = 0.03) -> tuple[list[float], str, str, str | None]:
+def reduce_and_classify(basis: np.ndarray, max_obliquity: float = 3.0, length_tolerance: float = 0.03,
+                        classify: bool = True) -> tuple[list[float], str, str, str | None]:
     """(conventional cell, lattice, space group, note) from a direct basis: gemmi's Niggli reduction, its lattice
     symmetry (Le Page's two-fold axes within `max_obliquity` degrees), then the conventional setting. Obliquity alone
     lets a metric through whose lengths are several % off the lattice's (a tI cell with c/a 1.5 is 3 degrees from
     cF): the highest symmetry whose conventional cell is within `length_tolerance` of its symmetric self (and its
     angles within max_obliquity) is taken, tightening the obliquity until one is. A symmetry that fits no Bravais
-    lattice is reported as aP, with a note saying so."""
+    lattice is reported as aP, with a note saying so. classify=False: the Niggli cell alone, as aP."""
     import gemmi
 
     cell = cell_from_direct(basis)
@@ -349,7 +354,7 @@ def reduce_and_classify(basis: np.ndarray, max_obliquity: float = 3.0,
     reduced = gv.get_cell()
     rcell = [reduced.a, reduced.b, reduced.c, reduced.alpha, reduced.beta, reduced.gamma]
     obliquity, note = max_obliquity, None
-    while obliquity > 0.1:
+    while classify and obliquity > 0.1:
         ops = gemmi.find_lattice_symmetry(reduced, "P", obliquity)
         rots = [np.array(op.rot, dtype=np.int64) // op.DEN for op in ops.sym_ops]
         rots = [r for r in rots if round(np.linalg.det(r)) == 1]
