@@ -323,7 +323,7 @@ def cmd_find_spots(args) -> int:
 
 
 # Processing keys `intxr index` exposes as flags, besides find-spots' own.
-INDEX_KEYS = ["target_unit_cell", "target_space_group"]
+INDEX_KEYS = ["target_unit_cell", "target_space_group", "indexing_method"]
 
 
 def cmd_index(args) -> int:

@@ -487,12 +487,17 @@ class ProcessingConfig:
         optional(unit_cell), "None",
         "the crystal's cell a,b,c,alpha,beta,gamma (A, degrees), as DIALS's indexing.known_symmetry.unit_cell: "
         "the indexer searches for it, and a solution that does not match it is rejected; None: ab initio (an "
-        "fft1d-style search; slower, and centred lattices come out as aP)", cli=("--unit-cell",))
+        "fft1d-style search: slower, and less sure on a single still)", cli=("--unit-cell",))
     target_space_group: str | None = key(
         optional(space_group), "None",
         "the crystal's space group (DIALS's indexing.known_symmetry.space_group): its lattice is the one reported "
         "(as its lowest-symmetry group, e.g. P41212 -> tP, P4); None: P1 with a target cell, the metric's "
         "lattice ab initio", cli=("--space-group",))
+    indexing_method: str = key(
+        choice("auto", "fft1d", "real_space_grid_search"), "auto",
+        "the native indexer's search (DIALS's indexing.method names): auto: real_space_grid_search with "
+        "target_unit_cell, else fft1d; fft1d: ab initio even with a target cell, which the cell found must then "
+        "match; real_space_grid_search: the known-cell search only (needs target_unit_cell)", cli=("--method",))
     indexing_backend: str = key(
         choice("native", "dials"), "native",
         "native: intxr's own stills indexer (numpy + gemmi); dials: refused with the reason (DIALS's stills "

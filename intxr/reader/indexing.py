@@ -53,6 +53,9 @@ _SYSTEM_LETTER = {"triclinic": "a", "monoclinic": "m", "orthorhombic": "o", "tet
 class IndexingParams:
     target_unit_cell: tuple[float, ...] | None = None  # a, b, c, alpha, beta, gamma (A, degrees)
     target_space_group: str | None = None
+    # auto: real_space_grid_search with a target cell, else fft1d; fft1d: ab initio even with a target (which the
+    # cell found must then match); real_space_grid_search: the known-cell search only (needs a target).
+    method: str = "auto"
     min_spots: int = 10  # fewer spots than this: not tried
     max_spots: int = 2500  # more: the lowest-resolution ones are used (latency)
     min_indexed: int = 10  # fewer indexed spots: not indexed
@@ -544,6 +547,29 @@ def _refine_candidate(geometry, rlps, xy, panels, a_mat, hkl, mask, cell, target
     return a_mat, hkl, mask
 
 
+def _ab_initio_mismatch(found, found_lattice: str, p1_cell, params: IndexingParams) -> str | None:
+    """Why a cell found ab initio is not the target (None when it is): the target space group's lattice, and the
+    lengths within cell_length_tolerance (sorted: settings may order the axes differently); a target without a
+    space group is compared as Niggli-reduced cells."""
+    from intxr.reader import ab_initio
+
+    target = parse_unit_cell(params.target_unit_cell)
+    if params.target_space_group:
+        want_lattice = lattice_of(parse_space_group(params.target_space_group))
+        got, want = found, target
+    else:
+        want_lattice = None
+        got = ab_initio.reduce_and_classify(orth_matrix(p1_cell), classify=False)[0]
+        want = ab_initio.reduce_and_classify(orth_matrix(target), classify=False)[0]
+    shown = " ".join(f"{v:.2f}" for v in got)
+    if want_lattice is not None and found_lattice != want_lattice:
+        return f"ab initio found {found_lattice} {shown}, not the target's lattice {want_lattice}"
+    if any(abs(g - w) > params.cell_length_tolerance * w
+           for g, w in zip(sorted(got[:3]), sorted(want[:3]), strict=True)):
+        return f"ab initio found {shown}, not the target cell"
+    return None
+
+
 def index_spots(geometry: Geometry, x, y, params: IndexingParams) -> IndexingResult:
     """Index one still's spots (frame pixel centroids, DIALS convention). Never raises for bad input: the
     reason is in the result's errors."""
@@ -583,9 +609,12 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     if sv[1] / math.sqrt(len(x)) < 2.0:
         return _fail(result, "the spots lie on one line (no 3-D lattice can be determined from them)")
     note = None
-    if params.target_unit_cell is None:
+    if params.method == "real_space_grid_search" and params.target_unit_cell is None:
+        return _fail(result, "method real_space_grid_search needs target_unit_cell (fft1d or auto search ab initio)")
+    if params.target_unit_cell is None or params.method == "fft1d":
         # Ab initio (intxr.reader.ab_initio: fft1d-style search, Niggli reduction, metric symmetry); the cell it
-        # finds becomes the known-cell search's target, with every check below.
+        # finds becomes the known-cell search's target, with every check below. With a target cell too (method
+        # fft1d), the cell found must be the target's, as DIALS's known_symmetry check on an fft1d solution.
         from dataclasses import replace
 
         from intxr.reader import ab_initio
@@ -595,23 +624,29 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
         rl = rl[np.isfinite(rl).all(axis=1)]
         basis = ab_initio.find_basis(rl)
         if basis is None:
-            return _fail(result, "ab initio (no target_unit_cell): no three independent lattice vectors found")
+            return _fail(result, "ab initio: no three independent lattice vectors found")
         # As DIALS does: index and refine in P1 first (a basis from the search is a few tenths of a % off, enough
         # to fake or hide metric symmetry), then the Bravais lattice from the refined P1 cell.
         reduced = ab_initio.reduce_and_classify(basis, classify=False)[0]
         try:
             parse_unit_cell(reduced)
         except ValueError:
-            return _fail(result, "ab initio (no target_unit_cell): the vectors found make no cell")
+            return _fail(result, "ab initio: the vectors found make no cell")
         first = IndexingResult()
-        _index(geometry, x, y, replace(params, target_unit_cell=tuple(reduced), target_space_group="P1"), first)
+        _index(geometry, x, y, replace(params, target_unit_cell=tuple(reduced), target_space_group="P1",
+                                       method="real_space_grid_search"), first)
         if not first.indexed:
             result.errors.extend(e.replace("not indexed: ", "not indexed: ab initio, in P1: ", 1)
                                  for e in first.errors if e.startswith("not indexed: "))
             result.n_indexed, result.rmsd_px = first.n_indexed, first.rmsd_px
             return None
-        found, _lattice, group, note = ab_initio.reduce_and_classify(orth_matrix(first.p1_unit_cell))
-        params = replace(params, target_unit_cell=tuple(found), target_space_group=group)
+        found, found_lattice, group, note = ab_initio.reduce_and_classify(orth_matrix(first.p1_unit_cell))
+        if params.target_unit_cell is None:
+            params = replace(params, target_unit_cell=tuple(found), target_space_group=group)
+        else:
+            mismatch = _ab_initio_mismatch(found, found_lattice, first.p1_unit_cell, params)
+            if mismatch:
+                return _fail(result, mismatch)
     cell = parse_unit_cell(params.target_unit_cell)
     sg = parse_space_group(params.target_space_group or "P1")
     import gemmi
@@ -746,7 +781,8 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
 
 def params_from_processing(section) -> IndexingParams:
     """From a validated processing-config section (intxr.config.ProcessingConfig)."""
-    return IndexingParams(target_unit_cell=section.target_unit_cell, target_space_group=section.target_space_group)
+    return IndexingParams(target_unit_cell=section.target_unit_cell, target_space_group=section.target_space_group,
+                          method=section.indexing_method)
 
 
 def index_if_asked(section, geometry: Geometry, x, y, n_spots: int) -> tuple[str, IndexingResult | None]:
