@@ -39,6 +39,11 @@ import numpy as np
 
 from intxr.geometry import Geometry, GeometryError, lab_coordinates, panel_of
 
+try:
+    from intxr._kernels.latticescore import lattice_score as _lattice_score_kernel
+except ImportError:  # an install without the kernels: the numpy reference (same score, 3-5x slower)
+    _lattice_score_kernel = None
+
 # The lowest-symmetry space group of each Bravais lattice, as the original Interceptor (DIALS's
 # refine_bravais_settings) reports the chosen lattice.
 LOWEST_SPACE_GROUP = {
@@ -211,41 +216,52 @@ def predict_xy(geometry: Geometry, r_calc: np.ndarray, panels: np.ndarray) -> np
     the ray misses the panel's plane. Stills: the rlp r = A h is rotated in the plane of s0 and r onto the
     Ewald sphere, keeping |r| (its resolution), as DIALS's stills predictor places a reflection: r' with
     |r'| = |r| and r' . s0 = -|r|^2 / 2 (so |s0 + r'| = |s0|), then s1 = s0 + r'."""
-    s0 = geometry.s0
+    s0 = np.asarray(geometry.s0, dtype=np.float64)
     k = float(np.linalg.norm(s0))
     u0 = s0 / k
-    rx, ry, rz = r_calc[:, 0], r_calc[:, 1], r_calc[:, 2]
-    q2 = rx * rx + ry * ry + rz * rz
+    r_calc = np.asarray(r_calc, dtype=np.float64)
+    q2 = np.einsum("ij,ij->i", r_calc, r_calc)
     par = -q2 / (2 * k)
-    along = rx * u0[0] + ry * u0[1] + rz * u0[2]
-    # |perp|^2 = q2 - along^2 and the perpendicular part scaled in place: no (n, 3) temporaries beyond s1 (this
-    # runs on every refinement step).
+    # Only s1 . (u0, n, f, s) of each panel are needed, and s1 = s0 + scale r + shift u0 is linear in r: one
+    # (n, 3) x (3, 1 + 3 panels) product instead of building s1 (this runs on every refinement step).
+    frames = [_panel_frame(p) for p in geometry.panels]
+    cols = np.concatenate([u0[:, None]] + [fr[0] for fr in frames], axis=1)
+    dots = r_calc @ cols
+    along = dots[:, 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.sqrt(np.maximum(q2 - par * par, 0.0) / np.maximum(q2 - along * along, 0.0))
     shift = par - along * scale
-    s1 = r_calc * scale[:, None]
-    s1 += np.outer(shift, u0)
-    s1 += s0
     out = np.full((len(r_calc), 2), np.nan)
-    one = len(geometry.panels) == 1  # the common case: no per-panel selection
-    for i, p in enumerate(geometry.panels):
+    one = len(frames) == 1  # the common case: no per-panel selection
+    for i, (axes, o_n, o_f, o_s, pix_f, pix_s, off_f, off_s) in enumerate(frames):
         sel = slice(None) if one else panels == i
         if not one and not sel.any():
             continue
-        o, f, s = (np.asarray(v, dtype=np.float64) for v in (p.origin, p.fast_axis, p.slow_axis))
-        n = np.cross(f, s)
-        rays = s1[sel]
+        sc, sh = scale[sel], shift[sel]
+        s0_n, s0_f, s0_s = s0 @ axes
+        u_n, u_f, u_s = u0 @ axes
+        d = dots[sel]
         with np.errstate(divide="ignore", invalid="ignore"):
-            t = (o @ n) / (rays @ n)
-        # (s1 t - o) . f / pixel: the point on the panel in pixels along fast and slow.
-        px = (t * (rays @ f) - o @ f) / p.pixel_size[0] + p.frame_offset[0]
-        py = (t * (rays @ s) - o @ s) / p.pixel_size[1] + p.frame_offset[1]
+            t = o_n / (s0_n + sc * d[:, 1 + 3 * i] + sh * u_n)
+            # (s1 t - o) . f / pixel: the point on the panel in pixels along fast and slow.
+            px = (t * (s0_f + sc * d[:, 2 + 3 * i] + sh * u_f) - o_f) / pix_f + off_f
+            py = (t * (s0_s + sc * d[:, 3 + 3 * i] + sh * u_s) - o_s) / pix_s + off_s
         bad = ~(t > 0)
         px[bad] = np.nan
         py[bad] = np.nan
         out[sel, 0] = px
         out[sel, 1] = py
     return out
+
+
+def _panel_frame(p) -> tuple:
+    """A panel's (normal, fast, slow) as columns and the origin's components along them; pixel sizes, offset."""
+    f = np.asarray(p.fast_axis, dtype=np.float64)
+    s = np.asarray(p.slow_axis, dtype=np.float64)
+    n = np.array([f[1] * s[2] - f[2] * s[1], f[2] * s[0] - f[0] * s[2], f[0] * s[1] - f[1] * s[0]])
+    o = np.asarray(p.origin, dtype=np.float64)
+    return (np.stack([n, f, s], axis=1), float(o @ n), float(o @ f), float(o @ s), p.pixel_size[0],
+            p.pixel_size[1], p.frame_offset[0], p.frame_offset[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +285,17 @@ _COS_POLY = tuple(np.float32(c) for c in np.polynomial.polynomial.polyfit(
 
 
 def _lattice_score(points: np.ndarray, dirs: np.ndarray, length: float) -> np.ndarray:
-    """Per direction u (rows of dirs): sum over the points r of cos(2 pi length r . u). float32, in blocks of
-    directions small enough that the temporaries stay in cache."""
+    """Per direction u (rows of dirs): sum over the points r of cos(2 pi length r . u), float32. The Cython
+    kernel (cython_ext/latticescore.pyx) when built, else the numpy reference."""
+    if _lattice_score_kernel is None:
+        return _lattice_score_numpy(points, dirs, length)
+    return _lattice_score_kernel(np.ascontiguousarray(points, dtype=np.float32),
+                                 np.ascontiguousarray(dirs.T, dtype=np.float32), float(length), _COS_POLY)
+
+
+def _lattice_score_numpy(points: np.ndarray, dirs: np.ndarray, length: float) -> np.ndarray:
+    """The numpy reference of the kernel: in blocks of directions small enough that the temporaries stay in
+    cache."""
     pts = (np.float32(length) * points.astype(np.float32))
     dirs_t = np.ascontiguousarray(dirs.T, dtype=np.float32)
     out = np.empty(dirs_t.shape[1], dtype=np.float32)
@@ -354,6 +379,14 @@ def _near(cell, target, params: IndexingParams) -> bool:
         all(abs(g - w) <= params.cell_angle_tolerance for g, w in zip(cell[3:], target[3:], strict=True))
 
 
+def _near_integer(frac: np.ndarray, hkl: np.ndarray, tol: float) -> np.ndarray:
+    """Fractional indices (..., 3) and their rounding -> all three within tol of the integers, and not 000. By
+    components: numpy's reductions over a trailing axis of 3 are slow."""
+    d = np.abs(frac - hkl)
+    return (d[..., 0] < tol) & (d[..., 1] < tol) & (d[..., 2] < tol) & \
+        ((hkl[..., 0] != 0) | (hkl[..., 1] != 0) | (hkl[..., 2] != 0))
+
+
 def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, params: IndexingParams):
     """Index shell by shell from low resolution, refitting A = UB (r = A h) by least squares after each; a
     refit that takes the cell away from the target (a larger cell indexes anything) ends the candidate.
@@ -367,7 +400,7 @@ def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, 
     for r_max in list(shells) + [shells[-1]]:
         frac = rlps @ np.linalg.inv(a_mat).T  # h = A^-1 r
         hkl = np.round(frac)
-        ok = (np.abs(frac - hkl).max(axis=1) < tol) & (norms <= r_max + 1e-12) & (np.abs(hkl).sum(axis=1) > 0)
+        ok = _near_integer(frac, hkl, tol) & (norms <= r_max + 1e-12)
         if ok.sum() < 6 or np.linalg.matrix_rank(hkl[ok]) < 3:
             mask = ok
             break
@@ -378,23 +411,32 @@ def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, 
         mask = ok
     frac = rlps @ np.linalg.inv(a_mat).T
     hkl = np.round(frac)
-    mask = (np.abs(frac - hkl).max(axis=1) < tol) & (np.abs(hkl).sum(axis=1) > 0)
+    mask = _near_integer(frac, hkl, tol)
     return a_mat, hkl, mask
 
 
-def _restraints(a_mats: np.ndarray, target_metric: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+def _symmetriser(rotations: np.ndarray) -> np.ndarray:
+    """The linear map G -> mean R^T G R over the rotations, as a 9 x 9 matrix on row-major G."""
+    return np.einsum("rji,rkl->iljk", rotations, rotations).reshape(9, 9) / len(rotations)
+
+
+_UPPER = np.triu_indices(3)
+_UPPER_FLAT = 3 * _UPPER[0] + _UPPER[1]
+
+
+def _restraints(a_mats: np.ndarray, target_metric: np.ndarray, symmetriser: np.ndarray) -> np.ndarray:
     """Soft restraints of refined cells (a stack of A matrices -> one row each): the metric G = D D^T
-    (D = A^-1, rows a, b, c) toward the one the lattice's point group keeps (mean R^T G R) and toward the
-    target's, each element relative to |a_i||a_j|. One still constrains the cell along the beam poorly (DIALS's
-    per-frame thaumatin cells scatter by a few %); restraints to a target cell are DIALS's way too
-    (refinement.parameterisation.crystal.unit_cell.restraints)."""
+    (D = A^-1, rows a, b, c) toward the one the lattice's point group keeps (mean R^T G R, `_symmetriser`) and
+    toward the target's, each element relative to |a_i||a_j|. One still constrains the cell along the beam
+    poorly (DIALS's per-frame thaumatin cells scatter by a few %); restraints to a target cell are DIALS's way
+    too (refinement.parameterisation.crystal.unit_cell.restraints)."""
     d = np.linalg.inv(a_mats)
-    g = d @ np.swapaxes(d, 1, 2)
-    scale = np.sqrt(np.outer(np.diag(target_metric), np.diag(target_metric)))
-    sym = np.einsum("rji,mjk,rkl->mil", rotations, g, rotations) / len(rotations)
-    iu = np.triu_indices(3)
-    return np.concatenate([((g - sym) / scale)[:, iu[0], iu[1]] / RESTRAINT_SYMMETRY,
-                           ((g - target_metric) / scale)[:, iu[0], iu[1]] / RESTRAINT_TARGET], axis=1)
+    g = (d @ np.swapaxes(d, 1, 2)).reshape(len(a_mats), 9)
+    diag = np.diag(target_metric)
+    scale = np.sqrt(np.outer(diag, diag)).ravel()[_UPPER_FLAT]
+    sym = g @ symmetriser.T
+    return np.concatenate([(g - sym)[:, _UPPER_FLAT] / (scale * RESTRAINT_SYMMETRY),
+                           (g - target_metric.ravel())[:, _UPPER_FLAT] / (scale * RESTRAINT_TARGET)], axis=1)
 
 
 RESTRAINT_SYMMETRY = 0.001  # sigma of (G - G_sym) / (|a_i| |a_j|): a soft symmetry constraint
@@ -405,44 +447,47 @@ def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3, target_
                       rotations=None) -> np.ndarray:
     """Gauss-Newton on the nine elements of A against the spots' pixel positions, with the cell restrained to its
     lattice's symmetry and the target when those are given. A spot's prediction depends on A only through
-    r = A h, so its Jacobian is d(x, y)/dr (numeric, three shifted predictions) times h (chain rule): four
-    predictions per step rather than ten."""
+    r = A h, so its Jacobian is d(x, y)/dr (numeric, three shifted predictions) times h (chain rule), and an
+    accepted step's prediction is the next step's base: four predictions per step rather than eleven."""
     x = a_mat.ravel().copy()
     eps = 1e-7  # 1/A: ~1e-4 px of prediction shift, far above rounding and well inside the linear range
-    shifts = np.eye(3) * eps
+    n = len(hkl)
+    symmetriser = None if target_metric is None else _symmetriser(rotations)
 
     def restraints(vs: np.ndarray) -> np.ndarray:
         if target_metric is None:
             return np.zeros((len(vs), 0))
-        return _restraints(vs.reshape(-1, 3, 3), target_metric, rotations)
+        return _restraints(vs.reshape(-1, 3, 3), target_metric, symmetriser)
 
-    r_now = hkl @ a_mat.T
+    r_now = hkl @ x.reshape(3, 3).T
+    pred = predict_xy(geometry, r_now, panels)
     for _ in range(n_iter):
-        mat = x.reshape(3, 3)
-        r_now = hkl @ mat.T
-        stacked = np.concatenate([r_now, *(r_now + d for d in shifts)])
-        pred = predict_xy(geometry, stacked, np.tile(panels, 4)).reshape(4, len(hkl), 2)
-        r0 = np.concatenate([(pred[0] - xy).ravel(), restraints(x[None])[0]])
+        hs = 1e-7 * np.maximum(1e-3, np.abs(x))
+        restrained = restraints(np.vstack([x, x[None, :] + np.diag(hs)]))  # base and the 9 shifted, at once
+        r0 = np.concatenate([(pred - xy).ravel(), restrained[0]])
         if not np.all(np.isfinite(r0)):
             break
-        d_pred = (pred[1:] - pred[0][None]) / eps  # (3: r component i, spots, 2)
+        shifted = predict_xy(geometry, np.concatenate([r_now + eps * np.eye(3)[i] for i in range(3)]),
+                             np.tile(panels, 3)).reshape(3, n, 2)
+        d_pred = (shifted - pred[None]) / eps  # (3: r component i, spots, 2)
         # d pred_c / d A_ij = d pred_c / d r_i * h_j, with A raveled row-major (index 3 i + j).
-        jac_pos = (d_pred.transpose(1, 2, 0)[:, :, :, None] * hkl[:, None, None, :]).reshape(2 * len(hkl), 9)
+        jac = (d_pred.transpose(1, 2, 0)[:, :, :, None] * hkl[:, None, None, :]).reshape(2 * n, 9)
         if target_metric is not None:
-            hs = 1e-7 * np.maximum(1e-3, np.abs(x))
-            values = restraints(x[None, :] + np.diag(hs))
-            jac = np.vstack([jac_pos, ((values - r0[2 * len(hkl):][None, :]) / hs[:, None]).T])
-        else:
-            jac = jac_pos
-        step, *_ = np.linalg.lstsq(jac, -r0, rcond=None)
+            jac = np.vstack([jac, ((restrained[1:] - restrained[0][None, :]) / hs[:, None]).T])
+        # Normal equations: 9 parameters of one scale (1/A), well conditioned, far cheaper than an SVD of J.
+        try:
+            step = np.linalg.solve(jac.T @ jac, -(jac.T @ r0))
+        except np.linalg.LinAlgError:
+            break
         if not np.all(np.isfinite(step)):
             break
         x_new = x + step
-        pred_new = predict_xy(geometry, hkl @ x_new.reshape(3, 3).T, panels)
+        r_new_pos = hkl @ x_new.reshape(3, 3).T
+        pred_new = predict_xy(geometry, r_new_pos, panels)
         r_new = np.concatenate([(pred_new - xy).ravel(), restraints(x_new[None])[0]])
         if not np.all(np.isfinite(r_new)) or (r_new @ r_new) > (r0 @ r0):
             break
-        x = x_new
+        x, r_now, pred = x_new, r_new_pos, pred_new
     return x.reshape(3, 3)
 
 
@@ -516,7 +561,7 @@ def _chance_fraction(geometry, rlps, xy, panels, a_mat, cutoff_px: float, params
     a_rot = np.array(rots) @ a_mat  # (trials, 3, 3)
     frac = np.einsum("nk,tjk->tnj", rlps, np.linalg.inv(a_rot))
     hkl = np.round(frac)
-    ok = (np.abs(frac - hkl).max(axis=2) < params.hkl_tolerance) & (np.abs(hkl).sum(axis=2) > 0)
+    ok = _near_integer(frac, hkl, params.hkl_tolerance)
     trial, spot = np.nonzero(ok)
     r_calc = np.einsum("nj,nij->ni", hkl[trial, spot], a_rot[trial])
     dist = np.hypot(*(predict_xy(geometry, r_calc, panels[spot]) - xy[spot]).T)
@@ -537,7 +582,7 @@ def _refine_candidate(geometry, rlps, xy, panels, a_mat, hkl, mask, cell, target
         a_mat = refined
         frac = rlps @ np.linalg.inv(a_mat).T
         hkl = np.round(frac)
-        mask = (np.abs(frac - hkl).max(axis=1) < params.hkl_tolerance) & (np.abs(hkl).sum(axis=1) > 0)
+        mask = _near_integer(frac, hkl, params.hkl_tolerance)
         dist = np.hypot(*(predict_xy(geometry, hkl @ a_mat.T, panels) - xy).T)
         good = mask & np.isfinite(dist)
         if not good.any():
@@ -679,9 +724,10 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     low = rlps[np.linalg.norm(rlps, axis=1) <= np.quantile(np.linalg.norm(rlps, axis=1), 0.4)]
     quick: list[int] = []
     if bases:
-        # h = D r (rows a, b, c) for every basis in one product: (low spots, bases x 3)
-        frac = (low @ np.array(bases).reshape(-1, 3).T).reshape(len(low), len(bases), 3)
-        quick = (np.abs(frac - np.round(frac)).max(axis=2) < params.hkl_tolerance).sum(axis=0).tolist()
+        # h = D r (rows a, b, c) for every basis in one product: (bases, 3, low spots)
+        frac = (np.array(bases).reshape(-1, 3) @ low.T).reshape(len(bases), 3, len(low))
+        off = np.abs(frac - np.round(frac)) < params.hkl_tolerance
+        quick = (off[:, 0] & off[:, 1] & off[:, 2]).sum(axis=1).tolist()
     shortlisted: list = []
     best_quick = max(quick, default=0)
     for n_quick in np.argsort(quick)[::-1]:
