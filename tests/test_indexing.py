@@ -170,20 +170,14 @@ def test_bad_input_gives_a_reason_never_an_exception(case):
     assert expected in reason, reason
 
 
-class _Section:
-    processing_mode = "indexing"
-    does_indexing = True
-    min_bragg_peaks = 10
-    exposure_time_cutoff = 0.1
-    target_unit_cell = (57.8, 57.8, 150.0, 90, 90, 90)
-    target_space_group = "P41212"
-
-
 def test_reader_rules_mode_hits_and_exposure_cutoff():
     from dataclasses import replace
 
+    from intxr.config import ProcessingConfig
+
     x, y, _ = synthetic_still((57.8, 57.8, 150.0, 90, 90, 90), "P41212", seed=11, outliers=0.1)
-    section = _Section()
+    section = ProcessingConfig(processing_mode="indexing", exposure_time_cutoff=0.1,
+                               target_unit_cell=(57.8, 57.8, 150.0, 90, 90, 90), target_space_group="P41212")
     word, result = index_if_asked(section, GEOMETRY, x, y, len(x))
     assert word == "indexed" and result.indexed
     fields = result_fields(word, result)
@@ -193,8 +187,7 @@ def test_reader_rules_mode_hits_and_exposure_cutoff():
     assert result is None and "exposure_time_cutoff" in word
     word, result = index_if_asked(section, GEOMETRY, x[:5], y[:5], 5)
     assert result is None and word.startswith("not a hit")
-    section.does_indexing = False
-    word, result = index_if_asked(section, GEOMETRY, x, y, len(x))
+    word, result = index_if_asked(replace(section, processing_mode="spotfinding"), GEOMETRY, x, y, len(x))
     assert result is None and word.startswith("not asked")
 
 
