@@ -32,6 +32,7 @@ class FrameView:
     shape: tuple[int, int]  # the detector frame (rows, columns)
     rings: list[dict]  # {"d": A, "radius": view px, "ice": bool}
     beam: tuple[float, float]  # view px (x, y)
+    geometry: Geometry | None = None  # the master's, for predicted spots
 
 
 def _detector_geometry(f: h5py.File) -> Geometry | None:
@@ -100,7 +101,8 @@ def render(data: np.ndarray, geometry: Geometry | None, mask: np.ndarray | None,
             if radius_px is None:
                 continue
             rings.append({"d": d, "radius": radius_px / scale, "ice": ice})
-    return FrameView(image, scale, (rows, cols), rings, beam)
+    return FrameView(image, scale, (rows, cols), rings, beam, geometry if geometry is not None and geometry.known
+                     else None)
 
 
 def png_bytes(gray: np.ndarray) -> bytes:

@@ -12,13 +12,22 @@ read it with its model in intxr.messages (`BadMessage` otherwise) before anythin
 one bad message can never break the views built from the good ones. Hits are the readers' word
 (`hit` in each result) and the counts are intxr.messages' `SeriesTally` summary, the Collector's
 own code, until the Collector's SERIES summary replaces them: nothing here decides them again.
+
+Indexing, as readers report it per frame (`indexed`, `lattice`, `space_group`, `unit_cell`, ...), is summed up per
+series in an `IndexingTally`: frames indexed, and per lattice and space group how many and a bounded sample of
+their cells (median and spread). The orientation matrix of the latest indexed frames is kept, as their spots
+are, for the frame view's predicted spots.
 """
 
 from __future__ import annotations
 
+import random
+import sys
 import threading
 from array import array
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from intxr.messages import (
     BadMessage,
@@ -35,7 +44,8 @@ from intxr.messages import (
 from intxr.raster import grid_cell, place
 
 # Fields of a result the views need; the rest (spot lists, timings) stays out of the live feed.
-POINT_FIELDS = ("frame", "n_spots", "hres", "score", "status", "hit", "rank", "latency")
+# `indexed` costs a point nothing: 10 keys fit the dict's table as 9 do.
+POINT_FIELDS = ("frame", "n_spots", "hres", "score", "status", "hit", "rank", "latency", "indexed")
 MAX_SERIES = 20  # series kept in memory, newest first; older ones are dropped and counted
 MAX_SPOT_FRAMES = 2000  # frames per series whose spots are kept for the frame view
 # Spot centroids kept in all, as float32 pairs (8 bytes a spot; as JSON-decoded lists they took
@@ -46,6 +56,10 @@ MAX_CRYSTALS = 200  # crystals of a series kept for the map, strongest first
 CRYSTAL_NUMBERS = ("x", "y", "width", "height", "left", "top", "score", "n_frames", "best_frame", "best_x", "best_y")
 MAX_TEXT = 300  # characters kept of any text from a message (errors, names)
 MAX_RANGES_SHOWN = 8
+MAX_LATTICES = 12  # (lattice, space group) rows per series; further ones are counted as other
+MAX_CELLS = 500  # cells kept per row: a uniform sample of all (reservoir), for the median and spread
+MAX_NAME = 16  # characters of a lattice or space group name
+BRAVAIS = frozenset({"aP", "mP", "mC", "oP", "oC", "oF", "oI", "tP", "tI", "hP", "hR", "cP", "cF", "cI"})
 
 __all__ = ["BadMessage", "RunModel", "SeriesView", "grid_position"]
 
@@ -78,6 +92,86 @@ def show_ranges(ranges: list) -> str:
 
 
 @dataclass
+class LatticeRow:
+    count: int = 0
+    cells: array = field(default_factory=lambda: array("f"))  # a, b, c, alpha, beta, gamma: a sample
+
+
+class IndexingTally:
+    """A series' indexing: frames tried and indexed, and per (lattice, space group) the frames and a uniform sample
+    of at most MAX_CELLS cells, so kilobytes whatever the series' length. Each frame counts once (its first
+    result), as SeriesTally counts it."""
+
+    def __init__(self):
+        self.tried = 0
+        self.indexed = 0
+        self.rows: dict[tuple[str, str], LatticeRow] = {}
+        self.other = 0  # indexed frames beyond MAX_LATTICES rows
+        self._rng = random.Random(0)  # the sample's choice; reproducible
+        self._summary: list | None = None
+
+    def add(self, result: FrameResult) -> None:
+        if result.indexed is None or result.status != "processed":
+            return
+        self.tried += 1
+        if not result.indexed:
+            return
+        self.indexed += 1
+        self._summary = None
+        key = (_name(result.lattice), _name(result.space_group))
+        row = self.rows.get(key)
+        if row is None:
+            if len(self.rows) >= MAX_LATTICES:
+                self.other += 1
+                return
+            row = self.rows[key] = LatticeRow()
+        row.count += 1
+        cell = result.unit_cell
+        if cell is None:
+            return
+        if len(row.cells) < 6 * MAX_CELLS:
+            row.cells.extend(float(v) for v in cell)
+        else:  # reservoir sampling: every cell so far equally likely kept
+            j = self._rng.randrange(row.count)
+            if j < MAX_CELLS:
+                row.cells[6 * j:6 * j + 6] = array("f", (float(v) for v in cell))
+
+    def lattices(self) -> list[dict]:
+        """Rows, most frames first: lattice, space group, frames, fraction of the indexed, and the median cell
+        with its spread (the interquartile range / 1.349: a standard deviation for normally scattered cells, not
+        moved by a few wrong ones), over the kept sample."""
+        if self._summary is None:
+            rows = []
+            for (lattice, group), row in sorted(self.rows.items(), key=lambda kv: -kv[1].count):
+                entry = {"lattice": lattice, "space_group": group, "frames": row.count,
+                         "fraction": round(row.count / self.indexed, 4) if self.indexed else 0.0,
+                         "cell": None, "cell_spread": None, "cells_used": len(row.cells) // 6}
+                if row.cells:
+                    cells = np.frombuffer(row.cells, dtype=np.float32).reshape(-1, 6).astype(np.float64)
+                    q1, median, q3 = np.percentile(cells, [25, 50, 75], axis=0)
+                    entry["cell"] = [round(float(v), 2) for v in median]
+                    entry["cell_spread"] = [round(float(v), 2) for v in (q3 - q1) / 1.349]
+                rows.append(entry)
+            self._summary = rows
+        return self._summary
+
+    def summary(self, hits: int, frames: int) -> dict:
+        return {
+            "tried": self.tried,
+            "indexed": self.indexed,
+            "rate_of_hits": round(self.indexed / hits, 4) if hits else None,
+            "rate_of_frames": round(self.indexed / frames, 4) if frames else None,
+            "lattices": self.lattices(),
+            "other": self.other,
+        }
+
+
+def _name(text: str | None) -> str:
+    """A lattice or space group name from a message, kept short (and shared: one string per name)."""
+    return sys.intern(text[:MAX_NAME]) if text else "?"
+
+
+@dataclass
 class SeriesView:
     series: int
     key: str = ""
@@ -87,6 +181,10 @@ class SeriesView:
     frames: dict[int, int] = field(default_factory=dict)  # frame -> index in points
     mappings: dict[int, str] = field(default_factory=dict)  # frame -> the header's mapping value
     spots: dict[int, array] = field(default_factory=dict)  # frame -> x, y, x, y ... (float32), latest frames
+    # frame -> (lattice, space group, 17 doubles: unit cell, rmsd_px, n_indexed, A) of the latest indexed frames,
+    # for the frame view
+    indexed_frames: dict[int, tuple[str, str, array]] = field(default_factory=dict)
+    indexing: IndexingTally = field(default_factory=IndexingTally)
     tally: SeriesTally | None = None  # the live counts, as the Collector counts them
     master_file: str | None = None
     summary: SeriesSummary | None = None  # the Collector's SERIES summary
@@ -197,6 +295,15 @@ class RunModel:
             holder = min((v for v in self.series.values() if v.spots), key=lambda v: v.order)
             self._spot_bytes -= _nbytes(holder.spots.pop(next(iter(holder.spots))))
 
+    @staticmethod
+    def _keep_crystal(view: SeriesView, frame: int, crystal: tuple | None) -> None:
+        """The latest MAX_SPOT_FRAMES indexed frames' crystals (a frame's later result replaces its own)."""
+        view.indexed_frames.pop(frame, None)
+        if crystal is not None:
+            view.indexed_frames[frame] = crystal
+            while len(view.indexed_frames) > MAX_SPOT_FRAMES:
+                del view.indexed_frames[next(iter(view.indexed_frames))]
+
     def _newest(self, number: int) -> SeriesView | None:
         views = [v for v in self.series.values() if v.series == number]
         return max(views, key=lambda v: v.order) if views else None
@@ -219,6 +326,7 @@ class RunModel:
         spots = array("f", [v for xy in result.spots_xy or () for v in xy])
         errors = [e[:MAX_TEXT] for e in result.errors]
         frame = result.frame
+        crystal = _crystal(result)
         with self._lock:
             view = self._view(result.series, result.series_name)
             self.received += 1
@@ -228,11 +336,13 @@ class RunModel:
             else:
                 view.frames[frame] = len(view.points)
                 view.points.append(point)
-            view.tally.add_result(result, result.done)
+            if view.tally.add_result(result, result.done):
+                view.indexing.add(result)
             view.first_frame = frame if view.first_frame is None else min(view.first_frame, frame)
             if isinstance(mapping, str) and mapping:
                 view.mappings[frame] = mapping[:MAX_TEXT]
             self._keep_spots(view, frame, spots)
+            self._keep_crystal(view, frame, crystal)
             view.master_file = view.master_file or _clip(result.master_file)
             if result.status == "failed":
                 self.errors = (self.errors + errors)[-50:]
@@ -345,6 +455,7 @@ class RunModel:
                 if not since or view.version > since:
                     entry["grid"] = self._grid(view)
                     entry["crystals"] = view.crystals or []
+                    entry["indexing"] = view.indexing.summary(entry["counts"]["hits"], entry["counts"]["results"])
                 series.append(entry)
             return {
                 "version": self.version,
@@ -381,6 +492,19 @@ class RunModel:
                 return []
             return [[round(x, 2), round(y, 2)] for x, y in zip(xy[::2], xy[1::2], strict=True)]
 
+    def crystal(self, key: str, frame: int) -> dict | None:
+        """An indexed frame's crystal as kept (None when not indexed, or no longer kept): lattice, space group,
+        unit cell, rmsd_px, n_indexed and the orientation matrix (rows)."""
+        with self._lock:
+            view = self.series.get(key)
+            kept = view.indexed_frames.get(frame) if view else None
+        if kept is None:
+            return None
+        lattice, group, v = kept
+        return {"lattice": lattice, "space_group": group, "unit_cell": [round(x, 3) for x in v[:6]],
+                "rmsd_px": None if v[6] != v[6] else round(v[6], 3), "n_indexed": None if v[7] < 0 else int(v[7]),
+                "orientation_matrix": [list(v[8:11]), list(v[11:14]), list(v[14:17])]}
+
     def wait(self, version: int, timeout: float) -> int:
         with self._lock:
             if self.version == version:
@@ -397,6 +521,16 @@ class RunModel:
             if view is None or frame not in view.frames:
                 return None
             return dict(view.points[view.frames[frame]])
+
+
+def _crystal(result: FrameResult) -> tuple[str, str, array] | None:
+    """What the frame view needs of an indexed frame, compact: None unless indexed with a matrix and a cell."""
+    if not result.indexed or result.orientation_matrix is None or result.unit_cell is None:
+        return None
+    values = [*result.unit_cell, result.rmsd_px if result.rmsd_px is not None else float("nan"),
+              result.n_indexed if result.n_indexed is not None else -1,
+              *(v for row in result.orientation_matrix for v in row)]
+    return _name(result.lattice), _name(result.space_group), array("d", (float(v) for v in values))
 
 
 def _first_frame(view: SeriesView) -> int:

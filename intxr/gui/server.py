@@ -24,8 +24,9 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 import zmq
 
 from intxr.gui.frames import png_bytes, read_frame, render
-from intxr.gui.model import RunModel, SeriesView
+from intxr.gui.model import MAX_SPOT_FRAMES, RunModel, SeriesView
 from intxr.messages import BadMessage, parse_json
+from intxr.reader.predict import predict_spots
 from intxr.report import Reporter
 
 # What the Collector publishes for the GUI (its `stop` is for readers). ZeroMQ subscriptions match
@@ -267,6 +268,9 @@ class Handler(BaseHTTPRequestHandler):
     def frame_info(self, view: SeriesView, frame: int) -> dict:
         rendered = self.frame_view(view, frame)
         spots = [[x / rendered.scale, y / rendered.scale] for x, y in self.model.spots(view.key, frame)]
+        point = self.model.point(view.key, frame)
+        crystal = self.model.crystal(view.key, frame)
+        predicted, note = self.predicted(rendered, point, crystal)
         return {
             "series": view.series,
             "key": view.key,
@@ -279,9 +283,26 @@ class Handler(BaseHTTPRequestHandler):
             "beam": list(rendered.beam),
             "rings": rendered.rings,
             "spots": spots,
-            "result": self.model.point(view.key, frame),
+            "result": point,
+            "indexing": crystal,
+            "predicted": predicted,
+            "predicted_note": note,
             "png": f"/api/frame.png?{urlencode({'series': view.key, 'frame': frame})}",
         }
+
+    @staticmethod
+    def predicted(rendered, point: dict | None, crystal: dict | None) -> tuple[list, str | None]:
+        """The indexed lattice's predicted spots in view pixels (intxr.reader.predict, with the geometry of the
+        series' master file, the one the readers had), or none and why."""
+        if crystal is None:
+            if point is not None and point.get("indexed"):
+                return [], f"indexed, but no longer kept (the latest {MAX_SPOT_FRAMES} indexed frames are)"
+            return [], "not indexed"
+        if rendered.geometry is None:
+            return [], "the master file has no complete geometry to predict with"
+        found = predict_spots(rendered.geometry, crystal["orientation_matrix"])
+        scale = rendered.scale
+        return [[round(x / scale, 2), round(y / scale, 2)] for x, y in found.xy.tolist()], found.reason
 
 
 class Server(ThreadingHTTPServer):

@@ -10,7 +10,7 @@ const state = {
   userSelected: false,    // a tab was clicked: stop jumping to the newest series
   view: null,             // strip chart x range [lo, hi] when zoomed; null = all
   health: {}, splitter: {}, errors: [], gui: {},
-  frameView: { series: null, frame: null, spots: 0, loaded: false, pinned: false },
+  frameView: { series: null, frame: null, spots: 0, predicted: 0, predictedDrawn: 0, loaded: false, pinned: false },
   version: 0,
 };
 window.intxr = {
@@ -21,6 +21,10 @@ window.intxr = {
   crystals: () => { const s = current(); return s && s.crystals ? s.crystals.map((k) => ({ ...k })) : []; },
   crystalsDrawn: () => crystalsDrawn,
   frameView: () => ({ ...state.frameView }),
+  // The selected series' indexing as the server summed it up, and the lattice rows the table shows.
+  indexing: () => { const s = current(); return s && s.indexing ? JSON.parse(JSON.stringify(s.indexing)) : null; },
+  latticeRows: () => [...document.querySelectorAll("#lattices tbody tr")].map((tr) =>
+    [...tr.children].map((td) => td.textContent)),
   tabs: () => [...document.querySelectorAll("#tabs button")].map((b) => b.textContent),
   // Page coordinates of a frame's raster cell (for clicking it from a test or a script).
   cellCenter: (frame) => {
@@ -54,6 +58,7 @@ function apply(delta) {
     series.number = s.series;
     if (s.grid) series.grid = s.grid;  // sent only when it changed
     if (s.crystals) series.crystals = s.crystals;  // the Collector's, once a raster series is summed up
+    if (s.indexing) series.indexing = s.indexing;  // sent only when the series changed
   }
   state.order = delta.series.map((s) => s.key);
   for (const key of [...state.series.keys()]) if (!state.order.includes(key)) state.series.delete(key);
@@ -152,6 +157,23 @@ function drawCounts() {
   $("counts").innerHTML = cells.map(([k, v]) => `<div>${k}<span>${esc(v)}</span></div>`).join("");
 }
 
+function drawIndexing() {
+  const s = current();
+  const ix = (s && s.indexing) || null;
+  const pct = (v) => (v === null || v === undefined ? "-" : `${(100 * v).toFixed(0)}%`);
+  const cells = [["indexed", ix ? ix.indexed : "-"], ["of hits", pct(ix && ix.rate_of_hits)],
+    ["of frames", pct(ix && ix.rate_of_frames)], ["tried", ix ? ix.tried : "-"]];
+  $("indexCounts").innerHTML = cells.map(([k, v]) => `<div>${k}<span>${esc(v)}</span></div>`).join("");
+  const rows = ix ? ix.lattices : [];
+  const cell = (r, i) => (r.cell ? `${esc(fmt(r.cell[i]))} &plusmn; ${esc(fmt(r.cell_spread[i]))}` : "-");
+  let html = rows.map((r) =>
+    `<tr><td>${esc(r.lattice)}</td><td>${esc(r.space_group)}</td><td>${esc(r.frames)}</td>` +
+    `<td><span class="bar" style="width:${Math.round(40 * r.fraction)}px"></span> ${esc(pct(r.fraction))}</td>` +
+    [0, 1, 2, 3, 4, 5].map((i) => `<td>${cell(r, i)}</td>`).join("") + "</tr>").join("");
+  if (ix && ix.other) html += `<tr><td>other</td><td></td><td>${esc(ix.other)}</td><td colspan="7"></td></tr>`;
+  $("lattices").querySelector("tbody").innerHTML = html;
+}
+
 function stripRange(points) {
   if (!points.length) return [0, 1];
   let lo = Infinity, hi = -Infinity;
@@ -192,6 +214,9 @@ function drawStrip() {
     if (p.frame < x0 || p.frame > x1) continue;
     ctx.fillStyle = isHit(p) ? "#1a9850" : "#999";
     ctx.beginPath(); ctx.arc(X(p.frame), Y(p.n_spots || 0), 3, 0, 2 * Math.PI); ctx.fill();
+    if (p.indexed === true) {
+      ctx.strokeStyle = "#1f3a5f"; ctx.beginPath(); ctx.arc(X(p.frame), Y(p.n_spots || 0), 5, 0, 2 * Math.PI); ctx.stroke();
+    }
     if (p.hres && p.hres > 0 && p.hres < 99) {
       ctx.fillStyle = "#d95f02"; ctx.fillRect(X(p.frame) - 2, YH(p.hres) - 2, 4, 4);
     }
@@ -293,9 +318,11 @@ function drawHealth() {
 // ---- frame view -----------------------------------------------------------------------------
 
 let frameRequest = null;
+let frameInfo = null;  // what the overlay shows, kept to redraw it (the predicted spots toggled)
 function showFrame(series, frame, pinned) {
   if (state.frameView.series === series && state.frameView.frame === frame) return;
-  state.frameView = { series, frame, spots: 0, loaded: false, pinned };
+  state.frameView = { series, frame, spots: 0, predicted: 0, predictedDrawn: 0, loaded: false, pinned };
+  $("frameCrystal").textContent = "";
   const label = (state.series.get(series) || {}).label ?? series;
   $("frameTitle").textContent = `series ${label} frame ${frame}${pinned ? "" : " (latest hit)"}`;
   const query = new URLSearchParams({ series, frame });
@@ -304,7 +331,17 @@ function showFrame(series, frame, pinned) {
     if (request !== frameRequest) return;
     if (info.error) { $("frameTitle").textContent += ` - ${info.error}`; state.frameView.frame = null; return; }
     const img = $("frameImg");
-    img.onload = () => { drawOverlay(info); state.frameView.loaded = true; state.frameView.spots = info.spots.length; };
+    img.onload = () => {
+      frameInfo = info;
+      drawOverlay(info);
+      state.frameView.loaded = true; state.frameView.spots = info.spots.length;
+      state.frameView.predicted = info.predicted.length;
+    };
+    const c = info.indexing;
+    $("frameCrystal").textContent = c
+      ? `indexed ${c.lattice} ${c.space_group} ${c.unit_cell.map((v) => fmt(v)).join(" ")}, ${c.n_indexed ?? "-"} spots, ` +
+        `rmsd ${fmt(c.rmsd_px)} px; ${info.predicted.length} predicted` + (info.predicted_note ? ` (${info.predicted_note})` : "")
+      : `not indexed${info.predicted_note && info.predicted_note !== "not indexed" ? ` (${info.predicted_note})` : ""}`;
     img.src = info.png;
   });
 }
@@ -329,6 +366,16 @@ function drawOverlay(info) {
   for (const [x, y] of info.spots) {
     ctx.beginPath(); ctx.arc(x * k, y * k, 5, 0, 2 * Math.PI); ctx.stroke();
   }
+  // Predicted spots of the indexed lattice: small squares, apart from the found spots' circles.
+  let drawn = 0;
+  if ($("showPredicted").checked) {
+    // Thousands reach the detector's edge: small and thin, so the frame and the found spots stay visible.
+    ctx.strokeStyle = "rgba(0,166,166,0.9)"; ctx.lineWidth = 1;
+    ctx.beginPath();
+    for (const [x, y] of info.predicted) { ctx.rect(x * k - 1.5, y * k - 1.5, 3, 3); drawn++; }
+    ctx.stroke();
+  }
+  state.frameView.predictedDrawn = drawn;
 }
 
 function latestHit() {
@@ -344,6 +391,7 @@ function latestHit() {
 function setupInteraction() {
   $("rasterBy").onchange = () => { dirty = true; };
   $("follow").onchange = () => { dirty = true; };
+  $("showPredicted").onchange = () => { if (frameInfo && state.frameView.loaded) drawOverlay(frameInfo); };
   $("resetZoom").onclick = () => { state.view = null; dirty = true; };
   const strip = $("strip");
   strip.addEventListener("wheel", (e) => {
@@ -384,7 +432,7 @@ function frame() {
   requestAnimationFrame(frame);  // first: a drawing error must not stop the live view
   if (dirty) {
     dirty = false;
-    for (const draw of [drawTabs, drawCounts, drawStrip, drawRaster, drawHealth]) {
+    for (const draw of [drawTabs, drawCounts, drawIndexing, drawStrip, drawRaster, drawHealth]) {
       try { draw(); } catch (e) { console.error(`intxr: ${draw.name}`, e); }
     }
     if (!state.frameView.pinned || state.frameView.series !== state.selected) {
