@@ -135,6 +135,35 @@ def test_model_memory_levels_off_over_many_indexed_series():
     assert traced[2 * MAX_SERIES] - traced[MAX_SERIES] < 256 << 10, traced
 
 
+def test_frame_view_predictions_in_view_pixels_or_the_reason_there_are_none():
+    """The frame API's predicted spots: the prediction's, scaled as the view is; none, with the reason, for a frame
+    not indexed, one whose crystal is no longer kept, a frame without geometry, or a matrix no crystal has."""
+    from intxr.geometry import Geometry
+    from intxr.gui.frames import render
+    from intxr.gui.server import Handler
+    from intxr.reader.predict import predict_spots
+
+    geometry = Geometry.simple(wavelength=1.0, distance=250.0, beam_center=(1231.5, 1263.5),
+                               pixel_size=(0.172, 0.172), image_size=(2463, 2527))
+    data = np.random.default_rng(1).poisson(2, (2527, 2463)).astype(np.uint32)
+    rendered = render(data, geometry, None)
+    model = RunModel()
+    model.add_result(result(1, 5, indexed=True))
+    crystal = model.crystal("1", 5)
+    predicted, note = Handler.predicted(rendered, model.point("1", 5), crystal)
+    want = predict_spots(geometry, A).xy / rendered.scale
+    assert note is None and rendered.scale == 3 and len(predicted) == len(want) > 1000
+    np.testing.assert_allclose(predicted, want, atol=0.006)
+    assert Handler.predicted(rendered, {"indexed": False}, None) == ([], "not indexed")
+    assert "no longer kept" in Handler.predicted(rendered, {"indexed": True}, None)[1]
+    no_geometry = render(data, None, None)
+    assert Handler.predicted(no_geometry, {"indexed": True}, crystal) == (
+        [], "the master file has no complete geometry to predict with")
+    huge = {**crystal, "orientation_matrix": [[1e-4, 0, 0], [0, 1e-4, 0], [0, 0, 1e-4]]}  # a cell of 10^4 A
+    predicted, note = Handler.predicted(rendered, {"indexed": True}, huge)
+    assert predicted == [] and "too large" in note
+
+
 # ---- the real pipeline, `intxr gui` and the page ---------------------------------------------------------------
 
 INDEXING = """[DEFAULT]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from intxr.geometry import Geometry
+from intxr.geometry import Geometry, GeometryError
 from intxr.reader.indexing import predict_xy
 
 # The band, from the thaumatin hits (see the module's docstring).
@@ -131,7 +131,7 @@ def _candidates(a_mat: np.ndarray, s0: np.ndarray, d_star_max: float, e_max: flo
 def predict_spots(geometry: Geometry, orientation_matrix, *, d_min: float | None = None, width: float = WIDTH,
                   half_mosaicity: float = HALF_MOSAICITY) -> Predicted:
     """The reflections of a still whose lattice has orientation matrix A (3x3, rows as a result carries them:
-    `orientation_matrix`), within the detector's resolution (or `d_min`, A, when higher) and the band of the
+    `orientation_matrix`), within the detector's resolution (or `d_min`, A, where that comes first) and the band of the
     Ewald sphere, placed on the panels. Nothing (with the reason) for a missing or unusable matrix or a geometry
     without what prediction needs; never raises for those."""
     if orientation_matrix is None:
@@ -146,15 +146,20 @@ def predict_spots(geometry: Geometry, orientation_matrix, *, d_min: float | None
         return Predicted.none("the orientation matrix is not 3x3 finite numbers")
     if not abs(np.linalg.det(a_mat)) > 1e-15:  # a cell of more than 10^15 A^3, or none
         return Predicted.none("the orientation matrix is singular")
+    try:
+        return _predict(geometry, a_mat, d_min, width, half_mosaicity)
+    except (GeometryError, ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:
+        return Predicted.none(str(exc))
+
+
+def _predict(geometry: Geometry, a_mat: np.ndarray, d_min: float | None, width: float,
+             half_mosaicity: float) -> Predicted:
     s0 = geometry.s0
     d_star_max = detector_d_star_max(geometry)
     if d_min is not None and d_min > 0:
         d_star_max = min(d_star_max, 1.0 / d_min)
     e_max = width + d_star_max * half_mosaicity
-    try:
-        hkl = _candidates(a_mat, s0, d_star_max, e_max)
-    except ValueError as exc:
-        return Predicted.none(str(exc))
+    hkl = _candidates(a_mat, s0, d_star_max, e_max)
     hkl = hkl[np.abs(hkl).sum(axis=1) > 0]
     r = hkl @ a_mat.T
     q = np.linalg.norm(r, axis=1)
