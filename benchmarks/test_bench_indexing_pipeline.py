@@ -82,7 +82,13 @@ def _all_hits(reader: Reader, served, mode: str) -> list:
 def _timer(config):
     """pytest-benchmark's timer (--benchmark-timer; time.process_time counts only this process's CPU on a
     machine others load), for the interleaved passes too."""
-    return config.getoption("benchmark_timer").target
+    import importlib
+
+    timer = config.getoption("benchmark_timer")
+    if hasattr(timer, "target"):
+        return timer.target
+    module, name = str(timer).rsplit(".", 1)  # the default comes as its name, "time.perf_counter"
+    return getattr(importlib.import_module(module), name)
 
 
 def _run(benchmark, reader, served, mode: str, role: str, timer) -> list:
