@@ -55,7 +55,7 @@ from intxr.messages import (
     series_label,
     splitter_event,
 )
-from intxr.raster import RASTER_SECTIONS, Hit, RasterScan
+from intxr.raster import Hit, RasterReport, RasterScan, combine_3d, orthogonal
 from intxr.report import Reporter
 from intxr.sinks.result_line import format_result_line
 
@@ -214,6 +214,15 @@ def read_journal(path: str) -> tuple[SeriesAccount, int, int]:
     return account, good, bad
 
 
+def final_raster_report(account: SeriesAccount, scan: RasterScan, row_length: int | None,
+                        snake: bool) -> RasterReport:
+    """A summed-up raster series' crystals, by the Collector or (no Collector left) the daemon: the
+    grid starts at the series' first frame the Splitter received."""
+    received = account.end.received_frames() if account.end is not None else None
+    first = received.starts[0] if received else None
+    return scan.report(account.series, account.name, row_length, snake, first)
+
+
 class LateResult(Exception):
     """A result for a series already summed up (its frame was counted failed there)."""
 
@@ -298,11 +307,11 @@ class Collector:
         self.journal_lines: dict[str, int] = {}  # lines appended since the last snapshot
         self.journal_batch: set[str] = set()  # journals written in this batch (flushed before it is emitted)
         self.journal_off = settings.state_dir is None
-        # Raster keys: the startup config's when it has them (raster_row_length does), else these.
-        self.raster_row_length = getattr(bl, "raster_row_length", None)
-        self.raster_snake = bool(getattr(bl, "raster_snake", False))
-        self.raster_min_score = getattr(bl, "raster_min_score", None)
-        self.raster_sections = tuple(getattr(bl, "raster_sections", None) or RASTER_SECTIONS)
+        self.raster_row_length = bl.raster_row_length
+        self.raster_snake = bl.raster_snake
+        self.raster_min_score = bl.raster_min_score
+        self.raster_sections = tuple(bl.raster_sections or ())
+        self.raster_view: RasterReport | None = None  # the latest scan with an omega, awaiting its orthogonal one
         self.replay_journals()
         self.ui_sent = 0
         self.ui_dropped = 0
@@ -744,9 +753,7 @@ class Collector:
         if scan is None or not scan.raster:
             return
         try:
-            received = account.end.received_frames() if account.end is not None else None
-            first = received.starts[0] if received else None
-            report = scan.report(account.series, account.name, self.raster_row_length, self.raster_snake, first)
+            report = final_raster_report(account, scan, self.raster_row_length, self.raster_snake)
             line = report.line()
             wire = report.to_wire()
         except Exception as exc:
@@ -755,6 +762,20 @@ class Collector:
         print(line, flush=True)
         self.record_and_send(json.dumps({"raster": wire}), line)
         self._publish("raster", wire)
+        if report.omega is None:
+            return
+        view, self.raster_view = self.raster_view, report
+        if view is not None and orthogonal(view.omega, report.omega):
+            self.raster_view = None  # a pair is used once
+            try:
+                combined = combine_3d(view, report)
+                line, wire = combined.line(), combined.to_wire()
+            except Exception as exc:
+                self.bad_raster(f"series {view.series} and {account.series} in 3-D: {type(exc).__name__}: {exc}")
+                return
+            print(line, flush=True)
+            self.record_and_send(json.dumps({"raster3d": wire}), line)
+            self._publish("raster3d", wire)
 
     def publish_live_rasters(self) -> int:
         """The crystals so far of each running raster series with new hits, for the GUI only

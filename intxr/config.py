@@ -302,6 +302,18 @@ class CollectorKeys:
     output_prefix_key: str | None = key(optional(text), "reporting",
                                         "header key whose value starts the result line")
     default_output_prefix: str = key(text, "RESULTS:", "the line's start when the header has no output_prefix_key")
+    raster_sections: tuple[str, ...] | None = key(
+        optional(word_list), "rastering",
+        "processing sections (run modes) whose series are raster scans, summed up with a RASTER line of the "
+        "crystals found; None: only a series whose mapping header names grid cells")
+    raster_snake: bool = key(boolean, "False",
+                             "raster scans are snake (serpentine) scans: every other row of raster_row_length "
+                             "frames runs backwards (a mapping header's cell is taken as it says)")
+    raster_min_score: float | None = key(
+        optional(number), "None",
+        "the frame score (the result's `score`, the original's points: resolution, strength, ice, spot shape) a "
+        "frame needs to be part of a crystal; None: the reader's hit (at least min_Bragg_peaks good spots in the "
+        "frame's processing section), so the crystals are made of the hits the result lines show")
 
 
 @subsystem("gui")

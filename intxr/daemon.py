@@ -626,10 +626,11 @@ class Daemon:
         """The job ended without summing up every series (it died, or it was given up): the SERIES
         line of each series no Collector summed up, from the Splitter's accounts and the results
         the dead Collector journaled; frames forwarded to the dead job without a result count as
-        failed."""
-        from intxr.collector import SeriesAccount, journal_path, read_journal
+        failed. A raster series' RASTER line too, from the hits journaled (the Collector's code)."""
+        from intxr.collector import SeriesAccount, final_raster_report, journal_path, read_journal
         from intxr.messages import SeriesEnd
 
+        rasters = []
         for account in splitter.counters().get("series", []):
             name = self.name_of(account)
             if name in self.done_set or not isinstance(account.get("series"), int) or "timed_out" not in account:
@@ -651,6 +652,48 @@ class Daemon:
             series.master_file = account.get("master_file")
             print(series.summary().line() + " (summed up by the daemon: no Collector was left)", flush=True)
             self.take_done(account)
+            if series.raster is not None and series.raster.raster:
+                try:
+                    report = final_raster_report(series, series.raster, self.bl.raster_row_length,
+                                                 self.bl.raster_snake)
+                    rasters.append((report.line(), report.to_wire()))
+                    print(rasters[-1][0], flush=True)
+                except Exception as exc:  # a crystal map is never worth the daemon's end
+                    self.say(f"series {name}: raster scan not summed up ({type(exc).__name__}: {exc}); its "
+                             f"crystals are not reported")
+        if rasters:
+            self.send_rasters(rasters)
+
+    def send_rasters(self, rasters: list[tuple[str, dict]]) -> None:
+        """RASTER lines the daemon made (on stdout already) to the record and BluIce's socket, as the
+        Collector's."""
+        import zmq
+
+        if self.args.record:
+            try:
+                with open(self.args.record, "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps({"raster": wire}) + "\n" for _, wire in rasters)
+            except OSError as exc:
+                self.say(f"cannot write the RASTER lines to {self.args.record}: {exc.strerror or exc}")
+        bl = self.bl
+        if not bl.send_to_ui:
+            return
+        from intxr.collector import bind_form
+
+        with zmq.Context.instance().socket(zmq.PUB if bl.uistype == "pub" else zmq.PUSH) as ui:
+            # Queued until the listener (re)connects; closing waits up to 2 s for it, then drops.
+            ui.setsockopt(zmq.LINGER, 2000)
+            ui.setsockopt(zmq.SNDHWM, 1000)
+            try:
+                if bl.uistype == "pub":
+                    ui.bind(bind_form(bl.ui_endpoint))
+                    time.sleep(0.5)  # subscribers reconnect (a PUB drops what it sends before)
+                else:
+                    ui.connect(bl.ui_endpoint)
+                for line, _ in rasters:
+                    ui.send_string(line, zmq.DONTWAIT)
+            except zmq.ZMQError as exc:
+                self.say(f"cannot send the RASTER lines to {bl.ui_endpoint}: {exc}")
 
 
 def run_daemon(args, prog: str, sources: list[str]) -> int:

@@ -23,6 +23,13 @@ The line BluIce gets, once per raster series (Tcl lists, as the result line):
 `RASTER: series N crystals K {x y width height score n_frames d_min n_spots best_frame best_x best_y
 {sg a b c alpha beta gamma}} ...` with `{}` for the cell where nothing was indexed.
 
+Two raster series over one sample at orthogonal orientations (their `mapping` values name an
+`omega`: `row 3 col 7 omega 90`, `rastering.row3.col7.omega90`, at most 5 degrees off 90 apart),
+the second summed up right after the first, are combined into 3-D (`combine_3d`): the columns
+run along the rotation axis and so are shared, the first scan's rows are y and the second's z.
+Every pair of crystals, one of each scan, that share a column is a 3-D crystal:
+`RASTER3D: series N M crystals K {x y z width height depth score best_frame_N best_frame_M} ...`.
+
 Only hits of a raster series are kept (one small record each, at most MAX_HITS a series), from the
 first result that says the series is one: any other series costs a few counters.
 """
@@ -36,6 +43,7 @@ from statistics import median
 RASTER_SECTIONS = ("rastering",)  # processing sections whose series are raster scans
 MAX_HITS = 100_000  # hits kept per series; past it the scan is reported cut
 MAX_CRYSTALS = 100  # crystals listed (the strongest); `found` says how many there were
+ORTHOGONAL_WITHIN = 5.0  # degrees off 90 two scans' omegas may be and still be combined into 3-D
 NO_RESOLUTION = 99.9  # the original's hres when there is no estimate
 
 _ROW_COL = (
@@ -43,6 +51,9 @@ _ROW_COL = (
     re.compile(r"(?:^|[^A-Za-z])r(\d+)[ ._,:-]?c(\d+)\b", re.I),
     re.compile(r"^\s*(\d+)\s*[,x: ]\s*(\d+)\s*$"),
 )
+
+
+_OMEGA = re.compile(r"(?:^|[^A-Za-z])omega\W{0,3}?(-?\d+(?:\.\d+)?)", re.I)
 
 
 def grid_cell(mapping) -> tuple[int, int] | None:
@@ -54,6 +65,14 @@ def grid_cell(mapping) -> tuple[int, int] | None:
         if m:
             return int(m.group(1)), int(m.group(2))
     return None
+
+
+def grid_omega(mapping) -> float | None:
+    """The orientation (omega, degrees) a `mapping` header value names, else None."""
+    if not isinstance(mapping, str) or not mapping or len(mapping) > 300:
+        return None
+    m = _OMEGA.search(mapping)
+    return float(m.group(1)) if m else None
 
 
 def place(frame: int, first_frame: int, row_length: int | None, snake: bool) -> tuple[int, int]:
@@ -109,6 +128,7 @@ class Crystal:
     best_y: int
     unit_cell: tuple | None = None  # (sg, a, b, c, alpha, beta, gamma) of its best indexed frame
     cells: list[list[int]] = field(default_factory=list)  # [[column, row], ...]: the region, for the GUI
+    column_weights: dict[int, float] = field(default_factory=dict, repr=False)  # for combine_3d
 
     def brace(self) -> str:
         d_min = self.d_min if self.d_min is not None else NO_RESOLUTION
@@ -142,6 +162,7 @@ class RasterReport:
     cut: bool = False  # more than MAX_HITS hits: the rest were not kept
     final: bool = True  # False: the series still runs (the GUI's live view)
     found: int | None = None  # crystals found, when more than the MAX_CRYSTALS listed
+    omega: float | None = None  # the orientation its mapping header names (for combine_3d)
 
     def line(self) -> str:
         return " ".join([f"RASTER: series {self.series} crystals {len(self.crystals)}",
@@ -151,7 +172,7 @@ class RasterReport:
         return {"series": self.series, "series_name": self.series_name, "placed_by": self.placed_by,
                 "rows": self.rows, "columns": self.columns, "frames": self.frames, "hits": self.hits,
                 "cut": self.cut, "final": self.final,
-                "found": self.found if self.found is not None else len(self.crystals),
+                "found": self.found if self.found is not None else len(self.crystals), "omega": self.omega,
                 "crystals": [c.to_wire() for c in self.crystals],
                 "line": self.line()}
 
@@ -184,6 +205,7 @@ class RasterScan:
     hits: dict[int, Hit] = field(default_factory=dict)
     cut: bool = False
     changed: bool = False  # a hit kept since the last report
+    omega: float | None = None  # the first orientation a frame's mapping named
 
     def is_hit(self, result) -> bool:
         if result.status != "processed":
@@ -198,7 +220,10 @@ class RasterScan:
         self.frames += 1
         self.first_frame = frame if self.first_frame is None else min(self.first_frame, frame)
         self.last_frame = frame if self.last_frame is None else max(self.last_frame, frame)
-        cell = grid_cell((result.header or {}).get("mapping"))
+        mapping = (result.header or {}).get("mapping")
+        cell = grid_cell(mapping)
+        if self.omega is None:
+            self.omega = grid_omega(mapping)
         if cell is not None or result.processing_section in self.sections:
             self.raster = True
         if not self.raster or not self.is_hit(result):
@@ -241,7 +266,7 @@ class RasterScan:
             columns = row_length or n
             rows = -(-n // columns)
         return RasterReport(series, name, crystals, placed_by, rows, columns, self.frames, len(self.hits),
-                            self.cut, found=found)
+                            self.cut, found=found, omega=self.omega)
 
 
 def regions(cells) -> list[list[tuple[int, int]]]:
@@ -280,11 +305,80 @@ def _crystal(region, cells) -> Crystal:
     resolutions = [h.hres for h in hits if h.hres is not None]
     rows = [r for r, _ in region]
     columns = [c for _, c in region]
+    by_column: dict[int, float] = {}
+    for w, h in zip(weights, hits, strict=True):
+        by_column[where[h.frame][1]] = by_column.get(where[h.frame][1], 0.0) + w
     return Crystal(
         x=x, y=y, width=max(columns) - min(columns) + 1, height=max(rows) - min(rows) + 1, score=best.score,
         n_frames=len(hits), d_min=median(resolutions) if resolutions else None,
         n_spots=sum(h.n_spots for h in hits), best_frame=best.frame, best_x=where[best.frame][1],
         best_y=where[best.frame][0],
         unit_cell=max(indexed, key=lambda h: (h.score, -h.frame)).unit_cell if indexed else None,
-        cells=[[c, r] for r, c in region],
+        cells=[[c, r] for r, c in region], column_weights=by_column,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Two orthogonal scans: crystals in 3-D
+
+
+def orthogonal(a: float | None, b: float | None) -> bool:
+    """Two omegas (degrees) 90 apart (or 270), within ORTHOGONAL_WITHIN."""
+    if a is None or b is None:
+        return False
+    return abs((a - b) % 180 - 90) <= ORTHOGONAL_WITHIN
+
+
+@dataclass
+class Crystal3D:
+    x: float  # column (along the rotation axis, shared by both scans)
+    y: float  # row of the first scan
+    z: float  # row of the second scan
+    width: int  # columns the two crystals share
+    height: int  # rows of the first scan's crystal
+    depth: int  # rows of the second scan's crystal
+    score: float  # the weaker of the two best scores: a crystal is as sure as its poorer view
+    best_frames: tuple[int, int]
+
+    def brace(self) -> str:
+        return (f"{{{self.x:.2f} {self.y:.2f} {self.z:.2f} {self.width} {self.height} {self.depth} "
+                f"{self.score:.2f} {self.best_frames[0]} {self.best_frames[1]}}}")
+
+    def to_wire(self) -> dict:
+        return {"x": round(self.x, 3), "y": round(self.y, 3), "z": round(self.z, 3), "width": self.width,
+                "height": self.height, "depth": self.depth, "score": self.score, "best_frames": list(self.best_frames)}
+
+
+@dataclass
+class Raster3DReport:
+    series: tuple[int, int]
+    crystals: list[Crystal3D]
+
+    def line(self) -> str:
+        return " ".join([f"RASTER3D: series {self.series[0]} {self.series[1]} crystals {len(self.crystals)}",
+                         *(c.brace() for c in self.crystals)]).rstrip()
+
+    def to_wire(self) -> dict:
+        return {"series": list(self.series), "crystals": [c.to_wire() for c in self.crystals], "line": self.line()}
+
+
+def combine_3d(first: RasterReport, second: RasterReport) -> Raster3DReport:
+    """The 3-D crystals of two orthogonal scans of one sample whose columns run along the rotation
+    axis: each pair of crystals (one of each) sharing a column. x is the mean of the shared columns
+    weighted by the product of the two crystals' scores in each (where both views see diffraction),
+    y and z the two crystals' centres of mass across their rows. Two crystals in one scan over the
+    same columns pair with each of the other scan's there: two projections cannot tell which is
+    which, so every pairing is listed (strongest first)."""
+    out = []
+    for a in first.crystals:
+        for b in second.crystals:
+            shared = a.column_weights.keys() & b.column_weights.keys()
+            if not shared:
+                continue
+            weights = {c: a.column_weights[c] * b.column_weights[c] for c in shared}
+            total = sum(weights.values())
+            x = sum(c * w for c, w in weights.items()) / total if total > 0 else sum(shared) / len(shared)
+            out.append(Crystal3D(x, a.y, b.y, max(shared) - min(shared) + 1, a.height, b.height,
+                                 min(a.score, b.score), (a.best_frame, b.best_frame)))
+    out.sort(key=lambda c: (-c.score, -c.width * c.height * c.depth, c.x, c.y, c.z))
+    return Raster3DReport((first.series, second.series), out[:MAX_CRYSTALS])

@@ -251,10 +251,9 @@ def test_bluice_receives_the_raster_line_with_the_crystal_of_real_frames_on_a_gr
         (tmp_path / "processing.cfg").write_text(INDEXING)
         processing = {"processing_config_file": str(tmp_path / "processing.cfg")}
     config, keys = write_config(tmp_path, uihost="127.0.0.1", uiport=ui_port, send_to_ui="True",
-                                raster_row_length="5", **processing)
+                                raster_row_length="5", raster_snake="True", **processing)
     record = tmp_path / "record.jsonl"
     collector = Collector(cfg.load(str(config), "t"), CollectorSettings(grace=1.0, record=str(record)))
-    collector.raster_snake = True  # the startup config has no snake key yet (see the README)
     reader = Reader(ReaderSettings(rank=1, splitter_endpoint=f"tcp://127.0.0.1:{keys['port']}",
                                    collector_endpoint=f"tcp://127.0.0.1:{keys['collector_port']}",
                                    control_endpoint=None, timeout=3.0, skip_prescreen=False),
