@@ -216,16 +216,12 @@ def predict_xy(geometry: Geometry, r_calc: np.ndarray, panels: np.ndarray) -> np
     the ray misses the panel's plane. Stills: the rlp r = A h is rotated in the plane of s0 and r onto the
     Ewald sphere, keeping |r| (its resolution), as DIALS's stills predictor places a reflection: r' with
     |r'| = |r| and r' . s0 = -|r|^2 / 2 (so |s0 + r'| = |s0|), then s1 = s0 + r'."""
-    s0 = np.asarray(geometry.s0, dtype=np.float64)
-    k = float(np.linalg.norm(s0))
-    u0 = s0 / k
+    k, cols, frames = _predict_constants(geometry)
     r_calc = np.asarray(r_calc, dtype=np.float64)
     q2 = np.einsum("ij,ij->i", r_calc, r_calc)
     par = -q2 / (2 * k)
     # Only s1 . (u0, n, f, s) of each panel are needed, and s1 = s0 + scale r + shift u0 is linear in r: one
     # (n, 3) x (3, 1 + 3 panels) product instead of building s1 (this runs on every refinement step).
-    frames = [_panel_frame(p) for p in geometry.panels]
-    cols = np.concatenate([u0[:, None]] + [fr[0] for fr in frames], axis=1)
     dots = r_calc @ cols
     along = dots[:, 0]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -233,13 +229,11 @@ def predict_xy(geometry: Geometry, r_calc: np.ndarray, panels: np.ndarray) -> np
     shift = par - along * scale
     out = np.full((len(r_calc), 2), np.nan)
     one = len(frames) == 1  # the common case: no per-panel selection
-    for i, (axes, o_n, o_f, o_s, pix_f, pix_s, off_f, off_s) in enumerate(frames):
+    for i, (o_n, o_f, o_s, pix_f, pix_s, off_f, off_s, s0_n, s0_f, s0_s, u_n, u_f, u_s) in enumerate(frames):
         sel = slice(None) if one else panels == i
         if not one and not sel.any():
             continue
         sc, sh = scale[sel], shift[sel]
-        s0_n, s0_f, s0_s = s0 @ axes
-        u_n, u_f, u_s = u0 @ axes
         d = dots[sel]
         with np.errstate(divide="ignore", invalid="ignore"):
             t = o_n / (s0_n + sc * d[:, 1 + 3 * i] + sh * u_n)
@@ -254,14 +248,35 @@ def predict_xy(geometry: Geometry, r_calc: np.ndarray, panels: np.ndarray) -> np
     return out
 
 
-def _panel_frame(p) -> tuple:
-    """A panel's (normal, fast, slow) as columns and the origin's components along them; pixel sizes, offset."""
-    f = np.asarray(p.fast_axis, dtype=np.float64)
-    s = np.asarray(p.slow_axis, dtype=np.float64)
-    n = np.array([f[1] * s[2] - f[2] * s[1], f[2] * s[0] - f[0] * s[2], f[0] * s[1] - f[1] * s[0]])
-    o = np.asarray(p.origin, dtype=np.float64)
-    return (np.stack([n, f, s], axis=1), float(o @ n), float(o @ f), float(o @ s), p.pixel_size[0],
-            p.pixel_size[1], p.frame_offset[0], p.frame_offset[1])
+_PREDICT_CACHE: dict[int, tuple] = {}
+
+
+def _predict_constants(geometry: Geometry) -> tuple:
+    """|s0|, the columns (u0, then each panel's normal, fast, slow) and per panel the origin's, s0's and u0's
+    components along them, pixel sizes and offset: fixed for a (frozen) geometry, computed once for it rather than
+    on each of a refinement's predictions."""
+    hit = _PREDICT_CACHE.get(id(geometry))
+    if hit is not None and hit[0] is geometry:
+        return hit[1]
+    s0 = np.asarray(geometry.s0, dtype=np.float64)
+    k = float(np.linalg.norm(s0))
+    u0 = s0 / k
+    cols, frames = [u0[:, None]], []
+    for p in geometry.panels:
+        f = np.asarray(p.fast_axis, dtype=np.float64)
+        s = np.asarray(p.slow_axis, dtype=np.float64)
+        n = np.array([f[1] * s[2] - f[2] * s[1], f[2] * s[0] - f[0] * s[2], f[0] * s[1] - f[1] * s[0]])
+        o = np.asarray(p.origin, dtype=np.float64)
+        axes = np.stack([n, f, s], axis=1)
+        cols.append(axes)
+        frames.append((float(o @ n), float(o @ f), float(o @ s), p.pixel_size[0], p.pixel_size[1],
+                       p.frame_offset[0], p.frame_offset[1], *(float(v) for v in s0 @ axes),
+                       *(float(v) for v in u0 @ axes)))
+    constants = (k, np.concatenate(cols, axis=1), frames)
+    if len(_PREDICT_CACHE) >= 8:
+        _PREDICT_CACHE.clear()
+    _PREDICT_CACHE[id(geometry)] = (geometry, constants)
+    return constants
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,10 +416,14 @@ def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, 
         frac = rlps @ np.linalg.inv(a_mat).T  # h = A^-1 r
         hkl = np.round(frac)
         ok = _near_integer(frac, hkl, tol) & (norms <= r_max + 1e-12)
-        if ok.sum() < 6 or np.linalg.matrix_rank(hkl[ok]) < 3:
+        h_ok = hkl[ok]
+        # Least squares r = h A^T by the normal equations (3 unknowns a column, integer h: H^T H is exact and
+        # singular only when its determinant is, relative to Hadamard's bound, at rounding level).
+        hth = h_ok.T @ h_ok
+        if len(h_ok) < 6 or np.linalg.det(hth) <= 1e-10 * float(np.prod(np.diag(hth))):
             mask = ok
             break
-        sol, *_ = np.linalg.lstsq(hkl[ok], rlps[ok], rcond=None)  # r = h A^T  ->  A^T = sol
+        sol = np.linalg.solve(hth, h_ok.T @ rlps[ok])  # A^T
         if not _near(cell_from_direct(np.linalg.inv(sol.T)), target, params):
             return None
         a_mat = sol.T
@@ -541,10 +560,14 @@ def _candidate_bases(rlps: np.ndarray, target_direct: np.ndarray, params: Indexi
 # The indexer
 
 
-def _same_lattice(d1: np.ndarray, d2: np.ndarray, tol: float = 0.15) -> bool:
-    m = d1 @ np.linalg.inv(d2)
-    r = np.round(m)
-    return bool(np.abs(m - r).max() < tol and abs(round(np.linalg.det(r))) == 1)
+def _same_lattice(d1: np.ndarray, d2: np.ndarray, tol: float = 0.15, d2_inv: np.ndarray | None = None) -> bool:
+    """The same lattice in another basis: D1 D2^-1 is a unimodular integer matrix (within tol)."""
+    m = d1 @ (np.linalg.inv(d2) if d2_inv is None else d2_inv)
+    r = np.rint(m)
+    if np.abs(m - r).max() >= tol:
+        return False
+    (a, b, c), (d, e, f), (g, h, i) = r.tolist()
+    return abs(a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)) == 1
 
 
 def _chance_fraction(geometry, rlps, xy, panels, a_mat, cutoff_px: float, params) -> float:
@@ -729,13 +752,15 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
         off = np.abs(frac - np.round(frac)) < params.hkl_tolerance
         quick = (off[:, 0] & off[:, 1] & off[:, 2]).sum(axis=1).tolist()
     shortlisted: list = []
+    inverses: list = []
     best_quick = max(quick, default=0)
     for n_quick in np.argsort(quick)[::-1]:
         if quick[int(n_quick)] < 0.5 * best_quick:
             break
         basis = bases[int(n_quick)]
-        if not any(_same_lattice(basis, other) for other in shortlisted):
+        if not any(_same_lattice(basis, other, d2_inv=inv) for other, inv in zip(shortlisted, inverses, strict=True)):
             shortlisted.append(basis)
+            inverses.append(np.linalg.inv(basis))
         if len(shortlisted) >= params.n_shortlisted:
             break
     candidates = []
@@ -756,7 +781,7 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
             break
         # The same lattice in another basis (a and b swapped, signs, ...): D1 D2^-1 is a unimodular integer matrix.
         d1 = np.linalg.inv(cand[0])
-        if not any(_same_lattice(d1, np.linalg.inv(other[0])) for other in distinct):
+        if not any(_same_lattice(d1, None, d2_inv=other[0]) for other in distinct):  # inv(inv(A)) = A
             distinct.append(cand)
         if len(distinct) >= params.n_refined:
             break
