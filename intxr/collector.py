@@ -762,20 +762,20 @@ class Collector:
         print(line, flush=True)
         self.record_and_send(json.dumps({"raster": wire}), line)
         self._publish("raster", wire)
-        if report.omega is None:
+        # Two orthogonal scans one after the other (omega in their headers): their crystals in 3-D.
+        view, self.raster_view = self.raster_view, report if report.omega is not None else None
+        if view is None or not orthogonal(view.omega, report.omega):
             return
-        view, self.raster_view = self.raster_view, report
-        if view is not None and orthogonal(view.omega, report.omega):
-            self.raster_view = None  # a pair is used once
-            try:
-                combined = combine_3d(view, report)
-                line, wire = combined.line(), combined.to_wire()
-            except Exception as exc:
-                self.bad_raster(f"series {view.series} and {account.series} in 3-D: {type(exc).__name__}: {exc}")
-                return
-            print(line, flush=True)
-            self.record_and_send(json.dumps({"raster3d": wire}), line)
-            self._publish("raster3d", wire)
+        self.raster_view = None  # a pair is used once
+        try:
+            combined = combine_3d(view, report)
+            line, wire = combined.line(), combined.to_wire()
+        except Exception as exc:
+            self.bad_raster(f"series {view.series} and {account.series} in 3-D: {type(exc).__name__}: {exc}")
+            return
+        print(line, flush=True)
+        self.record_and_send(json.dumps({"raster3d": wire}), line)
+        self._publish("raster3d", wire)
 
     def publish_live_rasters(self) -> int:
         """The crystals so far of each running raster series with new hits, for the GUI only

@@ -1,15 +1,20 @@
 """Crystals in raster scans (intxr.raster): synthetic grids with crystals whose places are known
 (one, two touching diagonally, two apart, a snake scan, an empty scan, results out of order,
 positions from the mapping header), and the whole way through a real Collector: real thaumatin
-frames placed on a grid, processed by a real Reader, and the RASTER line BluIce receives."""
+frames placed on a grid, processed by a real Reader, and the RASTER line BluIce receives; the
+startup keys, two orthogonal scans combined into 3-D, and the daemon's line for a series whose
+Collector was killed."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -172,10 +177,113 @@ def test_the_indexed_cell_of_the_best_indexed_frame_and_regions():
     assert regions({(0, 0), (1, 1), (3, 3), (3, 4)}) == [[(0, 0), (1, 1)], [(3, 3), (3, 4)]]
 
 
+# ---------------------------------------------------------------------------------------------
+# Two orthogonal scans: crystals in 3-D
+
+
+def views_of(sample: dict[tuple[int, int, int], float], columns: int, rows: int, series=(1, 2),
+             omegas=(0.0, 90.0)):
+    """The two scans of a 3-D sample ({(x, y, z): score}): the first sees (x, y), the second (x, z),
+    each cell the strongest voxel along its line of sight; mapping values name cell and omega."""
+    reports = []
+    for number, omega, axis in ((series[0], omegas[0], 1), (series[1], omegas[1], 2)):
+        scan = RasterScan()
+        for k, (row, column) in enumerate((r, c) for r in range(rows) for c in range(columns)):
+            score = max((v for voxel, v in sample.items() if voxel[0] == column and voxel[axis] == row), default=0)
+            scan.add(result(k, score, mapping=f"rastering.row{row}.col{column}.omega{omega:g}"))
+        reports.append(scan.report(number, f"series_{number:06d}"))
+    return reports
+
+
+def test_two_orthogonal_scans_give_each_crystal_its_3d_place():
+    from intxr.raster import combine_3d, grid_omega, orthogonal
+
+    assert grid_omega("rastering.row3.col7.omega90") == 90.0 and grid_omega("row 3 col 7 omega -0.5") == -0.5
+    assert grid_omega("r3c7_omega 270") == 270.0 and grid_omega("rastering.row3.col7") is None
+    assert grid_cell("rastering.row3.col7.omega90") == (3, 7)
+    assert orthogonal(0, 90) and orthogonal(10, 277) and orthogonal(45, -45)
+    assert not orthogonal(0, 80) and not orthogonal(0, 180) and not orthogonal(None, 90)
+    # A crystal of 2 x 2 x 3 cells around (1.5, 1.5, 3) and a small one at (6, 4, 1), apart in x.
+    sample = {(x, y, z): 6.0 for x in (1, 2) for y in (1, 2) for z in (2, 3, 4)}
+    sample[(6, 4, 1)] = 9.0
+    first, second = views_of(sample, columns=8, rows=6)
+    assert (first.omega, second.omega) == (0.0, 90.0) and len(first.crystals) == len(second.crystals) == 2
+    combined = combine_3d(first, second)
+    strong, big = combined.crystals
+    assert (strong.x, strong.y, strong.z, strong.best_frames) == (6, 4, 1, (4 * 8 + 6, 1 * 8 + 6))
+    assert (big.x, big.y, big.z) == pytest.approx((1.5, 1.5, 3.0))
+    assert (big.width, big.height, big.depth, big.score) == (2, 2, 3, 6.0)
+    assert combined.line() == ("RASTER3D: series 1 2 crystals 2 {6.00 4.00 1.00 1 1 1 9.00 38 14} "
+                               "{1.50 1.50 3.00 2 2 3 6.00 9 17}")
+    assert "\n" + combined.line() + "\n" in (Path(__file__).parent.parent / "README.md").read_text()
+    # Two crystals over the same columns: two projections cannot tell which y goes with which z,
+    # so both pairings are listed (the real two among them); nothing shared, nothing combined.
+    twins = views_of({(3, 1, 4): 5.0, (3, 4, 0): 5.0}, columns=5, rows=5)
+    assert {(c.x, c.y, c.z) for c in combine_3d(*twins).crystals} == {(3, 1, 4), (3, 4, 0), (3, 1, 0), (3, 4, 4)}
+    apart = views_of({(0, 1, 1): 5.0}, columns=5, rows=5)
+    apart[1].crystals[0].column_weights = {4: 1.0}
+    assert combine_3d(*apart).line() == "RASTER3D: series 1 2 crystals 0"
+
+
+def test_the_startup_keys_reach_the_collector_and_orthogonal_scans_come_out_in_3d(tmp_path, capfd):
+    """raster_sections, raster_min_score and raster_snake from a startup file drive a real
+    Collector: a scan with a grid in its headers is a raster and only frames scoring 6 or more
+    make its crystals; a series of the rastering section without one is none (raster_sections =
+    None); two orthogonal scans, one after the other, give one RASTER3D line to BluIce."""
+    from test_faults_pipeline import write_config
+
+    from intxr import config as cfg
+    from intxr.collector import Collector, CollectorSettings
+    from intxr.testing import free_ports
+
+    [ui_port] = free_ports(1)
+    config, keys = write_config(tmp_path, uihost="127.0.0.1", uiport=ui_port, send_to_ui="True",
+                                raster_sections="None", raster_min_score="6", raster_snake="True")
+    collector = Collector(cfg.load(str(config), "t"), CollectorSettings(grace=1.0, record=str(tmp_path / "r.jsonl")))
+    assert (collector.raster_sections, collector.raster_min_score, collector.raster_snake) == ((), 6.0, True)
+    ui = UiListener(ui_port)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{keys['collector_port']}")
+    time.sleep(0.5)  # the Collector's UI socket reaches the listener
+
+    def series(number: int, frames: list[tuple[float, str]]) -> None:
+        for frame, (score, mapping) in enumerate(frames):
+            body = json.loads(_wire_result(frame, score, mapping)[1])
+            body.update(series=number, series_name=f"series_{number:06d}")
+            push.send_multipart([b"result", json.dumps(body).encode()])
+        _take(collector, collector.results_total + len(frames))
+        collector.take_series_event(splitter_event("series_end", {
+            "series": number, "series_name": f"series_{number:06d}", "timed_out": False,
+            "received": len(frames), "forwarded_ranges": [[0, len(frames) - 1]], "skipped_ranges": []}))
+        collector.finish_series(collector.series[f"series_{number:06d}"])
+
+    try:
+        # Seen at omega 0: a crystal at columns 1-2 (rows 0-1) and a weak frame (5 < 6) at column 4.
+        xy = {(0, 1): 8.0, (0, 2): 7.0, (1, 1): 6.0, (1, 4): 5.0}
+        series(1, [(xy.get((r, c), 0.0), f"row {r} col {c} omega 0") for r in range(2) for c in range(5)])
+        series(2, [(9.0, "rastering")] * 3)  # the rastering section, no grid: not a raster here
+        xz = {(2, 1): 9.0, (2, 2): 9.0}  # the same crystal at omega 90: z is row 2
+        series(3, [(xz.get((r, c), 0.0), f"row {r} col {c} omega 90") for r in range(3) for c in range(5)])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(line.startswith("RASTER3D") for line in ui.lines):
+            time.sleep(0.05)
+    finally:
+        ui.close()
+        push.close(linger=0)
+        collector.shutdown()
+    rasters = [line for line in ui.lines if line.startswith("RASTER")]
+    x = (1 * 14 * 9 + 2 * 7 * 9) / (14 * 9 + 7 * 9)  # column weights: first scan's 8 + 6 and 7, second's 9 and 9
+    assert rasters == [
+        f"RASTER: series 1 crystals 1 {{{(8 + 14 + 6) / 21:.2f} {6 / 21:.2f} 2 2 8.00 3 2.50 840 1 1 0 {{}}}}",
+        "RASTER: series 3 crystals 1 {1.50 2.00 2 1 9.00 2 2.50 720 11 1 2 {}}",
+        f"RASTER3D: series 1 3 crystals 1 {{{x:.2f} {6 / 21:.2f} 2.00 2 2 1 8.00 1 11}}"], rasters
+    assert rasters[-1] in capfd.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [row["raster3d"]["series"] for row in rows if "raster3d" in row] == [[1, 3]]
+
+
 
 def test_the_readmes_example_is_what_the_code_says():
-    from pathlib import Path
-
     grid = [[0, 0, 0, 0, 0, 0],
             [0, 2, 6, 0, 0, 0],
             [0, 2, 2, 0, 5, 0],
@@ -486,3 +594,48 @@ def test_a_scan_full_of_small_crystals_lists_the_strongest_and_says_how_many_the
     assert report.line().startswith(f"RASTER: series 1 crystals {MAX_CRYSTALS} {{")
     scores = sorted((v for row in grid for v in row if v), reverse=True)  # each crystal is one cell
     assert [c.score for c in report.crystals] == scores[:MAX_CRYSTALS]  # the strongest, strongest first
+
+
+def test_a_raster_series_no_collector_sums_up_gets_its_raster_line_once_from_the_daemon(tmp_path, thaumatin_cbfs):
+    """The Collector is killed in the middle of raster series 2 and the daemon gives up restarting
+    (max_restarts = 0): the daemon sums series 2 up from the journal the killed Collector wrote,
+    and BluIce, stdout and the record get its RASTER line once, made of the hits the killed
+    Collector had taken (series 1's line came from the Collector, once too)."""
+    from test_faults_pipeline import Daemon, records, summaries, write_config
+
+    from intxr.testing import free_ports
+
+    [ui_port] = free_ports(1)
+    config, _ = write_config(tmp_path, simulate_rate="4", max_restarts="0", uihost="127.0.0.1", uiport=ui_port,
+                             send_to_ui="True", raster_row_length="3")
+    record = tmp_path / "results.jsonl"
+    ui = UiListener(ui_port)
+    daemon = Daemon(config, "-n", "2", "--verbose", "--record", str(record), "--simulate", *thaumatin_cbfs[:6])
+    try:
+        collector = daemon.rank_pid(0)
+        daemon.wait_for(r"^RESULTS: series 2 frame", stream="out", timeout=60)
+        time.sleep(0.3)
+        os.kill(collector, signal.SIGKILL)
+        daemon.wait_for(r"giving up", timeout=30)
+        assert daemon.finish(90) == 1, daemon.text()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(line.startswith("RASTER: series 2 ") for line in ui.lines) < 1:
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+        ui.close()
+    assert any(line.startswith("SERIES 2: ") and "summed up by the daemon" in line for _, line in daemon.out), \
+        daemon.text()
+    assert sorted(summaries(daemon))[:2] == [1, 2]
+    out = [line for _, line in daemon.out if line.startswith("RASTER")]
+    sent = [line for line in ui.lines if line.startswith("RASTER")]
+    # A later series the Splitter began is summed up by the daemon too, with no results: no raster.
+    assert [int(line.split()[2]) for line in out] == [1, 2], daemon.text()
+    assert sent == out, (sent, out)  # each series' line once, series 2's from the daemon
+    results, _ = records(record)
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    [mine] = [row["raster"] for row in rows if "raster" in row and row["raster"]["series"] == 2]
+    taken = [r for r in results if r["series"] == 2 and r["status"] == "processed" and r["hit"]]
+    assert taken and mine["hits"] == len(taken) and mine["line"] == out[1], (mine, taken)
+    assert sum(c["n_frames"] for c in mine["crystals"]) == len(taken)
+    assert "Traceback" not in daemon.text()
