@@ -414,7 +414,7 @@ def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, 
     hkl = np.zeros((len(rlps), 3))
     for r_max in list(shells) + [shells[-1]]:
         frac = rlps @ np.linalg.inv(a_mat).T  # h = A^-1 r
-        hkl = np.round(frac)
+        hkl = np.rint(frac)
         ok = _near_integer(frac, hkl, tol) & (norms <= r_max + 1e-12)
         h_ok = hkl[ok]
         # Least squares r = h A^T by the normal equations (3 unknowns a column, integer h: H^T H is exact and
@@ -429,7 +429,7 @@ def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, 
         a_mat = sol.T
         mask = ok
     frac = rlps @ np.linalg.inv(a_mat).T
-    hkl = np.round(frac)
+    hkl = np.rint(frac)
     mask = _near_integer(frac, hkl, tol)
     return a_mat, hkl, mask
 
@@ -466,8 +466,10 @@ def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3, target_
                       rotations=None) -> np.ndarray:
     """Gauss-Newton on the nine elements of A against the spots' pixel positions, with the cell restrained to its
     lattice's symmetry and the target when those are given. A spot's prediction depends on A only through
-    r = A h, so its Jacobian is d(x, y)/dr (numeric, three shifted predictions) times h (chain rule), and an
-    accepted step's prediction is the next step's base: four predictions per step rather than eleven."""
+    r = A h, so its Jacobian is D = d(x, y)/dr (numeric, three shifted predictions) times h (chain rule). D is
+    taken once per call (a chord method: the steps here move each r by far less than D varies over), so J^T J of
+    the positions is fixed too and each step costs one prediction; the acceptance test below still compares true
+    residuals."""
     x = a_mat.ravel().copy()
     eps = 1e-7  # 1/A: ~1e-4 px of prediction shift, far above rounding and well inside the linear range
     n = len(hkl)
@@ -480,22 +482,32 @@ def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3, target_
 
     r_now = hkl @ x.reshape(3, 3).T
     pred = predict_xy(geometry, r_now, panels)
+    shifted = predict_xy(geometry, np.concatenate([r_now + eps * np.eye(3)[i] for i in range(3)]),
+                         np.tile(panels, 3)).reshape(3, n, 2)
+    d_pred = np.ascontiguousarray(((shifted - pred[None]) / eps).transpose(1, 2, 0))  # (spots, 2: x y, 3: r_i)
+    if not np.all(np.isfinite(d_pred)):
+        return a_mat
+    # J^T J of the positions without forming J (2n x 9, J[(n, c), 3 i + j] = D[n, c, i] h[n, j]):
+    # sum_n (D_n^T D_n)[i, k] h_j h_l, one (9 x n) x (n x 9) product, rearranged to (3 i + j, 3 k + l).
+    dtd = np.einsum("nci,nck->nik", d_pred, d_pred).reshape(n, 9)
+    hh = (hkl[:, :, None] * hkl[:, None, :]).reshape(n, 9)
+    jtj_pos = (dtd.T @ hh).reshape(3, 3, 3, 3).transpose(0, 2, 1, 3).reshape(9, 9)
     for _ in range(n_iter):
         hs = 1e-7 * np.maximum(1e-3, np.abs(x))
         restrained = restraints(np.vstack([x, x[None, :] + np.diag(hs)]))  # base and the 9 shifted, at once
-        r0 = np.concatenate([(pred - xy).ravel(), restrained[0]])
+        resid = pred - xy
+        r0 = np.concatenate([resid.ravel(), restrained[0]])
         if not np.all(np.isfinite(r0)):
             break
-        shifted = predict_xy(geometry, np.concatenate([r_now + eps * np.eye(3)[i] for i in range(3)]),
-                             np.tile(panels, 3)).reshape(3, n, 2)
-        d_pred = (shifted - pred[None]) / eps  # (3: r component i, spots, 2)
-        # d pred_c / d A_ij = d pred_c / d r_i * h_j, with A raveled row-major (index 3 i + j).
-        jac = (d_pred.transpose(1, 2, 0)[:, :, :, None] * hkl[:, None, None, :]).reshape(2 * n, 9)
+        # J^T r of the positions: sum_n (D_n^T r_n)_i h_j.
+        jtr = (np.einsum("nci,nc->ni", d_pred, resid).T @ hkl).ravel()
+        jtj = jtj_pos
         if target_metric is not None:
-            jac = np.vstack([jac, ((restrained[1:] - restrained[0][None, :]) / hs[:, None]).T])
-        # Normal equations: 9 parameters of one scale (1/A), well conditioned, far cheaper than an SVD of J.
+            jac_r = ((restrained[1:] - restrained[0][None, :]) / hs[:, None]).T  # (restraints, 9)
+            jtj = jtj_pos + jac_r.T @ jac_r
+            jtr = jtr + jac_r.T @ restrained[0]
         try:
-            step = np.linalg.solve(jac.T @ jac, -(jac.T @ r0))
+            step = np.linalg.solve(jtj, -jtr)  # normal equations: 9 parameters of one scale (1/A)
         except np.linalg.LinAlgError:
             break
         if not np.all(np.isfinite(step)):
@@ -582,11 +594,12 @@ def _chance_fraction(geometry, rlps, xy, panels, a_mat, cutoff_px: float, params
     if not rots:
         return 0.0
     a_rot = np.array(rots) @ a_mat  # (trials, 3, 3)
-    frac = np.einsum("nk,tjk->tnj", rlps, np.linalg.inv(a_rot))
-    hkl = np.round(frac)
+    frac = rlps[None] @ np.swapaxes(np.linalg.inv(a_rot), 1, 2)  # (trials, spots, 3): h = A^-1 r
+    hkl = np.rint(frac)
     ok = _near_integer(frac, hkl, params.hkl_tolerance)
+    r_all = hkl @ np.swapaxes(a_rot, 1, 2)  # r = A h, every trial and spot
     trial, spot = np.nonzero(ok)
-    r_calc = np.einsum("nj,nij->ni", hkl[trial, spot], a_rot[trial])
+    r_calc = r_all[trial, spot]
     dist = np.hypot(*(predict_xy(geometry, r_calc, panels[spot]) - xy[spot]).T)
     hits = np.bincount(trial[dist <= cutoff_px], minlength=len(rots))
     return float(np.mean(hits / len(rlps)))
@@ -604,7 +617,7 @@ def _refine_candidate(geometry, rlps, xy, panels, a_mat, hkl, mask, cell, target
             break
         a_mat = refined
         frac = rlps @ np.linalg.inv(a_mat).T
-        hkl = np.round(frac)
+        hkl = np.rint(frac)
         mask = _near_integer(frac, hkl, params.hkl_tolerance)
         dist = np.hypot(*(predict_xy(geometry, hkl @ a_mat.T, panels) - xy).T)
         good = mask & np.isfinite(dist)
@@ -747,9 +760,11 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
     low = rlps[np.linalg.norm(rlps, axis=1) <= np.quantile(np.linalg.norm(rlps, axis=1), 0.4)]
     quick: list[int] = []
     if bases:
-        # h = D r (rows a, b, c) for every basis in one product: (bases, 3, low spots)
+        # h = D r (rows a, b, c) for every basis in one product: (bases, 3, low spots), then in place (a few MB:
+        # fresh temporaries of that size cost more in page faults than in arithmetic).
         frac = (np.array(bases).reshape(-1, 3) @ low.T).reshape(len(bases), 3, len(low))
-        off = np.abs(frac - np.round(frac)) < params.hkl_tolerance
+        np.subtract(frac, np.rint(frac), out=frac)
+        off = np.abs(frac, out=frac) < params.hkl_tolerance
         quick = (off[:, 0] & off[:, 1] & off[:, 2]).sum(axis=1).tolist()
     shortlisted: list = []
     inverses: list = []
