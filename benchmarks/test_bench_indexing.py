@@ -83,3 +83,38 @@ def test_spotfinding_same_hit_ab_initio_group(benchmark, hits):
     finder = SpotFinder(SpotFinderParams(), image.geometry)
     result = benchmark(finder.find, np.asarray(image.data))
     assert len(result.spots) > 300
+
+
+@pytest.fixture(scope="module")
+def score_inputs(hits):
+    """The known-cell search's coarse grid for the short axis (57.8 A) on one hit: its low-resolution rlps against
+    the hemisphere's directions."""
+    from intxr.reader.indexing import hemisphere, reciprocal_points
+
+    _, image, x, y = hits[4]
+    rlps, _ = reciprocal_points(image.geometry, x, y)
+    return rlps[np.linalg.norm(rlps, axis=1) <= 0.3 / (57.8 * 0.03)], hemisphere(6981)
+
+
+def test_direction_score_kernel(benchmark, score_inputs):
+    from intxr.reader import indexing
+
+    if indexing._lattice_score_kernel is None:
+        pytest.skip("the latticescore kernel is not built (pip install -e . builds cython_ext/)")
+    benchmark.group = "known-cell direction score, one axis, one hit"
+    benchmark.extra_info["role"] = "intxr"
+    rlps, dirs = score_inputs
+    got = benchmark(indexing._lattice_score, rlps, dirs, 57.8)
+    exact = np.cos(2 * np.pi * 57.8 * (rlps @ dirs.T)).sum(axis=0)
+    assert np.abs(got - exact).max() < 1e-4 * len(rlps) + 1e-3  # float32 and the polynomial's 4e-5
+
+
+def test_direction_score_numpy(benchmark, score_inputs):
+    from intxr.reader import indexing
+
+    benchmark.group = "known-cell direction score, one axis, one hit"
+    benchmark.extra_info["role"] = "baseline:numpy reference (same polynomial)"
+    rlps, dirs = score_inputs
+    got = benchmark(indexing._lattice_score_numpy, rlps, dirs, 57.8)
+    exact = np.cos(2 * np.pi * 57.8 * (rlps @ dirs.T)).sum(axis=0)
+    assert np.abs(got - exact).max() < 1e-4 * len(rlps) + 1e-3
