@@ -377,9 +377,9 @@ def _search_length(rlps: np.ndarray, length: float, params: IndexingParams) -> n
         local_rmax *= 3.0
         use_local = rlps[norms <= local_rmax]
         helper = np.where(np.abs(u[:, :1]) < 0.9, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]])
-        e1 = np.cross(u, helper)
+        e1 = _cross(u, helper)
         e1 /= np.linalg.norm(e1, axis=1)[:, None]
-        e2 = np.cross(u, e1)
+        e2 = _cross(u, e1)
         cand = (u[:, None, :] + local_step * (offsets[None, :, :1] * e1[:, None, :]
                                               + offsets[None, :, 1:] * e2[:, None, :]))  # (peaks, 49, 3)
         cand /= np.linalg.norm(cand, axis=2)[:, :, None]
@@ -387,6 +387,32 @@ def _search_length(rlps: np.ndarray, length: float, params: IndexingParams) -> n
         u = cand[np.arange(len(u)), np.argmax(local, axis=1)]
         local_step /= 3.0
     return u
+
+
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cross products of (..., 3) arrays (np.cross's axis handling costs more than the arithmetic here)."""
+    a, b = np.broadcast_arrays(a, b)
+    out = np.empty(a.shape)
+    out[..., 0] = a[..., 1] * b[..., 2] - a[..., 2] * b[..., 1]
+    out[..., 1] = a[..., 2] * b[..., 0] - a[..., 0] * b[..., 2]
+    out[..., 2] = a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+    return out
+
+
+def _full_rank(h: np.ndarray) -> bool:
+    """Integer Miller indices (n, 3) span 3-D: H^T H is exact, singular only when its determinant is, relative
+    to Hadamard's bound, at rounding level (an SVD per call costs more)."""
+    hth = h.T @ h
+    return len(h) >= 3 and np.linalg.det(hth) > 1e-10 * float(np.prod(np.diag(hth)))
+
+
+def _near_direct(direct: np.ndarray, target, params: IndexingParams) -> bool:
+    """_near for a direct basis (rows a, b, c), from its metric in plain floats (called once per refit)."""
+    (g00, g01, g02), (_, g11, g12), (_, _, g22) = (direct @ direct.T).tolist()
+    la, lb, lc = math.sqrt(g00), math.sqrt(g11), math.sqrt(g22)
+    cell = (la, lb, lc, *(math.degrees(math.acos(max(-1.0, min(1.0, g / (u * v)))))
+                          for g, u, v in ((g12, lb, lc), (g02, la, lc), (g01, la, lb))))
+    return _near(cell, target, params)
 
 
 def _near(cell, target, params: IndexingParams) -> bool:
@@ -402,14 +428,20 @@ def _near_integer(frac: np.ndarray, hkl: np.ndarray, tol: float) -> np.ndarray:
         ((hkl[..., 0] != 0) | (hkl[..., 1] != 0) | (hkl[..., 2] != 0))
 
 
-def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, params: IndexingParams):
+def _shells(rlps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """|r| of each rlp and the resolution shells (quantiles of |r|) candidates are indexed in: the same for every
+    candidate of a frame."""
+    norms = np.linalg.norm(rlps, axis=1)
+    return norms, np.unique(np.quantile(norms, [0.25, 0.4, 0.55, 0.7, 0.85, 1.0]))
+
+
+def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, params: IndexingParams,
+                      shells: tuple[np.ndarray, np.ndarray] | None = None):
     """Index shell by shell from low resolution, refitting A = UB (r = A h) by least squares after each; a
     refit that takes the cell away from the target (a larger cell indexes anything) ends the candidate.
     Returns (A, hkl, indexed mask), or None for a candidate that drifted."""
-    norms = np.linalg.norm(rlps, axis=1)
-    order_norms = np.sort(norms)
+    norms, shells = _shells(rlps) if shells is None else shells
     a_mat = np.linalg.inv(direct)  # columns a*, b*, c*
-    shells = np.unique(np.quantile(order_norms, [0.25, 0.4, 0.55, 0.7, 0.85, 1.0]))
     mask = np.zeros(len(rlps), dtype=bool)
     hkl = np.zeros((len(rlps), 3))
     for r_max in list(shells) + [shells[-1]]:
@@ -417,14 +449,12 @@ def _index_and_refine(rlps: np.ndarray, direct: np.ndarray, tol: float, target, 
         hkl = np.rint(frac)
         ok = _near_integer(frac, hkl, tol) & (norms <= r_max + 1e-12)
         h_ok = hkl[ok]
-        # Least squares r = h A^T by the normal equations (3 unknowns a column, integer h: H^T H is exact and
-        # singular only when its determinant is, relative to Hadamard's bound, at rounding level).
-        hth = h_ok.T @ h_ok
-        if len(h_ok) < 6 or np.linalg.det(hth) <= 1e-10 * float(np.prod(np.diag(hth))):
+        # Least squares r = h A^T by the normal equations (3 unknowns a column, integer h).
+        if len(h_ok) < 6 or not _full_rank(h_ok):
             mask = ok
             break
-        sol = np.linalg.solve(hth, h_ok.T @ rlps[ok])  # A^T
-        if not _near(cell_from_direct(np.linalg.inv(sol.T)), target, params):
+        sol = np.linalg.solve(h_ok.T @ h_ok, h_ok.T @ rlps[ok])  # A^T
+        if not _near_direct(np.linalg.inv(sol.T), target, params):
             return None
         a_mat = sol.T
         mask = ok
@@ -492,9 +522,12 @@ def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3, target_
     dtd = np.einsum("nci,nck->nik", d_pred, d_pred).reshape(n, 9)
     hh = (hkl[:, :, None] * hkl[:, None, :]).reshape(n, 9)
     jtj_pos = (dtd.T @ hh).reshape(3, 3, 3, 3).transpose(0, 2, 1, 3).reshape(9, 9)
-    for _ in range(n_iter):
+    def restraints_and_shifted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         hs = 1e-7 * np.maximum(1e-3, np.abs(x))
-        restrained = restraints(np.vstack([x, x[None, :] + np.diag(hs)]))  # base and the 9 shifted, at once
+        return hs, restraints(np.vstack([x, x[None, :] + np.diag(hs)]))  # base and the 9 shifted, at once
+
+    hs, restrained = restraints_and_shifted(x)
+    for _ in range(n_iter):
         resid = pred - xy
         r0 = np.concatenate([resid.ravel(), restrained[0]])
         if not np.all(np.isfinite(r0)):
@@ -515,10 +548,11 @@ def _refine_positions(geometry, a_mat, hkl, xy, panels, n_iter: int = 3, target_
         x_new = x + step
         r_new_pos = hkl @ x_new.reshape(3, 3).T
         pred_new = predict_xy(geometry, r_new_pos, panels)
-        r_new = np.concatenate([(pred_new - xy).ravel(), restraints(x_new[None])[0]])
+        hs_new, restrained_new = restraints_and_shifted(x_new)  # the next step's too, when this one is taken
+        r_new = np.concatenate([(pred_new - xy).ravel(), restrained_new[0]])
         if not np.all(np.isfinite(r_new)) or (r_new @ r_new) > (r0 @ r0):
             break
-        x, r_now, pred = x_new, r_new_pos, pred_new
+        x, r_now, pred, hs, restrained = x_new, r_new_pos, pred_new, hs_new, restrained_new
     return x.reshape(3, 3)
 
 
@@ -554,7 +588,7 @@ def _candidate_bases(rlps: np.ndarray, target_direct: np.ndarray, params: Indexi
     use = (np.abs(np.arccos(cos_pair) - want) <= cos_tol).ravel()
     vi = (sign_i[None, :, None] * peaks_i[pa][:, None, :] * lengths[i]).reshape(-1, 3)[use]
     vj = (sign_j[None, :, None] * peaks_j[pb][:, None, :] * lengths[j]).reshape(-1, 3)[use]
-    vk = coef[0] * vi + coef[1] * vj + coef[2] * np.cross(vi, vj)
+    vk = coef[0] * vi + coef[1] * vj + coef[2] * _cross(vi, vj)
     # The third vector: the searched direction nearest the one the target's angles imply, when one is within
     # 6 degrees (one still fixes it better than the angles of a cell a few % off).
     if len(peaks_k):
@@ -609,11 +643,11 @@ def _refine_candidate(geometry, rlps, xy, panels, a_mat, hkl, mask, cell, target
     """Refine against the spot positions, rejecting positional outliers (a spot whose predicted position is far
     from its centroid is not indexed by this lattice, however close its h is to integers)."""
     for n_iter in (3, 2, 2):
-        if mask.sum() < 6 or np.linalg.matrix_rank(hkl[mask]) < 3:
+        if mask.sum() < 6 or not _full_rank(hkl[mask]):
             break
         refined = _refine_positions(geometry, a_mat, hkl[mask], xy[mask], panels[mask], n_iter=n_iter,
                                     target_metric=target_metric, rotations=rotations)
-        if not _near(cell_from_direct(np.linalg.inv(refined)), cell, params):
+        if not _near_direct(np.linalg.inv(refined), cell, params):
             break
         a_mat = refined
         frac = rlps @ np.linalg.inv(a_mat).T
@@ -779,8 +813,9 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
         if len(shortlisted) >= params.n_shortlisted:
             break
     candidates = []
+    shells = _shells(rlps)
     for basis in shortlisted:
-        got = _index_and_refine(rlps, basis, params.hkl_tolerance, cell, params)
+        got = _index_and_refine(rlps, basis, params.hkl_tolerance, cell, params, shells)
         if got is not None and got[2].sum() >= 3:
             candidates.append(got)
     if not candidates:
