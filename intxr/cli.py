@@ -476,7 +476,7 @@ def cmd_gui(args) -> int:
     from intxr import config as cfg
     from intxr.gui.server import run_gui
 
-    given = cfg.key_overrides(args, cfg.BeamlineConfig, ["gui_host", "gui_port", "raster_row_length"])
+    given = cfg.key_overrides(args, cfg.BeamlineConfig, ["gui_host", "gui_port", "raster_row_length", "raster_snake"])
     if args.beamline:
         loaded = cfg.load(args.config_file or cfg.default_startup_file(), args.beamline, given)
         bl, results = loaded.beamline, loaded.beamline.results_publish_endpoint
@@ -488,7 +488,7 @@ def cmd_gui(args) -> int:
     if args.min_bragg_peaks is not None:  # kept so scripts that pass it still run
         print("intxr gui: note: --min-bragg-peaks is ignored: each result says whether it is a hit, decided by its "
               "reader with its run mode's min_Bragg_peaks", file=sys.stderr)
-    return run_gui(results, bl.gui_host, bl.gui_port, row_length=bl.raster_row_length)
+    return run_gui(results, bl.gui_host, bl.gui_port, row_length=bl.raster_row_length, snake=bl.raster_snake)
 
 
 def _non_negative(text: str) -> float:
@@ -641,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cfg.add_key_flags(p, cfg.BeamlineConfig, ["gui_port", "gui_host"], "default: the section's, else {default}")
     p.add_argument("--results", metavar="ENDPOINT", help="the Collector's PUB endpoint")
-    cfg.add_key_flags(p, cfg.BeamlineConfig, ["raster_row_length"], "default: the section's, else {default}")
+    cfg.add_key_flags(p, cfg.BeamlineConfig, ["raster_row_length", "raster_snake"],
+                      "default: the section's, else {default}")
     p.add_argument("--min-bragg-peaks", type=int, default=None, metavar="N",
                    help="ignored (kept for scripts): each result says whether it is a hit, decided by its reader "
                    "with its run mode's min_Bragg_peaks")

@@ -308,7 +308,8 @@ class CollectorKeys:
         "crystals found; None: only a series whose mapping header names grid cells")
     raster_snake: bool = key(boolean, "False",
                              "raster scans are snake (serpentine) scans: every other row of raster_row_length "
-                             "frames runs backwards (a mapping header's cell is taken as it says)")
+                             "frames runs backwards (a mapping header's cell is taken as it says)",
+                             cli=("--snake",))
     raster_min_score: float | None = key(
         optional(number), "None",
         "the frame score (the result's `score`, the original's points: resolution, strength, ice, spot shape) a "

@@ -59,7 +59,7 @@ def wait_until(predicate, seconds: float = 30.0, what: str = "condition"):
 class Gui:
     """`intxr gui` as the daemon runs it, fed by a PUB socket the test holds."""
 
-    def __init__(self):
+    def __init__(self, *flags: str):
         results_port, self.port = free_ports(2)
         self.publisher = zmq.Context.instance().socket(zmq.PUB)
         self.publisher.setsockopt(zmq.LINGER, 0)
@@ -69,8 +69,8 @@ class Gui:
         self.publisher.bind(f"tcp://127.0.0.1:{results_port}")
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process = subprocess.Popen(
-            [str(EXE / "intxr"), "gui", "--results", f"tcp://127.0.0.1:{results_port}", "--port", str(self.port)],
-            stderr=subprocess.PIPE, text=True,
+            [str(EXE / "intxr"), "gui", "--results", f"tcp://127.0.0.1:{results_port}", "--port", str(self.port),
+             *flags], stderr=subprocess.PIPE, text=True,
         )
         # Up, and subscribed (a PUB drops what it sends before the subscription arrives).
         wait_until(lambda: self.state(), what="the GUI to serve")
@@ -470,3 +470,23 @@ def test_intxr_gui_rss_levels_off_over_200_series(gui):
     # And small: spots kept as JSON lists took ~80 MB here (RSS 143 MB after 50 series).
     assert rss[200] - rss[0] < 40, rss
     assert "Traceback" not in gui.stop()
+
+
+def test_the_raster_map_places_a_snake_scan_as_the_startup_config_says(tmp_path):
+    """raster_snake (startup key, `--snake`) reaches the GUI's map: with rows of 4, frame 5 (the second row's
+    first) sits at the row's far end, as the Collector reads a serpentine scan."""
+    config = tmp_path / "startup.cfg"
+    config.write_text("[DEFAULT]\n[bl]\nraster_row_length = 4\nraster_snake = True\n")
+    for flags in (("--row-length", "4", "--snake"), ("-c", str(config), "-b", "bl"), ("--row-length", "4")):
+        g = Gui(*flags)
+        try:
+            for k in range(1, 9):
+                g.send("result", result(1, k))
+            state = wait_until(lambda g=g: (s := g.state())["series"] and len(s["series"][0].get("grid") or {}) == 8
+                               and s, what="8 frames on the map")
+            grid = {int(f): tuple(pos) for f, pos in state["series"][0]["grid"].items()}
+            snake = "--snake" in flags or "-c" in flags
+            assert grid[1] == (0, 0) and grid[4] == (0, 3)
+            assert grid[5] == ((1, 3) if snake else (1, 0)) and grid[8] == ((1, 0) if snake else (1, 3)), (flags, grid)
+        finally:
+            assert "Traceback" not in g.stop()
