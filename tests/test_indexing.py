@@ -449,3 +449,20 @@ def test_cli_method_flag_and_config_key():
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--method" in bad.stderr and "Traceback" not in bad.stderr
     assert cfg.ProcessingConfig().indexing_method == "auto"
+
+
+def test_direction_score_kernel_and_its_numpy_reference_equal_the_exact_sum():
+    from intxr.reader import indexing
+
+    assert indexing._lattice_score_kernel is not None, "the latticescore kernel was not built"
+    rng = np.random.default_rng(4)
+    points = rng.normal(scale=0.15, size=(300, 3))  # rlps out to ~2 A resolution
+    dirs = rng.normal(size=(500, 3))
+    dirs /= np.linalg.norm(dirs, axis=1)[:, None]
+    for length in (25.0, 150.0, 1.0):
+        vecs = dirs if length != 1.0 else dirs * rng.uniform(25, 250, size=(500, 1))  # lengths in the vectors
+        exact = np.cos(2 * np.pi * (points @ vecs.T) * length).sum(axis=0)
+        reference = indexing._lattice_score_numpy(points, vecs, length)
+        assert np.abs(reference - exact).max() < 0.05, length  # 300 terms of float32 phase
+        kernel = indexing._lattice_score(points, vecs, length)
+        assert np.abs(kernel - exact).max() < 0.05, length

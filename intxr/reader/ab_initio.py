@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from intxr.reader.indexing import LOWEST_SPACE_GROUP, cell_from_direct, hemisphere
+from intxr.reader.indexing import LOWEST_SPACE_GROUP, _lattice_score, cell_from_direct, hemisphere
 
 L_MIN = 25.0  # A: shorter periodicities are not searched (macromolecular cells; ice and harmonics are shorter)
 
@@ -32,9 +32,16 @@ def fft_vectors(rlps: np.ndarray, *, l_min: float = L_MIN, l_max: float = 250.0,
     delta = 1.0 / (2.2 * l_max)  # bins fine enough for l_max (Nyquist)
     nb = 1 << int(math.ceil(math.log2(2 * x_max / delta + 1)))
     dirs = hemisphere(int(2 * math.pi / step**2))
-    idx = np.clip(np.floor((use @ dirs.T + x_max) / delta).astype(np.int64), 0, nb - 1)  # (N, D)
-    flat = (np.arange(len(dirs))[None, :] * nb + idx).ravel()
-    hist = np.bincount(flat, minlength=len(dirs) * nb).reshape(len(dirs), nb).astype(np.float32)
+    # Bin of each projection, per direction, in int32 and in place: the (N, D) arrays are several MB, and
+    # their page faults cost more than the arithmetic. proj + x_max >= 0, so truncation is floor.
+    proj = use.astype(np.float32) @ dirs.T.astype(np.float32)  # (N, D)
+    proj += np.float32(x_max)
+    proj *= np.float32(1.0 / delta)
+    idx = proj.astype(np.int32)
+    del proj
+    np.minimum(idx, nb - 1, out=idx)
+    idx += (np.arange(len(dirs), dtype=np.int32) * nb)[None, :]
+    hist = np.bincount(idx.ravel(), minlength=len(dirs) * nb).reshape(len(dirs), nb).astype(np.float32)
     spec = np.abs(np.fft.rfft(hist, axis=1))
     lengths = np.arange(spec.shape[1]) / (nb * delta)
     ks = np.flatnonzero((lengths >= l_min) & (lengths <= l_max))
@@ -84,10 +91,9 @@ def _refine_vector(rlps: np.ndarray, u: np.ndarray, length: float, step: float,
         cand = u[None, :] + step * (offsets[:, :1] * e1[None, :] + offsets[:, 1:] * e2[None, :])
         cand /= np.linalg.norm(cand, axis=1)[:, None]
         vecs = (scales[:, None, None] * cand[None, :, :]).reshape(-1, 3)
-        # float32: numpy's vectorised cos (float64's is scalar libm, ~20x slower); projections of at most a
-        # few hundred cycles keep ~1e-5 of a cycle.
-        phase = np.float32(2 * math.pi) * (use.astype(np.float32) @ vecs.T.astype(np.float32))
-        score = np.cos(phase).sum(axis=0, dtype=np.float64)
+        # The known-cell search's direction score (sum cos(2 pi r . t), float32 kernel) with the lengths in the
+        # vectors themselves.
+        score = _lattice_score(use, vecs, 1.0)
         best = vecs[int(np.argmax(score))]
         length = float(np.linalg.norm(best))
         u = best / length
