@@ -22,16 +22,17 @@ from intxr.testing import shared_path
 
 EXE = Path(sys.executable).parent
 N_FRAMES = 60
+N_FRAMES_SMOKE = 12  # the default test run (benchmarks disabled): that it runs and accounts, not how fast
 N_RANKS = 3  # the collector (mostly idle) and two readers on this 2-core machine
 
 
-def _sources(mix: str) -> list[str]:
+def _sources(mix: str, n_frames: int = N_FRAMES) -> list[str]:
     frames = sorted(str(p) for p in shared_path("data", "cbf", "thaumatin_grid").glob("thau_3_2_*.cbf.bz2"))
     hits, blanks = frames[:10], frames[10:]
     if mix == "hits":
-        return [hits[k % len(hits)] for k in range(N_FRAMES)]
+        return [hits[k % len(hits)] for k in range(n_frames)]
     # A raster row: one frame in ten crosses the crystal.
-    return [hits[k // 10 % len(hits)] if k % 10 == 5 else blanks[k % len(blanks)] for k in range(N_FRAMES)]
+    return [hits[k // 10 % len(hits)] if k % 10 == 5 else blanks[k % len(blanks)] for k in range(n_frames)]
 
 
 def run_pipeline(sources: list[str], prescreen: bool, rate: str) -> dict:
@@ -71,10 +72,11 @@ def run_pipeline(sources: list[str], prescreen: bool, rate: str) -> dict:
 def test_pipeline_end_to_end(benchmark, mix, prescreen, rate):
     """burst: every frame sent at once (throughput; latency then includes the queue);
     15Hz: paced below capacity (latency of a frame that does not wait for others)."""
-    sources = _sources(mix)
+    n_frames = N_FRAMES_SMOKE if benchmark.disabled else N_FRAMES
+    sources = _sources(mix, n_frames)
     benchmark.group = f"pipeline {mix} {N_FRAMES} frames (6M) {'burst' if rate == '0' else rate + ' Hz'}"
     benchmark.extra_info["role"] = "intxr" if prescreen else "baseline:no-prescreen"
     figures = benchmark.pedantic(run_pipeline, args=(sources, prescreen, rate), rounds=1, iterations=1)
     benchmark.extra_info.update({k: round(v, 4) for k, v in figures.items()})
     print(f"\n{mix} prescreen={prescreen} rate={rate}: {figures}")
-    assert figures["hits"] >= (N_FRAMES // 10 if mix != "hits" else N_FRAMES) - 1
+    assert figures["hits"] >= (n_frames // 10 if mix != "hits" else n_frames) - 1
