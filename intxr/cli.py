@@ -323,7 +323,7 @@ def cmd_find_spots(args) -> int:
 
 
 # Processing keys `intxr index` exposes as flags, besides find-spots' own.
-INDEX_KEYS = ["target_unit_cell", "target_space_group", "indexing_method"]
+INDEX_KEYS = ["target_unit_cell", "target_space_group", "indexing_method", "indexing_max_lattices"]
 
 
 def cmd_index(args) -> int:
@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spot_finding_args(p)
     p.add_argument("--json", action="store_true",
                    help="one JSON object per frame per line: file, frame, n_spots, indexed, n_indexed, lattice, "
-                   "space_group, unit_cell, p1_unit_cell, rmsd_px, orientation_matrix, errors, timing")
+                   "space_group, unit_cell, p1_unit_cell, rmsd_px, orientation_matrix, lattices, errors, timing")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser(

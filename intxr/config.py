@@ -511,6 +511,11 @@ class ProcessingConfig:
         "the native indexer's search (DIALS's indexing.method names): auto: real_space_grid_search with "
         "target_unit_cell, else fft1d; fft1d: ab initio even with a target cell, which the cell found must then "
         "match; real_space_grid_search: the known-cell search only (needs target_unit_cell)", cli=("--method",))
+    indexing_max_lattices: int = key(
+        ranged(integer, 1, 5), "1",
+        "crystals looked for per frame (DIALS's multiple_lattice_search.max_lattices): above 1, the spots a lattice "
+        "left unindexed are indexed again (with every check) while 30 or more remain; each costs another search",
+        cli=("--max-lattices",))
     indexing_backend: str = key(
         choice("native", "dials"), "native",
         "native: intxr's own stills indexer (numpy + gemmi); dials: refused with the reason (DIALS's stills "

@@ -195,6 +195,24 @@ def _matrix(body: dict, key: str) -> list | None:
     return value
 
 
+def _lattices(body: dict) -> list | None:
+    """Every crystal indexed on the frame, the result's own lattice first: at most 5 objects (the config's
+    indexing_max_lattices bound), each checked as the result's own fields are."""
+    value = body.get("lattices")
+    if value is None:
+        return None
+    if not (isinstance(value, list) and 1 <= len(value) <= 5 and all(isinstance(v, dict) for v in value)):
+        raise BadMessage(f"'lattices' is {_show(value)}, not a list of 1 to 5 lattices")
+    for one in value:
+        if _text(one, "lattice") is None or _text(one, "space_group") is None:
+            raise BadMessage(f"'lattices' has {_show(one)}, without its lattice and space group")
+        _numbers(one, "unit_cell", 6)
+        _int(one, "n_indexed", low=0)
+        _number(one, "rmsd_px")
+        _matrix(one, "orientation_matrix")
+    return value
+
+
 def _spots(body: dict) -> list | None:
     value = body.get("spots_xy")
     if value is None:
@@ -393,6 +411,7 @@ class FrameResult:
     unit_cell: list | None = None  # [a, b, c, alpha, beta, gamma] (A, degrees)
     rmsd_px: float | None = None
     orientation_matrix: list | None = None  # A = UB, rows of a 3x3 (1/A, lab frame)
+    lattices: list | None = None  # every crystal indexed (indexing_max_lattices > 1 finds more), this one first
     spots_xy: list | None = None  # centroids [x, y] of the strongest spots, for the GUI
     header: dict | None = None  # header values the result line and the GUI use
     master_file: str | None = None
@@ -442,6 +461,7 @@ class FrameResult:
             unit_cell=_numbers(body, "unit_cell", 6),
             rmsd_px=_number(body, "rmsd_px"),
             orientation_matrix=_matrix(body, "orientation_matrix"),
+            lattices=_lattices(body),
             spots_xy=_spots(body),
             header=header,
             master_file=_text(body, "master_file"),

@@ -81,6 +81,10 @@ class IndexingParams:
     chance_trials: int = 8  # random orientations for the chance level of the indexed fraction
     min_over_chance: float = 2.0  # indexed fraction / chance fraction needed
     refine_fraction: float = 0.6  # candidates indexing fewer than this x the best (before refinement) are dropped
+    # Crystals in the beam (DIALS's multiple_lattice_search.max_lattices): after a lattice is found, the spots it
+    # left unindexed are indexed again, with every check, while at least min_spots_more_lattice remain.
+    max_lattices: int = 1
+    min_spots_more_lattice: int = 30
 
 
 @dataclass
@@ -97,10 +101,22 @@ class IndexingResult:
     method: str = "real_space_grid_search"  # fft1d when the cell was found ab initio
     errors: list[str] = field(default_factory=list)
     timing: float = 0.0
+    # Further lattices found in the spots earlier ones left (max_lattices > 1): each lattice's as_lattice().
+    more_lattices: list[dict] = field(default_factory=list)
     miller: np.ndarray | None = field(default=None, repr=False)  # per spot (h, k, l); 0,0,0 where not indexed
     indexed_mask: np.ndarray | None = field(default=None, repr=False)
     predicted_xy: np.ndarray | None = field(default=None, repr=False)
     chance_fraction: float | None = None  # what the same cell indexes in random orientations
+
+    def as_lattice(self) -> dict:
+        """One crystal: what a result's `lattices` lists for it."""
+        return {"lattice": self.lattice, "space_group": self.space_group,
+                "unit_cell": [round(v, 3) for v in self.unit_cell], "n_indexed": self.n_indexed,
+                "rmsd_px": round(self.rmsd_px, 4), "orientation_matrix": self.orientation_matrix}
+
+    def lattices(self) -> list[dict] | None:
+        """Every lattice found, this one first; None when not indexed."""
+        return [self.as_lattice(), *self.more_lattices] if self.indexed else None
 
     def as_dict(self) -> dict:
         return {
@@ -114,6 +130,7 @@ class IndexingResult:
             "chance_fraction": None if self.chance_fraction is None else round(self.chance_fraction, 4),
             "orientation_matrix": self.orientation_matrix,
             "method": self.method,
+            "lattices": self.lattices(),
             "errors": list(self.errors),
             "timing": {"indexing": round(self.timing, 6)},
         }
@@ -699,8 +716,38 @@ def index_spots(geometry: Geometry, x, y, params: IndexingParams) -> IndexingRes
     except Exception as exc:  # noqa: BLE001 - bad input never raises out of a reader
         result.indexed = False
         result.errors.append(f"not indexed: indexer error {type(exc).__name__}: {exc}")
+    if result.indexed and params.max_lattices > 1:
+        _more_lattices(geometry, np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel(),
+                       params, result)
     result.timing = time.perf_counter() - t0
     return result
+
+
+def _more_lattices(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingParams,
+                   result: IndexingResult) -> None:
+    """Further crystals: index the spots no lattice found so far indexed, with the same target and every check
+    (the chance margin now measured on those spots), until max_lattices, too few spots, or a failure."""
+    from dataclasses import replace
+
+    left = ~result.indexed_mask
+    one = replace(params, max_lattices=1)
+    found = [np.linalg.inv(np.array(result.orientation_matrix))]
+    for _ in range(params.max_lattices - 1):  # searches, not lattices: a search may find the same crystal again
+        n_left = int(left.sum())
+        if n_left < max(params.min_spots_more_lattice, params.min_spots):
+            return
+        where = np.flatnonzero(left)
+        more = index_spots(geometry, x[where], y[where], one)
+        if not more.indexed:
+            return
+        left[where[more.indexed_mask]] = False
+        direct = np.linalg.inv(np.array(more.orientation_matrix))
+        # The same crystal again (its direct basis an integer change of an earlier one within a few degrees: spots
+        # the earlier refinement left at the edge of its tolerance, a mosaic block) is no second crystal.
+        if any(_same_lattice(direct, earlier) for earlier in found):
+            continue
+        found.append(direct)
+        result.more_lattices.append(more.as_lattice())
 
 
 def _fail(result: IndexingResult, reason: str) -> None:
@@ -903,7 +950,7 @@ def _index(geometry: Geometry, x: np.ndarray, y: np.ndarray, params: IndexingPar
 def params_from_processing(section) -> IndexingParams:
     """From a validated processing-config section (intxr.config.ProcessingConfig)."""
     return IndexingParams(target_unit_cell=section.target_unit_cell, target_space_group=section.target_space_group,
-                          method=section.indexing_method)
+                          method=section.indexing_method, max_lattices=section.indexing_max_lattices)
 
 
 def index_if_asked(section, geometry: Geometry, x, y, n_spots: int) -> tuple[str, IndexingResult | None]:
@@ -931,5 +978,6 @@ def result_fields(word: str, result: IndexingResult | None) -> dict:
                else round(result.rmsd_px, 4))
     if result.indexed:
         out.update(lattice=result.lattice, space_group=result.space_group,
-                   unit_cell=[round(v, 3) for v in result.unit_cell], orientation_matrix=result.orientation_matrix)
+                   unit_cell=[round(v, 3) for v in result.unit_cell], orientation_matrix=result.orientation_matrix,
+                   lattices=result.lattices())
     return out
