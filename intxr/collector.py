@@ -759,9 +759,7 @@ class Collector:
         except Exception as exc:
             self.bad_raster(f"series {series_label(account.series, account.name)}: {type(exc).__name__}: {exc}")
             return
-        print(line, flush=True)
-        self.record_and_send(json.dumps({"raster": wire}), line)
-        self._publish("raster", wire)
+        self._announce("raster", line, wire)
         # Two orthogonal scans one after the other (omega in their headers): their crystals in 3-D.
         view, self.raster_view = self.raster_view, report if report.omega is not None else None
         if view is None or not orthogonal(view.omega, report.omega):
@@ -773,9 +771,13 @@ class Collector:
         except Exception as exc:
             self.bad_raster(f"series {view.series} and {account.series} in 3-D: {type(exc).__name__}: {exc}")
             return
+        self._announce("raster3d", line, wire)
+
+    def _announce(self, kind: str, line: str, wire: dict) -> None:
+        """A scan's line to stdout, the record (`{kind: wire}`) and BluIce, and `kind` for the GUI."""
         print(line, flush=True)
-        self.record_and_send(json.dumps({"raster3d": wire}), line)
-        self._publish("raster3d", wire)
+        self.record_and_send(json.dumps({kind: wire}), line)
+        self._publish(kind, wire)
 
     def publish_live_rasters(self) -> int:
         """The crystals so far of each running raster series with new hits, for the GUI only
