@@ -495,6 +495,15 @@ def test_two_crystals_in_the_beam_give_two_lattices_and_one_crystal_only_one():
     assert second["lattice"] == "tP" and second["unit_cell"][:3] == pytest.approx(cell[:3], rel=0.01)
     a1, a2 = (np.array(lat["orientation_matrix"]) for lat in (first, second))
     assert np.abs(a1 - a2).max() > 1e-3  # two orientations, not the same crystal twice
+    # Ab initio, the two crystals alone (no outliers): the basis search picks one crystal's vectors, not a mix.
+    # (With 100 outliers as well it does not index: said, not a wrong cell.)
+    pure_x, pure_y = np.concatenate([x1, x2]), np.concatenate([y1, y2])
+    ab_initio = index_spots(GEOMETRY, pure_x, pure_y, IndexingParams(max_lattices=2))
+    assert ab_initio.indexed and [lat["lattice"] for lat in ab_initio.lattices()] == ["tP", "tP"], ab_initio.errors
+    assert ab_initio.lattices()[1]["unit_cell"][:3] == pytest.approx(cell[:3], rel=0.01)
+    with_outliers = index_spots(GEOMETRY, x, y, IndexingParams(max_lattices=2))
+    for lattice in with_outliers.lattices() or []:  # never a wrong cell called success
+        assert lattice["lattice"] == "tP" and lattice["unit_cell"][:3] == pytest.approx(cell[:3], rel=0.01)
     # One crystal with outliers: no second lattice made up from what is left.
     x, y, n = synthetic_still(cell, "P41212", seed=3, outliers=0.2)
     single = index_spots(GEOMETRY, x, y, IndexingParams(**known, max_lattices=3))

@@ -101,11 +101,12 @@ def _refine_vector(rlps: np.ndarray, u: np.ndarray, length: float, step: float,
     return u * length
 
 
-def find_basis(rlps: np.ndarray, tol: float = 0.2, n_vectors: int = 20) -> np.ndarray | None:
+def find_basis(rlps: np.ndarray, tol: float = 0.12, n_vectors: int = 20) -> np.ndarray | None:
     """A direct basis (rows) from the `n_vectors` strongest FFT vectors: the non-coplanar triple that indexes the
     most low-resolution rlps, the smaller volume breaking ties. An rlp is indexed by a triple when its projection
     on each of the three is within `tol` of an integer, so the counts of all triples come from one boolean matrix
-    (rlps x vectors) and two products, not a loop over triples."""
+    (rlps x vectors) and two products, not a loop over triples. `tol` is tight (0.12, not index assignment's 0.3):
+    with two crystals in the beam a triple mixing their vectors indexes many spots of both loosely."""
     if len(rlps) < 10:
         return None
     vectors = [_refine_vector(rlps, u, length, 0.03) for u, length, _ in fft_vectors(rlps)[:n_vectors]]
