@@ -58,19 +58,88 @@ fn shuffle_block(src: &[u8], dst: &mut [u8], n: usize, elem_size: usize) {
     }
 }
 
-/// Inverse of `shuffle_block`: SSE2 where the element size and block allow, else scalar.
+/// Which unshuffle kernel decodes a block: chosen once per process from the CPU (AVX2 where
+/// present), or forced with the environment variable `INTXR_BSLZ4_KERNEL` = `scalar`, `sse2` or
+/// `avx2` (for the tests, which check every path gives the same bytes; `avx2` on a CPU without it
+/// falls back to `sse2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Portable code only (any architecture).
+    Scalar,
+    /// SSE2 (the x86-64 baseline) for even element sizes, scalar for the rest.
+    Sse2,
+    /// AVX2 byte + bit transposes with 32-byte stores, then SSE2 and scalar for the remainder.
+    Avx2,
+}
+
+impl Kernel {
+    /// The best kernel this CPU runs.
+    pub fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                return Kernel::Avx2;
+            }
+            Kernel::Sse2
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Kernel::Scalar
+    }
+
+    /// `requested` if this CPU runs it, else the best one below it.
+    pub fn supported(requested: Kernel) -> Kernel {
+        match (requested, Kernel::detect()) {
+            (Kernel::Avx2, best) => best,
+            (Kernel::Sse2, Kernel::Scalar) => Kernel::Scalar,
+            (k, _) => k,
+        }
+    }
+
+    /// The process-wide choice (detected, or forced by `INTXR_BSLZ4_KERNEL`), read once.
+    pub fn current() -> Kernel {
+        static CHOICE: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            let forced = match std::env::var("INTXR_BSLZ4_KERNEL").as_deref() {
+                Ok("scalar") => Kernel::Scalar,
+                Ok("sse2") => Kernel::Sse2,
+                _ => Kernel::Avx2,
+            };
+            Kernel::supported(forced)
+        })
+    }
+}
+
+/// Inverse of `shuffle_block` with the process's kernel.
+#[cfg(test)]
 fn unshuffle_block(src: &[u8], dst: &mut [u8], n: usize, elem_size: usize) {
+    unshuffle_block_with(Kernel::current(), src, dst, n, elem_size)
+}
+
+/// Inverse of `shuffle_block` with `kernel` (which must be `Kernel::supported`).
+fn unshuffle_block_with(kernel: Kernel, src: &[u8], dst: &mut [u8], n: usize, elem_size: usize) {
     let row = n / 8;
+    assert!(src.len() >= n * elem_size && dst.len() >= n * elem_size);
     let mut done = 0; // groups of 8 elements already written
     #[cfg(target_arch = "x86_64")]
-    if elem_size.is_multiple_of(2) {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present (checked above); the helper bounds-checks its slices.
-            done = unsafe { avx2::unshuffle_groups(src, dst, row, elem_size) };
+    {
+        if kernel == Kernel::Avx2 {
+            // SAFETY: `Kernel::supported` only gives Avx2 when the CPU has it; the helper checks
+            // its slices' lengths before its unchecked loads and stores.
+            done = unsafe {
+                if elem_size <= 4 {
+                    avx2::unshuffle_transpose(src, dst, row, elem_size)
+                } else {
+                    avx2::unshuffle_groups(src, dst, row, elem_size)
+                }
+            };
         }
-        // SAFETY: SSE2 is part of the x86_64 baseline; the helper bounds-checks its slices.
-        done += unsafe { sse2::unshuffle_groups_from(src, dst, row, elem_size, done) };
+        if kernel != Kernel::Scalar && elem_size.is_multiple_of(2) {
+            // SAFETY: SSE2 is part of the x86_64 baseline; the helper bounds-checks its slices.
+            done += unsafe { sse2::unshuffle_groups_from(src, dst, row, elem_size, done) };
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernel;
     unshuffle_scalar(src, dst, row, elem_size, done);
 }
 
@@ -251,6 +320,134 @@ mod avx2 {
         }
         groups
     }
+
+    /// `transpose8` on each of the four u64 lanes.
+    #[inline(always)]
+    unsafe fn transpose8x4(mut x: __m256i) -> __m256i {
+        let m1 = _mm256_set1_epi64x(0x00AA_00AA_00AA_00AA);
+        let m2 = _mm256_set1_epi64x(0x0000_CCCC_0000_CCCC);
+        let m3 = _mm256_set1_epi64x(0x0000_0000_F0F0_F0F0);
+        let mut t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64::<7>(x)), m1);
+        x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64::<7>(t));
+        t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64::<14>(x)), m2);
+        x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64::<14>(t));
+        t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64::<28>(x)), m3);
+        _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64::<28>(t))
+    }
+
+    /// Byte `b` of the elements of 32 groups (`m..m+32`): load the 8 bit planes of that byte (32
+    /// bytes each, one per group), byte-transpose them so each u64 holds one group's 8 plane bytes,
+    /// and bit-transpose each u64 so its byte j is byte `b` of element j of the group. Result `r`
+    /// holds groups `2r, 2r+1` (low 128-bit lane) and `16+2r, 17+2r` (high lane), relative to m.
+    #[inline(always)]
+    unsafe fn plane_bytes(src: *const u8, row: usize, b: usize, m: usize) -> [__m256i; 8] {
+        let mut p = [_mm256_setzero_si256(); 8];
+        for (k, reg) in p.iter_mut().enumerate() {
+            *reg = _mm256_loadu_si256(src.add((8 * b + k) * row + m) as *const __m256i);
+        }
+        // a[2i] / a[2i+1]: planes 2i, 2i+1 interleaved for groups 0-7 / 8-15 of each lane.
+        let mut a = [_mm256_setzero_si256(); 8];
+        for i in 0..4 {
+            a[2 * i] = _mm256_unpacklo_epi8(p[2 * i], p[2 * i + 1]);
+            a[2 * i + 1] = _mm256_unpackhi_epi8(p[2 * i], p[2 * i + 1]);
+        }
+        // lo[q] (planes 0-3) and hi[q] (planes 4-7): groups 4q..4q+3 of each lane, 4 bytes each.
+        let mut lo = [_mm256_setzero_si256(); 4];
+        let mut hi = [_mm256_setzero_si256(); 4];
+        for (h, half) in [&mut lo, &mut hi].into_iter().enumerate() {
+            let (x0, x1, y0, y1) = (a[4 * h], a[4 * h + 1], a[4 * h + 2], a[4 * h + 3]);
+            half[0] = _mm256_unpacklo_epi16(x0, y0);
+            half[1] = _mm256_unpackhi_epi16(x0, y0);
+            half[2] = _mm256_unpacklo_epi16(x1, y1);
+            half[3] = _mm256_unpackhi_epi16(x1, y1);
+        }
+        let mut out = [_mm256_setzero_si256(); 8];
+        for q in 0..4 {
+            out[2 * q] = transpose8x4(_mm256_unpacklo_epi32(lo[q], hi[q]));
+            out[2 * q + 1] = transpose8x4(_mm256_unpackhi_epi32(lo[q], hi[q]));
+        }
+        out
+    }
+
+    /// Unshuffle 32 groups (256 elements) at a time for element sizes 1, 2 and 4, entirely in
+    /// registers: per element byte, `plane_bytes`; then interleave the element bytes and store 32
+    /// bytes at a time straight into `dst`. Returns how many groups were done (a multiple of 32).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn unshuffle_transpose(
+        src: &[u8],
+        dst: &mut [u8],
+        row: usize,
+        elem_size: usize,
+    ) -> usize {
+        assert!(matches!(elem_size, 1 | 2 | 4));
+        // Every load below ends at or before 8 * elem_size * row, every store at 8 * row * elem_size.
+        assert!(src.len() >= 8 * elem_size * row && dst.len() >= 8 * row * elem_size);
+        let groups = row - row % 32;
+        let s = src.as_ptr();
+        let d = dst.as_mut_ptr();
+        let es = elem_size;
+        // 32 bytes from `group`'s first element: groups < m + 32 <= row, so the store ends within
+        // 8 * es * row bytes (one group of 4-byte elements, two of 2-byte, four of 1-byte).
+        macro_rules! store {
+            ($group:expr, $v:expr) => {
+                _mm256_storeu_si256(d.add(8 * es * ($group)) as *mut __m256i, $v)
+            };
+        }
+        let mut m = 0;
+        while m < groups {
+            match es {
+                1 => {
+                    let t = plane_bytes(s, row, 0, m);
+                    for r in (0..8).step_by(2) {
+                        // groups 2r..2r+3 are t[r].lo, t[r+1].lo; 16+2r.. the high lanes.
+                        store!(m + 2 * r, _mm256_permute2x128_si256::<0x20>(t[r], t[r + 1]));
+                        store!(
+                            m + 16 + 2 * r,
+                            _mm256_permute2x128_si256::<0x31>(t[r], t[r + 1])
+                        );
+                    }
+                }
+                2 => {
+                    let t0 = plane_bytes(s, row, 0, m);
+                    let t1 = plane_bytes(s, row, 1, m);
+                    for r in 0..8 {
+                        let e = _mm256_unpacklo_epi8(t0[r], t1[r]); // group 2r | 16+2r
+                        let o = _mm256_unpackhi_epi8(t0[r], t1[r]); // group 2r+1 | 17+2r
+                        store!(m + 2 * r, _mm256_permute2x128_si256::<0x20>(e, o));
+                        store!(m + 16 + 2 * r, _mm256_permute2x128_si256::<0x31>(e, o));
+                    }
+                }
+                _ => {
+                    let t0 = plane_bytes(s, row, 0, m);
+                    let t1 = plane_bytes(s, row, 1, m);
+                    let t2 = plane_bytes(s, row, 2, m);
+                    let t3 = plane_bytes(s, row, 3, m);
+                    for r in 0..8 {
+                        let e01 = _mm256_unpacklo_epi8(t0[r], t1[r]);
+                        let o01 = _mm256_unpackhi_epi8(t0[r], t1[r]);
+                        let e23 = _mm256_unpacklo_epi8(t2[r], t3[r]);
+                        let o23 = _mm256_unpackhi_epi8(t2[r], t3[r]);
+                        let e_lo = _mm256_unpacklo_epi16(e01, e23); // elements 0-3 of group 2r
+                        let e_hi = _mm256_unpackhi_epi16(e01, e23); // elements 4-7
+                        let o_lo = _mm256_unpacklo_epi16(o01, o23);
+                        let o_hi = _mm256_unpackhi_epi16(o01, o23);
+                        store!(m + 2 * r, _mm256_permute2x128_si256::<0x20>(e_lo, e_hi));
+                        store!(
+                            m + 16 + 2 * r,
+                            _mm256_permute2x128_si256::<0x31>(e_lo, e_hi)
+                        );
+                        store!(m + 2 * r + 1, _mm256_permute2x128_si256::<0x20>(o_lo, o_hi));
+                        store!(
+                            m + 17 + 2 * r,
+                            _mm256_permute2x128_si256::<0x31>(o_lo, o_hi)
+                        );
+                    }
+                }
+            }
+            m += 32;
+        }
+        groups
+    }
 }
 
 fn check_elem_size(elem_size: usize) -> Result<(), CodecError> {
@@ -330,6 +527,17 @@ pub fn bslz4_decompress_into(
     out: &mut [u8],
     elem_size: usize,
 ) -> Result<(), CodecError> {
+    bslz4_decompress_into_with(Kernel::current(), blob, out, elem_size)
+}
+
+/// `bslz4_decompress_into` with the unshuffle `kernel` (made `Kernel::supported` here).
+pub fn bslz4_decompress_into_with(
+    kernel: Kernel,
+    blob: &[u8],
+    out: &mut [u8],
+    elem_size: usize,
+) -> Result<(), CodecError> {
+    let kernel = Kernel::supported(kernel);
     check_elem_size(elem_size)?;
     let (total, block_bytes) = bslz4_header(blob)?;
     if total != out.len() as u64 {
@@ -374,7 +582,8 @@ pub fn bslz4_decompress_into(
                 reason: format!("gave {got} bytes, expected {bytes}"),
             });
         }
-        unshuffle_block(
+        unshuffle_block_with(
+            kernel,
             &shuffled[..bytes],
             &mut out[start * elem_size..start * elem_size + bytes],
             count,
@@ -492,6 +701,133 @@ mod tests {
                 unshuffle_scalar(&shuffled, &mut scalar, groups, elem_size, 0);
                 assert_eq!(scalar, data, "scalar, elem {elem_size}, {groups} groups");
                 assert_eq!(fast, data, "simd, elem {elem_size}, {groups} groups");
+            }
+        }
+    }
+
+    const KERNELS: [Kernel; 3] = [Kernel::Scalar, Kernel::Sse2, Kernel::Avx2];
+
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    /// Detector-like data: small counts with runs of zeros and masked (all-ones) pixels.
+    fn random_pixels(n: usize, elem_size: usize, state: &mut u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n * elem_size);
+        for _ in 0..n {
+            let r = xorshift(state);
+            let v: u64 = match r % 16 {
+                0 => u64::MAX,
+                1..=6 => 0,
+                7 => r >> 8,
+                _ => (r >> 20) % 9,
+            };
+            out.extend_from_slice(&v.to_le_bytes()[..elem_size]);
+        }
+        out
+    }
+
+    /// Every kernel (each one the CPU runs; the others fall back) unshuffles like the scalar code.
+    #[test]
+    fn every_kernel_unshuffles_like_scalar() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for kernel in KERNELS {
+            for elem_size in [1usize, 2, 4, 8] {
+                for groups in [1usize, 31, 32, 33, 63, 64, 65, 96, 128, 1024 / elem_size] {
+                    let n = 8 * groups;
+                    let data = random_pixels(n, elem_size, &mut state);
+                    let mut shuffled = vec![0u8; data.len()];
+                    shuffle_block(&data, &mut shuffled, n, elem_size);
+                    let mut back = vec![0u8; data.len()];
+                    unshuffle_block_with(
+                        Kernel::supported(kernel),
+                        &shuffled,
+                        &mut back,
+                        n,
+                        elem_size,
+                    );
+                    assert_eq!(back, data, "{kernel:?}, elem {elem_size}, {groups} groups");
+                }
+            }
+        }
+    }
+
+    /// Randomized round trips through every kernel: element sizes 1, 2, 4 (and 8), odd lengths
+    /// (a last partial block, then up to 7 trailing elements copied as they are), small blocks.
+    #[test]
+    fn bslz4_random_round_trips_every_kernel() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..60 {
+            let elem_size = [1usize, 2, 4, 8][(xorshift(&mut state) % 4) as usize];
+            let n = (xorshift(&mut state) % 40_000) as usize;
+            let block = if xorshift(&mut state).is_multiple_of(3) {
+                8 * (16 + (xorshift(&mut state) % 300) as usize)
+            } else {
+                0
+            };
+            let data = random_pixels(n, elem_size, &mut state);
+            let blob = bslz4_compress(&data, elem_size, block).unwrap();
+            for kernel in KERNELS {
+                let mut out = vec![0xA5u8; data.len()];
+                bslz4_decompress_into_with(kernel, &blob, &mut out, elem_size).unwrap();
+                assert_eq!(out, data, "{kernel:?} elem {elem_size} n {n} block {block}");
+            }
+        }
+    }
+
+    /// Malformed chunks on every kernel: truncation, wrong sizes, corrupt block lengths and bytes
+    /// give an error (or, for flipped LZ4 payload bytes, some bytes), never a panic.
+    #[test]
+    fn bslz4_malformed_input_every_kernel() {
+        let mut state = 0xD1B5_4A32_D192_ED03u64;
+        for elem_size in [1usize, 2, 4] {
+            let data = random_pixels(20_011, elem_size, &mut state);
+            let blob = bslz4_compress(&data, elem_size, 0).unwrap();
+            for kernel in KERNELS {
+                let mut out = vec![0u8; data.len()];
+                for cut in [0, 5, 12, 15, 16, 100, blob.len() / 2, blob.len() - 1] {
+                    assert!(
+                        bslz4_decompress_into_with(kernel, &blob[..cut], &mut out, elem_size)
+                            .is_err(),
+                        "{kernel:?} elem {elem_size} cut {cut}"
+                    );
+                }
+                let mut small = vec![0u8; data.len() - elem_size];
+                assert!(matches!(
+                    bslz4_decompress_into_with(kernel, &blob, &mut small, elem_size),
+                    Err(CodecError::SizeMismatch { .. })
+                ));
+                // A block length one short, one long, and huge.
+                for len in [0u32, 1, u32::MAX] {
+                    let mut bad = blob.clone();
+                    let first = u32::from_be_bytes(bad[12..16].try_into().unwrap());
+                    let v = match len {
+                        0 => first - 1,
+                        1 => first + 1,
+                        _ => len,
+                    };
+                    bad[12..16].copy_from_slice(&v.to_be_bytes());
+                    assert!(bslz4_decompress_into_with(kernel, &bad, &mut out, elem_size).is_err());
+                }
+                // A bad block size in the header.
+                let mut bad = blob.clone();
+                bad[8..12].copy_from_slice(&7u32.to_be_bytes());
+                assert!(matches!(
+                    bslz4_decompress_into_with(kernel, &bad, &mut out, elem_size),
+                    Err(CodecError::BadBlockSize(..))
+                ));
+                // Random byte flips after the header: any result but a panic.
+                for _ in 0..200 {
+                    let mut bad = blob.clone();
+                    for _ in 0..1 + xorshift(&mut state) % 4 {
+                        let at = 12 + (xorshift(&mut state) as usize) % (bad.len() - 12);
+                        bad[at] ^= 1 + (xorshift(&mut state) % 255) as u8;
+                    }
+                    let _ = bslz4_decompress_into_with(kernel, &bad, &mut out, elem_size);
+                }
             }
         }
     }
