@@ -321,23 +321,34 @@ mod avx2 {
         groups
     }
 
-    /// `transpose8` on each of the four u64 lanes.
+    /// Transpose the 8x8 bit matrix in each byte position of 8 registers: afterwards bit k of
+    /// byte i of `p[j]` is what bit j of byte i of `p[k]` was. Three rounds of block swaps
+    /// between register pairs (1, 2 then 4 rows apart); the masks keep bits inside their byte.
     #[inline(always)]
-    unsafe fn transpose8x4(mut x: __m256i) -> __m256i {
-        let m1 = _mm256_set1_epi64x(0x00AA_00AA_00AA_00AA);
-        let m2 = _mm256_set1_epi64x(0x0000_CCCC_0000_CCCC);
-        let m3 = _mm256_set1_epi64x(0x0000_0000_F0F0_F0F0);
-        let mut t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64::<7>(x)), m1);
-        x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64::<7>(t));
-        t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64::<14>(x)), m2);
-        x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64::<14>(t));
-        t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64::<28>(x)), m3);
-        _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64::<28>(t))
+    unsafe fn transpose_bits8(p: &mut [__m256i; 8]) {
+        macro_rules! round {
+            ($s:literal, $mask:expr) => {
+                let mask = _mm256_set1_epi8($mask);
+                for k in 0..8 {
+                    if k & $s == 0 {
+                        let t = _mm256_and_si256(
+                            _mm256_xor_si256(_mm256_srli_epi16::<$s>(p[k]), p[k + $s]),
+                            mask,
+                        );
+                        p[k + $s] = _mm256_xor_si256(p[k + $s], t);
+                        p[k] = _mm256_xor_si256(p[k], _mm256_slli_epi16::<$s>(t));
+                    }
+                }
+            };
+        }
+        round!(1, 0x55);
+        round!(2, 0x33);
+        round!(4, 0x0F);
     }
 
     /// Byte `b` of the elements of 32 groups (`m..m+32`): load the 8 bit planes of that byte (32
-    /// bytes each, one per group), byte-transpose them so each u64 holds one group's 8 plane bytes,
-    /// and bit-transpose each u64 so its byte j is byte `b` of element j of the group. Result `r`
+    /// bytes each, one per group), bit-transpose them so register j holds byte `b` of element j of
+    /// every group, then byte-transpose so each u64 holds one group's 8 elements. Result `r`
     /// holds groups `2r, 2r+1` (low 128-bit lane) and `16+2r, 17+2r` (high lane), relative to m.
     #[inline(always)]
     unsafe fn plane_bytes(src: *const u8, row: usize, b: usize, m: usize) -> [__m256i; 8] {
@@ -345,13 +356,14 @@ mod avx2 {
         for (k, reg) in p.iter_mut().enumerate() {
             *reg = _mm256_loadu_si256(src.add((8 * b + k) * row + m) as *const __m256i);
         }
-        // a[2i] / a[2i+1]: planes 2i, 2i+1 interleaved for groups 0-7 / 8-15 of each lane.
+        transpose_bits8(&mut p);
+        // a[2i] / a[2i+1]: registers 2i, 2i+1 interleaved for groups 0-7 / 8-15 of each lane.
         let mut a = [_mm256_setzero_si256(); 8];
         for i in 0..4 {
             a[2 * i] = _mm256_unpacklo_epi8(p[2 * i], p[2 * i + 1]);
             a[2 * i + 1] = _mm256_unpackhi_epi8(p[2 * i], p[2 * i + 1]);
         }
-        // lo[q] (planes 0-3) and hi[q] (planes 4-7): groups 4q..4q+3 of each lane, 4 bytes each.
+        // lo[q] (elements 0-3) and hi[q] (elements 4-7): groups 4q..4q+3 of each lane, 4 bytes each.
         let mut lo = [_mm256_setzero_si256(); 4];
         let mut hi = [_mm256_setzero_si256(); 4];
         for (h, half) in [&mut lo, &mut hi].into_iter().enumerate() {
@@ -363,8 +375,8 @@ mod avx2 {
         }
         let mut out = [_mm256_setzero_si256(); 8];
         for q in 0..4 {
-            out[2 * q] = transpose8x4(_mm256_unpacklo_epi32(lo[q], hi[q]));
-            out[2 * q + 1] = transpose8x4(_mm256_unpackhi_epi32(lo[q], hi[q]));
+            out[2 * q] = _mm256_unpacklo_epi32(lo[q], hi[q]);
+            out[2 * q + 1] = _mm256_unpackhi_epi32(lo[q], hi[q]);
         }
         out
     }
