@@ -80,6 +80,26 @@ def bind_form(endpoint: str) -> str:
     return f"tcp://{_bind_host(host)}:{port}"
 
 
+def open_ui_socket(context, bl, *, linger_ms: int, immediate: bool):
+    """BluIce's socket as the startup section says (uistype): a PUB bound to ui_endpoint, or a PUSH
+    connected to it; 1000 lines queued at most. Whoever opens it closes it."""
+    kind = zmq.PUB if bl.uistype == "pub" else zmq.PUSH
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    try:
+        if kind == zmq.PUB:
+            sock.bind(bind_form(bl.ui_endpoint))
+        else:
+            sock.connect(bl.ui_endpoint)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
 # ---------------------------------------------------------------------------------------------
 # A series' account: the tally of its results (intxr.messages, the GUI's too) and the Splitter's word
 
@@ -269,16 +289,8 @@ class Collector:
         self.publisher.bind(bind_form(bl.results_publish_endpoint))
         self.ui = None
         if bl.send_to_ui:
-            kind = zmq.PUB if bl.uistype == "pub" else zmq.PUSH
-            self.ui = self.context.socket(kind)
-            self.ui.setsockopt(zmq.SNDHWM, 1000)
-            self.ui.setsockopt(zmq.LINGER, 0)
             # Queue only to a listener that is there: with none, a send fails at once and is counted.
-            self.ui.setsockopt(zmq.IMMEDIATE, 1)
-            if kind == zmq.PUB:
-                self.ui.bind(bind_form(bl.ui_endpoint))
-            else:
-                self.ui.connect(bl.ui_endpoint)
+            self.ui = open_ui_socket(self.context, bl, linger_ms=0, immediate=True)
         self.record = open(settings.record, "a", encoding="utf-8") if settings.record else None
         self.series: dict[str, SeriesAccount] = {}
         self.done_names: deque[str] = deque(maxlen=KEEP_DONE_NAMES)

@@ -678,22 +678,17 @@ class Daemon:
         bl = self.bl
         if not bl.send_to_ui:
             return
-        from intxr.collector import bind_form
+        from intxr.collector import open_ui_socket
 
-        with zmq.Context.instance().socket(zmq.PUB if bl.uistype == "pub" else zmq.PUSH) as ui:
+        try:
             # Queued until the listener (re)connects; closing waits up to 2 s for it, then drops.
-            ui.setsockopt(zmq.LINGER, 2000)
-            ui.setsockopt(zmq.SNDHWM, 1000)
-            try:
+            with open_ui_socket(zmq.Context.instance(), bl, linger_ms=2000, immediate=False) as ui:
                 if bl.uistype == "pub":
-                    ui.bind(bind_form(bl.ui_endpoint))
                     time.sleep(0.5)  # subscribers reconnect (a PUB drops what it sends before)
-                else:
-                    ui.connect(bl.ui_endpoint)
                 for line, _ in rasters:
                     ui.send_string(line, zmq.DONTWAIT)
-            except zmq.ZMQError as exc:
-                self.say(f"cannot send the RASTER lines to {bl.ui_endpoint}: {exc}")
+        except zmq.ZMQError as exc:
+            self.say(f"cannot send the RASTER lines to {bl.ui_endpoint}: {exc}")
 
 
 def run_daemon(args, prog: str, sources: list[str]) -> int:
