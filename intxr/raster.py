@@ -40,7 +40,6 @@ import re
 from dataclasses import dataclass, field
 from statistics import median
 
-RASTER_SECTIONS = ("rastering",)  # processing sections whose series are raster scans
 MAX_HITS = 100_000  # hits kept per series; past it the scan is reported cut
 MAX_CRYSTALS = 100  # crystals listed (the strongest); `found` says how many there were
 ORTHOGONAL_WITHIN = 5.0  # degrees off 90 two scans' omegas may be and still be combined into 3-D
@@ -196,7 +195,7 @@ def _unit_cell(result) -> tuple | None:
 class RasterScan:
     """One series' raster account, as results come (in any order)."""
 
-    sections: tuple[str, ...] = RASTER_SECTIONS
+    sections: tuple[str, ...] = ()  # processing sections whose series are rasters (the config's raster_sections)
     min_score: float | None = None
     raster: bool = False  # a raster section or a grid position was seen
     first_frame: int | None = None

@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import zmq
 
+from intxr import config as cfg
 from intxr.messages import FrameResult, splitter_event
 from intxr.raster import RasterScan, grid_cell, place, regions
+
+SECTIONS = cfg.CollectorKeys.raster_sections  # the config's default: [rastering] series are rasters
 
 
 def result(frame: int, score: float = 0.0, hit: bool | None = None, n_spots: int | None = None,
@@ -49,7 +52,7 @@ def scan_of(grid: list[list[float]], snake: bool = False, first: int = 1, order=
 
 
 def crystals(results, row_length=None, snake=False, **kwargs):
-    scan = RasterScan(**kwargs)
+    scan = RasterScan(SECTIONS, **kwargs)
     for r in results:
         scan.add(r)
     return scan.report(1, "series_000001", row_length, snake)
@@ -119,7 +122,7 @@ def test_a_snake_scan_is_placed_row_by_row_every_other_row_backwards():
 def test_an_empty_scan_says_crystals_0():
     report = crystals(scan_of([[0] * 4] * 3), row_length=4)
     assert report.crystals == [] and report.line() == "RASTER: series 1 crystals 0"
-    nothing = RasterScan()
+    nothing = RasterScan(SECTIONS)
     assert nothing.report(3, None).line() == "RASTER: series 3 crystals 0"
 
 
@@ -156,7 +159,7 @@ def test_hits_are_the_readers_word_or_a_score_threshold_and_other_series_are_not
                result(4, score=5, hit=True, status="failed")]
     assert [c.best_frame for c in crystals(results).crystals] == [2]
     assert {c.best_frame for c in crystals(results, min_score=2.0).crystals} == {1}
-    scan = RasterScan()
+    scan = RasterScan(SECTIONS)
     scan.add(result(1, 5, section="screening", mapping=""))
     assert not scan.raster
     scan.add(result(2, 5, section="screening", mapping="row 0 col 1"))
@@ -187,7 +190,7 @@ def views_of(sample: dict[tuple[int, int, int], float], columns: int, rows: int,
     each cell the strongest voxel along its line of sight; mapping values name cell and omega."""
     reports = []
     for number, omega, axis in ((series[0], omegas[0], 1), (series[1], omegas[1], 2)):
-        scan = RasterScan()
+        scan = RasterScan(SECTIONS)
         for k, (row, column) in enumerate((r, c) for r in range(rows) for c in range(columns)):
             score = max((v for voxel, v in sample.items() if voxel[0] == column and voxel[axis] == row), default=0)
             scan.add(result(k, score, mapping=f"rastering.row{row}.col{column}.omega{omega:g}"))
