@@ -11,7 +11,6 @@ import pytest
 
 from intxr.testing import shared_path
 
-
 # The default test run (`--benchmark-disable`, from pyproject's addopts) does one smoke round of
 # each benchmark so none rots: on the small inputs only. The 16M frames and the paced pipeline
 # runs add minutes and prove nothing the 6M and burst runs do not; `--benchmark-enable` runs all.
