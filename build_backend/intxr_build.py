@@ -29,24 +29,29 @@ def _build_cython_kernels() -> None:
     from setuptools.dist import Distribution
 
     sources = sorted(glob.glob(os.path.join("cython_ext", "*.pyx")))
+    # One build for every x86-64: the kernels that gain from AVX2 / AVX-512 carry variants for them
+    # and pick one at run time (latticescore: target_clones; dispersion: dispersion_simd.h).
     flags = ["-O3"]
-    # Opt-in for a site that builds on the machines it runs on: INTXR_MARCH=native (or x86-64-v3)
-    # lets the compiler use AVX2 in the kernels. The default build runs on any x86-64.
-    if os.environ.get("INTXR_MARCH"):
-        flags.append(f"-march={os.environ['INTXR_MARCH']}")
-    extensions = [
-        Extension(
-            "intxr._kernels." + os.path.splitext(os.path.basename(src))[0],
-            [src],
-            include_dirs=[numpy.get_include()],
-            extra_compile_args=flags,
+    extensions = []
+    for src in sources:
+        name = os.path.splitext(os.path.basename(src))[0]
+        extra = []
+        depends = sorted(glob.glob(os.path.join("cython_ext", name + "_*.h")))
+        if name == "dispersion":
+            # The exact tests must round as DIALS's doubles do: no fused multiply-adds.
+            extra = ["-ffp-contract=off", "-fno-math-errno"]
+        extensions.append(
+            Extension(
+                "intxr._kernels." + name,
+                [src],
+                include_dirs=[numpy.get_include(), "cython_ext"],
+                extra_compile_args=flags + extra,
+                depends=depends,
+            )
         )
-        for src in sources
-    ]
     dist = Distribution({"ext_modules": cythonize(extensions, quiet=True), "script_name": "setup.py"})
     build_ext = dist.get_command_obj("build_ext")
     build_ext.inplace = True
-    build_ext.force = bool(os.environ.get("INTXR_MARCH"))  # flags changed: rebuild even if up to date
     build_ext.build_temp = os.path.join("target", "cython")
     build_ext.ensure_finalized()
     build_ext.run()

@@ -1,6 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
 """DIALS's dispersion spot-finding threshold and strong-pixel labelling, as nogil kernels.
 
+The threshold runs in the C kernels of dispersion_simd.h (vectorised for scalar, SSE2, AVX2 and
+AVX-512, chosen at run time from the CPU; sparse where the tests allow): `kernel()`, `set_kernel()`,
+`available_kernels()`, and the environment variable INTXR_DISPERSION_KERNEL (scalar, sse2, avx2,
+avx512; read at import; a path this CPU lacks falls back to the best it has) choose among them.
+The Cython code below is the generic path, for parameters outside the C kernels' domain (windows
+above 127 pixels, a negative trusted minimum).
+
 The tests follow dials/algorithms/image/threshold/local.h (DispersionThreshold and
 DispersionExtendedThreshold; see intxr/reader/threshold.py for the rules in words). Window sums are
 kept as integer column sums over the window's rows, slid down the frame, and a running sum along
@@ -16,7 +23,69 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memset
 
+import os
+
 import numpy as np
+
+cdef extern from "dispersion_simd.h" nogil:
+    ctypedef struct disp_indices:
+        int64_t *data
+        Py_ssize_t size
+        Py_ssize_t capacity
+    ctypedef struct disp_params:
+        int ky, kx
+        double sigma_b, sigma_s, threshold, gain
+        int64_t min_count
+        double lo, hi
+        int extended
+    int DISP_N_KERNELS, DISP_U16, DISP_I32, DISP_U32
+    const char *disp_kernel_names[]
+    int disp_kernel_supported(int kernel)
+    int disp_best_kernel()
+    int disp_strong_pixels(int kernel, int dtype, const void *image, const uint8_t *mask, Py_ssize_t h,
+                           Py_ssize_t w, const disp_params *p, disp_indices *strong, disp_indices *overloaded)
+
+cdef int _kernel = disp_best_kernel()
+
+
+def available_kernels():
+    """Names of the threshold kernel paths this CPU runs, slowest first."""
+    return [disp_kernel_names[k].decode() for k in range(DISP_N_KERNELS) if disp_kernel_supported(k)]
+
+
+def kernel():
+    """The threshold kernel path in use."""
+    return disp_kernel_names[_kernel].decode()
+
+
+def set_kernel(name):
+    """Use the named kernel path (scalar, sse2, avx2, avx512; ValueError when this CPU lacks it), or
+    the best this CPU has for None."""
+    global _kernel
+    if name is None:
+        _kernel = disp_best_kernel()
+        return
+    for k in range(DISP_N_KERNELS):
+        if disp_kernel_names[k].decode() == name:
+            if not disp_kernel_supported(k):
+                raise ValueError(f"dispersion kernel {name!r}: this CPU does not run it ({available_kernels()})")
+            _kernel = k
+            return
+    raise ValueError(f"dispersion kernel {name!r}: expected one of scalar, sse2, avx2, avx512")
+
+
+def _kernel_from_environment():
+    name = os.environ.get("INTXR_DISPERSION_KERNEL")
+    if not name:
+        return
+    names = [disp_kernel_names[k].decode() for k in range(DISP_N_KERNELS)]
+    if name not in names:
+        raise ValueError(f"INTXR_DISPERSION_KERNEL={name!r}: expected one of {', '.join(names)}")
+    wanted = names.index(name)
+    set_kernel(next(names[k] for k in range(wanted, -1, -1) if disp_kernel_supported(k)))
+
+
+_kernel_from_environment()
 
 ctypedef fused pixel_t:
     uint16_t
@@ -32,10 +101,7 @@ ctypedef fused value_t:  # labelling also takes gain-corrected (float64) frames
 cdef double BIG = 16777216.0  # 1 << 24: pixels at or above it are left out of window sums (DIALS)
 
 
-cdef struct Indices:
-    int64_t *data
-    Py_ssize_t size
-    Py_ssize_t capacity
+ctypedef disp_indices Indices  # the C kernels' growable index list
 
 
 cdef int _push(Indices *out, int64_t k) noexcept nogil:
@@ -328,11 +394,39 @@ def strong_pixels(const pixel_t[:, ::1] image not None, const uint8_t[:, ::1] ma
     the trusted range. `mask` None: every pixel may be used. `gain` <= 0 means no gain (DIALS's plain
     expressions). The caller has validated the arguments (intxr.reader.threshold.find_strong_pixels)."""
     cdef Py_ssize_t h = image.shape[0], w = image.shape[1]
-    flags_array = np.empty((h, w), dtype=np.uint8)
-    cdef uint8_t[:, ::1] flags = flags_array
     cdef Indices strong, overloaded
     cdef int status = 0
     cdef bint has_mask = mask is not None
+    cdef disp_params p
+    cdef disp_indices fast_strong, fast_over
+    cdef int dtype = DISP_U16 if pixel_t is uint16_t else (DISP_I32 if pixel_t is int32_t else DISP_U32)
+    cdef const uint8_t *mask_ptr = &mask[0, 0] if has_mask and h > 0 and w > 0 else NULL
+    if h > 0 and w > 0:
+        p.ky = kernel_y
+        p.kx = kernel_x
+        p.sigma_b = sigma_background
+        p.sigma_s = sigma_strong
+        p.threshold = global_threshold
+        p.gain = gain
+        p.min_count = min_count
+        p.lo = trusted_min
+        p.hi = trusted_max
+        p.extended = extended
+        fast_strong.size = fast_strong.capacity = fast_over.size = fast_over.capacity = 0
+        fast_strong.data = fast_over.data = NULL
+        with nogil:
+            status = disp_strong_pixels(_kernel, dtype, &image[0, 0], mask_ptr, h, w, &p, &fast_strong, &fast_over)
+        try:
+            if status == -1:
+                raise MemoryError("out of memory in the dispersion threshold")
+            if status == 0:
+                return _to_array(&fast_strong), _to_array(&fast_over)
+        finally:
+            free(fast_strong.data)
+            free(fast_over.data)
+    status = 0
+    flags_array = np.empty((h, w), dtype=np.uint8)
+    cdef uint8_t[:, ::1] flags = flags_array
     strong.size = 0
     strong.capacity = 4096
     strong.data = <int64_t *>malloc(strong.capacity * sizeof(int64_t))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import msgpack
@@ -53,8 +54,13 @@ def dls_frame(shared: Path):
 
 
 def small_geometry(width: int, height: int) -> Geometry:
-    return Geometry.simple(wavelength=1.0, distance=200.0, beam_center=(width / 2, height / 2),
-                           pixel_size=(0.075, 0.075), image_size=(width, height))
+    return Geometry.simple(
+        wavelength=1.0,
+        distance=200.0,
+        beam_center=(width / 2, height / 2),
+        pixel_size=(0.075, 0.075),
+        image_size=(width, height),
+    )
 
 
 def params_for(reference: dict, name: str) -> SpotFinderParams:
@@ -81,7 +87,7 @@ def params_for(reference: dict, name: str) -> SpotFinderParams:
 
 
 @pytest.mark.parametrize("name", [p.name for p in reference_files()] if shared_path else [])
-def test_matches_dials_on_real_frames(name):
+def test_matches_dials_on_real_frames(name, kernel_path):
     """Identical strong-pixel and spot counts, centroids within 0.01 px, equal intensities, DIALS's stats."""
     path = next(p for p in reference_files() if p.name == name)
     reference = json.loads(path.read_text())
@@ -108,9 +114,27 @@ def test_matches_dials_on_real_frames(name):
         assert stats[key] == pytest.approx(reference["stats"][key], rel=1e-6), key
 
 
+KERNEL_PATHS = ("scalar", "sse2", "avx2", "avx512")
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kernel_path(request):
+    """Force one path of the threshold kernel (skipped where this CPU lacks it), then restore the default."""
+    from intxr._kernels import dispersion
+
+    if request.param not in dispersion.available_kernels():
+        pytest.skip(f"this CPU does not run the {request.param} path ({dispersion.available_kernels()})")
+    dispersion.set_kernel(request.param)
+    yield request.param
+    dispersion.set_kernel(None)
+
+
 def random_frame(seed: int, shape=(60, 75), dtype=np.int32):
+    """Poisson background with spots (some on the edges), saturated pixels above the trusted range (4000),
+    very bright pixels inside it, pixels at or above 2^24 (left out of the window sums) for 32-bit types,
+    a random mask with a gap."""
     rng = np.random.default_rng(seed)
-    background = rng.uniform(0.3, 20.0)
+    background = rng.choice([rng.uniform(0.05, 1.0), rng.uniform(0.3, 20.0), rng.uniform(50, 500)])
     frame = rng.poisson(background, size=shape).astype(np.float64)
     for _ in range(rng.integers(0, 12)):  # spots, some on the edges
         j, i = rng.integers(0, shape[0]), rng.integers(0, shape[1])
@@ -122,26 +146,54 @@ def random_frame(seed: int, shape=(60, 75), dtype=np.int32):
     return frame.astype(dtype), mask.astype(np.uint8)
 
 
-@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
-@pytest.mark.parametrize("seed", range(12))
-def test_kernel_equals_numpy_reference(algorithm, seed):
-    rng = np.random.default_rng(100 + seed)
-    dtype = [np.int32, np.uint16, np.uint32, np.float64][seed % 4]
-    image, mask = random_frame(seed, dtype=dtype)
-    params = ThresholdParams(
+def bright_frame(seed: int, shape, dtype):
+    """As random_frame, with a trusted range up to 2^26 so that very bright pixels count: some of 1e4-3e6
+    (window sums of squares beyond 2^32) and, for 32-bit types, some at or above 2^24 (valid, but out of
+    the window sums), plus pixels above the trusted range."""
+    rng = np.random.default_rng(seed)
+    image, mask = random_frame(seed, shape, np.float64)
+    image[image == 5000] = 2**27  # above the trusted range
+    top = 65535 if dtype == np.uint16 else 3e6
+    bright = rng.random(shape) < 0.01
+    image[bright] = np.round(rng.uniform(1e4 if dtype != np.uint16 else 2000, top, bright.sum()))
+    if dtype != np.uint16:
+        image[rng.random(shape) < 0.005] = 2**24 + rng.integers(0, 3)
+        image[image > 2**26] = 2**27
+    else:
+        image[image > 65535] = 65535
+    return image.astype(dtype), mask, (0.0, float(2**26) if dtype != np.uint16 else 65533.0)
+
+
+def random_params(rng, algorithm):
+    return ThresholdParams(
         algorithm=algorithm,
         kernel_size=(int(rng.integers(1, 4)), int(rng.integers(1, 4))),
-        sigma_background=float(rng.choice([6.0, 3.0])),
-        sigma_strong=float(rng.choice([3.0, 2.0])),
+        sigma_background=float(rng.choice([6.0, 3.0, 1.0, 0.0])),
+        sigma_strong=float(rng.choice([3.0, 2.0, 1.0, 0.0])),
         min_local=int(rng.choice([2, 0, 5])),
-        gain=[None, 1.0, 1.7][seed % 3],
+        gain=[None, 1.0, 1.7, 0.5][int(rng.integers(0, 4))],
         global_threshold=float(rng.choice([0.0, 4.0])),
     )
-    trusted = (0.0, 4000.0)
+
+
+def assert_kernel_matches_reference(image, mask, trusted, params):
     strong, overloaded = find_strong_pixels(image, mask, trusted, params)
     expected = strong_mask_reference(image, mask, trusted, params)
     assert strong.tolist() == np.flatnonzero(expected).tolist()
-    assert overloaded.tolist() == np.flatnonzero((image > 4000) & (mask > 0)).tolist()
+    usable = np.ones(image.shape, bool) if mask is None else mask > 0
+    assert overloaded.tolist() == np.flatnonzero((image > trusted[1]) & usable).tolist()
+    return strong, expected
+
+
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+@pytest.mark.parametrize("seed", range(12))
+def test_kernel_equals_numpy_reference(algorithm, seed, kernel_path):
+    rng = np.random.default_rng(100 + seed)
+    dtype = [np.int32, np.uint16, np.uint32, np.float64][seed % 4]
+    image, mask = random_frame(seed, dtype=dtype)
+    params = random_params(rng, algorithm)
+    trusted = (0.0, 4000.0)
+    strong, expected = assert_kernel_matches_reference(image, mask, trusted, params)
     spots = label_strong_pixels(strong, image)
     ref = label_reference(expected, image)
     assert spots.npix.tolist() == ref.npix.tolist()
@@ -149,6 +201,73 @@ def test_kernel_equals_numpy_reference(algorithm, seed):
     np.testing.assert_allclose(spots.x, ref.x, rtol=1e-6)
     np.testing.assert_allclose(spots.intensity, ref.intensity, rtol=1e-6)
     assert spots.peak_x.tolist() == ref.peak_x.tolist() and spots.peak_y.tolist() == ref.peak_y.tolist()
+
+
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+@pytest.mark.parametrize("seed", range(40))
+def test_every_kernel_path_equals_numpy_reference_on_edge_cases(algorithm, seed, kernel_path):
+    """Random shapes (down to frames narrower and shorter than the window), dtypes, parameters (sigmas of
+    0 make exact ties), with or without a mask, bright and over-2^24 pixels, all as the numpy reference."""
+    rng = np.random.default_rng(1000 + seed)
+    dtype = [np.int32, np.uint16, np.uint32][seed % 3]
+    shape = (int(rng.integers(1, 40)), int(rng.integers(1, 90)))
+    if seed % 2:
+        image, mask, trusted = bright_frame(seed, shape, dtype)
+    else:
+        image, mask = random_frame(seed, shape, dtype)
+        trusted = (0.0, 4000.0)
+    if seed % 5 == 0:
+        mask = None
+    params = random_params(rng, algorithm)
+    strong, expected = assert_kernel_matches_reference(image, mask, trusted, params)
+    if seed == 1:  # the bright case must exercise the strong test, not pass vacuously
+        assert expected.any()
+
+
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+def test_every_kernel_path_on_a_large_frame(algorithm, kernel_path):
+    """A frame wider than any vector and not a multiple of one, bright pixels, many strong ones."""
+    image, mask, trusted = bright_frame(7, (157, 523), np.int32)
+    strong, expected = assert_kernel_matches_reference(image, mask, trusted, ThresholdParams(algorithm=algorithm))
+    assert len(strong) > 100
+
+
+def test_generic_path_outside_the_fast_kernels_domain():
+    """Windows above 127 pixels (13x13) and a negative trusted minimum take the generic Cython path."""
+    image, mask = random_frame(3, (50, 61), np.int32)
+    image[::7, ::5] *= -1
+    for params, trusted in (
+        (ThresholdParams(algorithm="dispersion", kernel_size=(6, 6)), (0.0, 4000.0)),
+        (ThresholdParams(algorithm="dispersion_extended", kernel_size=(6, 6)), (0.0, 4000.0)),
+        (ThresholdParams(algorithm="dispersion"), (-20.0, 4000.0)),
+        (ThresholdParams(algorithm="dispersion_extended"), (-20.0, 4000.0)),
+    ):
+        assert_kernel_matches_reference(image, mask, trusted, params)
+
+
+def test_kernel_choice_is_made_at_run_time():
+    """The best path this CPU has by default; INTXR_DISPERSION_KERNEL and set_kernel force one."""
+    import subprocess
+    import sys
+
+    from intxr._kernels import dispersion
+
+    available = dispersion.available_kernels()
+    assert available[:2] == ["scalar", "sse2"] or available == ["scalar"]
+    assert dispersion.kernel() == available[-1]
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    assert ("avx2" in available) == (" avx2" in flags)
+    code = "from intxr._kernels import dispersion; print(dispersion.kernel())"
+    for forced, expected in (("scalar", "scalar"), ("sse2", "sse2"), ("avx512", available[-1])):
+        env = dict(os.environ, INTXR_DISPERSION_KERNEL=forced)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+    with pytest.raises(ValueError, match="expected one of"):
+        dispersion.set_kernel("avx3")
+    if "avx512" not in available:
+        with pytest.raises(ValueError, match="does not run"):
+            dispersion.set_kernel("avx512")
 
 
 def test_labelling_is_4_connected_and_ordered_by_first_pixel():

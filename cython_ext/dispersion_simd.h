@@ -1,0 +1,261 @@
+/* DIALS's dispersion thresholds as vectorised, mostly sparse C kernels, one build for every x86-64.
+ *
+ * The rules are those of dials/algorithms/image/threshold/local.h (DispersionThreshold and
+ * DispersionExtendedThreshold; intxr/reader/threshold.py states them in words). How they are met:
+ *
+ * - Window sums slide down the frame as column sums over the window's rows (uint32: a 7x7 window
+ *   of counts below 2^24 fits; the sum of squares is kept modulo 2^32 and used only where x < 65536,
+ *   since y <= x^2), plus clipped horizontal sums per row: a few rows of state, no summed-area table.
+ * - `dispersion`: the pixel must pass b > d, which needs no sum of squares; a float32 bound with a
+ *   margin passes every pixel that can, and the exact DIALS tests in double (with exact integer
+ *   sums of squares over the window) run only on those few candidates.
+ * - `dispersion_extended`: the first-pass index-of-dispersion test runs in float32 for every pixel,
+ *   deciding only where the margin is safe; the rest is decided in double. Erosion is byte-wise.
+ *   The final test (over the window 2 pixels wider) runs only inside the eroded region, with exact
+ *   integer sums.
+ * - The same C is compiled for several instruction sets (GCC target pragmas: scalar, SSE2, AVX2,
+ *   AVX-512) and chosen at run time from the CPU (__builtin_cpu_supports), or forced.
+ * - The exact tests are compiled once for the baseline ISA (no FMA contraction), in DIALS's order,
+ *   from exact integer sums: every path gives DIALS's doubles.
+ */
+#ifndef INTXR_DISPERSION_SIMD_H
+#define INTXR_DISPERSION_SIMD_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DISP_SCALAR = 0, DISP_SSE2 = 1, DISP_AVX2 = 2, DISP_AVX512 = 3, DISP_N_KERNELS = 4 };
+enum { DISP_U16 = 0, DISP_I32 = 1, DISP_U32 = 2 };
+#define DISP_BIG 16777216 /* 2^24: pixels at or above it stay out of the window sums (DIALS) */
+
+/* Per-pixel flag bits, one byte per pixel. */
+enum {
+    F_VALID = 1,    /* unmasked and inside the trusted range */
+    F_INSUMS = 2,   /* in the first-pass window sums (VALID and < 2^24) */
+    F_CV = 4,       /* extended: index-of-dispersion test passed (or masked) */
+    F_NEAR = 8,     /* extended: a cv-false pixel within the erosion radius along the row */
+    F_BG = 16,      /* extended: background after erosion */
+    F_INSUMS2 = 32, /* extended: in the final-pass sums (BACKGROUND and < 2^24) */
+    F_CAND2 = 64    /* extended: VALID and not BACKGROUND, a final-pass candidate */
+};
+
+typedef struct {
+    int64_t *data;
+    ptrdiff_t size, capacity;
+} disp_indices;
+
+typedef struct {
+    int ky, kx;
+    double sigma_b, sigma_s, threshold, gain; /* gain <= 0: none (DIALS's plain expressions) */
+    int64_t min_count;
+    double lo, hi; /* trusted range, inclusive */
+    int extended;
+} disp_params;
+
+typedef struct {
+    disp_params p;
+    ptrdiff_t h, w;
+    int64_t lo_i, hi_i; /* the trusted range as integers of the pixel type */
+    int32_t min_count_i32;
+    float loose;
+    int radius;
+    double *root; /* sqrt(2 (m - 1)) for m = 0 .. window size */
+} disp_ctx;
+
+typedef struct {
+    uint32_t *cm, *cx, *cy, *wm, *wx, *wy;
+    uint8_t *code, *pad, *ones;
+} disp_bufs;
+
+static int disp_push(disp_indices *out, int64_t k) {
+    if (out->size == out->capacity) {
+        ptrdiff_t cap = out->capacity * 2 + 1024;
+        int64_t *grown = (int64_t *)realloc(out->data, (size_t)cap * sizeof(int64_t));
+        if (!grown) return -1;
+        out->data = grown;
+        out->capacity = cap;
+    }
+    out->data[out->size++] = k;
+    return 0;
+}
+
+/* The exact tests, in DIALS's order of operations on exact integer sums (local.h). Not inlined
+ * into the vector variants: compiled once, for the baseline ISA. */
+static __attribute__((noinline)) int disp_strong_exact(const disp_ctx *c, int64_t m, double x, double y, double v) {
+    /* DispersionThreshold: mask && m >= min_count && x >= 0 && v > threshold, then a > c && b > d. */
+    double a, b, cc, d, g = c->p.gain;
+    if (!(m >= c->p.min_count && x >= 0 && v > c->p.threshold)) return 0;
+    b = (double)m * v - x;
+    if (g > 0) {
+        a = (double)m * y - x * x;
+        cc = g * x * (((double)m - 1) + c->p.sigma_b * c->root[m]);
+        d = c->p.sigma_s * sqrt(g * x * (double)m);
+    } else {
+        a = (double)m * y - x * x - x * ((double)m - 1);
+        cc = x * c->p.sigma_b * c->root[m];
+        d = c->p.sigma_s * sqrt(x * (double)m);
+    }
+    return a > cc && b > d;
+}
+
+static __attribute__((noinline)) int disp_cv_exact(const disp_ctx *c, int64_t m, double x, double y) {
+    /* DispersionExtendedThreshold, first pass: the index of dispersion alone. */
+    double a, cc, g = c->p.gain;
+    if (!(m >= c->p.min_count && x >= 0)) return 0;
+    if (g > 0) {
+        a = (double)m * y - x * x;
+        cc = g * x * (((double)m - 1) + c->p.sigma_b * c->root[m]);
+    } else {
+        a = (double)m * y - x * x - x * ((double)m - 1);
+        cc = x * c->p.sigma_b * c->root[m];
+    }
+    return a > cc;
+}
+
+static __attribute__((noinline)) int disp_final_exact(const disp_ctx *c, int64_t m, double x, double v) {
+    /* DispersionExtendedThreshold, final test: v >= mean + sigma_s sqrt(g mean) over the background
+     * of the wider window (mean 0 below 2 pixels), v above the global threshold. */
+    double mean, g = c->p.gain;
+    if (!(v >= 0 && x >= 0 && v > c->p.threshold)) return 0;
+    mean = m >= 2 ? x / (double)m : 0.0;
+    if (g > 0) return v >= mean + c->p.sigma_s * sqrt(g * mean);
+    return v >= mean + c->p.sigma_s * sqrt(mean);
+}
+
+typedef int (*disp_run_fn)(const disp_ctx *, const void *, const uint8_t *, uint8_t *, disp_bufs *, disp_indices *,
+                           disp_indices *);
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DISP_X86 1
+#else
+#define DISP_X86 0
+#endif
+
+/* Scalar: the same C with the vectoriser off (the path every other one is checked against). */
+#pragma GCC push_options
+#pragma GCC optimize("no-tree-vectorize")
+#define TGT scalar
+#include "dispersion_simd_impl.h"
+#undef TGT
+#pragma GCC pop_options
+
+#if DISP_X86
+/* SSE2: the x86-64 baseline the module is built for. */
+#define TGT sse2
+#include "dispersion_simd_impl.h"
+#undef TGT
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define TGT avx2
+#include "dispersion_simd_impl.h"
+#undef TGT
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#define TGT avx512
+#include "dispersion_simd_impl.h"
+#undef TGT
+#pragma GCC pop_options
+#endif
+
+static const char *disp_kernel_names[DISP_N_KERNELS] = {"scalar", "sse2", "avx2", "avx512"};
+
+static int disp_kernel_supported(int kernel) {
+    if (kernel == DISP_SCALAR) return 1;
+#if DISP_X86
+    __builtin_cpu_init();
+    if (kernel == DISP_SSE2) return 1;
+    if (kernel == DISP_AVX2) return __builtin_cpu_supports("avx2") != 0;
+    if (kernel == DISP_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+    return 0;
+}
+
+static int disp_best_kernel(void) {
+    for (int k = DISP_N_KERNELS - 1; k > 0; k--)
+        if (disp_kernel_supported(k)) return k;
+    return DISP_SCALAR;
+}
+
+static disp_run_fn disp_pick(int kernel, int dtype) {
+#define DISP_ROW(t) {run_u16_##t, run_i32_##t, run_u32_##t}
+#if DISP_X86
+    static const disp_run_fn table[DISP_N_KERNELS][3] = {DISP_ROW(scalar), DISP_ROW(sse2), DISP_ROW(avx2),
+                                                         DISP_ROW(avx512)};
+#else
+    static const disp_run_fn table[1][3] = {DISP_ROW(scalar)};
+    kernel = DISP_SCALAR;
+#endif
+#undef DISP_ROW
+    if (kernel < 0 || kernel >= DISP_N_KERNELS || dtype < 0 || dtype > 2) return NULL;
+    return table[kernel][dtype];
+}
+
+/* Strong pixels (and unmasked pixels above the trusted range), raster order. Returns 0, -1 when
+ * out of memory, -2 when the parameters lie outside this kernel's domain (window above 127 pixels,
+ * a negative or empty trusted range): the caller then uses its generic path. */
+static int disp_strong_pixels(int kernel, int dtype, const void *image, const uint8_t *mask, ptrdiff_t h,
+                              ptrdiff_t w, const disp_params *p, disp_indices *strong, disp_indices *over) {
+    static const double dmax[3] = {65535.0, 2147483647.0, 4294967295.0};
+    disp_ctx ctx;
+    disp_bufs B;
+    disp_run_fn run = disp_pick(kernel, dtype);
+    int64_t n_window = (int64_t)(2 * p->ky + 1) * (2 * p->kx + 1);
+    double lo, hi;
+    int status = -1;
+    uint8_t *flags;
+    if (!run || p->ky < 1 || p->kx < 1 || n_window > 127 || !(p->lo >= 0) || !(p->hi >= p->lo)) return -2;
+    lo = ceil(p->lo);
+    hi = p->hi >= dmax[dtype] ? dmax[dtype] : floor(p->hi);
+    if (lo > hi) return -2;
+    if (h <= 0 || w <= 0) return 0;
+    memset(&ctx, 0, sizeof ctx);
+    memset(&B, 0, sizeof B);
+    ctx.p = *p;
+    ctx.h = h;
+    ctx.w = w;
+    ctx.lo_i = (int64_t)lo;
+    ctx.hi_i = (int64_t)hi;
+    ctx.min_count_i32 = p->min_count > 128 ? 128 : (p->min_count < -1 ? -1 : (int32_t)p->min_count);
+    ctx.loose = (float)(0.9999 * p->sigma_s * p->sigma_s * (p->gain > 0 ? p->gain : 1.0));
+    ctx.radius = (p->kx < p->ky ? p->kx : p->ky) - 1;
+    ctx.root = (double *)malloc((size_t)(n_window + 1) * sizeof(double));
+    flags = (uint8_t *)malloc((size_t)(h * w));
+    ptrdiff_t padded = w + 2 * p->kx;
+    B.cm = (uint32_t *)calloc((size_t)padded, sizeof(uint32_t));
+    B.cx = (uint32_t *)calloc((size_t)padded, sizeof(uint32_t));
+    B.cy = (uint32_t *)calloc((size_t)padded, sizeof(uint32_t));
+    B.wm = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
+    B.wx = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
+    B.wy = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
+    B.code = (uint8_t *)calloc((size_t)w + 8, 1);
+    B.pad = (uint8_t *)calloc((size_t)(w + 2 * ctx.radius) + 8, 1);
+    B.ones = (uint8_t *)malloc((size_t)w);
+    if (ctx.root && flags && B.cm && B.cx && B.cy && B.wm && B.wx && B.wy && B.code && B.pad && B.ones) {
+        ctx.root[0] = 0.0;
+        for (int64_t m = 1; m <= n_window; m++) ctx.root[m] = sqrt(2.0 * ((double)m - 1));
+        memset(B.ones, 1, (size_t)w);
+        status = run(&ctx, image, mask, flags, &B, strong, over);
+    }
+    free(ctx.root);
+    free(flags);
+    free(B.cm);
+    free(B.cx);
+    free(B.cy);
+    free(B.wm);
+    free(B.wx);
+    free(B.wy);
+    free(B.code);
+    free(B.pad);
+    free(B.ones);
+    return status;
+}
+
+#endif
