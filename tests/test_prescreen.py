@@ -70,3 +70,185 @@ def test_prescreen_does_not_change_results_on_hits(thaumatin_cbfs, index):
     screened = SpotFinder(SpotFinderParams(prescreen=True), frame.geometry).find(frame.data)
     full = SpotFinder(SpotFinderParams(prescreen=False), frame.geometry).find(frame.data)
     assert not screened.prescreened and len(screened.spots) == len(full.spots) > 100
+
+
+# The Rust kernels (binning inside the bitshuffle-LZ4 decoder, the dispersion test on the binned
+# frame) against the Cython kernels and numpy: the pre-screen's decision rests on these being equal.
+
+_DTYPES = (np.uint8, np.uint16, np.uint32, np.int32)
+
+
+def _cython_bin(image, mask, trusted, factor):
+    from intxr._kernels.prescreen import bin_frame as kernel
+
+    from intxr.reader.threshold import _checked
+
+    image, mask = _checked(image, mask)
+    return kernel(image, mask, float(trusted[0]), float(trusted[1]), int(factor))
+
+
+def _random_frame(rng, shape, dtype):
+    image = rng.poisson(rng.uniform(0.5, 30), size=shape).astype(np.int64)
+    for _ in range(6):  # spots: a few bright pixels together
+        j, i = rng.integers(0, shape[0] - 3), rng.integers(0, shape[1] - 3)
+        image[j : j + 3, i : i + 3] += rng.integers(50, 3000)
+    info = np.iinfo(dtype)
+    image = np.clip(image, info.min, info.max).astype(dtype)
+    flat = image.reshape(-1)
+    flat[rng.choice(flat.size, 20)] = info.max  # gaps / dead pixels (untrusted)
+    if dtype == np.int32:
+        flat[rng.choice(flat.size, 5)] = -2
+    if dtype == np.uint32:
+        flat[rng.choice(flat.size, 5)] = (1 << 26) + 7  # trusted but above DIALS's 2^24 sum limit
+    return image
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_rust_binning_equals_the_cython_kernel_and_numpy(dtype, factor):
+    rng = np.random.default_rng(factor * 7 + np.dtype(dtype).itemsize)
+    for shape in ((64, 96), (131, 101), (37, 250)):
+        image = _random_frame(rng, shape, dtype)
+        mask = (rng.random(shape) > 0.01).astype(np.uint8)
+        top = float(np.iinfo(dtype).max - 2) if np.dtype(dtype).kind == "u" else 1e7
+        for trusted in ((0.0, top), (0.0, np.inf), (1.5, 250.0), (-10.0, 1e30), (5.0, 2.0)):
+            for m in (None, mask):
+                sums, valid = bin_frame(image, m, trusted, factor)
+                ref_sums, ref_valid = _cython_bin(image, m, trusted, factor)
+                assert sums.dtype == np.uint32 and valid.dtype == np.uint8
+                assert np.array_equal(valid, ref_valid), (shape, trusted)
+                assert np.array_equal(sums, ref_sums), (shape, trusted)  # even untrusted blocks' sums
+                np_sums, np_valid = bin_frame_reference(image, m, trusted, factor)
+                np_sums = np.minimum(np_sums, 0xFFFFFFFF)  # the kernels saturate
+                assert np.array_equal(valid, np_valid) and np.array_equal(sums[valid > 0], np_sums[valid > 0])
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_decoding_and_binning_in_one_pass_equals_decode_then_bin(dtype):
+    from intxr import codec
+    from intxr.reader.prescreen import decode_and_bin
+
+    rng = np.random.default_rng(np.dtype(dtype).itemsize)
+    for shape in ((257, 199), (40, 1030)):  # blocks end mid-row; partial trailing block
+        image = _random_frame(rng, shape, dtype)
+        mask = (rng.random(shape) > 0.02).astype(np.uint8)
+        trusted = trusted_range_for(image, 60000)
+        encodings = ["bslz4", "lz4<", "none"] + ([codec.v1_encoding("bslz4", dtype)] if dtype != np.int32 else [])
+        for encoding in encodings:
+            blob = codec.encode(image, encoding)
+            for m in (None, mask):
+                out = np.zeros_like(image)
+                decoded, (sums, valid) = decode_and_bin(blob, encoding, out, trusted, 4, m)
+                assert decoded is out and np.array_equal(out, image)
+                ref_sums, ref_valid = _cython_bin(image, m, trusted, 4)
+                assert np.array_equal(sums, ref_sums) and np.array_equal(valid, ref_valid), encoding
+    out = np.zeros((257, 199), dtype)
+    with pytest.raises(codec.DecodeError):  # a truncated blob is an error, as decode_into says
+        decode_and_bin(codec.encode(image, "bslz4")[:-100], "bslz4", np.zeros_like(image), trusted, 4)
+
+
+def _strong_bins_reference(sums, valid):
+    from intxr.reader.threshold import ThresholdParams, find_strong_pixels
+
+    params = ThresholdParams(algorithm="dispersion", sigma_background=6.0, sigma_strong=3.0)
+    return find_strong_pixels(sums, valid, (0.0, np.inf), params)[0]
+
+
+def test_strong_bins_equal_the_dispersion_kernel_on_random_binned_frames():
+    from intxr.reader.prescreen import strong_bins
+
+    rng = np.random.default_rng(11)
+    found = 0
+    for trial in range(40):
+        shape = (int(rng.integers(1, 90)), int(rng.integers(1, 140)))
+        sums = rng.poisson(rng.uniform(0.2, 400), size=shape).astype(np.uint32)
+        for _ in range(int(rng.integers(0, 12))):
+            sums[rng.integers(0, shape[0]), rng.integers(0, shape[1])] += int(rng.integers(20, 5000))
+        if trial % 5 == 0:
+            sums.reshape(-1)[rng.choice(sums.size, 3)] = (1 << 24) + int(rng.integers(0, 1000))
+        valid = (rng.random(shape) > rng.uniform(0, 0.3)).astype(np.uint8)
+        strong = strong_bins(sums, valid)
+        assert np.array_equal(strong, _strong_bins_reference(sums, valid)), trial
+        found += len(strong)
+    assert found > 20  # the comparison saw strong bins, not only empty lists
+
+
+def test_the_pre_screen_decides_as_before_on_every_real_frame(thaumatin_cbfs):
+    """Strong bins and candidates from the Rust path equal the Cython binning + dispersion kernel's,
+    frame by frame, and the fused decode gives the same result as pre-screening the decoded frame."""
+    from intxr import codec
+    from intxr.reader.prescreen import PrescreenParams, decode_and_bin, strong_bins
+
+    for path in thaumatin_cbfs:
+        frame = read_cbf(path)
+        for dtype in (np.uint16, np.uint32):
+            image = np.clip(frame.data, 0, np.iinfo(dtype).max).astype(dtype)
+            trusted = trusted_range_for(image, frame.geometry.count_cutoff)
+            ref_sums, ref_valid = _cython_bin(image, None, trusted, 4)
+            sums, valid = bin_frame(image, None, trusted, 4)
+            assert np.array_equal(sums, ref_sums) and np.array_equal(valid, ref_valid)
+            assert np.array_equal(strong_bins(sums, valid, PrescreenParams()), _strong_bins_reference(sums, valid))
+            plain = prescreen(image, None, trusted)
+            blob = codec.encode(image, codec.v1_encoding("bslz4", dtype))
+            out = np.empty_like(image)
+            _, binned = decode_and_bin(blob, codec.v1_encoding("bslz4", dtype), out, trusted, 4)
+            assert prescreen(out, None, trusted, binned=binned) == plain
+
+
+def test_a_reader_decodes_and_prescreens_in_one_pass_with_the_same_result(thaumatin_cbfs):
+    from intxr import codec
+    from intxr.reader.source import ServedFrame
+
+    for index in (0, 4, 11):  # hits and the last blank
+        frame = read_cbf(thaumatin_cbfs[index])
+        image = frame.data.astype(np.uint32)
+        mask = np.ones(image.shape, bool)
+        mask[100:300, 200:900] = False
+        finder = SpotFinder(SpotFinderParams(prescreen=True), frame.geometry, static_mask=mask)
+        meta = {"series": 1, "frame": 1, "shape": list(image.shape), "type": "uint32", "encoding": "bs32-lz4<"}
+        served = ServedFrame(meta, {}, memoryview(codec.encode(image, "bs32-lz4<")), 0.0)
+        served.binning = finder.binning_for(served.dtype, served.shape)
+        decoded = served.pixels(np.empty_like(image))
+        assert served.binned is not None and np.array_equal(decoded, image)
+        fused = finder.find(decoded, binned=served.binned)
+        plain = finder.find(image)
+        assert fused.prescreened == plain.prescreened == (index == 11)
+        assert fused.prescreen == plain.prescreen and len(fused.spots) == len(plain.spots)
+    assert finder.binning_for(served.dtype, served.shape, skip_prescreen=True) is None
+
+
+_KERNEL_SCRIPT = """
+import json, sys
+import numpy as np
+from intxr import codec
+from intxr.reader.prescreen import decode_and_bin, strong_bins
+rng = np.random.default_rng(5)
+image = rng.poisson(4, size=(515, 1031)).astype(np.uint16)
+image[rng.integers(0, 515, 40), rng.integers(0, 1031, 40)] = 3000
+image[7, 7] = 65535
+out = np.empty_like(image)
+_, (sums, valid) = decode_and_bin(codec.encode(image, "bs16-lz4<"), "bs16-lz4<", out, (0.0, 65533.0), 4)
+print(json.dumps([sums.tolist(), valid.tolist(), strong_bins(sums, valid).tolist(), bool((out == image).all())]))
+"""
+
+
+def test_every_kernel_path_bins_and_thresholds_alike():
+    """The AVX2 and portable paths (forced with INTXR_BSLZ4_KERNEL in fresh processes; a path the
+    CPU lacks falls back) give the same binned frame and strong bins as the Cython kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    image = rng.poisson(4, size=(515, 1031)).astype(np.uint16)
+    image[rng.integers(0, 515, 40), rng.integers(0, 1031, 40)] = 3000
+    image[7, 7] = 65535
+    ref_sums, ref_valid = _cython_bin(image, None, (0.0, 65533.0), 4)
+    expected = [ref_sums.tolist(), ref_valid.tolist(), _strong_bins_reference(ref_sums, ref_valid).tolist(), True]
+    assert len(expected[2]) > 5
+    for kernel in ("scalar", "sse2", "avx2"):
+        env = dict(os.environ, INTXR_BSLZ4_KERNEL=kernel)
+        run = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True, text=True,
+                             check=True)
+        assert json.loads(run.stdout) == expected, kernel

@@ -11,14 +11,23 @@ pixels and cosmic-ray hits are not candidates. The frame passes at `min_candidat
 
 Measured on the real frames in ../shared (tests/test_prescreen.py): every frame on which DIALS finds
 min_Bragg_peaks spots passes; the blank ones do not.
+
+The kernels are Rust (intxr._splitter): the binning runs inside the bitshuffle-LZ4 decoder's pass
+(`decode_and_bin`: each band of rows is binned while the decoder's output is still in cache, so a
+blank frame is read from memory once), and the dispersion test on the binned frame is a copy of
+dispersion.pyx's `dispersion` mode for this one case (same candidates, same doubles), faster on the
+small binned frame. The Cython `bin_frame` (prescreen.pyx) and the numpy reference stay as the
+references the tests compare with.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from intxr import _splitter, codec
 from intxr.reader.threshold import ThresholdParams, _checked
 
 
@@ -39,11 +48,79 @@ class PrescreenResult:
     n_candidates: int  # counted until the pass mark is reached
 
 
-def bin_frame(image: np.ndarray, mask: np.ndarray | None, trusted_range: tuple[float, float], factor: int):
-    from intxr._kernels.prescreen import bin_frame as kernel
+def _bounds(trusted_range: tuple[float, float]) -> tuple[int, int]:
+    # Integer bounds: counts are integers, so lo <= v <= hi is v >= ceil(lo) and v <= floor(hi).
+    lo, hi = float(trusted_range[0]), min(float(trusted_range[1]), 9.0e18)
+    return int(max(math.ceil(lo), -9.0e18)), int(math.floor(hi))
 
+
+def _rust_pixel(dtype: np.dtype) -> tuple[int, bool] | None:
+    """(element size, signed) of the pixel types the Rust kernels bin; None for the others."""
+    dtype = np.dtype(dtype)
+    if dtype in (np.uint8, np.uint16, np.uint32, np.int32) and dtype.isnative:
+        return dtype.itemsize, dtype.kind == "i"
+    return None
+
+
+_mask_cache: list = [None, 0, None]  # (mask object, factor, its blocks' "every pixel unmasked")
+
+
+def mask_bins(mask: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 per block: 1 where every pixel of the block is unmasked. A series' mask is the same
+    object frame after frame (SpotFinder.mask_for), so the last one is kept."""
+    if _mask_cache[0] is mask and _mask_cache[1] == factor:
+        return _mask_cache[2]
+    h, w = mask.shape[0] // factor, mask.shape[1] // factor
+    blocks = (np.asarray(mask)[: h * factor, : w * factor] != 0).reshape(h, factor, w, factor).all(axis=(1, 3))
+    _mask_cache[:] = [mask, factor, blocks.astype(np.uint8)]
+    return _mask_cache[2]
+
+
+def _binned_arrays(shape: tuple[int, ...], factor: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = shape[0] // factor, shape[1] // factor
+    return np.empty((h, w), np.uint32), np.empty((h, w), np.uint8)
+
+
+def bin_frame(image: np.ndarray, mask: np.ndarray | None, trusted_range: tuple[float, float], factor: int):
+    """(sums uint32 (H//f, W//f), valid uint8): block sums of the counts (saturated at 2^32-1); valid
+    where every pixel of the block is trusted and unmasked (only valid sums are ever used)."""
+    if int(factor) < 1:
+        raise ValueError(f"factor {factor}: must be >= 1")
     image, mask = _checked(image, mask)
-    return kernel(image, mask, float(trusted_range[0]), float(trusted_range[1]), int(factor))
+    pixel = _rust_pixel(image.dtype)
+    if pixel is None:  # float64 frames: the Cython kernel takes none either, numpy does
+        sums, valid = bin_frame_reference(image, mask, trusted_range, factor)
+        return np.minimum(sums, 0xFFFFFFFF).astype(np.uint32), valid
+    sums, valid = _binned_arrays(image.shape, factor)
+    lo, hi = _bounds(trusted_range)
+    _splitter.bin_frame_into(image.reshape(-1).view(np.uint8), *pixel, image.shape[0], image.shape[1], int(factor),
+                             lo, hi, sums.reshape(-1).view(np.uint8), valid)
+    if mask is not None:
+        valid &= mask_bins(mask, int(factor))
+    return sums, valid
+
+
+def decode_and_bin(blob, encoding: str, out: np.ndarray, trusted_range: tuple[float, float], factor: int,
+                   mask: np.ndarray | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Decode a stream blob into `out` (as codec.decode_into) and bin it as `bin_frame` does:
+    (image, (sums, valid)). Bitshuffle-LZ4 frames are binned inside the decoder's pass."""
+    pixel = _rust_pixel(out.dtype)
+    fused = codec.ENCODINGS.get(encoding, ("",))[0] == "bslz4" and out.ndim == 2 and out.flags.c_contiguous
+    if mask is not None and np.shape(mask) != out.shape:
+        raise ValueError(f"mask shape {np.shape(mask)} does not match frame shape {out.shape}")
+    if pixel is None or not fused:
+        image = codec.decode_into(blob, encoding, out)
+        return image, bin_frame(image, mask, trusted_range, factor)
+    bits = codec.ENCODINGS[encoding][1]
+    if bits is not None and bits != out.dtype.itemsize * 8:
+        raise codec.DecodeError(f"encoding {encoding} carries {bits}-bit pixels but the header says {out.dtype}")
+    sums, valid = _binned_arrays(out.shape, factor)
+    lo, hi = _bounds(trusted_range)
+    _splitter.bslz4_decompress_bin_into(blob, out.reshape(-1).view(np.uint8), *pixel, out.shape[0], out.shape[1],
+                                        int(factor), lo, hi, sums.reshape(-1).view(np.uint8), valid)
+    if mask is not None:
+        valid &= mask_bins(np.asarray(mask), int(factor))
+    return out, (sums, valid)
 
 
 def bin_frame_reference(image: np.ndarray, mask: np.ndarray | None, trusted_range: tuple[float, float], factor: int):
@@ -58,19 +135,32 @@ def bin_frame_reference(image: np.ndarray, mask: np.ndarray | None, trusted_rang
     return blocks.sum(axis=(1, 3)), ok.astype(np.uint8)
 
 
+def strong_bins(sums: np.ndarray, valid: np.ndarray, params: PrescreenParams = PrescreenParams()) -> np.ndarray:
+    """Raster indices (int64) of the bins DIALS's `dispersion` test (DIALS's default kernel and
+    min_local, global threshold 0) finds strong on the binned frame, `valid` as its mask: what
+    threshold.find_strong_pixels(sums, valid, (0, inf), ...) gives, by the Rust kernel."""
+    test = ThresholdParams(
+        algorithm="dispersion", sigma_background=params.sigma_background, sigma_strong=params.sigma_strong
+    )
+    sums = np.ascontiguousarray(sums, dtype=np.uint32)
+    valid = np.ascontiguousarray(valid, dtype=np.uint8)
+    ky, kx = test.kernel_size
+    raw = _splitter.strong_bins(sums.reshape(-1).view(np.uint8), valid.reshape(-1), sums.shape[0], sums.shape[1], ky,
+                                kx, float(test.sigma_background), float(test.sigma_strong), test.min_count)
+    return np.frombuffer(raw, dtype="<i8").astype(np.int64, copy=False)
+
+
 def prescreen(
     image: np.ndarray,
     mask: np.ndarray | None,
     trusted_range: tuple[float, float],
     params: PrescreenParams = PrescreenParams(),
+    binned: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PrescreenResult:
-    from intxr.reader.threshold import find_strong_pixels
-
-    sums, valid = bin_frame(image, mask, trusted_range, params.factor)
-    test = ThresholdParams(
-        algorithm="dispersion", sigma_background=params.sigma_background, sigma_strong=params.sigma_strong
-    )
-    strong, _ = find_strong_pixels(sums, valid, (0.0, np.inf), test)
+    """`binned`: the (sums, valid) of `bin_frame` / `decode_and_bin` for this image and mask, when the
+    decoder already made them."""
+    sums, valid = binned if binned is not None else bin_frame(image, mask, trusted_range, params.factor)
+    strong = strong_bins(sums, valid, params)
     candidates = 0
     f = params.factor
     for index in strong:

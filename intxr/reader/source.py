@@ -73,6 +73,10 @@ class ServedFrame:
     blob: memoryview
     received: float  # when this reader had it (Unix time)
     error: str | None = None
+    # Set by the reader before `pixels`: (trusted range, factor, mask) to bin the frame for the
+    # pre-screen in the decoder's pass; `pixels` leaves the binned frame (sums, valid) in `binned`.
+    binning: tuple | None = None
+    binned: tuple | None = None
 
     @property
     def series_name(self) -> str | None:
@@ -110,6 +114,13 @@ class ServedFrame:
         if out is None or out.shape != self.shape or out.dtype != self.dtype:
             out = np.empty(self.shape, self.dtype)
         # A zeroed bitshuffle header (libertem-dectris) was already repaired by the Splitter.
+        self.binned = None
+        if self.binning is not None:
+            from intxr.reader.prescreen import decode_and_bin
+
+            trusted, factor, mask = self.binning
+            image, self.binned = decode_and_bin(self.blob, self.meta["encoding"], out, trusted, factor, mask)
+            return image
         return decode_into(self.blob, self.meta["encoding"], out)
 
 

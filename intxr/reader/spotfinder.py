@@ -131,7 +131,20 @@ class SpotFinder:
             self._masks[shape] = None if mask is None else mask.astype(np.uint8)
         return self._masks[shape]
 
-    def find(self, image: np.ndarray, *, skip_prescreen: bool = False) -> FrameResult:
+    def prescreens(self, skip_prescreen: bool = False) -> bool:
+        return self.params.prescreen and not skip_prescreen and self.params.backend == "native"
+
+    def binning_for(self, dtype, shape: tuple[int, int], skip_prescreen: bool = False):
+        """What `prescreen.decode_and_bin` needs to bin a frame of this type and shape for the
+        pre-screen while decoding it, (trusted range, factor, mask); None when no pre-screen runs."""
+        if not self.prescreens(skip_prescreen):
+            return None
+        trusted = trusted_range_for(np.empty(0, dtype), self.geometry.count_cutoff)
+        return trusted, self.params.prescreen_params.factor, self.mask_for(tuple(shape))
+
+    def find(self, image: np.ndarray, *, skip_prescreen: bool = False, binned=None) -> FrameResult:
+        """`binned`: the pre-screen's binned frame of this image, when the decoder made it
+        (`decode_and_bin` with `binning_for`)."""
         p = self.params
         timing: dict[str, float] = {}
         errors: list[str] = []
@@ -141,9 +154,9 @@ class SpotFinder:
         trusted = trusted_range_for(image, self.geometry.count_cutoff)
 
         screen = None
-        if p.prescreen and not skip_prescreen and p.backend == "native":
+        if self.prescreens(skip_prescreen):
             t = time.perf_counter()
-            screen = prescreen(image, mask, trusted, p.prescreen_params)
+            screen = prescreen(image, mask, trusted, p.prescreen_params, binned)
             timing["prescreen"] = time.perf_counter() - t
             if not screen.passed:
                 return self._result(image, Spots.empty(), 0, np.zeros(0, np.int64), timing, errors, screen, True)

@@ -137,10 +137,12 @@ class Reader:
             if self._buffer is None or self._buffer.shape != frame.shape or self._buffer.dtype != frame.dtype:
                 self._buffer = np.zeros(frame.shape, frame.dtype)  # touched here, so placed on this rank's node
                 self.placement["buffer_numa"] = page_numa_node(self._buffer.ctypes.data)
+            finder, section = self.finder_for(frame)
+            # Decoded and, for the pre-screen, binned in the same pass (counted as decode time).
+            frame.binning = finder.binning_for(frame.dtype, frame.shape, self.settings.skip_prescreen)
             image = frame.pixels(self._buffer)
             timing["decode"] = time.perf_counter() - t0
-            finder, section = self.finder_for(frame)
-            found = finder.find(image, skip_prescreen=self.settings.skip_prescreen)
+            found = finder.find(image, skip_prescreen=self.settings.skip_prescreen, binned=frame.binned)
             score = found.score
             status = "blank" if found.prescreened else "processed"
             result.status = status

@@ -636,6 +636,18 @@ pub fn bslz4_decompress_into_with(
     out: &mut [u8],
     elem_size: usize,
 ) -> Result<(), CodecError> {
+    bslz4_decompress_with_progress(kernel, blob, out, elem_size, |_| {})
+}
+
+/// `bslz4_decompress_into_with`, calling `progress` with the bytes of `out` decoded so far after
+/// each block and once at the end (the pre-screen bins rows while they are still in cache).
+pub fn bslz4_decompress_with_progress<F: FnMut(&[u8])>(
+    kernel: Kernel,
+    blob: &[u8],
+    out: &mut [u8],
+    elem_size: usize,
+    mut progress: F,
+) -> Result<(), CodecError> {
     let kernel = Kernel::supported(kernel);
     check_elem_size(elem_size)?;
     let (total, block_bytes) = bslz4_header(blob)?;
@@ -691,6 +703,7 @@ pub fn bslz4_decompress_into_with(
         );
         pos += len;
         start += count;
+        progress(&out[..start * elem_size]);
     }
     let rest = out.len() - start * elem_size;
     if blob.len() < pos + rest {
@@ -699,6 +712,7 @@ pub fn bslz4_decompress_into_with(
         ));
     }
     out[start * elem_size..].copy_from_slice(&blob[pos..pos + rest]);
+    progress(out);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod frame;
 pub mod geometry;
 pub mod nxmx;
+pub mod prescreen;
 mod py_stream;
 pub mod serve;
 pub mod splitter;
@@ -112,6 +113,165 @@ fn bslz4_decompress_into(
         )
     })?;
     Ok(())
+}
+
+/// A writable buffer viewed as u32 (numpy uint32 arrays are 4-byte aligned).
+fn u32_view(buf: &PyBuffer<u8>, what: &str, n: usize) -> Result<(usize, usize), SplitterError> {
+    let view = write_view(buf, what)?;
+    if view.1 != n * 4 || view.0 % 4 != 0 {
+        return Err(SplitterError::invalid(format!(
+            "{what} must be an aligned buffer of {n} uint32"
+        )));
+    }
+    Ok(view)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bin_spec(
+    elem_size: usize,
+    signed: bool,
+    rows: usize,
+    cols: usize,
+    factor: usize,
+    lo: i64,
+    hi: i64,
+) -> Result<prescreen::BinSpec, SplitterError> {
+    let pixel = prescreen::Pixel::from_dtype(elem_size, signed).ok_or_else(|| {
+        SplitterError::invalid(format!(
+            "no binning for {elem_size}-byte {} pixels",
+            if signed { "signed" } else { "unsigned" }
+        ))
+    })?;
+    if factor == 0 {
+        return Err(SplitterError::invalid("factor must be >= 1".to_string()));
+    }
+    Ok(prescreen::BinSpec {
+        rows,
+        cols,
+        factor,
+        pixel,
+        lo,
+        hi,
+    })
+}
+
+/// Decode a bitshuffle-LZ4 chunk into `out` (a rows x cols frame of `elem_size`-byte pixels) and
+/// bin it into `sums` (uint32, (rows // factor) x (cols // factor)) and `valid` (uint8) on the way:
+/// the pre-screen's `bin_frame` without reading the frame back from memory.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn bslz4_decompress_bin_into(
+    py: Python<'_>,
+    blob: PyBuffer<u8>,
+    out: PyBuffer<u8>,
+    elem_size: usize,
+    signed: bool,
+    rows: usize,
+    cols: usize,
+    factor: usize,
+    lo: i64,
+    hi: i64,
+    sums: PyBuffer<u8>,
+    valid: PyBuffer<u8>,
+) -> PyResult<()> {
+    let spec = bin_spec(elem_size, signed, rows, cols, factor, lo, hi)?;
+    let (h, w) = spec.shape();
+    let src = read_view(&blob, "blob")?;
+    let dst = write_view(&out, "out")?;
+    let s = u32_view(&sums, "sums", h * w)?;
+    let v = write_view(&valid, "valid")?;
+    if v.1 != h * w {
+        return Err(SplitterError::invalid(format!("valid must hold {} bytes", h * w)).into());
+    }
+    py.detach(|| {
+        // SAFETY: as_slice's contract; `s` was checked aligned and sized for h * w u32.
+        let sums = unsafe { std::slice::from_raw_parts_mut(s.0 as *mut u32, h * w) };
+        prescreen::bslz4_decompress_bin_into(
+            unsafe { as_slice(src) },
+            unsafe { as_slice_mut(dst) },
+            spec,
+            sums,
+            unsafe { as_slice_mut(v) },
+        )
+    })?;
+    Ok(())
+}
+
+/// Bin a decoded frame (`bslz4_decompress_bin_into` without the decoding).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn bin_frame_into(
+    py: Python<'_>,
+    frame: PyBuffer<u8>,
+    elem_size: usize,
+    signed: bool,
+    rows: usize,
+    cols: usize,
+    factor: usize,
+    lo: i64,
+    hi: i64,
+    sums: PyBuffer<u8>,
+    valid: PyBuffer<u8>,
+) -> PyResult<()> {
+    let spec = bin_spec(elem_size, signed, rows, cols, factor, lo, hi)?;
+    let (h, w) = spec.shape();
+    let src = read_view(&frame, "frame")?;
+    let s = u32_view(&sums, "sums", h * w)?;
+    let v = write_view(&valid, "valid")?;
+    if v.1 != h * w {
+        return Err(SplitterError::invalid(format!("valid must hold {} bytes", h * w)).into());
+    }
+    py.detach(|| {
+        // SAFETY: as above.
+        let sums = unsafe { std::slice::from_raw_parts_mut(s.0 as *mut u32, h * w) };
+        prescreen::bin_frame(unsafe { as_slice(src) }, spec, sums, unsafe {
+            as_slice_mut(v)
+        })
+    })
+    .map_err(SplitterError::invalid)?;
+    Ok(())
+}
+
+/// DIALS's `dispersion` test on a binned frame (`valid` as the mask): the strong bins' raster
+/// indices as little-endian int64 bytes.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn strong_bins<'py>(
+    py: Python<'py>,
+    sums: PyBuffer<u8>,
+    valid: PyBuffer<u8>,
+    rows: usize,
+    cols: usize,
+    kernel_y: usize,
+    kernel_x: usize,
+    sigma_background: f64,
+    sigma_strong: f64,
+    min_count: i64,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let s = read_view(&sums, "sums")?;
+    let v = read_view(&valid, "valid")?;
+    if s.1 != rows * cols * 4 || s.0 % 4 != 0 || v.1 != rows * cols {
+        return Err(SplitterError::invalid(format!(
+            "sums (uint32) and valid (uint8) must hold {rows} x {cols} bins"
+        ))
+        .into());
+    }
+    let strong = py.detach(|| {
+        // SAFETY: checked aligned and sized above; held by the caller.
+        let sums = unsafe { std::slice::from_raw_parts(s.0 as *const u32, rows * cols) };
+        prescreen::strong_bins(
+            sums,
+            unsafe { as_slice(v) },
+            rows,
+            cols,
+            (kernel_y, kernel_x),
+            sigma_background,
+            sigma_strong,
+            min_count,
+        )
+    });
+    let bytes: Vec<u8> = strong.iter().flat_map(|k| k.to_le_bytes()).collect();
+    Ok(PyBytes::new(py, &bytes))
 }
 
 /// The (uncompressed bytes, block bytes) of a bitshuffle-LZ4 chunk's header.
@@ -388,6 +548,9 @@ fn _splitter(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bslz4_compress, m)?)?;
     m.add_function(wrap_pyfunction!(bslz4_decompress_into, m)?)?;
     m.add_function(wrap_pyfunction!(bslz4_header, m)?)?;
+    m.add_function(wrap_pyfunction!(bslz4_decompress_bin_into, m)?)?;
+    m.add_function(wrap_pyfunction!(bin_frame_into, m)?)?;
+    m.add_function(wrap_pyfunction!(strong_bins, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_compress, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_decompress_into, m)?)?;
     m.add_function(wrap_pyfunction!(geometry_from_header, m)?)?;

@@ -1,0 +1,664 @@
+//! Pre-screen kernels (the rules are in `intxr/reader/prescreen.py`): bin a frame into
+//! `factor x factor` blocks of summed counts with a per-block "every pixel trusted" flag, fed with
+//! rows as the bitshuffle-LZ4 decoder writes them (so each band is binned while it is still in
+//! cache, not re-read from memory), and DIALS's `dispersion` test on the binned frame.
+//!
+//! Both give exactly what the Cython `bin_frame` and `dispersion.strong_pixels` give (the Python
+//! tests compare them): integer sums are exact, and the one floating-point test is written in the
+//! same order, on the same doubles.
+
+use crate::codec::{self, CodecError, Kernel};
+
+/// Pixel types of the frames a reader sees (the numpy dtypes uint8, uint16, uint32, int32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pixel {
+    U8,
+    U16,
+    U32,
+    I32,
+}
+
+impl Pixel {
+    pub fn from_dtype(elem_size: usize, signed: bool) -> Option<Pixel> {
+        match (elem_size, signed) {
+            (1, false) => Some(Pixel::U8),
+            (2, false) => Some(Pixel::U16),
+            (4, false) => Some(Pixel::U32),
+            (4, true) => Some(Pixel::I32),
+            _ => None,
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Pixel::U8 => 1,
+            Pixel::U16 => 2,
+            Pixel::U32 | Pixel::I32 => 4,
+        }
+    }
+}
+
+/// What to bin: the frame's shape and pixel type, the block size, and the trusted range as
+/// integer bounds (counts are integers: lo <= v <= hi is v >= ceil(lo) and v <= floor(hi)).
+#[derive(Debug, Clone, Copy)]
+pub struct BinSpec {
+    pub rows: usize,
+    pub cols: usize,
+    pub factor: usize,
+    pub pixel: Pixel,
+    pub lo: i64,
+    pub hi: i64,
+}
+
+impl BinSpec {
+    /// Binned shape (rows // factor, cols // factor): partial blocks at the edges are left out.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows / self.factor, self.cols / self.factor)
+    }
+}
+
+/// Bins `band` rows at a time into `sums` (saturated at 2^32-1, as the Cython kernel clips) and
+/// `valid` (1 where every pixel of the block is trusted).
+pub struct Binner<'a> {
+    spec: BinSpec,
+    sums: &'a mut [u32],
+    valid: &'a mut [u8],
+    next_band: usize,
+    colsum: Vec<u64>,
+    colbad: Vec<u8>,
+    avx2: bool,
+}
+
+impl<'a> Binner<'a> {
+    pub fn new(
+        spec: BinSpec,
+        sums: &'a mut [u32],
+        valid: &'a mut [u8],
+        kernel: Kernel,
+    ) -> Result<Self, String> {
+        let (h, w) = spec.shape();
+        if spec.factor == 0 || sums.len() != h * w || valid.len() != h * w {
+            return Err(format!(
+                "binned arrays need {h} x {w} elements (factor {})",
+                spec.factor
+            ));
+        }
+        Ok(Binner {
+            spec,
+            sums,
+            valid,
+            next_band: 0,
+            colsum: vec![0; spec.cols],
+            colbad: vec![0; spec.cols],
+            avx2: kernel == Kernel::Avx2,
+        })
+    }
+
+    /// Bin every band whose rows lie wholly inside `frame` (the frame's bytes decoded so far).
+    pub fn feed(&mut self, frame: &[u8]) {
+        let (h, _) = self.spec.shape();
+        let row_bytes = self.spec.cols * self.spec.pixel.size();
+        let band_bytes = row_bytes * self.spec.factor;
+        while self.next_band < h && frame.len() >= (self.next_band + 1) * band_bytes {
+            let start = self.next_band * band_bytes;
+            self.bin_band(&frame[start..start + band_bytes]);
+            self.next_band += 1;
+        }
+    }
+
+    fn bin_band(&mut self, band: &[u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is only set for Kernel::Avx2, which `Kernel::supported` gives only on
+            // CPUs with AVX2; the body is safe code compiled with AVX2 enabled.
+            unsafe { self.bin_band_avx2(band) };
+            return;
+        }
+        self.bin_band_portable(band);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bin_band_avx2(&mut self, band: &[u8]) {
+        self.bin_band_portable(band);
+    }
+
+    /// Column sums and "any untrusted" flags down the band's rows (unit stride: vectorised), then
+    /// each block's sum from `factor` neighbouring columns.
+    #[inline(always)]
+    fn bin_band_portable(&mut self, band: &[u8]) {
+        let spec = self.spec;
+        let (_, w) = spec.shape();
+        let row_bytes = spec.cols * spec.pixel.size();
+        let base = self.next_band * w;
+        let (sums, valid) = (
+            &mut self.sums[base..base + w],
+            &mut self.valid[base..base + w],
+        );
+        let done = match (spec.pixel, spec.factor) {
+            (Pixel::U8, 4) => band_in_registers::<u8, 4>(band, spec, sums, valid),
+            (Pixel::U16, 4) => band_in_registers::<u16, 4>(band, spec, sums, valid),
+            (Pixel::U32, 4) => band_in_registers::<u32, 4>(band, spec, sums, valid),
+            (Pixel::I32, 4) => band_in_registers::<i32, 4>(band, spec, sums, valid),
+            (Pixel::U8, 2) => band_in_registers::<u8, 2>(band, spec, sums, valid),
+            (Pixel::U16, 2) => band_in_registers::<u16, 2>(band, spec, sums, valid),
+            (Pixel::U32, 2) => band_in_registers::<u32, 2>(band, spec, sums, valid),
+            (Pixel::I32, 2) => band_in_registers::<i32, 2>(band, spec, sums, valid),
+            _ => false,
+        };
+        if done {
+            return;
+        }
+        self.colsum.fill(0);
+        self.colbad.fill(0);
+        for row in band.chunks_exact(row_bytes) {
+            match spec.pixel {
+                Pixel::U8 => column_pass::<u8>(row, &mut self.colsum, &mut self.colbad, spec),
+                Pixel::U16 => column_pass::<u16>(row, &mut self.colsum, &mut self.colbad, spec),
+                Pixel::U32 => column_pass::<u32>(row, &mut self.colsum, &mut self.colbad, spec),
+                Pixel::I32 => column_pass::<i32>(row, &mut self.colsum, &mut self.colbad, spec),
+            }
+        }
+        match spec.factor {
+            4 => block_pass::<4>(&self.colsum, &self.colbad, sums, valid),
+            2 => block_pass::<2>(&self.colsum, &self.colbad, sums, valid),
+            f => {
+                for bi in 0..w {
+                    let cols = bi * f..bi * f + f;
+                    let total = self.colsum[cols.clone()]
+                        .iter()
+                        .fold(0u64, |t, &s| t.wrapping_add(s));
+                    sums[bi] = clip(total);
+                    valid[bi] = self.colbad[cols].iter().all(|&b| b == 0) as u8;
+                }
+            }
+        }
+    }
+}
+
+/// Pixel types as read from the frame's bytes (native little-endian, as numpy holds them).
+trait Px: Copy + PartialOrd + Default {
+    const MIN: i64;
+    const MAX: i64;
+    /// A block sum's type: u32 for 1- and 2-byte pixels (16 x 65535 fits), 64 bits otherwise.
+    type Acc: Copy + Default + std::ops::Add<Output = Self::Acc>;
+    fn from_i64(v: i64) -> Self;
+    fn widen(self) -> u64;
+    fn acc(self) -> Self::Acc;
+    fn total(a: Self::Acc) -> u64;
+}
+macro_rules! px {
+    ($t:ty, $acc:ty) => {
+        impl Px for $t {
+            const MIN: i64 = <$t>::MIN as i64;
+            const MAX: i64 = <$t>::MAX as i64;
+            type Acc = $acc;
+            fn from_i64(v: i64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn widen(self) -> u64 {
+                // Two's complement for int32: a negative pixel wraps the u64 sum, which wraps
+                // back as the int64 the Cython kernel keeps (see `clip`).
+                self as i64 as u64
+            }
+            #[inline(always)]
+            fn acc(self) -> $acc {
+                self as $acc
+            }
+            #[inline(always)]
+            fn total(a: $acc) -> u64 {
+                a as i64 as u64
+            }
+        }
+    };
+}
+px!(u8, u32);
+px!(u16, u32);
+px!(u32, u64);
+px!(i32, i64);
+
+/// The pixels of one row, typed (a copy only when the buffer is not aligned, never for numpy).
+fn typed<T: Px>(row: &[u8]) -> std::borrow::Cow<'_, [T]> {
+    // SAFETY: u8/u16/u32/i32 have no invalid bit patterns; only the aligned middle is used.
+    let (head, mid, tail) = unsafe { row.align_to::<T>() };
+    if head.is_empty() && tail.is_empty() {
+        return std::borrow::Cow::Borrowed(mid);
+    }
+    std::borrow::Cow::Owned(
+        row.chunks_exact(std::mem::size_of::<T>())
+            .map(|b| {
+                let mut v = T::default();
+                // SAFETY: b holds size_of::<T>() bytes and any pattern is a valid T.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), &mut v as *mut T as *mut u8, b.len())
+                };
+                v
+            })
+            .collect(),
+    )
+}
+
+/// The trusted range in the pixel type, or None when it holds no value of the type.
+fn bounds<T: Px>(spec: BinSpec) -> Option<(T, T)> {
+    if spec.hi < spec.lo || spec.hi < T::MIN || spec.lo > T::MAX {
+        return None;
+    }
+    // Equal to the i64 comparisons since the range overlaps the type's.
+    Some((
+        T::from_i64(spec.lo.max(T::MIN)),
+        T::from_i64(spec.hi.min(T::MAX)),
+    ))
+}
+
+/// A band of F rows binned F columns at a time, COLS columns per step held in registers (the
+/// rows are read once, the sums never leave registers until the block totals). Returns false
+/// when the band does not fit this shape (the caller takes the general path).
+#[inline(always)]
+fn band_in_registers<T: Px, const F: usize>(
+    band: &[u8],
+    spec: BinSpec,
+    sums: &mut [u32],
+    valid: &mut [u8],
+) -> bool {
+    const COLS: usize = 32;
+    let Some((lo, hi)) = bounds::<T>(spec) else {
+        return false;
+    };
+    let row_bytes = spec.cols * std::mem::size_of::<T>();
+    let rows: Vec<std::borrow::Cow<'_, [T]>> =
+        band.chunks_exact(row_bytes).map(typed::<T>).collect();
+    if rows.len() != F {
+        return false;
+    }
+    let w = sums.len();
+    let steps = (w * F) / COLS;
+    for step in 0..steps {
+        let c0 = step * COLS;
+        let mut acc = [T::Acc::default(); COLS];
+        let mut bad = [0u8; COLS];
+        for row in &rows {
+            let px = &row[c0..c0 + COLS];
+            for l in 0..COLS {
+                acc[l] = acc[l] + px[l].acc();
+                bad[l] |= ((px[l] < lo) | (px[l] > hi)) as u8;
+            }
+        }
+        for b in 0..COLS / F {
+            let mut total = T::Acc::default();
+            let mut any = 0u8;
+            for k in 0..F {
+                total = total + acc[b * F + k];
+                any |= bad[b * F + k];
+            }
+            sums[step * (COLS / F) + b] = clip(T::total(total));
+            valid[step * (COLS / F) + b] = (any == 0) as u8;
+        }
+    }
+    for bi in steps * (COLS / F)..w {
+        let mut total = 0u64;
+        let mut any = false;
+        for row in &rows {
+            for &v in &row[bi * F..bi * F + F] {
+                total = total.wrapping_add(v.widen());
+                any |= (v < lo) | (v > hi);
+            }
+        }
+        sums[bi] = clip(total);
+        valid[bi] = !any as u8;
+    }
+    true
+}
+
+#[inline(always)]
+fn column_pass<T: Px>(row: &[u8], colsum: &mut [u64], colbad: &mut [u8], spec: BinSpec) {
+    let px = typed::<T>(row);
+    match bounds::<T>(spec) {
+        None => colbad.fill(1), // nothing is trusted
+        Some((lo, hi)) => {
+            for (bad, &v) in colbad.iter_mut().zip(px.iter()) {
+                *bad |= ((v < lo) | (v > hi)) as u8;
+            }
+        }
+    }
+    for (s, &v) in colsum.iter_mut().zip(px.iter()) {
+        *s = s.wrapping_add(v.widen());
+    }
+}
+
+/// The Cython kernel's int64 sum as numpy's `minimum(sum, 2^32-1).astype(uint32)` gives it: large
+/// sums saturate, a negative one (untrusted int32 pixels; never used) wraps.
+#[inline(always)]
+fn clip(total: u64) -> u32 {
+    let t = total as i64;
+    if t < 0 {
+        t as u32
+    } else {
+        t.min(u32::MAX as i64) as u32
+    }
+}
+
+#[inline(always)]
+fn block_pass<const F: usize>(colsum: &[u64], colbad: &[u8], sums: &mut [u32], valid: &mut [u8]) {
+    for ((s, ok), (cs, cb)) in sums
+        .iter_mut()
+        .zip(valid.iter_mut())
+        .zip(colsum.chunks_exact(F).zip(colbad.chunks_exact(F)))
+    {
+        let mut total = 0u64;
+        let mut bad = 0u8;
+        for k in 0..F {
+            total = total.wrapping_add(cs[k]);
+            bad |= cb[k];
+        }
+        *s = clip(total);
+        *ok = (bad == 0) as u8;
+    }
+}
+
+/// Bin a whole decoded frame.
+pub fn bin_frame(
+    frame: &[u8],
+    spec: BinSpec,
+    sums: &mut [u32],
+    valid: &mut [u8],
+) -> Result<(), String> {
+    if frame.len() != spec.rows * spec.cols * spec.pixel.size() {
+        return Err("frame size does not match its shape".into());
+    }
+    let mut binner = Binner::new(spec, sums, valid, Kernel::current())?;
+    binner.feed(frame);
+    Ok(())
+}
+
+/// Decode a bitshuffle-LZ4 chunk into `out` and bin it band by band as the blocks land.
+pub fn bslz4_decompress_bin_into(
+    blob: &[u8],
+    out: &mut [u8],
+    spec: BinSpec,
+    sums: &mut [u32],
+    valid: &mut [u8],
+) -> Result<(), CodecError> {
+    if out.len() != spec.rows * spec.cols * spec.pixel.size() {
+        return Err(CodecError::SizeMismatch {
+            declared: out.len() as u64,
+            expected: spec.rows * spec.cols * spec.pixel.size(),
+        });
+    }
+    let kernel = Kernel::current();
+    let mut binner = Binner::new(spec, sums, valid, kernel)
+        .map_err(|reason| CodecError::Lz4 { offset: 0, reason })?;
+    codec::bslz4_decompress_with_progress(kernel, blob, out, spec.pixel.size(), |done| {
+        binner.feed(done)
+    })
+}
+
+const LANES: usize = 8; // bins per step of the window sums (two AVX2 registers of doubles)
+const BIG: u32 = 1 << 24; // DIALS leaves pixels at or above 2^24 out of the window sums
+
+/// DIALS's `dispersion` test (no gain, global threshold 0, trusted range 0..inf) on a binned
+/// frame `sums` (`valid` as the mask): raster indices of the strong bins, ascending. The same
+/// candidates and the same double-precision test as `dispersion.pyx`'s mode 0.
+#[allow(clippy::too_many_arguments)]
+pub fn strong_bins(
+    sums: &[u32],
+    valid: &[u8],
+    rows: usize,
+    cols: usize,
+    kernel: (usize, usize),
+    sigma_background: f64,
+    sigma_strong: f64,
+    min_count: i64,
+) -> Vec<i64> {
+    assert!(sums.len() == rows * cols && valid.len() == rows * cols);
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::current() == Kernel::Avx2 {
+        // SAFETY: Kernel::Avx2 is only chosen on CPUs with AVX2; the body is safe code.
+        return unsafe {
+            strong_bins_avx2(
+                sums,
+                valid,
+                rows,
+                cols,
+                kernel,
+                sigma_background,
+                sigma_strong,
+                min_count,
+            )
+        };
+    }
+    strong_bins_portable(
+        sums,
+        valid,
+        rows,
+        cols,
+        kernel,
+        sigma_background,
+        sigma_strong,
+        min_count,
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strong_bins_avx2(
+    sums: &[u32],
+    valid: &[u8],
+    rows: usize,
+    cols: usize,
+    kernel: (usize, usize),
+    nsig_b: f64,
+    nsig_s: f64,
+    min_count: i64,
+) -> Vec<i64> {
+    strong_bins_portable(sums, valid, rows, cols, kernel, nsig_b, nsig_s, min_count)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn strong_bins_portable(
+    sums: &[u32],
+    valid: &[u8],
+    h: usize,
+    w: usize,
+    (ky, kx): (usize, usize),
+    nsig_b: f64,
+    nsig_s: f64,
+    min_count: i64,
+) -> Vec<i64> {
+    let mut strong = Vec::new();
+    if h == 0 || w == 0 {
+        return strong;
+    }
+    // A bin is in the window sums when valid and below 2^24. Column and window sums are kept as
+    // doubles: sums of at most (2ky+1)(2kx+1) integers below 2^24 are exact in any order, so they
+    // are the doubles DIALS's tables (and dispersion.pyx's int64 sums) give, and they vectorise.
+    let pad = kx + 1;
+    let mut cm = vec![0f64; w + 2 * pad];
+    let mut cx = vec![0f64; w + 2 * pad];
+    let mut wm = vec![0f64; w];
+    let mut wx = vec![0f64; w];
+    let mut cand = vec![0u32; w.div_ceil(LANES)];
+    let n_window = (2 * ky + 1) * (2 * kx + 1);
+    let root: Vec<f64> = (0..=n_window)
+        .map(|m| {
+            if m == 0 {
+                0.0
+            } else {
+                (2.0 * (m as f64 - 1.0)).sqrt()
+            }
+        })
+        .collect();
+    let loose = 0.999999 * nsig_s * nsig_s;
+    let in_sums = |k: usize| valid[k] != 0 && sums[k] < BIG;
+    let update = |cm: &mut [f64], cx: &mut [f64], row: usize, sign: f64| {
+        let (s_row, v_row) = (&sums[row * w..row * w + w], &valid[row * w..row * w + w]);
+        let (cm, cx) = (&mut cm[pad..pad + w], &mut cx[pad..pad + w]);
+        for (((m, x), &v), &ok) in cm.iter_mut().zip(cx.iter_mut()).zip(s_row).zip(v_row) {
+            let use_ = if (ok != 0) & (v < BIG) { sign } else { 0.0 };
+            *m += use_;
+            *x += v as f64 * use_;
+        }
+    };
+    for j in 0..ky.min(h) {
+        update(&mut cm, &mut cx, j, 1.0);
+    }
+    for j in 0..h {
+        if j + ky < h {
+            update(&mut cm, &mut cx, j + ky, 1.0);
+        }
+        if j > ky {
+            update(&mut cm, &mut cx, j - ky - 1, -1.0);
+        }
+        // Clipped horizontal sums, LANES bins at a time in registers: window columns
+        // i-kx ..= i+kx sit at padded i+1 ..= i+2kx+1 (the padding is zeros). Then dispersion.pyx's
+        // necessary condition (b > 0 and b^2 >= a little less than d^2) as one bit per bin.
+        let base = j * w;
+        let mut i0 = 0;
+        while i0 + LANES <= w {
+            let (mut am, mut ax) = ([0f64; LANES], [0f64; LANES]);
+            for d in 0..=2 * kx {
+                let (cmd, cxd) = (&cm[i0 + 1 + d..][..LANES], &cx[i0 + 1 + d..][..LANES]);
+                for l in 0..LANES {
+                    am[l] += cmd[l];
+                    ax[l] += cxd[l];
+                }
+            }
+            let (s8, v8) = (&sums[base + i0..][..LANES], &valid[base + i0..][..LANES]);
+            let mut bits = 0u32;
+            for l in 0..LANES {
+                let v = if v8[l] != 0 { s8[l] as f64 } else { -1.0 };
+                let b = am[l] * v - ax[l];
+                let e = b * b.abs() - loose * ax[l] * am[l];
+                bits |= ((e >= 0.0) as u32) << l;
+            }
+            wm[i0..i0 + LANES].copy_from_slice(&am);
+            wx[i0..i0 + LANES].copy_from_slice(&ax);
+            cand[i0 / LANES] = bits;
+            i0 += LANES;
+        }
+        if i0 < w {
+            let mut bits = 0u32;
+            for i in i0..w {
+                let (m, x) = (0..=2 * kx).fold((0f64, 0f64), |(m, x), d| {
+                    (m + cm[i + 1 + d], x + cx[i + 1 + d])
+                });
+                let v = if valid[base + i] != 0 {
+                    sums[base + i] as f64
+                } else {
+                    -1.0
+                };
+                let b = m * v - x;
+                let e = b * b.abs() - loose * x * m;
+                bits |= ((e >= 0.0) as u32) << (i - i0);
+                wm[i] = m;
+                wx[i] = x;
+            }
+            cand[i0 / LANES] = bits;
+        }
+        for (block, &word) in cand.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let i = block * LANES + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let m = wm[i] as i64;
+                let sx = wx[i];
+                let v = if valid[base + i] != 0 {
+                    sums[base + i] as f64
+                } else {
+                    -1.0
+                };
+                if !(v >= 0.0 && m >= min_count && sx >= 0.0 && v > 0.0) {
+                    continue;
+                }
+                let b = m as f64 * v - sx;
+                let mut sy = 0f64;
+                for jj in j.saturating_sub(ky)..(j + ky + 1).min(h) {
+                    for ii in i.saturating_sub(kx)..(i + kx + 1).min(w) {
+                        let k = jj * w + ii;
+                        if in_sums(k) {
+                            let v = sums[k] as f64;
+                            sy += v * v;
+                        }
+                    }
+                }
+                let a = m as f64 * sy - sx * sx - sx * (m as f64 - 1.0);
+                let c = sx * nsig_b * root[m as usize];
+                let d = nsig_s * (sx * m as f64).sqrt();
+                if a > c && b > d {
+                    strong.push((base + i) as i64);
+                }
+            }
+        }
+    }
+    strong
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rows: usize, cols: usize, factor: usize, pixel: Pixel, hi: i64) -> BinSpec {
+        BinSpec {
+            rows,
+            cols,
+            factor,
+            pixel,
+            lo: 0,
+            hi,
+        }
+    }
+
+    #[test]
+    fn fused_decode_bins_like_binning_the_decoded_frame() {
+        let (rows, cols) = (37, 53); // odd sizes: partial blocks at the edges, blocks across rows
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let pixels: Vec<u16> = (0..rows * cols)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if state.is_multiple_of(50) {
+                    65535
+                } else {
+                    (state % 40) as u16
+                }
+            })
+            .collect();
+        let raw: Vec<u8> = pixels.iter().flat_map(|p| p.to_le_bytes()).collect();
+        let blob = codec::bslz4_compress(&raw, 2, 64).unwrap();
+        for factor in [2, 3, 4] {
+            let s = spec(rows, cols, factor, Pixel::U16, 65533);
+            let (h, w) = s.shape();
+            let (mut sums, mut valid) = (vec![0u32; h * w], vec![0u8; h * w]);
+            let mut out = vec![0u8; raw.len()];
+            bslz4_decompress_bin_into(&blob, &mut out, s, &mut sums, &mut valid).unwrap();
+            assert_eq!(out, raw);
+            for bj in 0..h {
+                for bi in 0..w {
+                    let block = (0..factor).flat_map(|r| {
+                        let p = &pixels;
+                        (0..factor).map(move |c| p[(bj * factor + r) * cols + bi * factor + c])
+                    });
+                    let total: u32 = block.clone().map(|v| v as u32).sum();
+                    let ok = block.clone().all(|v| v <= 65533);
+                    assert_eq!(sums[bj * w + bi], total);
+                    assert_eq!(valid[bj * w + bi], ok as u8);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strong_bins_finds_a_peak_and_not_flat_background() {
+        let (h, w) = (40, 50);
+        let mut sums = vec![16u32; h * w];
+        let valid = vec![1u8; h * w];
+        assert!(strong_bins(&sums, &valid, h, w, (3, 3), 6.0, 3.0, 2).is_empty());
+        sums[20 * w + 25] = 400;
+        assert_eq!(
+            strong_bins(&sums, &valid, h, w, (3, 3), 6.0, 3.0, 2),
+            vec![(20 * w + 25) as i64]
+        );
+    }
+}
