@@ -119,6 +119,38 @@ impl<'a> Binner<'a> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn bin_band_avx2(&mut self, band: &[u8]) {
+        let spec = self.spec;
+        if spec.pixel == Pixel::U16 && spec.factor == 4 {
+            if let Some((lo, hi)) = bounds::<u16>(spec) {
+                let (_, w) = spec.shape();
+                let base = self.next_band * w;
+                let rows: Vec<std::borrow::Cow<'_, [u16]>> =
+                    band.chunks_exact(spec.cols * 2).map(typed::<u16>).collect();
+                let rows = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+                let done = avx2::bin_u16_by4(
+                    rows,
+                    lo,
+                    hi,
+                    &mut self.sums[base..base + w],
+                    &mut self.valid[base..base + w],
+                );
+                // The last few blocks (fewer than 8) the portable way.
+                let band_rest: Vec<&[u16]> = rows.iter().map(|r| &r[done * 4..]).collect();
+                for (k, bi) in (done..w).enumerate() {
+                    let mut total = 0u32;
+                    let mut bad = false;
+                    for r in &band_rest {
+                        for &v in &r[k * 4..k * 4 + 4] {
+                            total += v as u32;
+                            bad |= (v < lo) | (v > hi);
+                        }
+                    }
+                    self.sums[base + bi] = total;
+                    self.valid[base + bi] = !bad as u8;
+                }
+                return;
+            }
+        }
         self.bin_band_portable(band);
     }
 
@@ -355,6 +387,84 @@ fn block_pass<const F: usize>(colsum: &[u64], colbad: &[u8], sums: &mut [u32], v
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// valid bytes for 8 blocks from their 8 "all trusted" bits.
+    const SPREAD: [u64; 256] = {
+        let mut t = [0u64; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut k = 0;
+            while k < 8 {
+                if i & (1 << k) != 0 {
+                    t[i] |= 1 << (8 * k);
+                }
+                k += 1;
+            }
+            i += 1;
+        }
+        t
+    };
+
+    /// 4 x 4 blocks of uint16 pixels, 8 blocks (32 columns) per step: pair sums by `madd` (on
+    /// pixels biased to signed, the bias added back), horizontal adds to block sums, and each
+    /// column's max and min down the rows for the trusted test. Returns the blocks done.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn bin_u16_by4(
+        rows: [&[u16]; 4],
+        lo: u16,
+        hi: u16,
+        sums: &mut [u32],
+        valid: &mut [u8],
+    ) -> usize {
+        let w = sums.len().min(valid.len());
+        let steps = w / 8;
+        assert!(rows.iter().all(|r| r.len() >= steps * 32));
+        let bias = _mm256_set1_epi16(i16::MIN);
+        let ones = _mm256_set1_epi16(1);
+        let (lov, hiv) = (_mm256_set1_epi16(lo as i16), _mm256_set1_epi16(hi as i16));
+        // Each pair sum carries -2 x 32768 per row: a block (2 pairs, 4 rows) -16 x 32768.
+        let unbias = _mm256_set1_epi32(16 * 32768);
+        let all = _mm256_set1_epi64x(-1);
+        for step in 0..steps {
+            let c0 = step * 32;
+            let mut acc = [_mm256_setzero_si256(); 2];
+            let mut mx = [_mm256_setzero_si256(); 2];
+            let mut mn = [_mm256_set1_epi16(-1); 2];
+            for row in rows {
+                for h in 0..2 {
+                    // SAFETY: c0 + 16 h + 16 <= steps * 32 <= row.len() (asserted above).
+                    let x = _mm256_loadu_si256(row.as_ptr().add(c0 + 16 * h) as *const __m256i);
+                    mx[h] = _mm256_max_epu16(mx[h], x);
+                    mn[h] = _mm256_min_epu16(mn[h], x);
+                    acc[h] = _mm256_add_epi32(
+                        acc[h],
+                        _mm256_madd_epi16(_mm256_xor_si256(x, bias), ones),
+                    );
+                }
+            }
+            // hadd: [b0 b1 b4 b5 | b2 b3 b6 b7]; the 64-bit permute puts the blocks in order.
+            let blocks = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[0], acc[1]), 0xD8);
+            let blocks = _mm256_add_epi32(blocks, unbias);
+            _mm256_storeu_si256(sums.as_mut_ptr().add(step * 8) as *mut __m256i, blocks);
+            let mut bits = 0usize;
+            for h in 0..2 {
+                // A column is trusted when lo <= min and max <= hi; a block when its 4 columns are.
+                let ok = _mm256_and_si256(
+                    _mm256_cmpeq_epi16(_mm256_max_epu16(mx[h], hiv), hiv),
+                    _mm256_cmpeq_epi16(_mm256_max_epu16(mn[h], lov), mn[h]),
+                );
+                let block_ok = _mm256_cmpeq_epi64(ok, all);
+                bits |= (_mm256_movemask_pd(_mm256_castsi256_pd(block_ok)) as usize) << (4 * h);
+            }
+            valid[step * 8..step * 8 + 8].copy_from_slice(&SPREAD[bits].to_le_bytes());
+        }
+        steps * 8
+    }
+}
+
 /// Bin a whole decoded frame.
 pub fn bin_frame(
     frame: &[u8],
@@ -454,9 +564,68 @@ unsafe fn strong_bins_avx2(
     strong_bins_portable(sums, valid, rows, cols, kernel, nsig_b, nsig_s, min_count)
 }
 
+/// The type of the column and window sums: i32 (twice the lanes of doubles) when a window of
+/// values below 2^24 cannot reach 2^31, doubles otherwise. Both hold the integer sums exactly.
+trait WinSum: Copy + Default + std::ops::AddAssign + std::ops::Mul<Output = Self> + Into<f64> {
+    const ONE: Self;
+    const MINUS_ONE: Self;
+    /// `v` when it is below 2^24 (anything else is multiplied by 0 here).
+    fn of(v: u32) -> Self;
+}
+impl WinSum for i32 {
+    const ONE: i32 = 1;
+    const MINUS_ONE: i32 = -1;
+    #[inline(always)]
+    fn of(v: u32) -> i32 {
+        (v & (BIG - 1)) as i32
+    }
+}
+impl WinSum for f64 {
+    const ONE: f64 = 1.0;
+    const MINUS_ONE: f64 = -1.0;
+    #[inline(always)]
+    fn of(v: u32) -> f64 {
+        v as f64
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn strong_bins_portable(
+    sums: &[u32],
+    valid: &[u8],
+    h: usize,
+    w: usize,
+    kernel: (usize, usize),
+    nsig_b: f64,
+    nsig_s: f64,
+    min_count: i64,
+) -> Vec<i64> {
+    let n_window = (2 * kernel.0 + 1) * (2 * kernel.1 + 1);
+    if (n_window as u64) * (BIG as u64) < (1u64 << 31) {
+        strong_bins_with::<i32>(sums, valid, h, w, kernel, nsig_b, nsig_s, min_count)
+    } else {
+        strong_bins_with::<f64>(sums, valid, h, w, kernel, nsig_b, nsig_s, min_count)
+    }
+}
+
+/// LANES window sums of SPAN columns each, from the column sums starting at the first window's.
+#[inline(always)]
+fn window<T: WinSum, const SPAN: usize>(cm: &[T], cx: &[T]) -> ([T; LANES], [T; LANES]) {
+    let (cm, cx) = (&cm[..LANES + SPAN - 1], &cx[..LANES + SPAN - 1]);
+    let (mut tm, mut tx) = ([T::default(); LANES], [T::default(); LANES]);
+    for d in 0..SPAN {
+        for l in 0..LANES {
+            tm[l] += cm[d + l];
+            tx[l] += cx[d + l];
+        }
+    }
+    (tm, tx)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn strong_bins_with<T: WinSum>(
     sums: &[u32],
     valid: &[u8],
     h: usize,
@@ -470,15 +639,15 @@ fn strong_bins_portable(
     if h == 0 || w == 0 {
         return strong;
     }
-    // A bin is in the window sums when valid and below 2^24. Column and window sums are kept as
-    // doubles: sums of at most (2ky+1)(2kx+1) integers below 2^24 are exact in any order, so they
-    // are the doubles DIALS's tables (and dispersion.pyx's int64 sums) give, and they vectorise.
+    // A bin is in the window sums when valid and below 2^24. Column and window sums are exact
+    // integers (`WinSum`) in any order, so as doubles they are the ones DIALS's tables (and
+    // dispersion.pyx's int64 sums) give.
     let pad = kx + 1;
-    let mut cm = vec![0f64; w + 2 * pad];
-    let mut cx = vec![0f64; w + 2 * pad];
+    let mut cm = vec![T::default(); w + 2 * pad];
+    let mut cx = vec![T::default(); w + 2 * pad];
     let mut wm = vec![0f64; w];
     let mut wx = vec![0f64; w];
-    let mut cand = vec![0u32; w.div_ceil(LANES)];
+    let mut cand = vec![0u8; w];
     let n_window = (2 * ky + 1) * (2 * kx + 1);
     let root: Vec<f64> = (0..=n_window)
         .map(|m| {
@@ -491,24 +660,28 @@ fn strong_bins_portable(
         .collect();
     let loose = 0.999999 * nsig_s * nsig_s;
     let in_sums = |k: usize| valid[k] != 0 && sums[k] < BIG;
-    let update = |cm: &mut [f64], cx: &mut [f64], row: usize, sign: f64| {
+    let update = |cm: &mut [T], cx: &mut [T], row: usize, sign: T| {
         let (s_row, v_row) = (&sums[row * w..row * w + w], &valid[row * w..row * w + w]);
         let (cm, cx) = (&mut cm[pad..pad + w], &mut cx[pad..pad + w]);
         for (((m, x), &v), &ok) in cm.iter_mut().zip(cx.iter_mut()).zip(s_row).zip(v_row) {
-            let use_ = if (ok != 0) & (v < BIG) { sign } else { 0.0 };
+            let use_ = if (ok != 0) & (v < BIG) {
+                sign
+            } else {
+                T::default()
+            };
             *m += use_;
-            *x += v as f64 * use_;
+            *x += T::of(v) * use_;
         }
     };
     for j in 0..ky.min(h) {
-        update(&mut cm, &mut cx, j, 1.0);
+        update(&mut cm, &mut cx, j, T::ONE);
     }
     for j in 0..h {
         if j + ky < h {
-            update(&mut cm, &mut cx, j + ky, 1.0);
+            update(&mut cm, &mut cx, j + ky, T::ONE);
         }
         if j > ky {
-            update(&mut cm, &mut cx, j - ky - 1, -1.0);
+            update(&mut cm, &mut cx, j - ky - 1, T::MINUS_ONE);
         }
         // Clipped horizontal sums, LANES bins at a time in registers: window columns
         // i-kx ..= i+kx sit at padded i+1 ..= i+2kx+1 (the padding is zeros). Then dispersion.pyx's
@@ -516,50 +689,49 @@ fn strong_bins_portable(
         let base = j * w;
         let mut i0 = 0;
         while i0 + LANES <= w {
-            let (mut am, mut ax) = ([0f64; LANES], [0f64; LANES]);
-            for d in 0..=2 * kx {
-                let (cmd, cxd) = (&cm[i0 + 1 + d..][..LANES], &cx[i0 + 1 + d..][..LANES]);
-                for l in 0..LANES {
-                    am[l] += cmd[l];
-                    ax[l] += cxd[l];
+            let (tm, tx) = if kx == 3 {
+                // DIALS's default kernel (the pre-screen's): a constant span, no bounds checks.
+                window::<T, 7>(
+                    &cm[i0 + 1..i0 + 1 + LANES + 6],
+                    &cx[i0 + 1..i0 + 1 + LANES + 6],
+                )
+            } else {
+                let (mut tm, mut tx) = ([T::default(); LANES], [T::default(); LANES]);
+                for d in 0..=2 * kx {
+                    let (cmd, cxd) = (&cm[i0 + 1 + d..][..LANES], &cx[i0 + 1 + d..][..LANES]);
+                    for l in 0..LANES {
+                        tm[l] += cmd[l];
+                        tx[l] += cxd[l];
+                    }
                 }
-            }
-            let (s8, v8) = (&sums[base + i0..][..LANES], &valid[base + i0..][..LANES]);
-            let mut bits = 0u32;
+                (tm, tx)
+            };
             for l in 0..LANES {
-                let v = if v8[l] != 0 { s8[l] as f64 } else { -1.0 };
-                let b = am[l] * v - ax[l];
-                let e = b * b.abs() - loose * ax[l] * am[l];
-                bits |= ((e >= 0.0) as u32) << l;
+                wm[i0 + l] = tm[l].into();
+                wx[i0 + l] = tx[l].into();
             }
-            wm[i0..i0 + LANES].copy_from_slice(&am);
-            wx[i0..i0 + LANES].copy_from_slice(&ax);
-            cand[i0 / LANES] = bits;
             i0 += LANES;
         }
-        if i0 < w {
-            let mut bits = 0u32;
-            for i in i0..w {
-                let (m, x) = (0..=2 * kx).fold((0f64, 0f64), |(m, x), d| {
-                    (m + cm[i + 1 + d], x + cx[i + 1 + d])
-                });
-                let v = if valid[base + i] != 0 {
-                    sums[base + i] as f64
-                } else {
-                    -1.0
-                };
-                let b = m * v - x;
-                let e = b * b.abs() - loose * x * m;
-                bits |= ((e >= 0.0) as u32) << (i - i0);
-                wm[i] = m;
-                wx[i] = x;
-            }
-            cand[i0 / LANES] = bits;
+        for i in i0..w {
+            let (m, x) = (0..=2 * kx).fold((0f64, 0f64), |(m, x), d| {
+                (m + cm[i + 1 + d].into(), x + cx[i + 1 + d].into())
+            });
+            wm[i] = m;
+            wx[i] = x;
         }
-        for (block, &word) in cand.iter().enumerate() {
-            let mut bits = word;
+        let (s_row, v_row) = (&sums[base..base + w], &valid[base..base + w]);
+        for ((((c, &m), &x), &s), &ok) in cand.iter_mut().zip(&wm).zip(&wx).zip(s_row).zip(v_row) {
+            let v = if ok != 0 { s as f64 } else { -1.0 };
+            let b = m * v - x;
+            *c = ((b * b.abs() - loose * x * m) >= 0.0) as u8;
+        }
+        for (block, word) in cand.chunks(8).enumerate() {
+            let mut bits = word
+                .iter()
+                .enumerate()
+                .fold(0u32, |bits, (l, &c)| bits | (c as u32) << l);
             while bits != 0 {
-                let i = block * LANES + bits.trailing_zeros() as usize;
+                let i = block * 8 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 let m = wm[i] as i64;
                 let sx = wx[i];
