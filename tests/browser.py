@@ -1,20 +1,22 @@
-"""A real headless Chromium (Debian's `chromium`) driven over the Chrome DevTools Protocol: load a
-page, evaluate JavaScript, click at a point, take a screenshot."""
+"""A real headless Chromium (Debian's `chromium`, as installed: nothing downloaded) driven by Playwright, with
+what the GUI's tests ask of a live Bokeh page: its models by name, where a data point is on screen."""
 
 from __future__ import annotations
 
-import base64
-import json
+import os
 import shutil
-import socket
-import subprocess
-import tempfile
 import time
-import urllib.request
 
-import websocket
+import pytest
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
+
+# Screen position of data point (x, y) in the plot named `name`, from Bokeh's own view of it (its scales).
+AT = """([name, x, y]) => {
+  const view = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(name));
+  const r = view.canvas_view.el.getBoundingClientRect();
+  return {x: r.left + view.frame.x_scale.compute(x), y: r.top + view.frame.y_scale.compute(y)};
+}"""
 
 
 def find_chromium() -> str | None:
@@ -25,88 +27,92 @@ def find_chromium() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def chromium_or_skip() -> str:
+    path = find_chromium()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium")
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    return path
 
 
 class Browser:
-    def __init__(self, executable: str, width: int = 1400, height: int = 1000):
-        # Chromium's helper processes may still write to the profile as it exits.
-        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
-        port = _free_port()
-        self.process = subprocess.Popen(
-            [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--remote-debugging-port={port}", f"--user-data-dir={self.profile.name}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        targets = None
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
-                    targets = [t for t in json.load(r) if t.get("type") == "page"]
-                if targets:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        if not targets:
-            self.close()
-            raise RuntimeError("chromium did not open its DevTools endpoint")
-        self.ws = websocket.create_connection(targets[0]["webSocketDebuggerUrl"], timeout=30)
-        self._id = 0
+    def __init__(self, executable: str, width: int = 1400, height: int = 1400):
+        from playwright.sync_api import sync_playwright
 
-    def call(self, method: str, **params) -> dict:
-        self._id += 1
-        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self._id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
+        self._playwright = sync_playwright().start()
+        try:
+            self.browser = self._playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+            self.page = self.browser.new_page(viewport={"width": width, "height": height})
+        except Exception:
+            self._playwright.stop()
+            raise
+        self.console: list[str] = []
+        self.page.on("console", lambda m: self.console.append(m.text))
 
     def goto(self, url: str) -> None:
-        self.call("Page.enable")
-        self.call("Page.navigate", url=url)
+        self.page.goto(url)
+        self.wait_for("window.Bokeh !== undefined && Bokeh.documents.length > 0")
 
-    def js(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
+    def js(self, expression: str, arg=None):
+        return self.page.evaluate(expression, arg)
 
-    def wait_for(self, expression: str, timeout: float = 30.0):
+    def model(self, name: str, attribute: str = "data"):
+        """A Bokeh model's attribute as the page has it (`data` of a source: columns as lists)."""
+        return self.js(
+            """([name, attribute]) => { const m = Bokeh.documents[0].get_model_by_name(name);
+                 const v = m[attribute];
+                 if (attribute !== 'data') return v;
+                 const out = {}; for (const [k, c] of Object.entries(v)) out[k] = Array.from(c); return out; }""",
+            [name, attribute],
+        )
+
+    def column_length(self, name: str, column: str) -> int:
+        return self.js("([n, c]) => Bokeh.documents[0].get_model_by_name(n).data[c].length", [name, column])
+
+    def wait_for(self, expression: str, timeout: float = 30.0, arg=None, explain: str | None = None):
         deadline = time.monotonic() + timeout
         value = None
         while time.monotonic() < deadline:
             try:
-                value = self.js(expression)
-            except RuntimeError:
+                value = self.js(expression, arg)
+            except Exception:  # the page not there yet, a model not made yet
                 value = None
             if value:
                 return value
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {expression!r} (last value {value!r})")
+            time.sleep(0.1)
+        why = ""
+        if explain is not None:  # what the page says about it, to read in the failure
+            try:
+                why = f"; {explain}: {self.js(explain)!r}"
+            except Exception as exc:
+                why = f"; {explain}: {exc}"
+        raise AssertionError(f"timed out waiting for {expression!r} (last value {value!r}){why}")
 
-    def click(self, x: float, y: float) -> None:
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+    def click_at(self, plot: str, x: float, y: float) -> None:
+        """A real mouse click where data point (x, y) is drawn in the named plot."""
+        at = self.js(AT, [plot, x, y])
+        self.page.mouse.click(at["x"], at["y"])
 
-    def screenshot(self) -> bytes:
-        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+    def click_widget(self, name: str, selector: str = "input") -> None:
+        """A real mouse click on the named Bokeh widget's element (inside its shadow DOM)."""
+        handle = self.page.evaluate_handle(
+            "([n, s]) => Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(n)).shadow_el.querySelector(s)",
+            [name, selector],
+        )
+        handle.as_element().click()
+
+    def screenshot(self, name: str | None = None) -> bytes:
+        """The whole page, or one named Bokeh model's element."""
+        if name is None:
+            return self.page.screenshot()
+        handle = self.page.evaluate_handle(
+            "n => Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(n)).el", name
+        )
+        return handle.as_element().screenshot()
 
     def close(self) -> None:
         try:
-            self.ws.close()
-        except Exception:
-            pass
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.profile.cleanup()
+            self.browser.close()
+        finally:
+            self._playwright.stop()

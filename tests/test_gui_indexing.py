@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,14 +22,38 @@ EXE = Path(sys.executable).parent
 A = [[0.0171, 0.0012, -0.0003], [-0.0011, 0.0170, 0.0009], [0.0004, -0.0007, 0.0066]]
 
 
-def result(series: int, frame: int, *, hit: bool = True, indexed: bool | None = None, lattice: str = "tP",
-           space_group: str = "P4", cell=(58.3, 58.3, 152.4, 90, 90, 90), **extra) -> dict:
+def result(
+    series: int,
+    frame: int,
+    *,
+    hit: bool = True,
+    indexed: bool | None = None,
+    lattice: str = "tP",
+    space_group: str = "P4",
+    cell=(58.3, 58.3, 152.4, 90, 90, 90),
+    **extra,
+) -> dict:
     """A result as the Collector publishes it: a hit, indexed or not (None: not tried), or a frame without spots."""
-    body = {"htype": RESULT_HTYPE, "series": series, "frame": frame, "n_spots": 500 if hit else 2, "hres": 2.0,
-            "score": 5, "status": "processed", "hit": hit, "rank": 1, "latency": 0.1, "done": 1000.0 + frame}
+    body = {
+        "htype": RESULT_HTYPE,
+        "series": series,
+        "frame": frame,
+        "n_spots": 500 if hit else 2,
+        "hres": 2.0,
+        "score": 5,
+        "status": "processed",
+        "hit": hit,
+        "rank": 1,
+        "latency": 0.1,
+        "done": 1000.0 + frame,
+    }
     if indexed is not None:
-        body.update(indexed=indexed, indexing="indexed" if indexed else "not indexed", n_indexed=300 if indexed else 4,
-                    rmsd_px=1.2 if indexed else None)
+        body.update(
+            indexed=indexed,
+            indexing="indexed" if indexed else "not indexed",
+            n_indexed=300 if indexed else 4,
+            rmsd_px=1.2 if indexed else None,
+        )
     if indexed:
         body.update(lattice=lattice, space_group=space_group, unit_cell=list(cell), orientation_matrix=A)
     return {**body, **extra}
@@ -114,8 +139,13 @@ def test_model_memory_levels_off_over_many_indexed_series():
 
     def messages(s: int):
         for frame in range(100):
-            body = result(s, frame, indexed=frame % 3 != 0, series_name=f"series_{s:06d}",
-                          cell=(58 + frame % 7 * 0.1, 58, 152, 90, 90, 90))
+            body = result(
+                s,
+                frame,
+                indexed=frame % 3 != 0,
+                series_name=f"series_{s:06d}",
+                cell=(58 + frame % 7 * 0.1, 58, 152, 90, 90, 90),
+            )
             yield [b"result", json.dumps(body).encode()]
 
     model = RunModel()
@@ -139,28 +169,31 @@ def test_frame_view_predictions_in_view_pixels_or_the_reason_there_are_none():
     """The frame API's predicted spots: the prediction's, scaled as the view is; none, with the reason, for a frame
     not indexed, one whose crystal is no longer kept, a frame without geometry, or a matrix no crystal has."""
     from intxr.geometry import Geometry
+    from intxr.gui.frames import predicted as predicted_spots
     from intxr.gui.frames import render
-    from intxr.gui.server import Handler
     from intxr.reader.predict import predict_spots
 
-    geometry = Geometry.simple(wavelength=1.0, distance=250.0, beam_center=(1231.5, 1263.5),
-                               pixel_size=(0.172, 0.172), image_size=(2463, 2527))
+    geometry = Geometry.simple(
+        wavelength=1.0, distance=250.0, beam_center=(1231.5, 1263.5), pixel_size=(0.172, 0.172), image_size=(2463, 2527)
+    )
     data = np.random.default_rng(1).poisson(2, (2527, 2463)).astype(np.uint32)
     rendered = render(data, geometry, None)
     model = RunModel()
     model.add_result(result(1, 5, indexed=True))
     crystal = model.crystal("1", 5)
-    predicted, note = Handler.predicted(rendered, model.point("1", 5), crystal)
+    predicted, note = predicted_spots(rendered, model.point("1", 5), crystal)
     want = predict_spots(geometry, A).xy / rendered.scale
     assert note is None and rendered.scale == 3 and len(predicted) == len(want) > 1000
     np.testing.assert_allclose(predicted, want, atol=0.006)
-    assert Handler.predicted(rendered, {"indexed": False}, None) == ([], "not indexed")
-    assert "no longer kept" in Handler.predicted(rendered, {"indexed": True}, None)[1]
+    assert predicted_spots(rendered, {"indexed": False}, None) == ([], "not indexed")
+    assert "no longer kept" in predicted_spots(rendered, {"indexed": True}, None)[1]
     no_geometry = render(data, None, None)
-    assert Handler.predicted(no_geometry, {"indexed": True}, crystal) == (
-        [], "the master file has no complete geometry to predict with")
+    assert predicted_spots(no_geometry, {"indexed": True}, crystal) == (
+        [],
+        "the master file has no complete geometry to predict with",
+    )
     huge = {**crystal, "orientation_matrix": [[1e-4, 0, 0], [0, 1e-4, 0], [0, 0, 1e-4]]}  # a cell of 10^4 A
-    predicted, note = Handler.predicted(rendered, {"indexed": True}, huge)
+    predicted, note = predicted_spots(rendered, {"indexed": True}, huge)
     assert predicted == [] and "too large" in note
 
 
@@ -179,67 +212,86 @@ def _get(url: str):
         return json.load(r)
 
 
-def _overlay_pixels(browser, rgb: tuple[int, int, int]) -> int:
-    """Pixels of the frame overlay drawn in about this colour (what the page really drew, not what it says)."""
-    r, g, b = rgb
-    return browser.js(f"""(() => {{
-        const c = document.getElementById('frameOverlay');
-        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        let n = 0;
-        for (let i = 0; i < d.length; i += 4)
-          if (d[i + 3] > 100 && Math.abs(d[i] - {r}) < 40 && Math.abs(d[i + 1] - {g}) < 40
-              && Math.abs(d[i + 2] - {b}) < 40) n++;
-        return n;
-    }})()""")
+def _pixels_of(png: bytes, rgb: tuple[int, int, int]) -> int:
+    """Pixels of a screenshot in about this colour (what the page really drew, not what it says)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return int((np.abs(pixels - np.array(rgb, np.int16)) < 40).all(axis=2).sum())
 
 
 def test_indexed_hits_reach_the_page_with_lattices_and_predicted_spots(tmp_path, thaumatin_cbfs):
-    from browser import Browser, find_chromium
+    from browser import Browser, chromium_or_skip
     from test_gui import _wait_until_served
     from test_pipeline import _free_ports, write_config
 
-    chromium = find_chromium()
-    if chromium is None:
-        import os
-
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs Debian's chromium")
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    chromium = chromium_or_skip()
     (tmp_path / "processing.cfg").write_text(INDEXING)
     [gui_port] = _free_ports(1)
-    config, _keys = write_config(tmp_path, send_to_ui="False", raster_row_length="4", gui_port=gui_port,
-                                 simulate_rate="6", processing_config_file=str(tmp_path / "processing.cfg"))
-    gui = subprocess.Popen([str(EXE / "intxr"), "gui", "-c", str(config), "-b", "t"], stderr=subprocess.PIPE,
-                           text=True)
+    config, _keys = write_config(
+        tmp_path,
+        send_to_ui="False",
+        raster_row_length="4",
+        gui_port=gui_port,
+        simulate_rate="6",
+        processing_config_file=str(tmp_path / "processing.cfg"),
+    )
+    gui = subprocess.Popen([str(EXE / "intxr"), "gui", "-c", str(config), "-b", "t"], stderr=subprocess.PIPE, text=True)
     browser = None
+    doc = "Bokeh.documents[0].get_model_by_name"
     try:
         url = f"http://127.0.0.1:{gui_port}/"
         _wait_until_served(url)
-        browser = Browser(chromium, height=1700)  # the indexing table below the raster map in view too
+        browser = Browser(chromium, height=1700)
         browser.goto(url)
-        browser.wait_for("document.getElementById('status').textContent === 'live'")
-        run = subprocess.run([str(EXE / "intxrd"), "-c", str(config), "-b", "t", "-n", "2", "--max_series", "1",
-                              "--simulate", *thaumatin_cbfs], capture_output=True, text=True, timeout=240)
+        run = subprocess.run(
+            [
+                str(EXE / "intxrd"),
+                "-c",
+                str(config),
+                "-b",
+                "t",
+                "-n",
+                "2",
+                "--max_series",
+                "1",
+                "--simulate",
+                *thaumatin_cbfs,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert run.returncode == 0, run.stderr
-        browser.wait_for("window.intxr.points() === 12")
+        browser.wait_for(f"{doc}('strip').data.frame.length === 12")
         state = _get(f"{url}api/state")
         [series] = state["series"]
-        points = {p["frame"]: p for p in series["points"]}
-        indexed = sorted(f for f, p in points.items() if p["indexed"])
-        hits = sum(1 for p in points.values() if p["hit"])
-        assert len(indexed) >= 8 and hits == 10, points
+        ix = series["indexing"]
+        strip = browser.model("strip")
+        points = dict(zip(strip["frame"], zip(strip["hit"], strip["indexed"], strict=True), strict=True))
+        indexed = sorted(f for f, (_, i) in points.items() if i == 1)
+        hits = sum(1 for h, _ in points.values() if h)
+        assert len(indexed) >= 8 and hits == 10 and ix["indexed"] == len(indexed), points
+        # Indexed frames are ringed on the strip chart.
+        assert sorted(browser.model("strip_indexed")["frame"]) == indexed
         # The series panel: the count, both rates and the lattice table, as the server summed them up.
-        ix = browser.wait_for(f"(i => i && i.indexed === {len(indexed)} && i)(window.intxr.indexing())")
         assert ix["rate_of_hits"] == pytest.approx(len(indexed) / hits, abs=1e-4)
         assert ix["rate_of_frames"] == pytest.approx(len(indexed) / 12, abs=1e-4)
-        counts = browser.js("document.getElementById('indexCounts').textContent")
-        assert f"indexed{len(indexed)}" in counts and f"of hits{round(100 * len(indexed) / hits)}%" in counts
-        [row] = browser.js("window.intxr.latticeRows()")
-        assert row[:3] == ["tP", "P4", str(len(indexed))] and row[3].strip() == "100%"
-        a, spread = (float(v) for v in row[4].split("±"))
-        assert abs(a - 58.7) < 0.03 * 58.7 and 0 <= spread < 2, row  # DIALS's median on these frames: 58.7
-        assert row[7].startswith("90.00") and row[9].startswith("90.00")
-        # The frame view of an indexed hit: its crystal and the predicted spots, from the API and on the canvas.
+        browser.wait_for(f"/indexed<span[^>]*>{len(indexed)}</.test({doc}('indexing').text)")
+        counts = browser.model("indexing", "text")
+        assert f">{round(100 * len(indexed) / hits)}%<" in counts
+        lattices = browser.model("lattices")
+        assert (lattices["lattice"], lattices["space_group"], lattices["frames"]) == (["tP"], ["P4"], [len(indexed)])
+        assert lattices["share"] == ["100%"]
+        a, spread = (float(v) for v in lattices["a"][0].split("±"))
+        assert abs(a - 58.7) < 0.03 * 58.7 and 0 <= spread < 2, lattices  # DIALS's median on these frames: 58.7
+        assert lattices["alpha"][0].startswith("90.00") and lattices["gamma"][0].startswith("90.00")
+        # The rates over time: hits and indexed frames per second.
+        timeline = browser.wait_for(f"(d => d.t.length > 0 && d)({doc}('timeline').data)")
+        assert max(v for v in timeline["indexing_rate"] if v is not None) > 0
+        # The frame view of an indexed hit: its crystal and the predicted spots, from the API and on the page.
         frame = indexed[len(indexed) // 2]
         info = _get(f"{url}api/frame?series=1&frame={frame}")
         assert info["indexing"]["lattice"] == "tP" and info["predicted_note"] is None
@@ -247,29 +299,60 @@ def test_indexed_hits_reach_the_page_with_lattices_and_predicted_spots(tmp_path,
         predicted = np.array(info["predicted"]) * scale
         found = np.array(info["spots"]) * scale
         assert len(predicted) > 1000 and len(found) > 100
-        assert (predicted >= 0).all() and (predicted[:, 0] < info["detector_shape"][1]).all() \
+        assert (
+            (predicted >= 0).all()
+            and (predicted[:, 0] < info["detector_shape"][1]).all()
             and (predicted[:, 1] < info["detector_shape"][0]).all()
+        )
         nearest = np.array([np.hypot(*(predicted - s).T).min() for s in found])
-        print(f"frame {frame}: {len(predicted)} predicted, {len(found)} spots kept, "
-              f"{(nearest <= 2).mean():.0%} within 2 px of a prediction")
+        print(
+            f"frame {frame}: {len(predicted)} predicted, {len(found)} spots kept, "
+            f"{(nearest <= 2).mean():.0%} within 2 px of a prediction"
+        )
         assert (nearest <= 2).mean() > 0.5
-        center = browser.js(f"window.intxr.cellCenter({frame})")
-        browser.click(center["x"], center["y"])
-        view = browser.wait_for(f"(v => v.frame === {frame} && v.loaded && v.pinned && v)(window.intxr.frameView())")
-        assert view["predicted"] == len(predicted) and view["predictedDrawn"] == len(predicted)
-        assert "indexed tP P4 58." in browser.js("document.getElementById('frameCrystal').textContent")
+        # A click on the frame's cell of the raster map opens it.
+        raster = browser.model("raster")
+        row, col = next(
+            (r, c) for r, c, f in zip(raster["row"], raster["col"], raster["frame"], strict=True) if f == frame
+        )
+        crystals = browser.model("crystals")
+        # Inside a crystal's box a click opens the crystal's best frame: then pick the frame's cell outside one,
+        # or, where every hit is in the box, the best frame itself.
+        inside = any(
+            lf < col < rt and tp < row < bt
+            for lf, rt, tp, bt in zip(
+                crystals["left"], crystals["right"], crystals["top"], crystals["bottom"], strict=True
+            )
+        )
+        if inside:
+            frame = int(crystals["best_frame"][0])
+            row, col = next(
+                (r, c) for r, c, f in zip(raster["row"], raster["col"], raster["frame"], strict=True) if f == frame
+            )
+            info = _get(f"{url}api/frame?series=1&frame={frame}")
+        browser.click_at("raster_plot", col, row)
+        view = browser.wait_for(
+            f"(d => d.frame[0] === {frame} && d.loaded[0] && d.pinned[0] && d)({doc}('frame').data)",
+            explain=f"{doc}('frame_note').text",
+        )
+        assert view["predicted"][0] == len(info["predicted"]) == browser.column_length("frame_predicted", "x")
+        if info["indexing"] is not None:
+            assert "indexed tP P4 58." in browser.model("frame_note", "text")
+        shot = browser.screenshot("frame_plot")
         (tmp_path / "gui_indexing.png").write_bytes(browser.screenshot())  # kept with the test's files, to look at
-        teal = _overlay_pixels(browser, (0, 166, 166))
-        assert teal > 2000, teal
+        teal, pink = _pixels_of(shot, (0, 166, 166)), _pixels_of(shot, (231, 41, 138))
+        assert teal > 2000 and pink > 100, (teal, pink)
         # The toggle: off, no predicted marker drawn (the found spots' circles stay); on again, back.
-        browser.js("document.getElementById('showPredicted').click()")
-        assert browser.js("window.intxr.frameView().predictedDrawn") == 0
-        assert _overlay_pixels(browser, (0, 166, 166)) == 0
-        assert _overlay_pixels(browser, (231, 41, 138)) > 100
-        browser.js("document.getElementById('showPredicted').click()")
-        assert browser.js("window.intxr.frameView().predictedDrawn") == len(predicted)
+        browser.click_widget("show_predicted")
+        browser.wait_for(f"!{doc}('show_predicted').active")
+        time.sleep(0.5)  # the server hides the glyph; the page redraws
+        shot = browser.screenshot("frame_plot")
+        assert _pixels_of(shot, (0, 166, 166)) < teal / 20 and _pixels_of(shot, (231, 41, 138)) > 100
+        browser.click_widget("show_predicted")
+        time.sleep(0.5)
+        assert _pixels_of(browser.screenshot("frame_plot"), (0, 166, 166)) > teal / 2
         # A frame that did not index predicts nothing, and says why.
-        blank = next(f for f, p in points.items() if not p["hit"])
+        blank = next(f for f, (h, _) in points.items() if not h)
         info = _get(f"{url}api/frame?series=1&frame={blank}")
         assert info["predicted"] == [] and info["indexing"] is None and info["predicted_note"] == "not indexed"
     finally:

@@ -1,12 +1,15 @@
 """The frame view: a frame read back from the HDF5 files the Splitter wrote, scaled down for a
-browser, with a contrast that shows spots, and the geometry for resolution and ice rings."""
+browser, with a contrast that shows spots, the geometry for resolution and ice rings, the spots
+found and, for an indexed frame, the spots its lattice predicts. `Frames` reads and keeps the
+latest few for every browser session and the JSON API at once (under its lock)."""
 
 from __future__ import annotations
 
 import math
 import os
-import struct
-import zlib
+import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 # Data files reached through the master's external links are opened by HDF5 itself: no lock there
@@ -18,6 +21,10 @@ import hdf5plugin  # noqa: F401,E402  (registers the bitshuffle and LZ4 filters)
 import numpy as np  # noqa: E402
 
 from intxr.geometry import Geometry, GeometryError  # noqa: E402
+from intxr.gui.model import MAX_SPOT_FRAMES, RunModel, SeriesView  # noqa: E402
+from intxr.reader.predict import predict_spots  # noqa: E402
+
+FRAME_CACHE = 16  # rendered frames kept for repeated requests
 
 RESOLUTION_RINGS_A = (10.0, 6.0, 4.0, 3.0, 2.5, 2.0, 1.8, 1.6, 1.4, 1.2)
 # The strong powder rings of hexagonal ice Ih, in A (the rings DIALS's ice filter and beamline
@@ -101,17 +108,101 @@ def render(data: np.ndarray, geometry: Geometry | None, mask: np.ndarray | None,
             if radius_px is None:
                 continue
             rings.append({"d": d, "radius": radius_px / scale, "ice": ice})
-    return FrameView(image, scale, (rows, cols), rings, beam, geometry if geometry is not None and geometry.known
-                     else None)
+    return FrameView(
+        image, scale, (rows, cols), rings, beam, geometry if geometry is not None and geometry.known else None
+    )
 
 
-def png_bytes(gray: np.ndarray) -> bytes:
-    """An 8-bit greyscale PNG (RFC 2083): signature, IHDR, one zlib IDAT, IEND."""
-    height, width = gray.shape
+class FrameError(Exception):
+    """A frame that cannot be shown, and why (with the HTTP status the JSON API answers)."""
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
-    raw = np.hstack([np.zeros((height, 1), np.uint8), np.ascontiguousarray(gray, np.uint8)]).tobytes()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 3)) + chunk(b"IEND", b"")
+
+def predicted(rendered: FrameView, point: dict | None, crystal: dict | None) -> tuple[list, str | None]:
+    """The indexed lattice's predicted spots in view pixels (intxr.reader.predict, with the geometry of the
+    series' master file, the one the readers had), or none and why."""
+    if crystal is None:
+        if point is not None and point.get("indexed"):
+            return [], f"indexed, but no longer kept (the latest {MAX_SPOT_FRAMES} indexed frames are)"
+        return [], "not indexed"
+    if rendered.geometry is None:
+        return [], "the master file has no complete geometry to predict with"
+    found = predict_spots(rendered.geometry, crystal["orientation_matrix"])
+    scale = rendered.scale
+    return [[round(x / scale, 2), round(y / scale, 2)] for x, y in found.xy.tolist()], found.reason
+
+
+class Frames:
+    """Frames of the model's series read back from disk and rendered, the latest FRAME_CACHE kept.
+    Browser sessions (on the server's thread, through a worker) and the API share it: the cache is
+    only touched under its lock; the reading itself is outside it."""
+
+    def __init__(self, model: RunModel):
+        self.model = model
+        self._cache: OrderedDict[tuple, FrameView] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def view(self, series: SeriesView, frame: int) -> FrameView:
+        master = series.master_file
+        if not master:
+            raise FrameError(404, f"series {series.label} has no master file yet")
+        # Checked before the cache too: files deleted (output retention) are gone for good.
+        if not os.path.exists(master):
+            raise FrameError(
+                410,
+                f"series {series.label}: its files are gone from disk ({master}; output "
+                f"retention deletes the oldest series)",
+            )
+        key = (series.key, series.order, frame)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        index = series.disk_index(frame)
+        if index is None:
+            raise FrameError(404, f"series {series.label} has no frame {frame}")
+        try:
+            data, geometry, mask = read_frame(master, index)
+        except IndexError:
+            raise FrameError(404, f"series {series.label}: frame {frame} is not on disk (yet)") from None
+        except Exception as exc:  # unreadable, still being written, not NXmx: said, not a traceback
+            first_data = re.sub(r"_master\.h5$", "_data_000001.h5", master)
+            if not os.path.exists(master) or not os.path.exists(first_data):  # deleted (while) being read
+                raise FrameError(410, f"series {series.label}: its files are gone from disk ({master})") from None
+            text = " ".join(str(exc).split())[:300]
+            raise FrameError(404, f"series {series.label}: cannot read frame {frame} from {master}: {text}") from None
+        rendered = render(data, geometry, mask)
+        with self._lock:
+            self._cache[key] = rendered
+            while len(self._cache) > FRAME_CACHE:
+                self._cache.popitem(last=False)
+        return rendered
+
+    def info(self, series: SeriesView, frame: int) -> tuple[FrameView, dict]:
+        """The rendered frame and what is drawn on it, in view pixels: rings, beam, found spots, and the
+        predicted ones with the frame's crystal (or why there are none)."""
+        rendered = self.view(series, frame)
+        spots = [[x / rendered.scale, y / rendered.scale] for x, y in self.model.spots(series.key, frame)]
+        point = self.model.point(series.key, frame)
+        crystal = self.model.crystal(series.key, frame)
+        found, note = predicted(rendered, point, crystal)
+        return rendered, {
+            "series": series.series,
+            "key": series.key,
+            "label": series.label,
+            "frame": frame,
+            "width": int(rendered.image.shape[1]),
+            "height": int(rendered.image.shape[0]),
+            "scale": rendered.scale,
+            "detector_shape": list(rendered.shape),
+            "beam": list(rendered.beam),
+            "rings": rendered.rings,
+            "spots": spots,
+            "result": point,
+            "indexing": crystal,
+            "predicted": found,
+            "predicted_note": note,
+        }

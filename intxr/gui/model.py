@@ -2,8 +2,10 @@
 results in arrival order, counts, raster layout; the Splitter's counters; per-rank health.
 
 Results may arrive far faster than anyone can draw them: the model only appends and bumps a
-version number, and each browser asks for what changed since the version it has (`delta`), at
-its own pace, so bursts are coalesced into one update per draw.
+version number, and each browser session asks at its own pace for what is new since its last
+update (`series_since` for the series it shows, `rows_since` for the series list, `status_since`,
+`timeline_since`), so bursts are coalesced into one update per draw and an update's cost follows
+what is new, not how many series have finished. `delta` gives everything at once (scripts, tests).
 
 Series are keyed by the Splitter's `series_name` (unique per output directory: a second series 1
 after a detector restart is `series_000001_r2`, its own tab `1 r2`), else by the series number.
@@ -21,10 +23,13 @@ are, for the frame view's predicted spots.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import threading
+import time
 from array import array
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +52,11 @@ from intxr.raster import grid_cell, place
 # `indexed` costs a point nothing: 10 keys fit the dict's table as 9 do.
 POINT_FIELDS = ("frame", "n_spots", "hres", "score", "status", "hit", "rank", "latency", "indexed")
 MAX_SERIES = 20  # series kept in memory, newest first; older ones are dropped and counted
+MAX_LISTED = 2000  # series in the series list (their counts only): a run of days stays searchable
+TIMELINE_BINS = 1800  # one-second bins of the rates over time: the last half hour
+# The resolution histogram's bins: equal in 1/d from 0 to 1 / 1.0 A (a hit's hres beyond falls in the last)
+RESOLUTION_BINS = 25
+RESOLUTION_MAX_DSTAR = 1.0
 MAX_SPOT_FRAMES = 2000  # frames per series whose spots are kept for the frame view
 # Spot centroids kept in all, as float32 pairs (8 bytes a spot; as JSON-decoded lists they took
 # ~130): beyond it the oldest series' oldest frames lose their circles first. A run of weeks levels
@@ -61,7 +71,7 @@ MAX_CELLS = 500  # cells kept per row: a uniform sample of all (reservoir), for 
 MAX_NAME = 16  # characters of a lattice or space group name
 BRAVAIS = frozenset({"aP", "mP", "mC", "oP", "oC", "oF", "oI", "tP", "tI", "hP", "hR", "cP", "cF", "cI"})
 
-__all__ = ["BadMessage", "RunModel", "SeriesView", "grid_position"]
+__all__ = ["BadMessage", "RunModel", "SeriesCursor", "SeriesView", "grid_position"]
 
 
 def _clip(text: str | None) -> str | None:
@@ -72,8 +82,9 @@ def _nbytes(xy: array | None) -> int:
     return 0 if xy is None else xy.itemsize * len(xy)
 
 
-def grid_position(mapping, frame: int, row_length: int | None, first_frame: int,
-                  snake: bool = False) -> tuple[int, int] | None:
+def grid_position(
+    mapping, frame: int, row_length: int | None, first_frame: int, snake: bool = False
+) -> tuple[int, int] | None:
     """(row, column) of a frame in a raster, as the Collector places it for its crystals
     (intxr.raster): from a `mapping` header value naming it (`row 3 col 7`, `3,7`, `3x7`, ...),
     else from a row length (frames in order, row by row), else None."""
@@ -134,7 +145,7 @@ class IndexingTally:
         else:  # reservoir sampling: every cell so far equally likely kept
             j = self._rng.randrange(row.count)
             if j < MAX_CELLS:
-                row.cells[6 * j:6 * j + 6] = array("f", (float(v) for v in cell))
+                row.cells[6 * j : 6 * j + 6] = array("f", (float(v) for v in cell))
 
     def lattices(self) -> list[dict]:
         """Rows, most frames first: lattice, space group, frames, fraction of the indexed, and the median cell
@@ -143,9 +154,15 @@ class IndexingTally:
         if self._summary is None:
             rows = []
             for (lattice, group), row in sorted(self.rows.items(), key=lambda kv: -kv[1].count):
-                entry = {"lattice": lattice, "space_group": group, "frames": row.count,
-                         "fraction": round(row.count / self.indexed, 4) if self.indexed else 0.0,
-                         "cell": None, "cell_spread": None, "cells_used": len(row.cells) // 6}
+                entry = {
+                    "lattice": lattice,
+                    "space_group": group,
+                    "frames": row.count,
+                    "fraction": round(row.count / self.indexed, 4) if self.indexed else 0.0,
+                    "cell": None,
+                    "cell_spread": None,
+                    "cells_used": len(row.cells) // 6,
+                }
                 if row.cells:
                     cells = np.frombuffer(row.cells, dtype=np.float32).reshape(-1, 6).astype(np.float64)
                     q1, median, q3 = np.percentile(cells, [25, 50, 75], axis=0)
@@ -192,7 +209,11 @@ class SeriesView:
     written: int | None = None
     first_frame: int | None = None
     crystals: list[dict] | None = None  # the Collector's crystals of a raster series (its `raster`)
+    crystals_version: int = 0
     version: int = 0  # model version of the last change
+    replaced: list[int] = field(default_factory=list)  # indexes in points of repeated frames, in order
+    resolution: list[int] = field(default_factory=lambda: [0] * RESOLUTION_BINS)  # hits per 1/d bin
+    latest_hit: int | None = None  # frame: the frame view shows it while nothing is picked
 
     def __post_init__(self):
         self.tally = self.tally or SeriesTally(self.series, self.key)
@@ -246,13 +267,27 @@ class RunModel:
         self.received = 0
         self._created = 0
         self._spot_bytes = 0  # of all views' spots
+        self.by_order: dict[int, SeriesView] = {}  # the kept views by creation number (a key may change)
+        # The series list: order -> version of its last change, the most recent last; rows of
+        # series no longer kept are frozen in `_listed`.
+        self._row_changes: OrderedDict[int, int] = OrderedDict()
+        self._listed: dict[int, dict] = {}
+        self.list_version = 0  # a series added to or removed from the list
+        self.status_version = 0  # health, splitter, errors, bad messages
+        self._bins: deque[tuple] = deque(maxlen=TIMELINE_BINS)  # (t, results, hits, tried, indexed)
+        self.bins_total = 0  # bins closed so far
+        self._bin = [0.0, 0, 0, 0, 0]  # the second being counted
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
 
-    def _touch(self, view: SeriesView | None = None) -> None:
+    def _touch(self, view: SeriesView | None = None, status: bool = False) -> None:
         self.version += 1
         if view is not None:
             view.version = self.version
+            self._row_changes[view.order] = self.version
+            self._row_changes.move_to_end(view.order)
+        if status:
+            self.status_version = self.version
         self.changed.notify_all()
 
     def _view(self, number: int, name: str | None) -> SeriesView:
@@ -276,10 +311,18 @@ class RunModel:
         key = series_key(number, name)
         self._created += 1
         view = self.series[key] = SeriesView(number, key=key, name=name, order=self._created)
+        self.by_order[view.order] = view
+        self.list_version = self.version + 1
         while len(self.series) > MAX_SERIES:
             oldest = self.series.pop(min(self.series.values(), key=lambda v: v.order).key)
+            del self.by_order[oldest.order]
+            self._listed[oldest.order] = self._row(oldest)  # its counts stay in the list
             self._spot_bytes -= sum(_nbytes(xy) for xy in oldest.spots.values())
             self.series_dropped += 1
+        while len(self._row_changes) + (view.order not in self._row_changes) > MAX_LISTED:
+            gone = min(self._row_changes)
+            del self._row_changes[gone]
+            self._listed.pop(gone, None)
         return view
 
     def _keep_spots(self, view: SeriesView, frame: int, xy: array) -> None:
@@ -312,12 +355,13 @@ class RunModel:
         with self._lock:
             self.bad_messages += 1
             self.last_bad = text[:MAX_TEXT]
-            self._touch()
+            self._touch(status=True)
 
     def note(self, what: str) -> None:
         """Count something the server saw (a dropped browser, a refused request): shown, not said."""
         with self._lock:
             self.gui_counts[what] = self.gui_counts.get(what, 0) + 1
+            self.status_version = self.version = self.version + 1
 
     def add_result(self, body) -> None:
         result = FrameResult.from_wire(body)
@@ -333,20 +377,28 @@ class RunModel:
             point["v"] = self.version + 1
             if frame in view.frames:
                 view.points[view.frames[frame]] = point
+                view.replaced.append(view.frames[frame])
             else:
                 view.frames[frame] = len(view.points)
                 view.points.append(point)
-            if view.tally.add_result(result, result.done):
+            first = view.tally.add_result(result, result.done)
+            if first:
                 view.indexing.add(result)
+                self._count_bin(result)
+                if result.hit and result.status == "processed" and result.hres and 0 < result.hres < 99:
+                    view.resolution[_resolution_bin(result.hres)] += 1
+            if result.hit and result.status == "processed" and (view.latest_hit is None or frame > view.latest_hit):
+                view.latest_hit = frame
             view.first_frame = frame if view.first_frame is None else min(view.first_frame, frame)
             if isinstance(mapping, str) and mapping:
                 view.mappings[frame] = mapping[:MAX_TEXT]
             self._keep_spots(view, frame, spots)
             self._keep_crystal(view, frame, crystal)
             view.master_file = view.master_file or _clip(result.master_file)
-            if result.status == "failed":
+            failed = result.status == "failed" and bool(errors)
+            if failed:
                 self.errors = (self.errors + errors)[-50:]
-            self._touch(view)
+            self._touch(view, status=failed)
 
     def add_event(self, topic: str, body) -> None:
         if topic == "series":
@@ -380,6 +432,7 @@ class RunModel:
                 _, series, name, crystals = event
                 view = self._view(series, name)
                 view.crystals = crystals
+                view.crystals_version = self.version + 1
             elif isinstance(event, SplitterCounters):
                 self.splitter = scalars(event.values, "splitter counters", MAX_TEXT)
                 if self.splitter.get("last_error"):
@@ -390,7 +443,7 @@ class RunModel:
                 self.health, splitter = event
                 if splitter is not None:
                     self.splitter = splitter
-            self._touch(view)
+            self._touch(view, status=view is None)
 
     @staticmethod
     def _raster(body) -> tuple:
@@ -501,9 +554,14 @@ class RunModel:
         if kept is None:
             return None
         lattice, group, v = kept
-        return {"lattice": lattice, "space_group": group, "unit_cell": [round(x, 3) for x in v[:6]],
-                "rmsd_px": None if v[6] != v[6] else round(v[6], 3), "n_indexed": None if v[7] < 0 else int(v[7]),
-                "orientation_matrix": [list(v[8:11]), list(v[11:14]), list(v[14:17])]}
+        return {
+            "lattice": lattice,
+            "space_group": group,
+            "unit_cell": [round(x, 3) for x in v[:6]],
+            "rmsd_px": None if v[6] != v[6] else round(v[6], 3),
+            "n_indexed": None if v[7] < 0 else int(v[7]),
+            "orientation_matrix": [list(v[8:11]), list(v[11:14]), list(v[14:17])],
+        }
 
     def wait(self, version: int, timeout: float) -> int:
         with self._lock:
@@ -522,14 +580,158 @@ class RunModel:
                 return None
             return dict(view.points[view.frames[frame]])
 
+    # ---- what a browser session lacks since its last update -----------------------------------------------
+
+    @staticmethod
+    def _row(view: SeriesView) -> dict:
+        """The series list's row: a few counts, cheap enough to make at every change."""
+        tally = view.tally
+        return {
+            "order": view.order,
+            "key": view.key,
+            "label": view.label,
+            "results": len(view.points),
+            "hits": tally.hits,
+            "indexed": view.indexing.indexed,
+            "crystals": len(view.crystals or ()),
+            "ended": view.summary is not None,
+        }
+
+    def rows_since(self, since: int) -> tuple[list[dict], int]:
+        """Rows of the series list changed after version `since`, most recent first (only those are
+        looked at: the changes are kept in the order they happened), and the version they are of."""
+        with self._lock:
+            rows = []
+            for order in reversed(self._row_changes):
+                if self._row_changes[order] <= since:
+                    break
+                view = self.by_order.get(order)
+                rows.append(self._row(view) if view is not None else self._listed[order])
+            return rows, self.version
+
+    def listed(self) -> tuple[list[dict], int]:
+        """The whole series list, newest first (a session builds its table from it once per new series),
+        and the version it is of."""
+        with self._lock:
+            rows = []
+            for order in sorted(self._row_changes, reverse=True):
+                view = self.by_order.get(order)
+                rows.append(self._row(view) if view is not None else self._listed[order])
+            return rows, self.version
+
+    def status_since(self, since: int) -> dict | None:
+        """Health, the Splitter's counters, errors and what the GUI counted; None when unchanged."""
+        with self._lock:
+            if self.status_version <= since:
+                return None
+            return {
+                "version": self.status_version,
+                "splitter": dict(self.splitter),
+                "health": dict(self.health),
+                "errors": self.errors[-10:],
+                "series_dropped": self.series_dropped,
+                "gui": {"bad_messages": self.bad_messages, "last_bad": self.last_bad, **self.gui_counts},
+            }
+
+    def series_since(self, order: int, cursor: SeriesCursor) -> dict | None:
+        """What a session showing series `order` lacks: points after the `cursor.points` it has, the
+        repeats since, their raster cells, and counts, indexing, histogram and crystals when they
+        changed. Advances the cursor; None when the series is no longer kept."""
+        with self._lock:
+            view = self.by_order.get(order)
+            if view is None:
+                return None
+            first = _first_frame(view)
+            out: dict = {"regrid": first != cursor.first_frame and cursor.points > 0}
+            if out["regrid"]:  # an earlier frame came: every cell moves (rare; the whole grid again)
+                cursor.points = 0
+                cursor.replaced = len(view.replaced)
+            new = view.points[cursor.points :]
+            out["start"] = cursor.points
+            out["points"] = new
+            out["replaced"] = [(i, view.points[i]) for i in view.replaced[cursor.replaced :] if i < cursor.points]
+            out["cells"] = [
+                grid_position(view.mappings.get(p["frame"]), p["frame"], self.row_length, first, self.snake)
+                for p in new
+            ]
+            out["replaced_cells"] = [
+                grid_position(view.mappings.get(p["frame"]), p["frame"], self.row_length, first, self.snake)
+                for _, p in out["replaced"]
+            ]
+            cursor.points, cursor.replaced, cursor.first_frame = len(view.points), len(view.replaced), first
+            if view.version > cursor.version:
+                counts = view.counts()
+                out["counts"] = counts
+                out["indexing"] = view.indexing.summary(counts["hits"], counts["results"])
+                out["resolution"] = list(view.resolution)
+                out["latest_hit"] = view.latest_hit
+                cursor.version = view.version
+            if view.crystals_version > cursor.crystals:
+                out["crystals"] = list(view.crystals or ())
+                cursor.crystals = view.crystals_version
+            return out
+
+    def _count_bin(self, result: FrameResult) -> None:
+        now = time.time()
+        self._close_bins(now)
+        b = self._bin
+        b[1] += 1
+        if result.hit and result.status == "processed":
+            b[2] += 1
+            if result.indexed is not None:
+                b[3] += 1
+                b[4] += bool(result.indexed)
+
+    def _close_bins(self, now: float) -> None:
+        second = math.floor(now)
+        if self._bin[0] == second:
+            return
+        if self._bin[1]:
+            if self._bins and self._bin[0] - self._bins[-1][0] > 1:  # a pause: a gap in the lines, not zeros
+                self._bins.append((self._bin[0] - 1, 0, 0, 0, 0))
+                self.bins_total += 1
+            self._bins.append(tuple(self._bin))
+            self.bins_total += 1
+        self._bin = [second, 0, 0, 0, 0]
+
+    def timeline_since(self, total: int) -> tuple[list[tuple], int]:
+        """Seconds closed after the first `total` (at most the bins kept), and the new total."""
+        with self._lock:
+            self._close_bins(time.time())
+            n = min(self.bins_total - total, len(self._bins))
+            return (list(self._bins)[len(self._bins) - n :] if n > 0 else []), self.bins_total
+
+
+@dataclass
+class SeriesCursor:
+    """How far a session has shown one series (RunModel.series_since moves it on)."""
+
+    points: int = 0
+    replaced: int = 0
+    version: int = 0
+    crystals: int = 0
+    first_frame: int | None = None
+
+
+def _resolution_bin(hres: float) -> int:
+    return min(RESOLUTION_BINS - 1, int(1.0 / hres / RESOLUTION_MAX_DSTAR * RESOLUTION_BINS))
+
+
+def resolution_edges() -> list[float]:
+    """The histogram's bin edges in 1/d (1/A)."""
+    return [RESOLUTION_MAX_DSTAR * k / RESOLUTION_BINS for k in range(RESOLUTION_BINS + 1)]
+
 
 def _crystal(result: FrameResult) -> tuple[str, str, array] | None:
     """What the frame view needs of an indexed frame, compact: None unless indexed with a matrix and a cell."""
     if not result.indexed or result.orientation_matrix is None or result.unit_cell is None:
         return None
-    values = [*result.unit_cell, result.rmsd_px if result.rmsd_px is not None else float("nan"),
-              result.n_indexed if result.n_indexed is not None else -1,
-              *(v for row in result.orientation_matrix for v in row)]
+    values = [
+        *result.unit_cell,
+        result.rmsd_px if result.rmsd_px is not None else float("nan"),
+        result.n_indexed if result.n_indexed is not None else -1,
+        *(v for row in result.orientation_matrix for v in row),
+    ]
     return _name(result.lattice), _name(result.space_group), array("d", (float(v) for v in values))
 
 
