@@ -251,17 +251,17 @@ pub fn run(
         timed_out: None,
         names: HashSet::new(),
         reports: Reports::default(),
+        ended: 0,
     };
     let mut protocol = config.protocol;
     let mut last_message = Instant::now();
     let mut idle_sent = true;
     let mut expect_config = false;
     while !stop.load(Ordering::Relaxed) {
-        // The writer counts completed series; checked every poll so the run ends once it has caught up.
-        if config
-            .max_series
-            .is_some_and(|max| counters.series_completed.load(Ordering::Relaxed) >= max)
-        {
+        // The last series is handed to the writer: stop receiving now (not at the next poll
+        // timeout); the writer drains its queue and is joined below, so the run ends when the
+        // files are complete and nothing after the last end is taken.
+        if config.max_series.is_some_and(|max| series.ended >= max) {
             break;
         }
         match socket.poll(zmq::POLLIN, 100) {
@@ -467,6 +467,8 @@ struct Series<'a> {
     /// Names used by this run (a name whose files were never created is still not reused).
     names: HashSet<String>,
     reports: Reports,
+    /// Series handed to the writer as ended (end message or timeout): what `max_series` counts.
+    ended: u64,
 }
 
 /// The master file of series `name` in `dir`.
@@ -644,6 +646,7 @@ impl Series<'_> {
     /// Close the open series, if any. `ended`: by its end message or the timeout.
     fn close(&mut self, timed_out: bool, ended: bool) -> Option<Account> {
         let account = self.open.take()?;
+        self.ended += u64::from(ended);
         let _ = self.writer.send(Job::End { timed_out, ended });
         let _ = self.server.send(ServeJob::End {
             name: account.name.clone(),
@@ -1342,6 +1345,7 @@ mod tests {
             timed_out: None,
             names: HashSet::new(),
             reports: Reports::default(),
+            ended: 0,
         };
         assert_eq!(series.unique_name("series_000001"), "series_000001_r3");
         assert_eq!(series.unique_name("series_000001"), "series_000001_r4");
