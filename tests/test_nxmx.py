@@ -377,3 +377,28 @@ def test_non_eiger_frames_over_several_files_read_through_the_nxdata_signal(tmp_
         assert signal == "frames" and data[signal].shape == (5, *shape) and data[signal].dtype == np.uint32
         for n in range(5):
             assert data[signal][n, ::500, ::500].tolist() == frames[n][::500, ::500].tolist()
+
+
+def test_frames_start_on_page_boundaries_in_the_data_files(tmp_path):
+    """Each frame (chunk) of a data file starts at a multiple of 4 KiB (HDF5 file space
+    alignment), so writing it is whole pages; small metadata is not padded."""
+    rng = np.random.default_rng(3)
+    shape = (515, 1031)
+    frames = [rng.poisson(3, size=shape).astype(np.uint32) for _ in range(4)]
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path / "out", max_series=1, series_timeout=30, frames_per_file=3) as splitter:
+        pusher.send(_v1_series(_pilatus_config(0.0), frames, None))
+        assert splitter.join(60)
+    [master] = splitter.counters()["files"]
+    data_files = sorted(Path(master).parent.glob("*_data_*.h5"))
+    assert len(data_files) == 2
+    n = 0
+    for path in data_files:
+        with h5py.File(path) as f:
+            ds = f["entry/data/data"]
+            for k in range(ds.id.get_num_chunks()):
+                info = ds.id.get_chunk_info(k)
+                assert info.byte_offset % 4096 == 0 and info.size > 16 * 1024
+                assert np.array_equal(ds[k], frames[n])
+                n += 1
+    assert n == 4

@@ -449,9 +449,12 @@ impl SplitterCore {
             self.stop.clone(),
             self.counters.clone(),
         );
-        *handle = Some(std::thread::spawn(move || {
-            splitter::run(config, stop, counters)
-        }));
+        // Named like its writer and server threads, so a profile tells them apart.
+        let spawned = std::thread::Builder::new()
+            .name("splitter-receiver".into())
+            .spawn(move || splitter::run(config, stop, counters))
+            .map_err(|e| SplitterError::Run(format!("cannot start the receiver thread: {e}")))?;
+        *handle = Some(spawned);
         Ok(())
     }
 

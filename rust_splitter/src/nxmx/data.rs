@@ -7,15 +7,22 @@ use std::path::PathBuf;
 use hdf5_metno_sys::h5::hsize_t;
 use hdf5_metno_sys::h5d::{H5Dclose, H5Dcreate2, H5Dset_extent, H5Dwrite_chunk};
 use hdf5_metno_sys::h5p::{
-    H5Pclose, H5Pcreate, H5Pset_chunk, H5Pset_filter, H5P_CLS_DATASET_CREATE, H5P_DEFAULT,
+    H5Pclose, H5Pcreate, H5Pset_alignment, H5Pset_chunk, H5Pset_filter, H5P_CLS_DATASET_CREATE,
+    H5P_CLS_FILE_ACCESS, H5P_DEFAULT,
 };
 use hdf5_metno_sys::h5s::H5S_UNLIMITED;
 use hdf5_metno_sys::h5z::H5Z_FLAG_OPTIONAL;
 
 use crate::frame::{Compression, FrameHeader};
 
-use super::h5::{c_name, create_file, h5_error, h5_error_detail, pixel_type, H5Writer};
+use super::h5::{
+    c_name, create_file_with, h5_error, h5_error_detail, pixel_type, H5Writer, Handle,
+};
 use super::{DataFile, Result, SeriesWriter, FILTER_BITSHUFFLE, FILTER_LZ4, FLUSH_INTERVAL};
+
+/// Objects of at least ALIGN_ABOVE bytes (frames, not metadata) start at multiples of PAGE.
+const ALIGN_ABOVE: hsize_t = 16 * 1024;
+const PAGE: hsize_t = 4096;
 
 impl SeriesWriter {
     pub(super) fn write_chunk(&mut self, blob: &[u8]) -> Result<()> {
@@ -187,7 +194,16 @@ impl SeriesWriter {
     /// chunk, extendable (DECTRIS file writer layout).
     pub(super) fn open_data_file(&self, number: usize) -> Result<DataFile> {
         let path = PathBuf::from(format!("{}_data_{number:06}.h5", self.base.display()));
-        let file = create_file(&path)?;
+        // Chunks (frames) start on 4 KiB boundaries (HDF5 file space alignment): each frame is one
+        // write of whole pages, never sharing a page with the metadata or the frame before.
+        let fapl = Handle {
+            id: unsafe { H5Pcreate(*H5P_CLS_FILE_ACCESS) },
+            close: H5Pclose,
+        };
+        if fapl.id < 0 || unsafe { H5Pset_alignment(fapl.id, ALIGN_ABOVE, PAGE) } < 0 {
+            h5_error_detail(); // alignment only saves copies: without it the file is the same
+        }
+        let file = create_file_with(&path, fapl.id.max(H5P_DEFAULT))?;
         let w = H5Writer {
             path: &path,
             file: file.id,

@@ -687,9 +687,14 @@ pub(super) fn pixel_type(elem_size: usize) -> (hid_t, &'static str) {
 }
 
 pub(super) fn create_file(path: &Path) -> Result<Handle> {
+    create_file_with(path, H5P_DEFAULT)
+}
+
+/// `create_file` with a file access property list.
+pub(super) fn create_file_with(path: &Path, fapl: hid_t) -> Result<Handle> {
     let name = c_path(path)?;
     let existed = path.symlink_metadata().is_ok();
-    let id = unsafe { H5Fcreate(name.as_ptr(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT) };
+    let id = unsafe { H5Fcreate(name.as_ptr(), H5F_ACC_EXCL, H5P_DEFAULT, fapl) };
     if id < 0 {
         let err = h5_error(path, "H5Fcreate".to_string());
         // A file this call made before HDF5 failed (a full disk) is removed; one that was there
