@@ -66,9 +66,15 @@ typedef struct {
 } disp_ctx;
 
 typedef struct {
-    uint32_t *cm, *cx, *cy, *wm, *wx, *wy;
-    uint8_t *code, *pad, *ones;
+    uint32_t *cm, *cx, *cy, *wm, *wx, *wy; /* column sums, window sums for wide windows */
+    uint32_t *code32;                      /* per-pixel results of a row's float bound */
+    uint8_t *code, *pad, *ones;            /* the same as bytes (for the scan), scratch */
+    uint8_t *row_has_cand;            /* extended: rows holding final-pass candidates */
+    ptrdiff_t *tile_row;              /* extended: the row each tile's final-pass column sums hold */
+    ptrdiff_t padded;                 /* length of cm, cx, cy: w and 2 (kx + 2) zeros */
 } disp_bufs;
+
+#define DISP_TILE 64 /* columns per tile of the extended final pass's column sums */
 
 static int disp_push(disp_indices *out, int64_t k) {
     if (out->size == out->capacity) {
@@ -82,9 +88,9 @@ static int disp_push(disp_indices *out, int64_t k) {
     return 0;
 }
 
-/* The exact tests, in DIALS's order of operations on exact integer sums (local.h). Not inlined
- * into the vector variants: compiled once, for the baseline ISA. */
-static __attribute__((noinline)) int disp_strong_exact(const disp_ctx *c, int64_t m, double x, double y, double v) {
+/* The exact tests, in DIALS's order of operations on exact integer sums (local.h). The module is
+ * built with -ffp-contract=off, so no variant fuses a multiply-add: each rounds as DIALS does. */
+static inline int disp_strong_exact(const disp_ctx *c, int64_t m, double x, double y, double v) {
     /* DispersionThreshold: mask && m >= min_count && x >= 0 && v > threshold, then a > c && b > d. */
     double a, b, cc, d, g = c->p.gain;
     if (!(m >= c->p.min_count && x >= 0 && v > c->p.threshold)) return 0;
@@ -101,7 +107,7 @@ static __attribute__((noinline)) int disp_strong_exact(const disp_ctx *c, int64_
     return a > cc && b > d;
 }
 
-static __attribute__((noinline)) int disp_cv_exact(const disp_ctx *c, int64_t m, double x, double y) {
+static inline int disp_cv_exact(const disp_ctx *c, int64_t m, double x, double y) {
     /* DispersionExtendedThreshold, first pass: the index of dispersion alone. */
     double a, cc, g = c->p.gain;
     if (!(m >= c->p.min_count && x >= 0)) return 0;
@@ -115,7 +121,7 @@ static __attribute__((noinline)) int disp_cv_exact(const disp_ctx *c, int64_t m,
     return a > cc;
 }
 
-static __attribute__((noinline)) int disp_final_exact(const disp_ctx *c, int64_t m, double x, double v) {
+static inline int disp_final_exact(const disp_ctx *c, int64_t m, double x, double v) {
     /* DispersionExtendedThreshold, final test: v >= mean + sigma_s sqrt(g mean) over the background
      * of the wider window (mean 0 below 2 pixels), v above the global threshold. */
     double mean, g = c->p.gain;
@@ -211,7 +217,13 @@ static int disp_strong_pixels(int kernel, int dtype, const void *image, const ui
     double lo, hi;
     int status = -1;
     uint8_t *flags;
-    if (!run || p->ky < 1 || p->kx < 1 || n_window > 127 || !(p->lo >= 0) || !(p->hi >= p->lo)) return -2;
+    /* uint32 window sums of counts below 2^24 are exact up to 255 pixels: the first pass's window
+     * (<= 127, which also bounds the float32 error analysis), and for the extended final pass the
+     * window two pixels wider each way. */
+    int64_t n_window2 = (int64_t)(2 * p->ky + 5) * (2 * p->kx + 5);
+    if (!run || p->ky < 1 || p->kx < 1 || n_window > 127 || (p->extended && n_window2 > 255) || !(p->lo >= 0) ||
+        !(p->hi >= p->lo))
+        return -2;
     lo = ceil(p->lo);
     hi = p->hi >= dmax[dtype] ? dmax[dtype] : floor(p->hi);
     if (lo > hi) return -2;
@@ -228,17 +240,21 @@ static int disp_strong_pixels(int kernel, int dtype, const void *image, const ui
     ctx.radius = (p->kx < p->ky ? p->kx : p->ky) - 1;
     ctx.root = (double *)malloc((size_t)(n_window + 1) * sizeof(double));
     flags = (uint8_t *)malloc((size_t)(h * w));
-    ptrdiff_t padded = w + 2 * p->kx;
+    ptrdiff_t padded = w + 2 * (p->kx + 2);
+    B.padded = padded;
     B.cm = (uint32_t *)calloc((size_t)padded, sizeof(uint32_t));
     B.cx = (uint32_t *)calloc((size_t)padded, sizeof(uint32_t));
     B.cy = (uint32_t *)calloc((size_t)padded, sizeof(uint32_t));
     B.wm = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
+    B.code32 = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
     B.wx = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
     B.wy = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
     B.code = (uint8_t *)calloc((size_t)w + 8, 1);
     B.pad = (uint8_t *)calloc((size_t)(w + 2 * ctx.radius) + 8, 1);
     B.ones = (uint8_t *)malloc((size_t)w);
-    if (ctx.root && flags && B.cm && B.cx && B.cy && B.wm && B.wx && B.wy && B.code && B.pad && B.ones) {
+    B.row_has_cand = (uint8_t *)malloc((size_t)h);
+    B.tile_row = (ptrdiff_t *)malloc((size_t)(w / DISP_TILE + 1) * sizeof(ptrdiff_t));
+    if (ctx.root && flags && B.cm && B.wm && B.code32 && B.cx && B.cy && B.wx && B.wy && B.code && B.pad && B.ones && B.row_has_cand && B.tile_row) {
         ctx.root[0] = 0.0;
         for (int64_t m = 1; m <= n_window; m++) ctx.root[m] = sqrt(2.0 * ((double)m - 1));
         memset(B.ones, 1, (size_t)w);
@@ -250,11 +266,14 @@ static int disp_strong_pixels(int kernel, int dtype, const void *image, const ui
     free(B.cx);
     free(B.cy);
     free(B.wm);
+    free(B.code32);
     free(B.wx);
     free(B.wy);
     free(B.code);
     free(B.pad);
     free(B.ones);
+    free(B.row_has_cand);
+    free(B.tile_row);
     return status;
 }
 

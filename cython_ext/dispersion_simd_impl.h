@@ -17,78 +17,106 @@
 /* ---------------------------------------------------------------- pixel-type independent part */
 #define TFN(name) DISP_CAT2(name, TGT)
 
-/* Clipped horizontal window sums of padded column sums: out[i] = sum c[i-k .. i+k]. Unsigned
- * wrapping arithmetic: exact modulo 2^32, and the callers only read sums they know are < 2^32. */
-static inline __attribute__((always_inline)) void TFN(hsum_k)(const uint32_t *__restrict c, uint32_t *__restrict out,
-                                                               ptrdiff_t w, const int k) {
-    for (ptrdiff_t i = 0; i < w; i++) {
-        uint32_t s = 0;
-        for (int d = -k; d <= k; d++) s += c[i + d];
-        out[i] = s;
-    }
-}
+#define DISP_INLINE static inline __attribute__((always_inline))
 
+/* Clipped horizontal window sums of padded column sums, for half-widths the fused row tests do not
+ * unroll (above 5): out[i] = sum c[i-k .. i+k]. Unsigned wrapping arithmetic: exact modulo 2^32,
+ * and the callers only read sums they know are below 2^32. */
 static void TFN(hsum)(const uint32_t *__restrict c, uint32_t *__restrict out, ptrdiff_t w, int k) {
-    switch (k) {
-    case 1: TFN(hsum_k)(c, out, w, 1); return;
-    case 2: TFN(hsum_k)(c, out, w, 2); return;
-    case 3: TFN(hsum_k)(c, out, w, 3); return;
-    case 4: TFN(hsum_k)(c, out, w, 4); return;
-    case 5: TFN(hsum_k)(c, out, w, 5); return;
-    default:
-        for (ptrdiff_t i = 0; i < w; i++) out[i] = c[i - k];
-        for (int d = -k + 1; d <= k; d++)
-            for (ptrdiff_t i = 0; i < w; i++) out[i] += c[i + d];
-    }
+    for (ptrdiff_t i = 0; i < w; i++) out[i] = c[i - k];
+    for (int d = -k + 1; d <= k; d++)
+        for (ptrdiff_t i = 0; i < w; i++) out[i] += c[i + d];
 }
 
 /* uint32 -> float with one rounding (AVX2 has only the signed conversion). */
-static inline __attribute__((always_inline)) float TFN(u32f)(uint32_t u) {
+DISP_INLINE float TFN(u32f)(uint32_t u) {
     return (float)(int32_t)(u >> 16) * 65536.0f + (float)(int32_t)(u & 0xFFFFu);
 }
 
-/* Extended first pass, the index-of-dispersion test a > c over every pixel of a row, in float32:
+/* Extended first pass, the index-of-dispersion test a > c over every pixel of a row, in float32,
+ * fused with the horizontal window sums (half-width K unrolled; K = 0 takes sums made by hsum):
  * code 1 = surely passes, 0 = surely fails, 2 = too close to call (or y not known exactly: y is
  * kept modulo 2^32, and y <= x^2 makes it exact when x < 65536), decided in double by the caller.
- * Rounding: each of a and c carries at most ~10 float32 roundings relative to
- * S = m y + x^2 + x m + c, so a margin of S 2^-18 is safe by a factor of >= 20. */
-static void TFN(test_cv)(const uint32_t *__restrict wm, const uint32_t *__restrict wx, const uint32_t *__restrict wy,
-                         ptrdiff_t w, const disp_ctx *ctx, uint8_t *__restrict code) {
+ * Without gain, a > c (c >= 0) is a > 0 and a^2 > c^2 = x^2 sigma_b^2 2 (m-1): no square root. a
+ * carries at most 9 float32 roundings of S = m y + x^2 + x m, so the interval a +- S 2^-19 holds
+ * it (and DIALS's double) by a factor >= 50; the squares then differ by a relative 2^-16 at least
+ * (>= 10 times their rounding). With a gain: a - c within S' 2^-18, S' = S + c (>= 16 times). */
+DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__restrict cx,
+                               const uint32_t *__restrict cy, ptrdiff_t w, const int K, const disp_ctx *ctx,
+                               uint32_t *__restrict code) {
     const int32_t minc = ctx->min_count_i32;
     const float nsb = (float)ctx->p.sigma_b, g = (float)ctx->p.gain;
+    const float c2k = (float)(2.0 * ctx->p.sigma_b * ctx->p.sigma_b);
     if (ctx->p.gain > 0) {
         for (ptrdiff_t i = 0; i < w; i++) {
-            int32_t m = (int32_t)wm[i], x = (int32_t)wx[i];
-            float mf = (float)m, xf = (float)x, yf = TFN(u32f)(wy[i]);
+            uint32_t mu = 0, xu = 0, yu = 0;
+            for (int d = -K; d <= K; d++) {
+                mu += cm[i + d];
+                xu += cx[i + d];
+                yu += cy[i + d];
+            }
+            int32_t m = (int32_t)mu, x = (int32_t)xu;
+            float mf = (float)m, xf = (float)x, yf = TFN(u32f)(yu);
             float m1 = mf - 1.0f, my = mf * yf, xx = xf * xf;
             float a = my - xx;
             float c = g * xf * (m1 + nsb * __builtin_sqrtf(2.0f * m1));
             float e = (my + xx + xf * mf + c) * 0x1p-18f, d = a - c;
-            int base = (m >= minc) & (x >= 0);
-            int sure = (x < 65536) & ((d > e) | (d < -e));
-            code[i] = (uint8_t)(base * ((sure & (d > e)) | ((!sure) << 1)));
+            int32_t ok = (m >= minc) & (x >= 0), exact_y = x < 65536;
+            int32_t t = exact_y & (d > e), f = exact_y & (d < -e);
+            code[i] = (uint32_t)(ok * (t | ((1 - (t | f)) << 1)));
         }
     } else {
         for (ptrdiff_t i = 0; i < w; i++) {
-            int32_t m = (int32_t)wm[i], x = (int32_t)wx[i];
-            float mf = (float)m, xf = (float)x, yf = TFN(u32f)(wy[i]);
-            float m1 = mf - 1.0f, my = mf * yf, xx = xf * xf, xm = xf * m1;
-            float a = my - xx - xm;
-            float c = xf * nsb * __builtin_sqrtf(2.0f * m1);
-            float e = (my + xx + xf * mf + c) * 0x1p-18f, d = a - c;
-            int base = (m >= minc) & (x >= 0);
-            int sure = (x < 65536) & ((d > e) | (d < -e));
-            code[i] = (uint8_t)(base * ((sure & (d > e)) | ((!sure) << 1)));
+            uint32_t mu = 0, xu = 0, yu = 0;
+            for (int d = -K; d <= K; d++) {
+                mu += cm[i + d];
+                xu += cx[i + d];
+                yu += cy[i + d];
+            }
+            int32_t m = (int32_t)mu, x = (int32_t)xu;
+            float mf = (float)m, xf = (float)x, yf = TFN(u32f)(yu);
+            float m1 = mf - 1.0f, my = mf * yf, xx = xf * xf;
+            float a = my - xx - xf * m1, e = (my + xx + xf * mf) * 0x1p-19f;
+            float c2 = xx * (c2k * m1), lo = a - e, hi = a + e;
+            int32_t ok = (m >= minc) & (x >= 0), exact_y = x < 65536;
+            int32_t t = exact_y & (lo > 0.0f) & (lo * lo > c2 * (1.0f + 0x1p-16f));
+            int32_t f = exact_y & ((hi <= 0.0f) | (hi * hi < c2 * (1.0f - 0x1p-16f)));
+            code[i] = (uint32_t)(ok * (t | ((1 - (t | f)) << 1)));
         }
     }
 }
 
-/* CV for the sure cases (masked and untrusted pixels count as passing, DIALS local.h). */
-static void TFN(mark_cv)(uint8_t *__restrict fl, const uint8_t *__restrict code, ptrdiff_t w) {
+/* CV for the sure cases (masked and untrusted pixels count as passing, DIALS local.h); the codes as
+ * bytes for the scan; nonzero when some pixel (code 2) is left for the exact test. */
+static uint8_t TFN(apply_cv)(uint8_t *__restrict fl, const uint32_t *__restrict code, uint8_t *__restrict code8,
+                             ptrdiff_t w) {
+    uint8_t any = 0;
     for (ptrdiff_t i = 0; i < w; i++) {
-        uint8_t f = fl[i];
-        fl[i] = f | (uint8_t)((((f & F_VALID) ^ F_VALID) | (code[i] & 1)) << 2); /* code is 0, 1 or 2 */
+        uint8_t cd = (uint8_t)code[i];
+        code8[i] = cd;
+        any |= cd;
+        fl[i] = fl[i] | (uint8_t)((((fl[i] & F_VALID) ^ F_VALID) | (cd & 1)) << 2);
     }
+    return any & 2;
+}
+
+/* One row of the extended first pass: CV flags for the sure cases; returns nonzero when some pixel
+ * (code 2) is left for the exact test. */
+static uint8_t TFN(cv_row)(const uint32_t *cm, const uint32_t *cx, const uint32_t *cy, ptrdiff_t w, int k,
+                           const disp_ctx *ctx, uint8_t *fl, disp_bufs *B) {
+    switch (k) {
+    case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, B->code32); break;
+    case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, B->code32); break;
+    case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, B->code32); break;
+    case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, B->code32); break;
+    case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, B->code32); break;
+    default:
+        TFN(hsum)(cm, B->wm, w, k);
+        TFN(hsum)(cx, B->wx, w, k);
+        TFN(hsum)(cy, B->wy, w, k);
+        TFN(cv_row_k)(B->wm, B->wx, B->wy, w, 0, ctx, B->code32);
+    }
+    return TFN(apply_cv)(fl, B->code32, B->code, w);
 }
 
 /* Erosion of the CV region by a (2r+1)-square (DIALS: chessboard distance to the nearest cv-false
@@ -96,7 +124,7 @@ static void TFN(mark_cv)(uint8_t *__restrict fl, const uint8_t *__restrict code,
  * (CV and eroded); IN_SUMS2 = BACKGROUND and IN_SUMS; CAND2 = VALID and not BACKGROUND. Separable:
  * NEAR along rows, then OR over the rows within r. `pad` holds w + 2r bytes. */
 static void TFN(erode)(uint8_t *__restrict flags, ptrdiff_t h, ptrdiff_t w, int r, uint8_t *__restrict pad,
-                       uint8_t *__restrict acc) {
+                       uint8_t *__restrict acc, uint8_t *__restrict row_has_cand) {
     memset(pad, 0, (size_t)(w + 2 * r));
     for (ptrdiff_t j = 0; j < h; j++) {
         uint8_t *fl = flags + j * w;
@@ -114,17 +142,20 @@ static void TFN(erode)(uint8_t *__restrict flags, ptrdiff_t h, ptrdiff_t w, int 
             const uint8_t *fr = flags + jj * w;
             for (ptrdiff_t i = 0; i < w; i++) acc[i] |= fr[i] & F_NEAR;
         }
-        uint8_t *fl = flags + j * w;
+        uint8_t *fl = flags + j * w, any = 0;
         for (ptrdiff_t i = 0; i < w; i++) {
             uint8_t f = fl[i];
             uint8_t valid = f & F_VALID, ins = (f >> 1) & 1, cv = (f >> 2) & 1, near = acc[i] != 0;
-            uint8_t bg = valid & (uint8_t)(!(cv & !near));
-            fl[i] = f | (uint8_t)(bg << 4) | (uint8_t)((bg & ins) << 5) | (uint8_t)((valid & !bg) << 6);
+            uint8_t bg = valid & (uint8_t)(!(cv & !near)), cand = valid & !bg;
+            fl[i] = f | (uint8_t)(bg << 4) | (uint8_t)((bg & ins) << 5) | (uint8_t)(cand << 6);
+            any |= cand;
         }
+        row_has_cand[j] = any;
     }
 }
 
 #undef TFN
+#undef DISP_INLINE
 
 /* The pixel-type parts: uint16, int32, uint32 frames. */
 #define DISP_PIXEL_PART
@@ -153,6 +184,64 @@ static void TFN(erode)(uint8_t *__restrict flags, ptrdiff_t h, ptrdiff_t w, int 
 /* ---------------------------------------------------------------- one pixel type (PIX, PIXN) */
 #define FN(name) DISP_CAT3(name, PIXN, TGT)
 #define TFN(name) DISP_CAT2(name, TGT)
+#define DISP_INLINE static inline __attribute__((always_inline))
+
+/* Rows enter and leave the window's column sums (m: uint8, x and y: uint32). Entering rows are
+ * flagged (VALID, IN_SUMS); the count of unmasked pixels above the trusted range is returned (the
+ * caller collects them when there are any). */
+static uint32_t FN(enter)(const PIX *__restrict v, const uint8_t *__restrict mk, uint8_t *__restrict fl,
+                          uint32_t *__restrict cm, uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w,
+                          PIX lo, PIX hi) {
+    uint32_t over = 0;
+    for (ptrdiff_t i = 0; i < w; i++) {
+        PIX p = v[i];
+        uint32_t use = mk[i] != 0, valid = use & (p >= lo) & (p <= hi), ins = valid & (p < DISP_BIG);
+        uint32_t e = (uint32_t)p & (0u - ins);
+        fl[i] = (uint8_t)(valid | (ins << 1));
+        cm[i] += ins;
+        cx[i] += e;
+        if (cy) cy[i] += e * e;
+        over += use & (p > hi);
+    }
+    return over;
+}
+
+static void FN(leave)(const PIX *__restrict v, const uint8_t *__restrict fl, uint32_t *__restrict cm,
+                      uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w) {
+    for (ptrdiff_t i = 0; i < w; i++) {
+        uint32_t ins = (fl[i] >> 1) & 1, e = (uint32_t)v[i] & (0u - ins);
+        cm[i] -= ins;
+        cx[i] -= e;
+        if (cy) cy[i] -= e * e;
+    }
+}
+
+/* One row enters while another leaves: one pass over the column sums. */
+DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *__restrict mk,
+                                        uint8_t *__restrict fl, const PIX *__restrict vo,
+                                        const uint8_t *__restrict flo, uint32_t *__restrict cm,
+                                        uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w, PIX lo,
+                                        PIX hi, const int with_y) {
+    uint32_t over = 0;
+    for (ptrdiff_t i = 0; i < w; i++) {
+        PIX p = v[i];
+        uint32_t use = mk[i] != 0, valid = use & (p >= lo) & (p <= hi), ins = valid & (p < DISP_BIG);
+        uint32_t e = (uint32_t)p & (0u - ins);
+        uint32_t inso = (flo[i] >> 1) & 1, eo = (uint32_t)vo[i] & (0u - inso);
+        fl[i] = (uint8_t)(valid | (ins << 1));
+        cm[i] += ins - inso;
+        cx[i] += e - eo;
+        if (with_y) cy[i] += e * e - eo * eo;
+        over += use & (p > hi);
+    }
+    return over;
+}
+
+static uint32_t FN(enter_leave)(const PIX *v, const uint8_t *mk, uint8_t *fl, const PIX *vo, const uint8_t *flo,
+                                uint32_t *cm, uint32_t *cx, uint32_t *cy, ptrdiff_t w, PIX lo, PIX hi) {
+    if (cy) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1);
+    return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 0);
+}
 
 #if PIX_IS_U32
 #define PIX_F(p) TFN(u32f)(p)
@@ -160,92 +249,61 @@ static void TFN(erode)(uint8_t *__restrict flags, ptrdiff_t h, ptrdiff_t w, int 
 #define PIX_F(p) ((float)(p))
 #endif
 
-/* A row enters the window: flag it (VALID, IN_SUMS) and add it to the column sums; count the
- * unmasked pixels above the trusted range (collected by the caller when there are any). */
-static uint32_t FN(enter)(const PIX *__restrict v, const uint8_t *__restrict mk, uint8_t *__restrict fl,
-                          uint32_t *__restrict cm, uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w,
-                          PIX lo, PIX hi) {
-    uint32_t over = 0;
-    if (cy) {
-        for (ptrdiff_t i = 0; i < w; i++) {
-            PIX p = v[i];
-            uint32_t use = mk[i] != 0, valid = use & (p >= lo) & (p <= hi), ins = valid & (p < DISP_BIG);
-            uint32_t e = ins ? (uint32_t)p : 0;
-            fl[i] = (uint8_t)(valid | (ins << 1));
-            cm[i] += ins;
-            cx[i] += e;
-            cy[i] += e * e;
-            over += use & (p > hi);
-        }
-    } else {
-        for (ptrdiff_t i = 0; i < w; i++) {
-            PIX p = v[i];
-            uint32_t use = mk[i] != 0, valid = use & (p >= lo) & (p <= hi), ins = valid & (p < DISP_BIG);
-            uint32_t e = ins ? (uint32_t)p : 0;
-            fl[i] = (uint8_t)(valid | (ins << 1));
-            cm[i] += ins;
-            cx[i] += e;
-            over += use & (p > hi);
-        }
-    }
-    return over;
-}
-
-/* A row leaves the window. */
-static void FN(leave)(const PIX *__restrict v, const uint8_t *__restrict fl, uint32_t *__restrict cm,
-                      uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w) {
-    if (cy) {
-        for (ptrdiff_t i = 0; i < w; i++) {
-            uint32_t ins = (fl[i] >> 1) & 1, e = ins ? (uint32_t)v[i] : 0;
-            cm[i] -= ins;
-            cx[i] -= e;
-            cy[i] -= e * e;
-        }
-    } else {
-        for (ptrdiff_t i = 0; i < w; i++) {
-            uint32_t ins = (fl[i] >> 1) & 1, e = ins ? (uint32_t)v[i] : 0;
-            cm[i] -= ins;
-            cx[i] -= e;
-        }
-    }
-}
-
-/* `dispersion` candidates: DIALS's b > d (b = m v - x, d = sigma_s sqrt(g x m) >= 0) needs b > 0 and
- * b^2 > sigma_s^2 g x m. In float32, b is raised by a bound on its rounding (4 roundings of
- * m v + x at most, margin 2^-20: 16x) and the right side lowered by `loose` (1 - 1e-4): a pixel
- * that can pass is never dropped. Validity and min_count are exact. */
-static void FN(test_strong)(const PIX *__restrict v, const uint8_t *__restrict fl, const uint32_t *__restrict wm,
-                            const uint32_t *__restrict wx, ptrdiff_t w, int32_t minc, float loose,
-                            uint8_t *__restrict cand) {
+/* `dispersion` candidates, fused with the horizontal window sums (K as in cv_row_k): DIALS's b > d
+ * (b = m v - x, d = sigma_s sqrt(g x m) >= 0) needs b > 0 and b^2 > sigma_s^2 g x m. In float32, b
+ * is raised by a bound on its rounding (4 roundings of m v + x at most, margin 2^-20: 16x) and the
+ * right side lowered by `loose` (1 - 1e-4): a pixel that can pass is never dropped. Validity and
+ * min_count are exact. */
+DISP_INLINE void FN(strong_row_k)(const PIX *__restrict v, const uint32_t *__restrict cm,
+                                  const uint32_t *__restrict cx, ptrdiff_t w, const int K, int32_t minc, float loose,
+                                  uint32_t *__restrict cand) {
     for (ptrdiff_t i = 0; i < w; i++) {
-        int32_t m = (int32_t)wm[i];
-        float vf = PIX_F(v[i]), mf = (float)m, xf = (float)(int32_t)wx[i];
+        uint32_t mu = 0, xu = 0;
+        for (int d = -K; d <= K; d++) {
+            mu += cm[i + d];
+            xu += cx[i + d];
+        }
+        int32_t m = (int32_t)mu;
+        float vf = PIX_F(v[i]), mf = (float)m, xf = (float)(int32_t)xu;
         float mv = mf * vf, b = mv - xf, bb = b + (mv + xf) * 0x1p-20f;
         int32_t ok = (bb > 0.0f) & (bb * bb >= loose * xf * mf) & (m >= minc);
-        cand[i] = (uint8_t)(fl[i] & F_VALID & ok);
+        cand[i] = (uint32_t)ok;
     }
+}
+
+static void FN(strong_row)(const PIX *v, const uint8_t *fl, const uint32_t *cm, const uint32_t *cx, ptrdiff_t w,
+                           int k, const disp_ctx *ctx, disp_bufs *B) {
+    const int32_t minc = ctx->min_count_i32;
+    const float loose = ctx->loose;
+    switch (k) {
+    case 1: FN(strong_row_k)(v, cm, cx, w, 1, minc, loose, B->code32); break;
+    case 2: FN(strong_row_k)(v, cm, cx, w, 2, minc, loose, B->code32); break;
+    case 3: FN(strong_row_k)(v, cm, cx, w, 3, minc, loose, B->code32); break;
+    case 4: FN(strong_row_k)(v, cm, cx, w, 4, minc, loose, B->code32); break;
+    case 5: FN(strong_row_k)(v, cm, cx, w, 5, minc, loose, B->code32); break;
+    default:
+        TFN(hsum)(cm, B->wm, w, k);
+        TFN(hsum)(cx, B->wx, w, k);
+        FN(strong_row_k)(v, B->wm, B->wx, w, 0, minc, loose, B->code32);
+    }
+    for (ptrdiff_t i = 0; i < w; i++) B->code[i] = (uint8_t)(fl[i] & F_VALID & B->code32[i]);
 }
 
 /* Exact integer window sums over the pixels flagged `bit` (the rare candidates). */
 static void FN(direct)(const PIX *img, const uint8_t *flags, ptrdiff_t h, ptrdiff_t w, ptrdiff_t j, ptrdiff_t i,
-                       int ky, int kx, uint8_t bit, int64_t *m_out, uint64_t *x_out, uint64_t *y_out) {
+                       int ky, int kx, uint8_t bit, uint64_t *y_out) {
     ptrdiff_t j0 = j - ky < 0 ? 0 : j - ky, j1 = j + ky + 1 > h ? h : j + ky + 1;
     ptrdiff_t i0 = i - kx < 0 ? 0 : i - kx, i1 = i + kx + 1 > w ? w : i + kx + 1;
-    int64_t m = 0;
-    uint64_t x = 0, y = 0;
+    uint64_t y = 0;
     for (ptrdiff_t jj = j0; jj < j1; jj++) {
         const PIX *row = img + jj * w;
         const uint8_t *fr = flags + jj * w;
         for (ptrdiff_t ii = i0; ii < i1; ii++) {
-            uint64_t use = (fr[ii] & bit) != 0, e = use ? (uint64_t)row[ii] : 0;
-            m += (int64_t)use;
-            x += e;
+            uint64_t e = (fr[ii] & bit) ? (uint64_t)row[ii] : 0;
             y += e * e;
         }
     }
-    *m_out = m;
-    *x_out = x;
-    if (y_out) *y_out = y;
+    *y_out = y;
 }
 
 /* Collect the unmasked pixels above the trusted range in one row (rows come in order). */
@@ -256,16 +314,15 @@ static int FN(overloads)(const PIX *v, const uint8_t *mk, ptrdiff_t w, PIX hi, i
 }
 
 /* The sliding first pass. mode 0: `dispersion` -> strong; mode 1: extended first pass -> CV flags.
- * Column sums over the window's rows (uint32, exact: at most 127 pixels below 2^24 each) slide
- * down the frame; horizontal sums per row; the float bound per pixel; exact tests for the rest. */
+ * Column sums over the window's rows (exact: at most 127 pixels below 2^24) slide down the frame;
+ * per row one fused pass forms the horizontal sums and the float bound per pixel; the exact tests
+ * take the rest (window sums again from the column sums, sums of squares directly). */
 static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, uint8_t *flags, int mode,
                      disp_bufs *B, disp_indices *strong, disp_indices *over) {
     const ptrdiff_t h = ctx->h, w = ctx->w;
     const int ky = ctx->p.ky, kx = ctx->p.kx;
     const PIX lo = (PIX)ctx->lo_i, hi = (PIX)ctx->hi_i;
     uint32_t *cm = B->cm + kx, *cx = B->cx + kx, *cy = mode == 1 ? B->cy + kx : NULL;
-    const int32_t minc = ctx->min_count_i32;
-    const float loose = ctx->loose;
     for (ptrdiff_t r = 0; r < h && r < ky; r++) {
         const uint8_t *mk = mask ? mask + r * w : B->ones;
         if (FN(enter)(img + r * w, mk, flags + r * w, cm, cx, cy, w, lo, hi) &&
@@ -273,49 +330,43 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
             return -1;
     }
     for (ptrdiff_t j = 0; j < h; j++) {
-        ptrdiff_t r = j + ky;
-        if (r < h) {
-            const uint8_t *mk = mask ? mask + r * w : B->ones;
-            if (FN(enter)(img + r * w, mk, flags + r * w, cm, cx, cy, w, lo, hi) &&
-                FN(overloads)(img + r * w, mk, w, hi, r * w, over) < 0)
-                return -1;
-        }
-        r = j - ky - 1;
-        if (r >= 0) FN(leave)(img + r * w, flags + r * w, cm, cx, cy, w);
-        TFN(hsum)(cm, B->wm, w, kx);
-        TFN(hsum)(cx, B->wx, w, kx);
+        ptrdiff_t rin = j + ky, rout = j - ky - 1;
+        const uint8_t *mk = mask && rin < h ? mask + rin * w : B->ones;
+        uint32_t n_over = 0;
+        if (rin < h && rout >= 0)
+            n_over = FN(enter_leave)(img + rin * w, mk, flags + rin * w, img + rout * w, flags + rout * w, cm, cx, cy,
+                                     w, lo, hi);
+        else if (rin < h)
+            n_over = FN(enter)(img + rin * w, mk, flags + rin * w, cm, cx, cy, w, lo, hi);
+        else if (rout >= 0)
+            FN(leave)(img + rout * w, flags + rout * w, cm, cx, cy, w);
+        if (n_over && FN(overloads)(img + rin * w, mk, w, hi, rin * w, over) < 0) return -1;
         const PIX *vrow = img + j * w;
         uint8_t *fl = flags + j * w;
-        if (mode == 0) {
-            FN(test_strong)(vrow, fl, B->wm, B->wx, w, minc, loose, B->code);
-            for (ptrdiff_t i0 = 0; i0 < w; i0 += 8) {
-                uint64_t word;
-                memcpy(&word, B->code + i0, 8); /* code has 8 bytes of zero slack */
-                if (!word) continue;
-                for (ptrdiff_t i = i0; i < i0 + 8 && i < w; i++) {
-                    if (!B->code[i]) continue;
-                    int64_t m;
-                    uint64_t x, y;
-                    FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS, &m, &x, &y);
-                    if (disp_strong_exact(ctx, m, (double)x, (double)y, (double)vrow[i]) &&
-                        disp_push(strong, j * w + i) < 0)
-                        return -1;
-                }
-            }
+        if (mode == 1) {
+            if (!TFN(cv_row)(cm, cx, cy, w, kx, ctx, fl, B)) continue; /* no pixel left to decide */
         } else {
-            TFN(hsum)(cy, B->wy, w, kx);
-            TFN(test_cv)(B->wm, B->wx, B->wy, w, ctx, B->code);
-            TFN(mark_cv)(fl, B->code, w);
-            for (ptrdiff_t i0 = 0; i0 < w; i0 += 8) {
-                uint64_t word;
-                memcpy(&word, B->code + i0, 8);
-                if (!(word & 0x0202020202020202ull)) continue;
-                for (ptrdiff_t i = i0; i < i0 + 8 && i < w; i++) {
-                    if (B->code[i] != 2 || (fl[i] & F_CV)) continue;
-                    int64_t m = (int32_t)B->wm[i];
-                    uint64_t x = B->wx[i], y = B->wy[i];
-                    if (x >= 65536) FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS, &m, &x, &y);
-                    if (disp_cv_exact(ctx, m, (double)x, (double)y)) fl[i] |= F_CV;
+            FN(strong_row)(vrow, fl, cm, cx, w, kx, ctx, B);
+        }
+        for (ptrdiff_t i0 = 0; i0 < w; i0 += 8) {
+            uint64_t word;
+            memcpy(&word, B->code + i0, 8); /* code has 8 bytes of zero slack */
+            if (!(word & (mode == 1 ? 0x0202020202020202ull : ~0ull))) continue;
+            for (ptrdiff_t i = i0; i < i0 + 8 && i < w; i++) {
+                if (mode == 1 ? B->code[i] != 2 || (fl[i] & F_CV) : !B->code[i]) continue;
+                uint32_t m = 0, x = 0, y = 0;
+                for (int d = -kx; d <= kx; d++) {
+                    m += cm[i + d];
+                    x += cx[i + d];
+                    if (cy) y += cy[i + d];
+                }
+                uint64_t y64 = y;
+                if (mode == 0 || x >= 65536) FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS, &y64);
+                if (mode == 1) {
+                    if (disp_cv_exact(ctx, (int64_t)m, (double)x, (double)y64)) fl[i] |= F_CV;
+                } else if (disp_strong_exact(ctx, (int64_t)m, (double)x, (double)y64, (double)vrow[i]) &&
+                           disp_push(strong, j * w + i) < 0) {
+                    return -1;
                 }
             }
         }
@@ -323,36 +374,88 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
     return 0;
 }
 
+/* Final-pass column sums over the background (IN_SUMS2): add (sign 1) or remove (-1) one row. */
+static void FN(bg_row)(const PIX *__restrict v, const uint8_t *__restrict fl, uint32_t *__restrict cm,
+                       uint32_t *__restrict cx, ptrdiff_t w, uint32_t sign) {
+    if (sign == 1u) {
+        for (ptrdiff_t i = 0; i < w; i++) {
+            uint32_t ins = (fl[i] >> 5) & 1;
+            cm[i] += ins;
+            cx[i] += (uint32_t)v[i] & (0u - ins);
+        }
+    } else {
+        for (ptrdiff_t i = 0; i < w; i++) {
+            uint32_t ins = (fl[i] >> 5) & 1;
+            cm[i] -= ins;
+            cx[i] -= (uint32_t)v[i] & (0u - ins);
+        }
+    }
+}
+
+static int FN(final_pixel)(const disp_ctx *ctx, const uint32_t *cm, const uint32_t *cx, int kx, ptrdiff_t i,
+                           double v) {
+    uint32_t m = 0, x = 0;
+    for (int d = -kx; d <= kx; d++) {
+        m += cm[i + d];
+        x += cx[i + d];
+    }
+    /* v < mean (exact: v m < x) fails v >= mean + sigma_s sqrt(g mean) at once; the rest in double. */
+    if (m >= 2 && v * (double)m < (double)x) return 0;
+    return disp_final_exact(ctx, (int64_t)m, (double)x, v);
+}
+
+/* Bring one column tile's background column sums to row j: slide from the row they hold when
+ * that is near, else rebuild them from the window's rows. */
+static void FN(tile_to)(const PIX *img, const uint8_t *flags, ptrdiff_t h, ptrdiff_t w, int ky, uint32_t *cm,
+                        uint32_t *cx, ptrdiff_t *tile_row, ptrdiff_t t, ptrdiff_t j) {
+    ptrdiff_t c0 = t * DISP_TILE, n = w - c0 < DISP_TILE ? w - c0 : DISP_TILE, cur = tile_row[t];
+    if (cur == j) return;
+    if (cur >= 0 && 2 * (j - cur) <= 2 * ky + 1) {
+        for (ptrdiff_t r = cur + 1; r <= j; r++) {
+            if (r + ky < h) FN(bg_row)(img + (r + ky) * w + c0, flags + (r + ky) * w + c0, cm + c0, cx + c0, n, 1u);
+            if (r - ky - 1 >= 0)
+                FN(bg_row)(img + (r - ky - 1) * w + c0, flags + (r - ky - 1) * w + c0, cm + c0, cx + c0, n, ~0u);
+        }
+    } else {
+        memset(cm + c0, 0, (size_t)n * sizeof(uint32_t));
+        memset(cx + c0, 0, (size_t)n * sizeof(uint32_t));
+        for (ptrdiff_t r = j - ky < 0 ? 0 : j - ky; r <= j + ky && r < h; r++)
+            FN(bg_row)(img + r * w + c0, flags + r * w + c0, cm + c0, cx + c0, n, 1u);
+    }
+    tile_row[t] = j;
+}
+
 /* Extended final pass, only at the candidates (VALID, not BACKGROUND: inside the eroded CV region)
- * above the global threshold: exact background sums over the window two pixels wider each way. */
-static int FN(final)(const disp_ctx *ctx, const PIX *img, const uint8_t *flags, disp_indices *strong) {
+ * above the global threshold, in the rows erode marked. Background column sums over the window two
+ * pixels wider each way are kept per tile of DISP_TILE columns, brought to a candidate's row only
+ * for the tiles its window touches; window sums (uint32, exact: at most 255 pixels below 2^24,
+ * checked by the caller) only at candidates. */
+static int FN(final)(const disp_ctx *ctx, const PIX *img, const uint8_t *flags, disp_bufs *B, disp_indices *strong) {
     const ptrdiff_t h = ctx->h, w = ctx->w;
     const int ky = ctx->p.ky + 2, kx = ctx->p.kx + 2;
     const double threshold = ctx->p.threshold;
+    uint32_t *cm = B->cm + kx, *cx = B->cx + kx;
+    memset(B->cm, 0, (size_t)B->padded * sizeof(uint32_t)); /* the padding too: pass 1 used other offsets */
+    memset(B->cx, 0, (size_t)B->padded * sizeof(uint32_t));
+    for (ptrdiff_t t = 0; t * DISP_TILE < w; t++) B->tile_row[t] = -1;
     for (ptrdiff_t j = 0; j < h; j++) {
+        if (!B->row_has_cand[j]) continue;
         const uint8_t *fl = flags + j * w;
         const PIX *vrow = img + j * w;
-        ptrdiff_t i0 = 0;
-        for (; i0 + 8 <= w; i0 += 8) {
-            uint64_t word;
-            memcpy(&word, fl + i0, 8);
-            if (!(word & 0x4040404040404040ull)) continue;
-            for (ptrdiff_t i = i0; i < i0 + 8; i++) {
-                if (!(fl[i] & F_CAND2) || !((double)vrow[i] > threshold)) continue;
-                int64_t m;
-                uint64_t x;
-                FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS2, &m, &x, NULL);
-                if (disp_final_exact(ctx, m, (double)x, (double)vrow[i]) && disp_push(strong, j * w + i) < 0)
-                    return -1;
+        for (ptrdiff_t i0 = 0; i0 < w; i0 += 8) {
+            if (i0 + 8 <= w) {
+                uint64_t word;
+                memcpy(&word, fl + i0, 8);
+                if (!(word & 0x4040404040404040ull)) continue;
             }
-        }
-        for (ptrdiff_t i = i0; i < w; i++) {
-            if (!(fl[i] & F_CAND2) || !((double)vrow[i] > threshold)) continue;
-            int64_t m;
-            uint64_t x;
-            FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS2, &m, &x, NULL);
-            if (disp_final_exact(ctx, m, (double)x, (double)vrow[i]) && disp_push(strong, j * w + i) < 0)
-                return -1;
+            for (ptrdiff_t i = i0; i < i0 + 8 && i < w; i++) {
+                if (!(fl[i] & F_CAND2)) continue;
+                double v = (double)vrow[i];
+                if (!(v > threshold)) continue;
+                ptrdiff_t t0 = (i - kx < 0 ? 0 : i - kx) / DISP_TILE, t1 = (i + kx >= w ? w - 1 : i + kx) / DISP_TILE;
+                for (ptrdiff_t t = t0; t <= t1; t++) FN(tile_to)(img, flags, h, w, ky, cm, cx, B->tile_row, t, j);
+                if (FN(final_pixel)(ctx, cm, cx, kx, i, v) && disp_push(strong, j * w + i) < 0) return -1;
+            }
         }
     }
     return 0;
@@ -362,12 +465,24 @@ static int FN(run)(const disp_ctx *ctx, const void *image, const uint8_t *mask, 
                    disp_indices *strong, disp_indices *over) {
     const PIX *img = (const PIX *)image;
     if (!ctx->p.extended) return FN(slide)(ctx, img, mask, flags, 0, B, strong, over);
+#ifdef DISP_PROFILE
+    double t0 = DISP_PROFILE();
     if (FN(slide)(ctx, img, mask, flags, 1, B, strong, over) < 0) return -1;
-    TFN(erode)(flags, ctx->h, ctx->w, ctx->radius, B->pad, B->code);
-    return FN(final)(ctx, img, flags, strong);
+    double t1 = DISP_PROFILE();
+    TFN(erode)(flags, ctx->h, ctx->w, ctx->radius, B->pad, B->code, B->row_has_cand);
+    double t2 = DISP_PROFILE();
+    int st = FN(final)(ctx, img, flags, B, strong);
+    double t3 = DISP_PROFILE();
+    disp_prof[0] += t1 - t0; disp_prof[1] += t2 - t1; disp_prof[2] += t3 - t2;
+    return st;
+#endif
+    if (FN(slide)(ctx, img, mask, flags, 1, B, strong, over) < 0) return -1;
+    TFN(erode)(flags, ctx->h, ctx->w, ctx->radius, B->pad, B->code, B->row_has_cand);
+    return FN(final)(ctx, img, flags, B, strong);
 }
 
 #undef PIX_F
+#undef DISP_INLINE
 #undef FN
 #undef TFN
 #endif
