@@ -676,12 +676,34 @@ fn strong_bins_with<T: WinSum>(
     for j in 0..ky.min(h) {
         update(&mut cm, &mut cx, j, T::ONE);
     }
-    for j in 0..h {
-        if j + ky < h {
-            update(&mut cm, &mut cx, j + ky, T::ONE);
+    // One row enters the window and one leaves it: both in one pass over the column sums.
+    let slide = |cm: &mut [T], cx: &mut [T], enter: usize, leave: usize| {
+        let (s_in, v_in) = (&sums[enter * w..][..w], &valid[enter * w..][..w]);
+        let (s_out, v_out) = (&sums[leave * w..][..w], &valid[leave * w..][..w]);
+        let (cm, cx) = (&mut cm[pad..pad + w], &mut cx[pad..pad + w]);
+        for i in 0..w {
+            let a = if (v_in[i] != 0) & (s_in[i] < BIG) {
+                T::ONE
+            } else {
+                T::default()
+            };
+            let r = if (v_out[i] != 0) & (s_out[i] < BIG) {
+                T::MINUS_ONE
+            } else {
+                T::default()
+            };
+            cm[i] += a;
+            cm[i] += r;
+            cx[i] += T::of(s_in[i]) * a;
+            cx[i] += T::of(s_out[i]) * r;
         }
-        if j > ky {
-            update(&mut cm, &mut cx, j - ky - 1, T::MINUS_ONE);
+    };
+    for j in 0..h {
+        match (j + ky < h, j > ky) {
+            (true, true) => slide(&mut cm, &mut cx, j + ky, j - ky - 1),
+            (true, false) => update(&mut cm, &mut cx, j + ky, T::ONE),
+            (false, true) => update(&mut cm, &mut cx, j - ky - 1, T::MINUS_ONE),
+            (false, false) => {}
         }
         // Clipped horizontal sums, LANES bins at a time in registers: window columns
         // i-kx ..= i+kx sit at padded i+1 ..= i+2kx+1 (the padding is zeros). Then dispersion.pyx's
