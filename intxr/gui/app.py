@@ -38,6 +38,7 @@ from bokeh.models import (
 )
 from bokeh.palettes import Greys256, Viridis256
 from bokeh.plotting import figure
+from bokeh.transform import linear_cmap
 
 from intxr.gui.frames import FrameError, Frames
 from intxr.gui.model import MAX_SERIES, RunModel, SeriesCursor, resolution_edges
@@ -112,7 +113,7 @@ def _pct(value) -> str:
 
 
 def _columns(points: list[dict]) -> dict:
-    hit = np.fromiter((bool(p["hit"]) for p in points), bool, len(points))
+    hit = np.fromiter((bool(p["hit"]) for p in points), np.int8, len(points))  # 0 / 1: coloured by the page
     indexed = np.fromiter(
         (1 if p["indexed"] else (0 if p["indexed"] is False else -1) for p in points), np.int8, len(points)
     )
@@ -125,7 +126,6 @@ def _columns(points: list[dict]) -> dict:
         "score": np.fromiter((p["score"] if p["score"] is not None else np.nan for p in points), float, len(points)),
         "hit": hit,
         "indexed": indexed,
-        "color": np.where(hit, HIT, NO_HIT),
     }
 
 
@@ -201,9 +201,8 @@ class Session:
             y_axis_label="spots",
             tools="xpan,xwheel_zoom,box_zoom,reset,save",
             name="strip_plot",
-            output_backend="webgl",
         )
-        strip.scatter("frame", "n_spots", color="color", size=4, source=self.strip)
+        strip.scatter("frame", "n_spots", color=linear_cmap("hit", [NO_HIT, HIT], 0, 1), size=4, source=self.strip)
         strip.scatter(
             "frame", "n_spots", source=self.strip_indexed, marker="circle", size=8, fill_color=None, line_color=INDEXED
         )
@@ -651,7 +650,7 @@ class Session:
             at = index - self.strip_dropped
             columns = _columns([point])
             if 0 <= at < len(self.strip.data["frame"]):
-                for field in ("n_spots", "hres", "score", "hit", "indexed", "color"):
+                for field in ("n_spots", "hres", "score", "hit", "indexed"):
                     strip.setdefault(field, []).append((at, columns[field][0].item()))
             r = self.raster_index.get(point["frame"])
             if r is not None and cell is not None:
