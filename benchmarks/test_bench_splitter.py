@@ -76,36 +76,37 @@ def test_splitter_rust(benchmark, series):
     benchmark.pedantic(run, rounds=3, iterations=1)
 
 
+def pyzmq_h5py_loop(messages, shape, frames: int) -> None:
+    """The plain loop: receive, extend the dataset, write the blob as a chunk."""
+    with tempfile.TemporaryDirectory() as out:
+        socket = zmq.Context.instance().socket(zmq.PULL)
+        socket.connect(detector(messages))
+        with h5py.File(Path(out) / "data.h5", "w") as f:
+            ds = f.create_dataset(
+                "entry/data/data",
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                dtype=np.uint16,
+                chunks=(1, *shape),
+                **hdf5plugin.Bitshuffle(cname="lz4"),
+            )
+            n = 0
+            while True:
+                parts = socket.recv_multipart(copy=False)
+                if len(parts) == 4:
+                    ds.resize(n + 1, axis=0)
+                    ds.id.write_direct_chunk((n, 0, 0), parts[2].buffer)
+                    n += 1
+                elif b"dseries_end" in parts[0].bytes:
+                    break
+        socket.close(linger=0)
+        assert n == frames
+
+
 def test_pyzmq_h5py_loop(benchmark, series):
     size, shape, blob, messages = series
     record(benchmark, size, blob, "baseline:pyzmq+h5py")
-
-    def run():
-        with tempfile.TemporaryDirectory() as out:
-            socket = zmq.Context.instance().socket(zmq.PULL)
-            socket.connect(detector(messages))
-            with h5py.File(Path(out) / "data.h5", "w") as f:
-                ds = f.create_dataset(
-                    "entry/data/data",
-                    shape=(0, *shape),
-                    maxshape=(None, *shape),
-                    dtype=np.uint16,
-                    chunks=(1, *shape),
-                    **hdf5plugin.Bitshuffle(cname="lz4"),
-                )
-                n = 0
-                while True:
-                    parts = socket.recv_multipart(copy=False)
-                    if len(parts) == 4:
-                        ds.resize(n + 1, axis=0)
-                        ds.id.write_direct_chunk((n, 0, 0), parts[2].buffer)
-                        n += 1
-                    elif b"dseries_end" in parts[0].bytes:
-                        break
-            socket.close(linger=0)
-            assert n == N_FRAMES
-
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.pedantic(pyzmq_h5py_loop, args=(messages, shape, N_FRAMES), rounds=3, iterations=1)
 
 
 def test_raw_sequential_write(benchmark, series):
@@ -118,6 +119,67 @@ def test_raw_sequential_write(benchmark, series):
                 f.write(blob)
 
     benchmark.pedantic(run, rounds=3, iterations=1)
+
+
+def test_raw_sequential_write_distinct_buffers(benchmark, series):
+    """(c') as (c), from N_FRAMES separate copies of the blob, as the Splitter has them (each frame
+    arrives in its own ZeroMQ buffer): the page-cache copy then reads memory, not one cache-hot
+    buffer. Shows how much of the gap to (c) is that alone."""
+    size, shape, blob, messages = series
+    record(benchmark, size, blob, "baseline:raw write, distinct buffers")
+    buffers = [bytearray(blob) for _ in range(N_FRAMES)]
+
+    def run():
+        with tempfile.TemporaryDirectory() as out, open(Path(out) / "raw.bin", "wb") as f:
+            for buffer in buffers:
+                f.write(buffer)
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+
+
+# A short series: the per-series fixed costs (start-up, the master written at the start and at the
+# end, seeing the end) against the same loop, which has none of them.
+SHORT = 10
+
+
+@pytest.fixture(scope="module")
+def short_series(series):
+    size, shape, blob, messages = series
+    return size, shape, blob, messages[:1] + messages[1 : 1 + SHORT] + messages[-1:]
+
+
+def test_splitter_rust_short_series(benchmark, short_series):
+    size, shape, blob, messages = short_series
+    benchmark.group = f"splitter {SHORT}-frame series {size}"
+    benchmark.extra_info["role"] = "intxr"
+
+    def run():
+        with tempfile.TemporaryDirectory() as out:
+            with Splitter(detector(messages), out, max_series=1) as splitter:
+                splitter.join(120)
+            assert splitter.counters()["frames_written"] == SHORT
+
+    benchmark.pedantic(run, rounds=5, iterations=1)
+
+
+def test_pyzmq_h5py_loop_short_series(benchmark, short_series):
+    size, shape, blob, messages = short_series
+    benchmark.group = f"splitter {SHORT}-frame series {size}"
+    benchmark.extra_info["role"] = "baseline:pyzmq+h5py"
+    benchmark.pedantic(pyzmq_h5py_loop, args=(messages, shape, SHORT), rounds=5, iterations=1)
+
+
+def test_raw_sequential_write_short_series(benchmark, short_series):
+    size, shape, blob, messages = short_series
+    benchmark.group = f"splitter {SHORT}-frame series {size}"
+    benchmark.extra_info["role"] = "baseline:raw write"
+
+    def run():
+        with tempfile.TemporaryDirectory() as out, open(Path(out) / "raw.bin", "wb") as f:
+            for _ in range(SHORT):
+                f.write(blob)
+
+    benchmark.pedantic(run, rounds=5, iterations=1)
 
 
 def sim_geometry(shape: tuple[int, int]) -> Geometry:
