@@ -91,9 +91,9 @@ DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__
 static uint8_t TFN(apply_cv)(uint8_t *__restrict fl, const uint32_t *__restrict code, uint8_t *__restrict code8,
                              ptrdiff_t w) {
     uint8_t any = 0;
+    for (ptrdiff_t i = 0; i < w; i++) code8[i] = (uint8_t)code[i]; /* (two loops: both vectorise) */
     for (ptrdiff_t i = 0; i < w; i++) {
-        uint8_t cd = (uint8_t)code[i];
-        code8[i] = cd;
+        uint8_t cd = code8[i];
         any |= cd;
         fl[i] = fl[i] | (uint8_t)((((fl[i] & F_VALID) ^ F_VALID) | (cd & 1)) << 2);
     }
@@ -286,7 +286,8 @@ static void FN(strong_row)(const PIX *v, const uint8_t *fl, const uint32_t *cm, 
         TFN(hsum)(cx, B->wx, w, k);
         FN(strong_row_k)(v, B->wm, B->wx, w, 0, minc, loose, B->code32);
     }
-    for (ptrdiff_t i = 0; i < w; i++) B->code[i] = (uint8_t)(fl[i] & F_VALID & B->code32[i]);
+    for (ptrdiff_t i = 0; i < w; i++) B->code[i] = (uint8_t)B->code32[i]; /* validity: in the scan */
+    (void)fl;
 }
 
 /* Exact integer window sums over the pixels flagged `bit` (the rare candidates). */
@@ -353,7 +354,7 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
             memcpy(&word, B->code + i0, 8); /* code has 8 bytes of zero slack */
             if (!(word & (mode == 1 ? 0x0202020202020202ull : ~0ull))) continue;
             for (ptrdiff_t i = i0; i < i0 + 8 && i < w; i++) {
-                if (mode == 1 ? B->code[i] != 2 || (fl[i] & F_CV) : !B->code[i]) continue;
+                if (mode == 1 ? B->code[i] != 2 || (fl[i] & F_CV) : !B->code[i] || !(fl[i] & F_VALID)) continue;
                 uint32_t m = 0, x = 0, y = 0;
                 for (int d = -kx; d <= kx; d++) {
                     m += cm[i + d];
@@ -465,17 +466,6 @@ static int FN(run)(const disp_ctx *ctx, const void *image, const uint8_t *mask, 
                    disp_indices *strong, disp_indices *over) {
     const PIX *img = (const PIX *)image;
     if (!ctx->p.extended) return FN(slide)(ctx, img, mask, flags, 0, B, strong, over);
-#ifdef DISP_PROFILE
-    double t0 = DISP_PROFILE();
-    if (FN(slide)(ctx, img, mask, flags, 1, B, strong, over) < 0) return -1;
-    double t1 = DISP_PROFILE();
-    TFN(erode)(flags, ctx->h, ctx->w, ctx->radius, B->pad, B->code, B->row_has_cand);
-    double t2 = DISP_PROFILE();
-    int st = FN(final)(ctx, img, flags, B, strong);
-    double t3 = DISP_PROFILE();
-    disp_prof[0] += t1 - t0; disp_prof[1] += t2 - t1; disp_prof[2] += t3 - t2;
-    return st;
-#endif
     if (FN(slide)(ctx, img, mask, flags, 1, B, strong, over) < 0) return -1;
     TFN(erode)(flags, ctx->h, ctx->w, ctx->radius, B->pad, B->code, B->row_has_cand);
     return FN(final)(ctx, img, flags, B, strong);
