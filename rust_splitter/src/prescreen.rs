@@ -566,15 +566,21 @@ unsafe fn strong_bins_avx2(
 
 /// The type of the column and window sums: i32 (twice the lanes of doubles) when a window of
 /// values below 2^24 cannot reach 2^31, doubles otherwise. Both hold the integer sums exactly.
-trait WinSum: Copy + Default + std::ops::AddAssign + std::ops::Mul<Output = Self> + Into<f64> {
+trait WinSum:
+    Copy
+    + Default
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + Into<f64>
+{
     const ONE: Self;
-    const MINUS_ONE: Self;
     /// `v` when it is below 2^24 (anything else is multiplied by 0 here).
     fn of(v: u32) -> Self;
 }
 impl WinSum for i32 {
     const ONE: i32 = 1;
-    const MINUS_ONE: i32 = -1;
     #[inline(always)]
     fn of(v: u32) -> i32 {
         (v & (BIG - 1)) as i32
@@ -582,7 +588,6 @@ impl WinSum for i32 {
 }
 impl WinSum for f64 {
     const ONE: f64 = 1.0;
-    const MINUS_ONE: f64 = -1.0;
     #[inline(always)]
     fn of(v: u32) -> f64 {
         v as f64
@@ -660,50 +665,65 @@ fn strong_bins_with<T: WinSum>(
         .collect();
     let loose = 0.999999 * nsig_s * nsig_s;
     let in_sums = |k: usize| valid[k] != 0 && sums[k] < BIG;
-    let update = |cm: &mut [T], cx: &mut [T], row: usize, sign: T| {
-        let (s_row, v_row) = (&sums[row * w..row * w + w], &valid[row * w..row * w + w]);
+    // Row r's contribution (its in-sums flags and values) is kept in ring slot r % (2ky+1) while
+    // it is in the window: the row entering takes the slot of the row leaving, so each output row
+    // reads one frame row from memory and the ring (a few rows, in L2) for the one that leaves.
+    let k = 2 * ky + 1;
+    let mut ring_m = vec![T::default(); k * w];
+    let mut ring_x = vec![T::default(); k * w];
+    let step = |cm: &mut [T],
+                cx: &mut [T],
+                ring_m: &mut [T],
+                ring_x: &mut [T],
+                enter: Option<usize>,
+                slot: usize| {
+        let (rm, rx) = (&mut ring_m[slot * w..][..w], &mut ring_x[slot * w..][..w]);
         let (cm, cx) = (&mut cm[pad..pad + w], &mut cx[pad..pad + w]);
-        for (((m, x), &v), &ok) in cm.iter_mut().zip(cx.iter_mut()).zip(s_row).zip(v_row) {
-            let use_ = if (ok != 0) & (v < BIG) {
-                sign
-            } else {
-                T::default()
-            };
-            *m += use_;
-            *x += T::of(v) * use_;
+        match enter {
+            Some(row) => {
+                let (s_in, v_in) = (&sums[row * w..][..w], &valid[row * w..][..w]);
+                for i in 0..w {
+                    let ok = (v_in[i] != 0) & (s_in[i] < BIG);
+                    let nm = if ok { T::ONE } else { T::default() };
+                    let nx = if ok { T::of(s_in[i]) } else { T::default() };
+                    cm[i] += nm - rm[i];
+                    cx[i] += nx - rx[i];
+                    rm[i] = nm;
+                    rx[i] = nx;
+                }
+            }
+            None => {
+                for i in 0..w {
+                    cm[i] -= rm[i];
+                    cx[i] -= rx[i];
+                    rm[i] = T::default();
+                    rx[i] = T::default();
+                }
+            }
         }
     };
     for j in 0..ky.min(h) {
-        update(&mut cm, &mut cx, j, T::ONE);
+        step(&mut cm, &mut cx, &mut ring_m, &mut ring_x, Some(j), j % k);
     }
-    // One row enters the window and one leaves it: both in one pass over the column sums.
-    let slide = |cm: &mut [T], cx: &mut [T], enter: usize, leave: usize| {
-        let (s_in, v_in) = (&sums[enter * w..][..w], &valid[enter * w..][..w]);
-        let (s_out, v_out) = (&sums[leave * w..][..w], &valid[leave * w..][..w]);
-        let (cm, cx) = (&mut cm[pad..pad + w], &mut cx[pad..pad + w]);
-        for i in 0..w {
-            let a = if (v_in[i] != 0) & (s_in[i] < BIG) {
-                T::ONE
-            } else {
-                T::default()
-            };
-            let r = if (v_out[i] != 0) & (s_out[i] < BIG) {
-                T::MINUS_ONE
-            } else {
-                T::default()
-            };
-            cm[i] += a;
-            cm[i] += r;
-            cx[i] += T::of(s_in[i]) * a;
-            cx[i] += T::of(s_out[i]) * r;
-        }
-    };
     for j in 0..h {
-        match (j + ky < h, j > ky) {
-            (true, true) => slide(&mut cm, &mut cx, j + ky, j - ky - 1),
-            (true, false) => update(&mut cm, &mut cx, j + ky, T::ONE),
-            (false, true) => update(&mut cm, &mut cx, j - ky - 1, T::MINUS_ONE),
-            (false, false) => {}
+        if j + ky < h {
+            step(
+                &mut cm,
+                &mut cx,
+                &mut ring_m,
+                &mut ring_x,
+                Some(j + ky),
+                (j + ky) % k,
+            );
+        } else if j > ky {
+            step(
+                &mut cm,
+                &mut cx,
+                &mut ring_m,
+                &mut ring_x,
+                None,
+                (j - ky - 1) % k,
+            );
         }
         // Clipped horizontal sums, LANES bins at a time in registers: window columns
         // i-kx ..= i+kx sit at padded i+1 ..= i+2kx+1 (the padding is zeros). Then dispersion.pyx's
