@@ -1,8 +1,12 @@
 """Per-frame spot finding on one core: real PILATUS 6M frames and a 16M frame tiled from them.
 
-Baselines in the same run: the plain numpy implementation of the same tests (float64 summed-area
-tables, as DIALS computes them) and real DIALS when it is importable. Peak memory per frame is
-recorded (tracemalloc: numpy allocations; the kernels' own buffers are a few rows wide)."""
+The threshold kernels run on every path this CPU has (scalar, SSE2, AVX2, AVX-512; forced one at a
+time). Baselines in the same run: the plain numpy implementation of the same tests (float64
+summed-area tables, as DIALS computes them) and real DIALS when it is importable (it is not on PyPI;
+`mxspots`, the PyPI peer, is not installed here and does a different test, so it is not timed).
+DIALS's own figures on this kind of machine (../shared/FACTS.md) are printed next to ours when it
+is absent. Peak memory per frame is recorded as the rise of the process's peak resident set (the C
+kernels allocate outside numpy, so tracemalloc would not see them)."""
 
 from __future__ import annotations
 
@@ -39,24 +43,96 @@ def frames():
     }
 
 
+# ../shared/FACTS.md: DIALS 3.25, one core, image in memory, median of 5 (threshold + labelling).
+DIALS_FACTS_MS = {
+    ("dispersion", "6M"): 130.0,
+    ("dispersion_extended", "6M"): 170.0,
+    ("dispersion", "16M"): 400.0,
+    ("dispersion_extended", "16M"): 500.0,
+}
+KERNEL_PATHS = ("scalar", "sse2", "avx2", "avx512")
+_medians: dict[tuple[str, str, str], float] = {}
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def peak_memory_mb(fn) -> float:
-    tracemalloc.start()
-    fn()
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return round(peak / 1e6, 1)
+    """How far one call raises the process's peak resident set above what it held before (Linux:
+    the peak is reset through /proc/self/clear_refs); tracemalloc's numpy-only peak elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_kb("VmRSS")
+        fn()
+        return round((_rss_kb("VmHWM") - before) / 1e3, 1)
+    except OSError:
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return round(peak / 1e6, 1)
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kernel_path(request):
+    from intxr._kernels import dispersion
+
+    if request.param not in dispersion.available_kernels():
+        pytest.skip(f"this CPU does not run the {request.param} path")
+    dispersion.set_kernel(request.param)
+    yield request.param
+    dispersion.set_kernel(None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_against_dials_facts(request):
+    """After the module: each threshold path against DIALS's figures from FACTS (when timed)."""
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if not _medians or reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
+        reporter.write_line("")
+        reporter.write_line("threshold per kernel path vs DIALS 3.25 (../shared/FACTS.md, same kind of machine):")
+        for (algorithm, size, path), median in sorted(_medians.items()):
+            dials = DIALS_FACTS_MS[(algorithm, size)]
+            reporter.write_line(
+                f"  {algorithm} {size} {path}: {median:.1f} ms, DIALS {dials:.0f} ms, x{dials / median:.1f}"
+            )
+
+
+def _record(benchmark, key) -> None:
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.rounds:
+        _medians[key] = stats.stats.median * 1e3
 
 
 @pytest.mark.parametrize("size", ["6M", "16M"])
 @pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
-def test_threshold_intxr(benchmark, frames, size, algorithm):
+def test_threshold_intxr(benchmark, frames, size, algorithm, kernel_path):
+    """The threshold on one kernel path; the best path this CPU has is `intxr`, the others
+    `intxr:<path>` (the summary prints the best path's speed-up over each)."""
+    from intxr._kernels import dispersion
+
     image, geometry = frames[size]
     trusted = trusted_range_for(image, geometry.count_cutoff)
     params = ThresholdParams(algorithm=algorithm)
     benchmark.group = f"threshold {algorithm} {size}"
-    benchmark.extra_info["role"] = "intxr"
+    best = dispersion.available_kernels()[-1]
+    benchmark.extra_info["role"] = "intxr" if kernel_path == best else f"intxr:{kernel_path}"
+    benchmark.extra_info["kernel"] = kernel_path
     benchmark.extra_info["peak_memory_mb"] = peak_memory_mb(lambda: find_strong_pixels(image, None, trusted, params))
     strong, _ = benchmark(find_strong_pixels, image, None, trusted, params)
+    _record(benchmark, (algorithm, size, kernel_path))
+    dispersion.set_kernel("scalar")
+    assert strong.tolist() == find_strong_pixels(image, None, trusted, params)[0].tolist()
     assert len(strong) > 0
 
 
