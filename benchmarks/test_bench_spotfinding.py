@@ -64,8 +64,12 @@ def _rss_kb(field: str) -> int:
 
 def peak_memory_mb(fn) -> float:
     """How far one call raises the process's peak resident set above what it held before (Linux:
-    the peak is reset through /proc/self/clear_refs); tracemalloc's numpy-only peak elsewhere."""
+    the peak is reset through /proc/self/clear_refs, freed heap pages are first handed back with
+    glibc's malloc_trim); tracemalloc's numpy-only peak elsewhere."""
     try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so new ones count again
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _rss_kb("VmRSS")
