@@ -116,9 +116,12 @@ def test_blank_decode_prescreen_intxr(benchmark, blank_frame):
 
     label, pixels, blob, name, trusted = blank_frame
     out = np.empty_like(pixels)
+    # As a reader does: the frame buffer and the binned arrays are allocated once per series.
+    bins = (np.empty((pixels.shape[0] // 4, pixels.shape[1] // 4), np.uint32),
+            np.empty((pixels.shape[0] // 4, pixels.shape[1] // 4), np.uint8))
 
     def decode_and_prescreen():
-        image, binned = decode_and_bin(blob, name, out, trusted, 4)
+        image, binned = decode_and_bin(blob, name, out, trusted, 4, None, bins)
         return prescreen(image, None, trusted, binned=binned)
 
     benchmark.group = f"blank decode+prescreen {label}"

@@ -134,11 +134,16 @@ def test_decoding_and_binning_in_one_pass_equals_decode_then_bin(dtype):
         mask = (rng.random(shape) > 0.02).astype(np.uint8)
         trusted = trusted_range_for(image, 60000)
         encodings = ["bslz4", "lz4<", "none"] + ([codec.v1_encoding("bslz4", dtype)] if dtype != np.int32 else [])
+        # A reader's arrays, refilled frame after frame (stale contents must not leak through).
+        binned_shape = (shape[0] // 4, shape[1] // 4)
+        bins = (np.full(binned_shape, 7, np.uint32), np.full(binned_shape, 9, np.uint8))
         for encoding in encodings:
             blob = codec.encode(image, encoding)
-            for m in (None, mask):
+            for m, reuse in ((None, None), (mask, None), (None, bins), (mask, bins)):
                 out = np.zeros_like(image)
-                decoded, (sums, valid) = decode_and_bin(blob, encoding, out, trusted, 4, m)
+                decoded, (sums, valid) = decode_and_bin(blob, encoding, out, trusted, 4, m, reuse)
+                if reuse is not None and encoding.startswith("bs"):
+                    assert sums is bins[0] and valid is bins[1]
                 assert decoded is out and np.array_equal(out, image)
                 ref_sums, ref_valid = _cython_bin(image, m, trusted, 4)
                 assert np.array_equal(sums, ref_sums) and np.array_equal(valid, ref_valid), encoding

@@ -100,10 +100,15 @@ def bin_frame(image: np.ndarray, mask: np.ndarray | None, trusted_range: tuple[f
     return sums, valid
 
 
+Binned = tuple[np.ndarray, np.ndarray]  # (sums uint32, valid uint8), (H // factor, W // factor)
+
+
 def decode_and_bin(blob, encoding: str, out: np.ndarray, trusted_range: tuple[float, float], factor: int,
-                   mask: np.ndarray | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+                   mask: np.ndarray | None = None, bins: Binned | None = None) -> tuple[np.ndarray, Binned]:
     """Decode a stream blob into `out` (as codec.decode_into) and bin it as `bin_frame` does:
-    (image, (sums, valid)). Bitshuffle-LZ4 frames are binned inside the decoder's pass."""
+    (image, (sums, valid)). Bitshuffle-LZ4 frames are binned inside the decoder's pass. `bins`:
+    (uint32, uint8) arrays of the binned shape to fill (a reader reuses one pair frame after frame:
+    fresh ones are page faults on every frame)."""
     pixel = _rust_pixel(out.dtype)
     fused = codec.ENCODINGS.get(encoding, ("",))[0] == "bslz4" and out.ndim == 2 and out.flags.c_contiguous
     if mask is not None and np.shape(mask) != out.shape:
@@ -114,7 +119,10 @@ def decode_and_bin(blob, encoding: str, out: np.ndarray, trusted_range: tuple[fl
     bits = codec.ENCODINGS[encoding][1]
     if bits is not None and bits != out.dtype.itemsize * 8:
         raise codec.DecodeError(f"encoding {encoding} carries {bits}-bit pixels but the header says {out.dtype}")
-    sums, valid = _binned_arrays(out.shape, factor)
+    h, w = out.shape[0] // factor, out.shape[1] // factor
+    reuse = bins is not None and all(a.shape == (h, w) and a.flags.c_contiguous and a.flags.writeable for a in bins)
+    reuse = reuse and bins[0].dtype == np.uint32 and bins[1].dtype == np.uint8
+    sums, valid = bins if reuse else _binned_arrays(out.shape, factor)
     lo, hi = _bounds(trusted_range)
     _splitter.bslz4_decompress_bin_into(blob, out.reshape(-1).view(np.uint8), *pixel, out.shape[0], out.shape[1],
                                         int(factor), lo, hi, sums.reshape(-1).view(np.uint8), valid)

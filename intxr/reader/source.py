@@ -73,7 +73,7 @@ class ServedFrame:
     blob: memoryview
     received: float  # when this reader had it (Unix time)
     error: str | None = None
-    # Set by the reader before `pixels`: (trusted range, factor, mask) to bin the frame for the
+    # Set by the reader before `pixels`: (trusted range, factor, mask, arrays) to bin the frame for the
     # pre-screen in the decoder's pass; `pixels` leaves the binned frame (sums, valid) in `binned`.
     binning: tuple | None = None
     binned: tuple | None = None
@@ -118,8 +118,8 @@ class ServedFrame:
         if self.binning is not None:
             from intxr.reader.prescreen import decode_and_bin
 
-            trusted, factor, mask = self.binning
-            image, self.binned = decode_and_bin(self.blob, self.meta["encoding"], out, trusted, factor, mask)
+            trusted, factor, mask, bins = self.binning
+            image, self.binned = decode_and_bin(self.blob, self.meta["encoding"], out, trusted, factor, mask, bins)
             return image
         return decode_into(self.blob, self.meta["encoding"], out)
 

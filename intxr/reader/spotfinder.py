@@ -111,6 +111,7 @@ class SpotFinder:
         self.geometry = geometry
         self.static_mask = None if static_mask is None else np.asarray(static_mask, dtype=bool)
         self._masks: dict[tuple[int, int], np.ndarray | None] = {}
+        self._bins: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         if params.backend == "dials":
             from intxr.reader import dials_backend
 
@@ -136,11 +137,18 @@ class SpotFinder:
 
     def binning_for(self, dtype, shape: tuple[int, int], skip_prescreen: bool = False):
         """What `prescreen.decode_and_bin` needs to bin a frame of this type and shape for the
-        pre-screen while decoding it, (trusted range, factor, mask); None when no pre-screen runs."""
+        pre-screen while decoding it, (trusted range, factor, mask, arrays to fill); None when no
+        pre-screen runs. The arrays are this finder's, reused: the binned frame of the frame before
+        is gone once the next one is decoded."""
         if not self.prescreens(skip_prescreen):
             return None
         trusted = trusted_range_for(np.empty(0, dtype), self.geometry.count_cutoff)
-        return trusted, self.params.prescreen_params.factor, self.mask_for(tuple(shape))
+        factor = self.params.prescreen_params.factor
+        key = (tuple(shape), factor)
+        if key not in self._bins:  # one pair of binned arrays per frame shape, refilled every frame
+            self._bins[key] = (np.empty((shape[0] // factor, shape[1] // factor), np.uint32),
+                               np.empty((shape[0] // factor, shape[1] // factor), np.uint8))
+        return trusted, factor, self.mask_for(tuple(shape)), self._bins[key]
 
     def find(self, image: np.ndarray, *, skip_prescreen: bool = False, binned=None) -> FrameResult:
         """`binned`: the pre-screen's binned frame of this image, when the decoder made it
