@@ -636,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "gui",
         help="serve the live web view of runs",
-        description="A web page any browser can open: series, strip chart, raster map, frame view, health. "
+        description="A web page any browser can open (a Bokeh server application): series list, strip chart, "
+        "raster map with the crystals found, rates over time, resolution histogram, frame view, indexing, health. "
         "Subscribes to the Collector's published results (the beamline section's results_pub_port, or --results).",
     )
     cfg.add_key_flags(p, cfg.BeamlineConfig, ["gui_port", "gui_host"], "default: the section's, else {default}")

@@ -44,6 +44,8 @@ from intxr.gui.frames import FrameError, Frames
 from intxr.gui.model import MAX_SERIES, RunModel, SeriesCursor, resolution_edges
 
 UPDATE_MS = 200  # a session's update period: 5 a second, whatever the rate of results
+DETAILS_EVERY = 1.0  # seconds between two updates of a session's counts, tables and series list
+POINTS_PER_SECOND_DRAWN = 20_000
 LATEST_HIT_EVERY = 2.0  # seconds between two reads of the latest hit while no frame is picked
 STRIP_ROLLOVER = 200_000  # points a strip chart keeps (a series' points beyond scroll out)
 TIMELINE_ROLLOVER = 1800
@@ -148,17 +150,27 @@ class Session:
         self.pinned = False
         self.shown_frame: tuple[int, int] | None = None  # (order, frame) in the frame view
         self.last_frame_load = 0.0
+        self.details_at = 0.0
+        self.streamed_at = 0.0
         self.loading = False
         self._selecting = False
         self.build()
+        self.closed = False
         doc.add_periodic_callback(self.update, UPDATE_MS)
+        doc.on_session_destroyed(self._destroyed)
         doc.title = "Interceptor"
+
+    def _destroyed(self, session_context) -> None:
+        self.closed = True
 
     # ---- layout -----------------------------------------------------------------------------------------------
 
     def build(self) -> None:
-        self.title = Div(text=f"<span style='{TITLE}'>Interceptor: waiting for results</span>", name="title")
-        self.counts = Div(text="", name="counts")
+        # Every text a fixed size: a Div whose size changes makes the page lay out and redraw everything.
+        self.title = Div(
+            text=f"<span style='{TITLE}'>Interceptor: waiting for results</span>", name="title", width=640, height=28
+        )
+        self.counts = Div(text="", name="counts", width=640, height=180)
         # Series: a searchable list, newest first (hundreds stay usable: a table, not a row of tabs).
         self.series_source = ColumnDataSource(
             dict(order=[], label=[], results=[], hits=[], indexed=[], crystals=[], ended=[]), name="series_list"
@@ -188,7 +200,7 @@ class Session:
             "patching",
             CustomJS(args=dict(table=self.series_table), code="const v = Bokeh.index.find_one(table); v?.updateGrid()"),
         )
-        self.series_note = Div(text="", name="series_note")
+        self.series_note = Div(text="", name="series_note", width=420, height=36)
 
         # Strip chart: spots per frame, hits coloured, indexed frames ringed, hres on the right.
         self.strip = ColumnDataSource(_columns([]), name="strip")
@@ -280,7 +292,7 @@ class Session:
         self.raster_fig.on_event(Tap, self.on_tap_raster)
         self.raster_by = Select(title="colour by", value="n_spots", options=["n_spots", "score"], width=120)
         self.raster_by.on_change("value", self.on_raster_by)
-        self.raster_note = Div(text="", name="raster_note")
+        self.raster_note = Div(text="", name="raster_note", width=500, height=36)
 
         # Rates over time (one-second bins, every series) and the resolution of the hits, per series.
         self.timeline = ColumnDataSource(dict(t=[], results=[], hit_rate=[], indexing_rate=[]), name="timeline")
@@ -377,10 +389,10 @@ class Session:
             label="predicted spots of the indexed lattice", active=True, name="show_predicted"
         )
         self.show_predicted.on_change("active", lambda attr, old, new: setattr(self.predicted_glyph, "visible", new))
-        self.frame_note = Div(text="", name="frame_note")
+        self.frame_note = Div(text="", name="frame_note", width=560, height=36)
 
         # Indexing and health.
-        self.indexing = Div(text="", name="indexing")
+        self.indexing = Div(text="", name="indexing", width=640, height=44)
         self.lattices = ColumnDataSource(
             dict(lattice=[], space_group=[], frames=[], share=[], a=[], b=[], c=[], alpha=[], beta=[], gamma=[]),
             name="lattices",
@@ -406,7 +418,7 @@ class Session:
                 )
             ],
         )
-        self.job_state = Div(text="", name="job_state", visible=False)
+        self.job_state = Div(text="", name="job_state", visible=False, width=560, height=30)
         self.ranks = ColumnDataSource(
             dict(rank=[], host=[], cpu=[], numa=[], buffers=[], frames=[], rate=[], state=[]), name="ranks"
         )
@@ -429,8 +441,14 @@ class Session:
                 )
             ],
         )
-        self.splitter = Div(text="", name="splitter", width=560)
-        self.errors = Div(text="", name="errors", width=560, styles={"color": "#b00", "white-space": "pre-wrap"})
+        self.splitter = Div(text="", name="splitter", width=560, height=200)
+        self.errors = Div(
+            text="",
+            name="errors",
+            width=560,
+            height=100,
+            styles={"color": "#b00", "white-space": "pre-wrap", "overflow": "auto"},
+        )
 
         left = column(
             self.counts,
@@ -462,9 +480,20 @@ class Session:
     # ---- the periodic update ------------------------------------------------------------------------------------
 
     def update(self) -> None:
+        # Points stream at every update; counts, tables and the list, which change with every result
+        # too, once a second: fewer messages for the page to take in when results pour in.
+        now = time.monotonic()
+        details = now - self.details_at >= DETAILS_EVERY
+        if details:
+            self.details_at = now
+            self.update_list()
         self.update_status()
-        self.update_list()
-        self.update_series()
+        # A page redraws its plots whole at each change: the more points drawn, the fewer updates (up to one
+        # a second at POINTS_PER_SECOND_DRAWN points), so a long series does not leave the page behind.
+        shown = len(self.strip.data["frame"])
+        if details or now - self.streamed_at >= shown / POINTS_PER_SECOND_DRAWN:
+            self.streamed_at = now
+            self.update_series(details)
         self.update_timeline()
         self.update_frame()
 
@@ -583,10 +612,10 @@ class Session:
             self._selecting = False
         self.update_series()
 
-    def update_series(self) -> None:
+    def update_series(self, details: bool = True) -> None:
         if self.order is None:
             return
-        delta = self.model.series_since(self.order, self.cursor)
+        delta = self.model.series_since(self.order, self.cursor, details)
         if delta is None:
             row = next((r for r in self.model.listed()[0] if r["order"] == self.order), None)
             label = row["label"] if row else "?"
@@ -780,9 +809,17 @@ class Session:
         self.loading = True
         self.last_frame_load = time.monotonic()
         future = self.executor.submit(self._read_frame, view, frame)
-        future.add_done_callback(
-            lambda f: self.doc.add_next_tick_callback(partial(self._frame_read, order, frame, pinned, f))
-        )
+        future.add_done_callback(partial(self._hand_back, order, frame, pinned))
+
+    def _hand_back(self, order: int, frame: int, pinned: bool, future) -> None:
+        """On the worker: the frame read goes to the session's document (the one thread-safe way in),
+        unless the browser has gone meanwhile."""
+        if self.closed:
+            return
+        try:
+            self.doc.add_next_tick_callback(partial(self._frame_read, order, frame, pinned, future))
+        except Exception:  # the session closed between the check and the call: nobody to show it to
+            pass
 
     def _read_frame(self, view, frame: int):
         try:

@@ -633,10 +633,10 @@ class RunModel:
                 "gui": {"bad_messages": self.bad_messages, "last_bad": self.last_bad, **self.gui_counts},
             }
 
-    def series_since(self, order: int, cursor: SeriesCursor) -> dict | None:
+    def series_since(self, order: int, cursor: SeriesCursor, details: bool = True) -> dict | None:
         """What a session showing series `order` lacks: points after the `cursor.points` it has, the
-        repeats since, their raster cells, and counts, indexing, histogram and crystals when they
-        changed. Advances the cursor; None when the series is no longer kept."""
+        repeats since, their raster cells, and (with `details`) counts, indexing, histogram and crystals
+        when they changed. Advances the cursor; None when the series is no longer kept."""
         with self._lock:
             view = self.by_order.get(order)
             if view is None:
@@ -659,14 +659,14 @@ class RunModel:
                 for _, p in out["replaced"]
             ]
             cursor.points, cursor.replaced, cursor.first_frame = len(view.points), len(view.replaced), first
-            if view.version > cursor.version:
+            if details and view.version > cursor.version:
                 counts = view.counts()
                 out["counts"] = counts
                 out["indexing"] = view.indexing.summary(counts["hits"], counts["results"])
                 out["resolution"] = list(view.resolution)
                 out["latest_hit"] = view.latest_hit
                 cursor.version = view.version
-            if view.crystals_version > cursor.crystals:
+            if details and view.crystals_version > cursor.crystals:
                 out["crystals"] = list(view.crystals or ())
                 cursor.crystals = view.crystals_version
             return out

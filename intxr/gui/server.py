@@ -228,7 +228,7 @@ class OneLine(logging.Handler):
 
 def _quiet_logs(model: RunModel) -> None:
     handler = OneLine(model)
-    for name in ("bokeh", "tornado"):
+    for name in ("bokeh", "tornado", "asyncio", "concurrent.futures"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(logging.WARNING)
