@@ -221,11 +221,12 @@ DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *_
                                         uint8_t *__restrict fl, const PIX *__restrict vo,
                                         const uint8_t *__restrict flo, uint32_t *__restrict cm,
                                         uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w, PIX lo,
-                                        PIX hi, const int with_y) {
+                                        PIX hi, const int with_y, const int has_mask) {
     uint32_t over = 0;
     for (ptrdiff_t i = 0; i < w; i++) {
         PIX p = v[i];
-        uint32_t use = mk[i] != 0, valid = use & (p >= lo) & (p <= hi), ins = valid & (p < DISP_BIG);
+        uint32_t use = has_mask ? mk[i] != 0 : 1u;
+        uint32_t valid = use & (p >= lo) & (p <= hi), ins = valid & (p < DISP_BIG);
         uint32_t e = (uint32_t)p & (0u - ins);
         uint32_t inso = (flo[i] >> 1) & 1, eo = (uint32_t)vo[i] & (0u - inso);
         fl[i] = (uint8_t)(valid | (ins << 1));
@@ -239,8 +240,11 @@ DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *_
 
 static uint32_t FN(enter_leave)(const PIX *v, const uint8_t *mk, uint8_t *fl, const PIX *vo, const uint8_t *flo,
                                 uint32_t *cm, uint32_t *cx, uint32_t *cy, ptrdiff_t w, PIX lo, PIX hi) {
-    if (cy) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1);
-    return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 0);
+    /* mk NULL: no mask. */
+    if (cy && mk) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 1);
+    if (cy) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 0);
+    if (mk) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 0, 1);
+    return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 0, 0);
 }
 
 #if PIX_IS_U32
@@ -335,8 +339,8 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
         const uint8_t *mk = mask && rin < h ? mask + rin * w : B->ones;
         uint32_t n_over = 0;
         if (rin < h && rout >= 0)
-            n_over = FN(enter_leave)(img + rin * w, mk, flags + rin * w, img + rout * w, flags + rout * w, cm, cx, cy,
-                                     w, lo, hi);
+            n_over = FN(enter_leave)(img + rin * w, mask ? mk : NULL, flags + rin * w, img + rout * w,
+                                     flags + rout * w, cm, cx, cy, w, lo, hi);
         else if (rin < h)
             n_over = FN(enter)(img + rin * w, mk, flags + rin * w, cm, cx, cy, w, lo, hi);
         else if (rout >= 0)
