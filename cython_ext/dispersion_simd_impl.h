@@ -327,7 +327,9 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
     const ptrdiff_t h = ctx->h, w = ctx->w;
     const int ky = ctx->p.ky, kx = ctx->p.kx;
     const PIX lo = (PIX)ctx->lo_i, hi = (PIX)ctx->hi_i;
-    uint32_t *cm = B->cm + kx, *cx = B->cx + kx, *cy = mode == 1 ? B->cy + kx : NULL;
+    /* Sums of squares are kept modulo 2^32 in both modes: exact where x < 65536 (y <= x^2), which
+     * saves the `dispersion` candidates a pass over their windows. */
+    uint32_t *cm = B->cm + kx, *cx = B->cx + kx, *cy = B->cy + kx;
     for (ptrdiff_t r = 0; r < h && r < ky; r++) {
         const uint8_t *mk = mask ? mask + r * w : B->ones;
         if (FN(enter)(img + r * w, mk, flags + r * w, cm, cx, cy, w, lo, hi) &&
@@ -363,10 +365,10 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
                 for (int d = -kx; d <= kx; d++) {
                     m += cm[i + d];
                     x += cx[i + d];
-                    if (cy) y += cy[i + d];
+                    y += cy[i + d];
                 }
                 uint64_t y64 = y;
-                if (mode == 0 || x >= 65536) FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS, &y64);
+                if (x >= 65536) FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS, &y64);
                 if (mode == 1) {
                     if (disp_cv_exact(ctx, (int64_t)m, (double)x, (double)y64)) fl[i] |= F_CV;
                 } else if (disp_strong_exact(ctx, (int64_t)m, (double)x, (double)y64, (double)vrow[i]) &&
