@@ -199,6 +199,11 @@ def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
         raster = browser.model("raster")
         cells = set(zip(raster["row"], raster["col"], strict=True))
         assert len(raster["frame"]) == 12 and cells == {(r, c) for r in range(3) for c in range(4)}
+        # The resolution histogram holds every hit, each in the bin of its hres.
+        histogram = browser.wait_for(
+            "(d => d.hits.length > 0 && d)(Bokeh.documents[0].get_model_by_name('resolution').data)"
+        )
+        assert sum(histogram["hits"]) == 10
         browser.wait_for("/written<span[^>]*>12</.test(Bokeh.documents[0].get_model_by_name('counts').text)")
         crystals = browser.wait_for(
             "(d => d.best_frame.length > 0 && d)(Bokeh.documents[0].get_model_by_name('crystals').data)"

@@ -491,13 +491,18 @@ class RunModel:
             splitter = scalars(splitter, "health's splitter counters", MAX_TEXT)
         return health, splitter
 
-    def delta(self, since: int) -> dict:
-        """Everything a view holding version `since` lacks: new points per series, and the small
-        state (counts, health) in full; a series' grid only when it changed."""
+    def delta(self, since: int, points: bool = True) -> dict:
+        """Everything a view holding version `since` lacks: new points per series (none without
+        `points`), and the small state (counts, health) in full; a series' grid only when it changed."""
         with self._lock:
             series = []
             for view in sorted(self.series.values(), key=lambda v: v.order, reverse=True):  # newest first
-                new = [p for p in view.points if p["v"] > since] if since else list(view.points)
+                if not points:
+                    new = []
+                elif since:
+                    new = [p for p in view.points if p["v"] > since]
+                else:
+                    new = list(view.points)
                 entry = {
                     "key": view.key,
                     "series": view.series,

@@ -149,11 +149,9 @@ def frame_query(model: RunModel, query: dict):
 
 def state(model: RunModel) -> dict:
     """Every kept series (counts, raster grid, crystals, indexing; no points) and the health."""
-    out = model.delta(model.version)
-    full = {s["key"]: s for s in model.delta(0)["series"]}
+    out = model.delta(0, points=False)
     for entry in out["series"]:
-        entry.update({k: full[entry["key"]][k] for k in ("grid", "crystals", "indexing")})
-        entry.pop("points")
+        del entry["points"]
     return out
 
 
