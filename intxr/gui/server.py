@@ -235,6 +235,8 @@ def _quiet_logs(model: RunModel) -> None:
     logging.getLogger("tornado.access").setLevel(logging.CRITICAL)
     logging.getLogger("bokeh.server.views.ws").setLevel(logging.ERROR)
     logging.getLogger("bokeh.server.protocol_handler").setLevel(logging.ERROR)
+    # Its note on a wildcard websocket origin: that is the choice for a GUI bound for other machines (README).
+    logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)
 
 
 def _origins(host: str, port: int) -> list[str]:
