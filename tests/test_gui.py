@@ -373,6 +373,13 @@ def test_page_keeps_up_with_500_results_per_second_after_200_finished_series(tmp
         assert browser.column_length("raster", "frame") == n
         assert browser.column_length("series_list", "order") == 201
         assert browser.model("series_list")["label"][0] == "201"  # newest first, and shown (followed)
+        # An old series, found by its name and picked in the list: its counts, and why no frames.
+        browser.page.locator("input[placeholder^='search series']").fill("series_000007")
+        browser.wait_for("Bokeh.documents[0].get_model_by_name('series_list').data.label.length === 1")
+        browser.page.locator(".slick-row").first.click()
+        browser.wait_for("Bokeh.documents[0].get_model_by_name('series_note').text.includes('no longer kept')")
+        assert "Series 7" in browser.model("title", "text") and not browser.model("follow", "active")
+        assert browser.column_length("strip", "frame") == 0
     finally:
         gui.terminate()
         _, err = gui.communicate(timeout=10)

@@ -137,6 +137,8 @@ class Session:
     def __init__(self, doc: Document, model: RunModel, frames: Frames, executor: Executor):
         self.doc, self.model, self.frames, self.executor = doc, model, frames, executor
         self.order: int | None = None  # the series shown
+        self.series_gone = False  # the series shown is no longer kept by the model
+        self.newest: int | None = None  # the newest series listed
         self.cursor = SeriesCursor()
         self.rows_version = 0
         self.list_version = -1
@@ -571,7 +573,7 @@ class Session:
         """The whole table again: when a series starts or goes, or the search changes (not per update)."""
         self.list_version = self.model.list_version
         rows, self.rows_version = self.model.listed()
-        newest = rows[0]["order"] if rows else None
+        newest = self.newest = rows[0]["order"] if rows else None
         text = (self.search.value_input or "").strip().lower()
         if text:
             rows = [r for r in rows if text in r["label"].lower() or text in r["key"].lower()]
@@ -590,11 +592,12 @@ class Session:
             return
         order = self.series_source.data["order"][new[0]]
         if order != self.order:
-            self.follow.active = order == max(self.row_index, default=order)
+            self.follow.active = order == self.newest  # an older series picked: stay on it
             self.select(order)
 
     def select(self, order: int) -> None:
         self.order = order
+        self.series_gone = False
         self.cursor = SeriesCursor()
         self.cell_frame.clear()
         self.raster_index.clear()
@@ -617,6 +620,9 @@ class Session:
             return
         delta = self.model.series_since(self.order, self.cursor, details)
         if delta is None:
+            if self.series_gone:
+                return
+            self.series_gone = True  # said once: not looked up again at every update
             row = next((r for r in self.model.listed()[0] if r["order"] == self.order), None)
             label = row["label"] if row else "?"
             self.title.text = f"<span style='{TITLE}'>Series {html.escape(label)}</span>"
