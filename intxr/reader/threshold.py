@@ -15,8 +15,10 @@ The rules, from dials/algorithms/image/threshold/local.h (DIALS 3.x), in words:
   mean + sigma_s sqrt(g mean), the mean taken over the background pixels of a window 2 pixels wider
   each way (0 when fewer than 2).
 
-`find_strong_pixels` runs the Cython kernel (no full-frame summed-area table);
-`strong_mask_reference` is the plain numpy version the kernel is tested against.
+`find_strong_pixels` runs the C kernels of cython_ext/dispersion_simd.h through the Cython module
+(no full-frame summed-area table; exact DIALS tests only where a float32 bound cannot decide; the
+scalar, SSE2, AVX2 or AVX-512 path chosen at run time, `INTXR_DISPERSION_KERNEL` forces one);
+`strong_mask_reference` is the plain numpy version every path is tested against.
 """
 
 from __future__ import annotations
