@@ -28,6 +28,20 @@ ENCODINGS = ("bs32-lz4", "bs16-lz4", "bs8-lz4", "lz4")
 HEADER_DETAILS = ("none", "basic", "all")
 
 
+def _wait_for_released_trackers(timeout: float = 2.0) -> None:
+    """Wait (bounded) until pyzmq has marked done every message libzmq released before now.
+    libzmq frees a zero-copy message in its own thread; pyzmq passes each free, in order, through
+    one inproc queue to one garbage-collector thread, which sets the trackers
+    (zmq/utils/garbage.py). A message of ours freed now is marked after all of them."""
+    probe = zmq.Frame(b"\0", copy=False, track=True)
+    tracker = probe.tracker
+    del probe  # closing it frees it: its note joins the queue behind every earlier one
+    try:
+        tracker.wait(timeout)
+    except zmq.NotDone:
+        pass
+
+
 @dataclass
 class SimulatorSettings:
     protocol: str = "v1"
@@ -236,25 +250,32 @@ class Simulator:
         it. The last part is tracked (and never copied): libzmq releases it only after every part
         before it, so its tracker says when the whole message has gone to the wire."""
         last = zmq.Frame(parts[-1], copy=False, track=True)
-        waited = 0.0
+        said_at = time.monotonic()
         while not self._stop.is_set():
+            # The monitor is read right before each call on the PUSH socket, and the wait is on the
+            # monitor: libzmq reports a consumer gone before that socket's next call lets it free
+            # the messages queued to that consumer, so those are still unreleased when _watch sees
+            # the event, and counted lost, not sent.
             self._reap(pending)
-            if socket.poll(50, zmq.POLLOUT):
-                # Consumers that left before this message was queued must not take it into account.
+            if socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
                 self._watch(pending)
                 socket.send_multipart([*parts[:-1], last], copy=False)
                 return last.tracker
-            waited += 0.05
-            if waited >= 5.0:
+            self._monitor.poll(10)
+            if time.monotonic() - said_at >= 5.0:
                 print(f"simulate: waiting for a consumer on {self.bound_endpoint}", file=self.log, flush=True)
-                waited = 0.0
+                said_at = time.monotonic()
         return None
 
     def _reap(self, pending: deque, everywhere: bool = False) -> int:
-        """Count the queued messages libzmq has released (sent); how many were. In order from the
+        """Follow consumers (_watch), then count the queued messages libzmq has released (sent)."""
+        self._watch(pending)  # first: messages a leaving consumer took along are not sent
+        return self._count_released(pending, everywhere)
+
+    def _count_released(self, pending: deque, everywhere: bool) -> int:
+        """Count the queued messages libzmq has released as sent; how many were. In order from the
         oldest (cheap, while sending), or every one (while draining: several consumers take
         messages round-robin, so they may complete out of order)."""
-        self._watch(pending)  # first: messages a leaving consumer took along are not sent
         done = 0
         if everywhere:
             left = deque()
@@ -316,6 +337,12 @@ class Simulator:
                 if not pending:
                     continue
                 if self.consumers == 0:
+                    # What it had taken before leaving was released before libzmq said so, but
+                    # pyzmq marks trackers later, from its own thread: let it catch up first.
+                    _wait_for_released_trackers()
+                    self._count_released(pending, everywhere=True)
+                    if not pending:
+                        continue
                     frames = sum(is_image for _, is_image, _ in pending)
                     self.frames_lost += frames
                     print(f"simulate: the consumer of {self.bound_endpoint} disconnected with {len(pending)} "

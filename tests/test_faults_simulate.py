@@ -233,6 +233,9 @@ def test_ctrl_c_still_lets_queued_frames_out_and_exits_130(thaumatin_cbfs):
     process = subprocess.Popen(
         [str(EXE / "intxr"), "simulate", "--rate", "0", "--loop", "--endpoint", endpoint, *thaumatin_cbfs[:2]],
         stderr=subprocess.PIPE, text=True,
+        # As from a terminal: a job a shell started in the background (a CI runner's) inherits
+        # SIGINT ignored, and Python keeps an inherited SIG_IGN, so Ctrl-C would never arrive.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
@@ -258,3 +261,26 @@ def test_ctrl_c_still_lets_queued_frames_out_and_exits_130(thaumatin_cbfs):
     assert "Traceback" not in err and "interrupted" in err
     sent = int(err.split("sent ")[1].split(" frames")[0])
     assert sent == frames
+
+
+def test_trackers_of_every_message_released_so_far_are_marked_before_a_disconnect_is_judged():
+    """The CI failure this guards against: a consumer took every message and left, and the
+    simulator called the last ones lost, because pyzmq marks a tracker done later, from its own
+    garbage-collector thread. `_wait_for_released_trackers` waits for that thread to catch up."""
+    from intxr.simulate import _wait_for_released_trackers
+
+    context = zmq.Context()
+    push, pull = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    push.bind("inproc://released")
+    pull.connect("inproc://released")
+    try:
+        for _ in range(50):
+            trackers = [push.send(b"x" * 100_000, copy=False, track=True) for _ in range(20)]
+            for _ in trackers:
+                pull.recv()  # libzmq has now freed each one; its tracker may not say so yet
+            _wait_for_released_trackers()
+            assert all(t.done for t in trackers)
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
+        context.term()
