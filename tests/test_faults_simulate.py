@@ -213,7 +213,7 @@ def test_a_consumer_that_disconnects_and_the_next_one_gets_the_rest(thaumatin_cb
     thread.start()
     assert sim.ready.wait(30)
     first = _consumer(endpoint, 2)  # the header and frame 0, taken as they come
-    time.sleep(0.1)  # (what left within the last 20 ms before a consumer leaves is counted lost)
+    time.sleep(0.1)
     first.close()
     time.sleep(0.5)  # the simulator waits for a consumer meanwhile
     [events] = slow_receive(endpoint, 1, slow_for=0)
