@@ -126,6 +126,42 @@ fn u32_view(buf: &PyBuffer<u8>, what: &str, n: usize) -> Result<(usize, usize), 
     Ok(view)
 }
 
+/// The binned outputs, checked against the binned shape: `sums` aligned uint32 and `valid` bytes,
+/// one of each per bin.
+struct BinnedViews {
+    sums: (usize, usize),
+    valid: (usize, usize),
+    bins: usize,
+}
+
+impl BinnedViews {
+    fn new(
+        sums: &PyBuffer<u8>,
+        valid: &PyBuffer<u8>,
+        spec: prescreen::BinSpec,
+    ) -> Result<Self, SplitterError> {
+        let (h, w) = spec.shape();
+        let bins = h * w;
+        let sums = u32_view(sums, "sums", bins)?;
+        let valid = write_view(valid, "valid")?;
+        if valid.1 != bins {
+            return Err(SplitterError::invalid(format!(
+                "valid must hold {bins} bytes"
+            )));
+        }
+        Ok(Self { sums, valid, bins })
+    }
+
+    /// # Safety
+    /// as `as_slice_mut`'s (the buffers outlive the slices and nothing else touches them).
+    unsafe fn slices<'a>(&self) -> (&'a mut [u32], &'a mut [u8]) {
+        (
+            std::slice::from_raw_parts_mut(self.sums.0 as *mut u32, self.bins),
+            as_slice_mut(self.valid),
+        )
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bin_spec(
     elem_size: usize,
@@ -175,23 +211,18 @@ fn bslz4_decompress_bin_into(
     valid: PyBuffer<u8>,
 ) -> PyResult<()> {
     let spec = bin_spec(elem_size, signed, rows, cols, factor, lo, hi)?;
-    let (h, w) = spec.shape();
     let src = read_view(&blob, "blob")?;
     let dst = write_view(&out, "out")?;
-    let s = u32_view(&sums, "sums", h * w)?;
-    let v = write_view(&valid, "valid")?;
-    if v.1 != h * w {
-        return Err(SplitterError::invalid(format!("valid must hold {} bytes", h * w)).into());
-    }
+    let binned = BinnedViews::new(&sums, &valid, spec)?;
     py.detach(|| {
-        // SAFETY: as_slice's contract; `s` was checked aligned and sized for h * w u32.
-        let sums = unsafe { std::slice::from_raw_parts_mut(s.0 as *mut u32, h * w) };
+        // SAFETY: as_slice's contract.
+        let (sums, valid) = unsafe { binned.slices() };
         prescreen::bslz4_decompress_bin_into(
             unsafe { as_slice(src) },
             unsafe { as_slice_mut(dst) },
             spec,
             sums,
-            unsafe { as_slice_mut(v) },
+            valid,
         )
     })?;
     Ok(())
@@ -214,19 +245,12 @@ fn bin_frame_into(
     valid: PyBuffer<u8>,
 ) -> PyResult<()> {
     let spec = bin_spec(elem_size, signed, rows, cols, factor, lo, hi)?;
-    let (h, w) = spec.shape();
     let src = read_view(&frame, "frame")?;
-    let s = u32_view(&sums, "sums", h * w)?;
-    let v = write_view(&valid, "valid")?;
-    if v.1 != h * w {
-        return Err(SplitterError::invalid(format!("valid must hold {} bytes", h * w)).into());
-    }
+    let binned = BinnedViews::new(&sums, &valid, spec)?;
     py.detach(|| {
-        // SAFETY: as above.
-        let sums = unsafe { std::slice::from_raw_parts_mut(s.0 as *mut u32, h * w) };
-        prescreen::bin_frame(unsafe { as_slice(src) }, spec, sums, unsafe {
-            as_slice_mut(v)
-        })
+        // SAFETY: as_slice's contract.
+        let (sums, valid) = unsafe { binned.slices() };
+        prescreen::bin_frame(unsafe { as_slice(src) }, spec, sums, valid)
     })
     .map_err(SplitterError::invalid)?;
     Ok(())
