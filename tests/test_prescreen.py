@@ -257,3 +257,21 @@ def test_every_kernel_path_bins_and_thresholds_alike():
         run = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True, text=True,
                              check=True)
         assert json.loads(run.stdout) == expected, kernel
+
+
+@pytest.mark.parametrize("wrong", ["sums", "valid"])
+def test_binning_entry_points_refuse_outputs_of_the_wrong_size(wrong):
+    """The Rust entry points write through raw pointers: an output one bin short is refused, named."""
+    from intxr import _splitter
+
+    image = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    blob = _splitter.bslz4_compress(image.tobytes(), 2)
+    bins = 16 * 16 - (1 if wrong == "sums" else 0), 16 * 16 - (1 if wrong == "valid" else 0)
+    sums, valid = np.zeros(bins[0], np.uint32), np.zeros(bins[1], np.uint8)
+    out = np.zeros_like(image)
+    with pytest.raises(ValueError, match=wrong):
+        _splitter.bin_frame_into(image.reshape(-1).view(np.uint8), 2, False, 64, 64, 4, 0, 65534,
+                                 sums.view(np.uint8), valid)
+    with pytest.raises(ValueError, match=wrong):
+        _splitter.bslz4_decompress_bin_into(blob, out.reshape(-1).view(np.uint8), 2, False, 64, 64, 4, 0, 65534,
+                                            sums.view(np.uint8), valid)
