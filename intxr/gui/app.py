@@ -131,6 +131,22 @@ def _columns(points: list[dict]) -> dict:
     }
 
 
+def _table(name: str, fields: list[tuple[str, str]], width: int, height: int, hidden: tuple[str, ...] = (),
+           table_name: str | None = None) -> tuple[ColumnDataSource, DataTable]:
+    """A table and its source, named `name` for the page and the tests: one (field, title) per
+    column shown, and `hidden` fields the source carries without showing them."""
+    source = ColumnDataSource({f: [] for f in (*hidden, *(f for f, _ in fields))}, name=name)
+    table = DataTable(
+        source=source,
+        name=table_name,
+        height=height,
+        width=width,
+        index_position=None,
+        columns=[TableColumn(field=f, title=t) for f, t in fields],
+    )
+    return source, table
+
+
 class Session:
     """One browser's document: its widgets, and what it has shown so far."""
 
@@ -174,28 +190,19 @@ class Session:
         )
         self.counts = Div(text="", name="counts", width=640, height=180)
         # Series: a searchable list, newest first (hundreds stay usable: a table, not a row of tabs).
-        self.series_source = ColumnDataSource(
-            dict(order=[], label=[], results=[], hits=[], indexed=[], crystals=[], ended=[]), name="series_list"
+        self.series_source, self.series_table = _table(
+            "series_list",
+            [("label", "series"), ("results", "frames"), ("hits", "hits"), ("indexed", "indexed"),
+             ("crystals", "crystals"), ("ended", "ended")],
+            width=420,
+            height=180,
+            hidden=("order",),
+            table_name="series_table",
         )
         self.series_source.selected.on_change("indices", self.on_pick_series)
         self.search = TextInput(placeholder="search series (number or name)", name="search", width=260)
         self.search.on_change("value_input", lambda attr, old, new: self.rebuild_list())
         self.follow = Checkbox(label="follow newest", active=True, name="follow")
-        self.series_table = DataTable(
-            source=self.series_source,
-            name="series_table",
-            height=180,
-            width=420,
-            index_position=None,
-            columns=[
-                TableColumn(field="label", title="series"),
-                TableColumn(field="results", title="frames"),
-                TableColumn(field="hits", title="hits"),
-                TableColumn(field="indexed", title="indexed"),
-                TableColumn(field="crystals", title="crystals"),
-                TableColumn(field="ended", title="ended"),
-            ],
-        )
         # A patched row is not redrawn by the table by itself (Bokeh redraws a table when its rows change):
         # the page asks it to, costing the server nothing per row.
         self.series_source.js_on_change(
@@ -395,53 +402,20 @@ class Session:
 
         # Indexing and health.
         self.indexing = Div(text="", name="indexing", width=640, height=44)
-        self.lattices = ColumnDataSource(
-            dict(lattice=[], space_group=[], frames=[], share=[], a=[], b=[], c=[], alpha=[], beta=[], gamma=[]),
-            name="lattices",
-        )
-        lattice_table = DataTable(
-            source=self.lattices,
-            height=120,
+        self.lattices, lattice_table = _table(
+            "lattices",
+            [("lattice", "lattice"), ("space_group", "space group"), ("frames", "frames"), ("share", "share"),
+             ("a", "a"), ("b", "b"), ("c", "c"), ("alpha", "alpha"), ("beta", "beta"), ("gamma", "gamma")],
             width=640,
-            index_position=None,
-            columns=[
-                TableColumn(field=f, title=t)
-                for f, t in (
-                    ("lattice", "lattice"),
-                    ("space_group", "space group"),
-                    ("frames", "frames"),
-                    ("share", "share"),
-                    ("a", "a"),
-                    ("b", "b"),
-                    ("c", "c"),
-                    ("alpha", "alpha"),
-                    ("beta", "beta"),
-                    ("gamma", "gamma"),
-                )
-            ],
+            height=120,
         )
         self.job_state = Div(text="", name="job_state", visible=False, width=560, height=30)
-        self.ranks = ColumnDataSource(
-            dict(rank=[], host=[], cpu=[], numa=[], buffers=[], frames=[], rate=[], state=[]), name="ranks"
-        )
-        ranks_table = DataTable(
-            source=self.ranks,
-            height=140,
+        self.ranks, ranks_table = _table(
+            "ranks",
+            [("rank", "rank"), ("host", "host"), ("cpu", "CPU"), ("numa", "NUMA"), ("buffers", "buffers"),
+             ("frames", "frames"), ("rate", "frames/s"), ("state", "state")],
             width=560,
-            index_position=None,
-            columns=[
-                TableColumn(field=f, title=t)
-                for f, t in (
-                    ("rank", "rank"),
-                    ("host", "host"),
-                    ("cpu", "CPU"),
-                    ("numa", "NUMA"),
-                    ("buffers", "buffers"),
-                    ("frames", "frames"),
-                    ("rate", "frames/s"),
-                    ("state", "state"),
-                )
-            ],
+            height=140,
         )
         self.splitter = Div(text="", name="splitter", width=560, height=200)
         self.errors = Div(
