@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import zmq
+from test_pipeline import daemon_command
+from test_pipeline import write_config as pipeline_config
 
 from intxr.collector import SeriesAccount
 from intxr.daemon import HDF5_MAGIC, Retention, pid_alive
@@ -29,28 +31,8 @@ SERIES_LINE = re.compile(r"^SERIES (\d+)(?: r\d+)?: received (\d+), written (\S+
 
 
 def write_config(tmp_path: Path, **overrides) -> tuple[Path, dict]:
-    detector, port, pub, collector, results = free_ports(5)
-    keys = {
-        "beamline": "test",
-        "custom_keys": "mapping, reporting, master_file",
-        "filepath_key": "master_file",
-        "run_mode_key": "mapping",
-        "host": "127.0.0.1",
-        "port": port,
-        "splitter_pub_port": pub,
-        "collector_port": collector,
-        "results_pub_port": results,
-        "timeout": "3",
-        "detector_endpoint": f"tcp://127.0.0.1:{detector}",
-        "output_dir": str(tmp_path / "data"),
-        "simulate_protocol": "cbftoeiger",
-        "simulate_rate": "6",
-        "skip_after": "2",
-        **overrides,
-    }
-    path = tmp_path / "startup.cfg"
-    path.write_text("[t]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
-    return path, keys
+    """test_pipeline's config, faster to give up: nothing to BluIce, frames skipped after 2 s."""
+    return pipeline_config(tmp_path, **{"send_to_ui": "False", "simulate_rate": "6", "skip_after": "2", **overrides})
 
 
 class Daemon:
@@ -58,7 +40,7 @@ class Daemon:
 
     def __init__(self, config: Path, *args: str):
         self.proc = subprocess.Popen(
-            [str(EXE / "intxrd"), "-c", str(config), "-b", "t", *args],
+            daemon_command(config, *args),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -367,7 +349,7 @@ def test_garbage_on_the_collectors_socket_is_counted_localhost_binds_loopback_an
     gui_port, = free_ports(1)
     config, keys = write_config(tmp_path, host="localhost", simulate_rate="3", start_gui="True",
                                 gui_port=str(gui_port))
-    dry = subprocess.run([str(EXE / "intxrd"), "-c", str(config), "-b", "t", "--dry_run", "-n", "2"],
+    dry = subprocess.run(daemon_command(config, "--dry_run", "-n", "2"),
                          capture_output=True, text=True, timeout=60)
     assert f"readers ask on tcp://127.0.0.1:{keys['port']}" in dry.stdout, dry.stdout
     assert "OMPI_MCA_btl=self,sm" in dry.stdout

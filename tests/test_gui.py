@@ -160,7 +160,7 @@ def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
     gets every frame, the map every cell and the Collector's crystal; a click on the crystal opens its best
     frame with its spots circled."""
     from browser import Browser
-    from test_pipeline import _free_ports, write_config
+    from test_pipeline import _free_ports, daemon_command, write_config
 
     [gui_port] = _free_ports(1)
     config, keys = write_config(
@@ -174,19 +174,7 @@ def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
         browser = Browser(chromium)
         browser.goto(url)
         run = subprocess.run(
-            [
-                str(EXE / "intxrd"),
-                "-c",
-                str(config),
-                "-b",
-                "t",
-                "-n",
-                "2",
-                "--max_series",
-                "1",
-                "--simulate",
-                *thaumatin_cbfs,
-            ],
+            daemon_command(config, "-n", "2", "--max_series", "1", "--simulate", *thaumatin_cbfs),
             capture_output=True,
             text=True,
             timeout=240,
@@ -249,24 +237,12 @@ def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
 
 
 def test_intxrd_starts_the_gui_when_the_config_says_so(tmp_path, thaumatin_cbfs):
-    from test_pipeline import _free_ports, write_config
+    from test_pipeline import _free_ports, daemon_command, write_config
 
     [gui_port] = _free_ports(1)
     config, _ = write_config(tmp_path, send_to_ui="False", start_gui="True", gui_port=gui_port, simulate_rate="4")
     daemon = subprocess.Popen(
-        [
-            str(EXE / "intxrd"),
-            "-c",
-            str(config),
-            "-b",
-            "t",
-            "-n",
-            "2",
-            "--max_series",
-            "1",
-            "--simulate",
-            *thaumatin_cbfs[:8],
-        ],
+        daemon_command(config, "-n", "2", "--max_series", "1", "--simulate", *thaumatin_cbfs[:8]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -225,7 +225,7 @@ def _pixels_of(png: bytes, rgb: tuple[int, int, int]) -> int:
 def test_indexed_hits_reach_the_page_with_lattices_and_predicted_spots(tmp_path, thaumatin_cbfs):
     from browser import Browser, chromium_or_skip
     from test_gui import _wait_until_served
-    from test_pipeline import _free_ports, write_config
+    from test_pipeline import _free_ports, daemon_command, write_config
 
     chromium = chromium_or_skip()
     (tmp_path / "processing.cfg").write_text(INDEXING)
@@ -247,19 +247,7 @@ def test_indexed_hits_reach_the_page_with_lattices_and_predicted_spots(tmp_path,
         browser = Browser(chromium, height=1700)
         browser.goto(url)
         run = subprocess.run(
-            [
-                str(EXE / "intxrd"),
-                "-c",
-                str(config),
-                "-b",
-                "t",
-                "-n",
-                "2",
-                "--max_series",
-                "1",
-                "--simulate",
-                *thaumatin_cbfs,
-            ],
+            daemon_command(config, "-n", "2", "--max_series", "1", "--simulate", *thaumatin_cbfs),
             capture_output=True,
             text=True,
             timeout=240,

@@ -99,9 +99,14 @@ def _no_daemon_left_behind():
                 proc.kill()
 
 
+def daemon_command(config: Path, *args: str) -> list[str]:
+    """`intxrd` on section [t] of a config from write_config."""
+    return [str(EXE / "intxrd"), "-c", str(config), "-b", "t", *args]
+
+
 def daemon(config: Path, *args: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [str(EXE / "intxrd"), "-c", str(config), "-b", "t", *args],
+        daemon_command(config, *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -282,7 +287,7 @@ def test_sigterm_drains_and_leaves_complete_files(tmp_path, thaumatin_cbfs):
 
 def test_a_broken_config_stops_the_daemon_before_anything_starts(tmp_path):
     config, _ = write_config(tmp_path, output_format="series, frame, result {}, nosuchkey")
-    result = subprocess.run([str(EXE / "intxrd"), "-c", str(config), "-b", "t"], capture_output=True, text=True,
+    result = subprocess.run(daemon_command(config), capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2
     assert f"{config}: [t] output_format" in result.stderr and "nosuchkey" in result.stderr
