@@ -129,6 +129,43 @@ def test_a_session_gets_only_what_is_new_however_many_series_have_finished():
     assert model.series_since(model.listed()[0][-1]["order"], SeriesCursor()) is None  # no longer kept
 
 
+def test_a_page_still_drawing_its_last_update_gets_the_next_only_once_it_says_it_drew_it():
+    """Flow control: a page slower than the results gets fewer, larger updates, not a growing queue."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bokeh.document import Document
+
+    from intxr.gui.app import DRAWN_WAIT, Session
+    from intxr.gui.frames import Frames
+
+    def update(session: Session) -> None:
+        time.sleep(0.01)  # (points stream at most every len(points) / 20,000 s)
+        session.update()
+
+    model = RunModel()
+    for k in range(10):
+        model.add_result(result(1, k))
+    with ThreadPoolExecutor(1) as executor:
+        session = Session(Document(), model, Frames(model), executor)
+        update(session)
+        assert len(session.strip.data["frame"]) == 10 and session.sent.text == "1"
+        for k in range(10, 20):
+            model.add_result(result(1, k))
+        update(session)  # the page has not drawn update 1 yet: nothing goes
+        assert len(session.strip.data["frame"]) == 10 and session.sent.text == "1"
+        session.drawn.text = "1"  # what the page sends after painting the frame after update 1
+        update(session)
+        assert len(session.strip.data["frame"]) == 20 and session.sent.text == "2"
+        model.add_result(result(1, 20))
+        session.sent_at -= DRAWN_WAIT  # a page that never says (a hidden tab) still gets one now and then
+        update(session)
+        assert len(session.strip.data["frame"]) == 21 and session.sent.text == "3"
+        session.drawn.text = "not a number"  # ends the wait, breaks nothing
+        model.add_result(result(1, 21))
+        update(session)
+        assert len(session.strip.data["frame"]) == 22
+
+
 def _wait_until_served(url: str, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -182,6 +219,8 @@ def test_live_page_in_headless_chromium(tmp_path, thaumatin_cbfs, chromium):
         assert run.returncode == 0, run.stderr
         # The strip chart shows every frame, the hits as the readers said.
         browser.wait_for("Bokeh.documents[0].get_model_by_name('strip').data.frame.length === 12")
+        # The page says which update it has drawn (flow control): it draws, so it says so.
+        browser.wait_for("Number(Bokeh.documents[0].get_model_by_name('update_drawn').text) > 1")
         strip = browser.model("strip")
         assert sorted(strip["frame"]) == list(range(1, 13)) and sum(strip["hit"]) == 10
         raster = browser.model("raster")

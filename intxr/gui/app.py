@@ -46,6 +46,7 @@ from intxr.gui.model import MAX_SERIES, RunModel, SeriesCursor, resolution_edges
 UPDATE_MS = 200  # a session's update period: 5 a second, whatever the rate of results
 DETAILS_EVERY = 1.0  # seconds between two updates of a session's counts, tables and series list
 POINTS_PER_SECOND_DRAWN = 20_000
+DRAWN_WAIT = 5.0  # seconds an update waits for the page to say it drew the last one before it goes anyway
 LATEST_HIT_EVERY = 2.0  # seconds between two reads of the latest hit while no frame is picked
 STRIP_ROLLOVER = 200_000  # points a strip chart keeps (a series' points beyond scroll out)
 TIMELINE_ROLLOVER = 1800
@@ -170,6 +171,9 @@ class Session:
         self.last_frame_load = 0.0
         self.details_at = 0.0
         self.streamed_at = 0.0
+        self.update_seq = 0  # updates sent; the page says which one it has drawn
+        self.drawn_seq = 0
+        self.sent_at = 0.0
         self.loading = False
         self._selecting = False
         self.build()
@@ -452,13 +456,38 @@ class Session:
         )
         self.doc.add_root(column(self.title, row(left, right)))
         self.doc.add_root(self.frame_state)  # drawn by nothing: a root, so the page has it (tests read it)
+        # Flow control: the page says which update it has drawn (once the frame after it is painted), and
+        # the next goes only then. A page that draws slower than results come gets fewer, larger updates
+        # instead of a queue that grows; a hidden tab, which paints nothing, gets one every DRAWN_WAIT.
+        self.sent = Div(text="0", name="update_sent", visible=False)
+        self.drawn = Div(text="0", name="update_drawn", visible=False)
+        self.sent.js_on_change(
+            "text",
+            CustomJS(
+                args=dict(drawn=self.drawn),
+                code="const seq = cb_obj.text; requestAnimationFrame(() => setTimeout(() => { drawn.text = seq }))",
+            ),
+        )
+        self.drawn.on_change("text", self.on_drawn)
+        self.doc.add_root(self.sent)
+        self.doc.add_root(self.drawn)
 
     # ---- the periodic update ------------------------------------------------------------------------------------
 
+    def on_drawn(self, attr, old, new) -> None:
+        try:
+            self.drawn_seq = int(new)
+        except ValueError:  # what a page sends is not trusted: a bad value only ends the wait early
+            self.drawn_seq = self.update_seq
+
     def update(self) -> None:
+        now = time.monotonic()
+        if self.drawn_seq < self.update_seq and now - self.sent_at < DRAWN_WAIT:
+            return  # the page is still drawing the last update: what is new waits in the model
+        self.update_seq += 1
+        self.sent_at = now
         # Points stream at every update; counts, tables and the list, which change with every result
         # too, once a second: fewer messages for the page to take in when results pour in.
-        now = time.monotonic()
         details = now - self.details_at >= DETAILS_EVERY
         if details:
             self.details_at = now
@@ -472,6 +501,7 @@ class Session:
             self.update_series(details)
         self.update_timeline()
         self.update_frame()
+        self.sent.text = str(self.update_seq)  # last: the page sees it after this update's changes
 
     def update_status(self) -> None:
         status = self.model.status_since(self.status_version)
