@@ -355,12 +355,16 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
         } else {
             FN(strong_row)(vrow, fl, cm, cx, w, kx, ctx, B);
         }
+        /* Codes are 0/1 (`dispersion`) or 0/1/2 (extended: 2 is undecided): one bit per byte marks a
+         * pixel for the exact test, and only those bits are visited (x86-64 loads little-endian: the lowest
+         * set bit is the leftmost pixel). */
+        const uint64_t marks = mode == 1 ? 0x0202020202020202ull : 0x0101010101010101ull;
         for (ptrdiff_t i0 = 0; i0 < w; i0 += 8) {
             uint64_t word;
             memcpy(&word, B->code + i0, 8); /* code has 8 bytes of zero slack */
-            if (!(word & (mode == 1 ? 0x0202020202020202ull : ~0ull))) continue;
-            for (ptrdiff_t i = i0; i < i0 + 8 && i < w; i++) {
-                if (mode == 1 ? B->code[i] != 2 || (fl[i] & F_CV) : !B->code[i] || !(fl[i] & F_VALID)) continue;
+            for (uint64_t bits = word & marks; bits; bits &= bits - 1) {
+                ptrdiff_t i = i0 + (__builtin_ctzll(bits) >> 3);
+                if (mode == 1 ? (fl[i] & F_CV) != 0 : !(fl[i] & F_VALID)) continue;
                 uint32_t m = 0, x = 0, y = 0;
                 for (int d = -kx; d <= kx; d++) {
                     m += cm[i + d];
