@@ -238,7 +238,7 @@ print(json.dumps([sums.tolist(), valid.tolist(), strong_bins(sums, valid).tolist
 
 
 def test_every_kernel_path_bins_and_thresholds_alike():
-    """The AVX2 and portable paths (forced with INTXR_BSLZ4_KERNEL in fresh processes; a path the
+    """The GFNI, AVX2 and portable paths (forced with INTXR_BSLZ4_KERNEL in fresh processes; a path the
     CPU lacks falls back) give the same binned frame and strong bins as the Cython kernels."""
     import json
     import os
@@ -252,7 +252,7 @@ def test_every_kernel_path_bins_and_thresholds_alike():
     ref_sums, ref_valid = _cython_bin(image, None, (0.0, 65533.0), 4)
     expected = [ref_sums.tolist(), ref_valid.tolist(), _strong_bins_reference(ref_sums, ref_valid).tolist(), True]
     assert len(expected[2]) > 5
-    for kernel in ("scalar", "sse2", "avx2"):
+    for kernel in ("scalar", "sse2", "avx2", "gfni"):
         env = dict(os.environ, INTXR_BSLZ4_KERNEL=kernel)
         run = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True, text=True,
                              check=True)

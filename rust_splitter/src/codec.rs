@@ -58,11 +58,11 @@ fn shuffle_block(src: &[u8], dst: &mut [u8], n: usize, elem_size: usize) {
     }
 }
 
-/// Which unshuffle kernel decodes a block: chosen once per process from the CPU (AVX2 where
-/// present), or forced with the environment variable `INTXR_BSLZ4_KERNEL` = `scalar`, `sse2` or
-/// `avx2` (for the tests, which check every path gives the same bytes; `avx2` on a CPU without it
-/// falls back to `sse2`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which unshuffle kernel decodes a block: chosen once per process from the CPU (the best it
+/// runs), or forced with the environment variable `INTXR_BSLZ4_KERNEL` = `scalar`, `sse2`, `avx2`
+/// or `gfni` (for the tests, which check every path gives the same bytes; a path the CPU lacks
+/// falls back to the best one below it). Ordered from the least to the most the CPU must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
     /// Portable code only (any architecture).
     Scalar,
@@ -70,6 +70,9 @@ pub enum Kernel {
     Sse2,
     /// AVX2 byte + bit transposes with 32-byte stores, then SSE2 and scalar for the remainder.
     Avx2,
+    /// As Avx2, with each group's 8x8 bit transpose one GFNI affine instruction (Intel Ice Lake,
+    /// AMD Zen 4 and later) instead of 24 shift/xor/and steps per 8 registers.
+    Gfni,
 }
 
 impl Kernel {
@@ -78,6 +81,9 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") {
+                if std::is_x86_feature_detected!("gfni") {
+                    return Kernel::Gfni;
+                }
                 return Kernel::Avx2;
             }
             Kernel::Sse2
@@ -88,11 +94,7 @@ impl Kernel {
 
     /// `requested` if this CPU runs it, else the best one below it.
     pub fn supported(requested: Kernel) -> Kernel {
-        match (requested, Kernel::detect()) {
-            (Kernel::Avx2, best) => best,
-            (Kernel::Sse2, Kernel::Scalar) => Kernel::Scalar,
-            (k, _) => k,
-        }
+        requested.min(Kernel::detect())
     }
 
     /// The process-wide choice (detected, or forced by `INTXR_BSLZ4_KERNEL`), read once.
@@ -102,7 +104,8 @@ impl Kernel {
             let forced = match std::env::var("INTXR_BSLZ4_KERNEL").as_deref() {
                 Ok("scalar") => Kernel::Scalar,
                 Ok("sse2") => Kernel::Sse2,
-                _ => Kernel::Avx2,
+                Ok("avx2") => Kernel::Avx2,
+                _ => Kernel::Gfni,
             };
             Kernel::supported(forced)
         })
@@ -122,14 +125,16 @@ fn unshuffle_block_with(kernel: Kernel, src: &[u8], dst: &mut [u8], n: usize, el
     let mut done = 0; // groups of 8 elements already written
     #[cfg(target_arch = "x86_64")]
     {
-        if kernel == Kernel::Avx2 {
-            // SAFETY: `Kernel::supported` only gives Avx2 when the CPU has it; the helper checks
-            // its slices' lengths before its unchecked loads and stores.
+        if kernel >= Kernel::Avx2 {
+            // SAFETY: `Kernel::supported` only gives Avx2 (Gfni) when the CPU has AVX2 (and GFNI);
+            // the helpers check their slices' lengths before their unchecked loads and stores.
             done = unsafe {
-                if elem_size <= 4 {
-                    avx2::unshuffle_transpose(src, dst, row, elem_size)
-                } else {
-                    avx2::unshuffle_groups(src, dst, row, elem_size)
+                match (elem_size <= 4, kernel) {
+                    (true, Kernel::Gfni) => {
+                        avx2::unshuffle_transpose_gfni(src, dst, row, elem_size)
+                    }
+                    (true, _) => avx2::unshuffle_transpose(src, dst, row, elem_size),
+                    (false, _) => avx2::unshuffle_groups(src, dst, row, elem_size),
                 }
             };
         }
@@ -350,13 +355,26 @@ mod avx2 {
     /// bytes each, one per group), bit-transpose them so register j holds byte `b` of element j of
     /// every group, then byte-transpose so each u64 holds one group's 8 elements. Result `r`
     /// holds groups `2r, 2r+1` (low 128-bit lane) and `16+2r, 17+2r` (high lane), relative to m.
+    ///
+    /// With GFNI the bytes are transposed first, then each u64 (one group's 8 plane bytes) has its
+    /// 8x8 bits transposed by one `gf2p8affineqb` (Intel SDM: result bit i of byte j is the parity
+    /// of matrix byte 7-i AND data byte j; with data byte j = 1 << j and the planes loaded in
+    /// reverse order, that is bit j of plane i: bit i of element j).
     #[inline(always)]
-    unsafe fn plane_bytes(src: *const u8, row: usize, b: usize, m: usize) -> [__m256i; 8] {
+    unsafe fn plane_bytes<const GFNI: bool>(
+        src: *const u8,
+        row: usize,
+        b: usize,
+        m: usize,
+    ) -> [__m256i; 8] {
         let mut p = [_mm256_setzero_si256(); 8];
         for (k, reg) in p.iter_mut().enumerate() {
-            *reg = _mm256_loadu_si256(src.add((8 * b + k) * row + m) as *const __m256i);
+            let plane = if GFNI { 8 * b + 7 - k } else { 8 * b + k };
+            *reg = _mm256_loadu_si256(src.add(plane * row + m) as *const __m256i);
         }
-        transpose_bits8(&mut p);
+        if !GFNI {
+            transpose_bits8(&mut p);
+        }
         // a[2i] / a[2i+1]: registers 2i, 2i+1 interleaved for groups 0-7 / 8-15 of each lane.
         let mut a = [_mm256_setzero_si256(); 8];
         for i in 0..4 {
@@ -378,6 +396,12 @@ mod avx2 {
             out[2 * q] = _mm256_unpacklo_epi32(lo[q], hi[q]);
             out[2 * q + 1] = _mm256_unpackhi_epi32(lo[q], hi[q]);
         }
+        if GFNI {
+            let one_bit_each = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+            for v in out.iter_mut() {
+                *v = _mm256_gf2p8affine_epi64_epi8::<0>(one_bit_each, *v);
+            }
+        }
         out
     }
 
@@ -386,6 +410,27 @@ mod avx2 {
     /// bytes at a time straight into `dst`. Returns how many groups were done (a multiple of 32).
     #[target_feature(enable = "avx2")]
     pub unsafe fn unshuffle_transpose(
+        src: &[u8],
+        dst: &mut [u8],
+        row: usize,
+        elem_size: usize,
+    ) -> usize {
+        unshuffle_transpose_with::<false>(src, dst, row, elem_size)
+    }
+
+    /// `unshuffle_transpose` with GFNI bit transposes.
+    #[target_feature(enable = "avx2,gfni")]
+    pub unsafe fn unshuffle_transpose_gfni(
+        src: &[u8],
+        dst: &mut [u8],
+        row: usize,
+        elem_size: usize,
+    ) -> usize {
+        unshuffle_transpose_with::<true>(src, dst, row, elem_size)
+    }
+
+    #[inline(always)]
+    unsafe fn unshuffle_transpose_with<const GFNI: bool>(
         src: &[u8],
         dst: &mut [u8],
         row: usize,
@@ -409,7 +454,7 @@ mod avx2 {
         while m < groups {
             match es {
                 1 => {
-                    let t = plane_bytes(s, row, 0, m);
+                    let t = plane_bytes::<GFNI>(s, row, 0, m);
                     for r in (0..8).step_by(2) {
                         // groups 2r..2r+3 are t[r].lo, t[r+1].lo; 16+2r.. the high lanes.
                         store!(m + 2 * r, _mm256_permute2x128_si256::<0x20>(t[r], t[r + 1]));
@@ -420,8 +465,8 @@ mod avx2 {
                     }
                 }
                 2 => {
-                    let t0 = plane_bytes(s, row, 0, m);
-                    let t1 = plane_bytes(s, row, 1, m);
+                    let t0 = plane_bytes::<GFNI>(s, row, 0, m);
+                    let t1 = plane_bytes::<GFNI>(s, row, 1, m);
                     for r in 0..8 {
                         let e = _mm256_unpacklo_epi8(t0[r], t1[r]); // group 2r | 16+2r
                         let o = _mm256_unpackhi_epi8(t0[r], t1[r]); // group 2r+1 | 17+2r
@@ -430,10 +475,10 @@ mod avx2 {
                     }
                 }
                 _ => {
-                    let t0 = plane_bytes(s, row, 0, m);
-                    let t1 = plane_bytes(s, row, 1, m);
-                    let t2 = plane_bytes(s, row, 2, m);
-                    let t3 = plane_bytes(s, row, 3, m);
+                    let t0 = plane_bytes::<GFNI>(s, row, 0, m);
+                    let t1 = plane_bytes::<GFNI>(s, row, 1, m);
+                    let t2 = plane_bytes::<GFNI>(s, row, 2, m);
+                    let t3 = plane_bytes::<GFNI>(s, row, 3, m);
                     for r in 0..8 {
                         let e01 = _mm256_unpacklo_epi8(t0[r], t1[r]);
                         let o01 = _mm256_unpackhi_epi8(t0[r], t1[r]);
@@ -819,7 +864,7 @@ mod tests {
         }
     }
 
-    const KERNELS: [Kernel; 3] = [Kernel::Scalar, Kernel::Sse2, Kernel::Avx2];
+    const KERNELS: [Kernel; 4] = [Kernel::Scalar, Kernel::Sse2, Kernel::Avx2, Kernel::Gfni];
 
     fn xorshift(state: &mut u64) -> u64 {
         *state ^= *state << 13;

@@ -191,6 +191,18 @@ fn bin_spec(
     })
 }
 
+/// The bitshuffle unshuffle path this process uses (`scalar`, `sse2`, `avx2` or `gfni`): the
+/// best the CPU runs, or the one `INTXR_BSLZ4_KERNEL` forced (where the CPU runs it).
+#[pyfunction]
+fn bslz4_kernel() -> &'static str {
+    match codec::Kernel::current() {
+        codec::Kernel::Scalar => "scalar",
+        codec::Kernel::Sse2 => "sse2",
+        codec::Kernel::Avx2 => "avx2",
+        codec::Kernel::Gfni => "gfni",
+    }
+}
+
 /// Decode a bitshuffle-LZ4 chunk into `out` (a rows x cols frame of `elem_size`-byte pixels) and
 /// bin it into `sums` (uint32, (rows // factor) x (cols // factor)) and `valid` (uint8) on the way:
 /// the pre-screen's `bin_frame` without reading the frame back from memory.
@@ -576,6 +588,7 @@ fn _splitter(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bslz4_compress, m)?)?;
     m.add_function(wrap_pyfunction!(bslz4_decompress_into, m)?)?;
     m.add_function(wrap_pyfunction!(bslz4_header, m)?)?;
+    m.add_function(wrap_pyfunction!(bslz4_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(bslz4_decompress_bin_into, m)?)?;
     m.add_function(wrap_pyfunction!(bin_frame_into, m)?)?;
     m.add_function(wrap_pyfunction!(strong_bins, m)?)?;

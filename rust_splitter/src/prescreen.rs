@@ -89,7 +89,7 @@ impl<'a> Binner<'a> {
             next_band: 0,
             colsum: vec![0; spec.cols],
             colbad: vec![0; spec.cols],
-            avx2: kernel == Kernel::Avx2,
+            avx2: kernel >= Kernel::Avx2,
         })
     }
 
@@ -108,8 +108,8 @@ impl<'a> Binner<'a> {
     fn bin_band(&mut self, band: &[u8]) {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: `avx2` is only set for Kernel::Avx2, which `Kernel::supported` gives only on
-            // CPUs with AVX2; the body is safe code compiled with AVX2 enabled.
+            // SAFETY: `avx2` is only set for Kernel::Avx2 or above, which `Kernel::supported`
+            // gives only on CPUs with AVX2; the body is safe code compiled with AVX2 enabled.
             unsafe { self.bin_band_avx2(band) };
             return;
         }
@@ -521,8 +521,8 @@ pub fn strong_bins(
 ) -> Vec<i64> {
     assert!(sums.len() == rows * cols && valid.len() == rows * cols);
     #[cfg(target_arch = "x86_64")]
-    if Kernel::current() == Kernel::Avx2 {
-        // SAFETY: Kernel::Avx2 is only chosen on CPUs with AVX2; the body is safe code.
+    if Kernel::current() >= Kernel::Avx2 {
+        // SAFETY: Kernel::Avx2 and above are only chosen on CPUs with AVX2; the body is safe code.
         return unsafe {
             strong_bins_avx2(
                 sums,
