@@ -283,6 +283,28 @@ def test_pilatus_master_is_generic_nxmx_with_trusted_range_mask_and_chains(tmp_p
         assert np.degrees(np.arccos(-point[2] / np.linalg.norm(point))) == pytest.approx(abs(two_theta), abs=1e-9)
 
 
+def test_each_master_has_its_own_series_mask_when_masks_repeat_and_change(tmp_path):
+    """The Splitter writes a mask it wrote for the series before by copying the stored chunks (not
+    deflating it again): each master still holds its own series' mask, whether it repeats or not."""
+    shape = (2527, 2463)
+    frame = np.zeros(shape, dtype=np.uint32)
+    first, second = np.zeros(shape, dtype="<u4"), np.zeros(shape, dtype="<u4")
+    first[5, 7] = 2
+    second[100:120, 300:900] = 1
+    sent = [first, first, second, first]
+    pusher = Pusher()
+    with Splitter(pusher.endpoint, tmp_path, max_series=len(sent), series_timeout=30) as splitter:
+        pusher.send([part for mask in sent for part in _v1_series(_pilatus_config(0.0), [frame], mask)])
+        assert splitter.join(60)
+    masters = splitter.counters()["files"]
+    assert len(masters) == len(sent)
+    for master, mask in zip(masters, sent, strict=True):
+        with h5py.File(master) as f:
+            stored = f["entry/instrument/detector/pixel_mask"]
+            assert stored.compression == "gzip"
+            assert np.array_equal(stored[()], mask | _pilatus_6m_gaps()), master
+
+
 def test_pilatus_without_a_mask_gets_dxtbx_s_module_gaps(tmp_path):
     """header_detail basic sends no mask: the master still masks what DIALS masks on the CBF."""
     pusher = Pusher()
