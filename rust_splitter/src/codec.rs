@@ -577,7 +577,9 @@ fn lz4_decode_block(input: &[u8], out: &mut [u8]) -> Result<usize, &'static str>
             out[op + 16..op + 32].copy_from_slice(&chunk);
         } else if offset >= ml {
             out.copy_within(src..src + ml, op);
-        } else if offset == 1 {
+        } else if out[src..op].iter().all(|&b| b == out[src]) {
+            // A run of one byte (offset 1, or a longer period of one byte: the zero runs of a
+            // frame's high bit planes, most of a bitshuffled frame's bytes): one fill.
             let v = out[src];
             out[op..op + ml].fill(v);
         } else {
@@ -999,8 +1001,19 @@ mod tests {
         for case in 0..400 {
             let n = (xorshift(&mut state) % 9000) as usize;
             let period = 1 + (xorshift(&mut state) % 40) as usize;
-            let data: Vec<u8> = match case % 4 {
+            let data: Vec<u8> = match case % 5 {
                 0 => (0..n).map(|_| xorshift(&mut state) as u8).collect(),
+                // Sparse bits between long runs of zeros, as a frame's high bit planes: matches
+                // of a period above 1 over one repeated byte.
+                4 => (0..n)
+                    .map(|i| {
+                        if (i / (8 * period)).is_multiple_of(4) {
+                            (xorshift(&mut state) as u8) & (xorshift(&mut state) as u8)
+                        } else {
+                            0
+                        }
+                    })
+                    .collect(),
                 1 => (0..n).map(|i| (i % period) as u8).collect(),
                 2 => (0..n)
                     .map(|i| {
