@@ -15,11 +15,10 @@ use hdf5_metno_sys::h5d::{
 use hdf5_metno_sys::h5e::{
     H5E_error2_t, H5Eclear2, H5Eset_auto2, H5Ewalk2, H5E_DEFAULT, H5E_WALK_DOWNWARD,
 };
-use hdf5_metno_sys::h5f::{H5Fclose, H5Fcreate, H5Fopen, H5F_ACC_EXCL, H5F_ACC_RDONLY};
+use hdf5_metno_sys::h5f::{H5Fclose, H5Fcreate, H5F_ACC_EXCL};
 use hdf5_metno_sys::h5g::{H5Gclose, H5Gcreate2};
 use hdf5_metno_sys::h5i::hid_t;
-use hdf5_metno_sys::h5l::{H5Lcreate_external, H5Lcreate_hard, H5Lexists};
-use hdf5_metno_sys::h5o::H5Ocopy;
+use hdf5_metno_sys::h5l::{H5Lcreate_external, H5Lcreate_hard};
 use hdf5_metno_sys::h5p::{
     H5Pclose, H5Pcreate, H5Pset_chunk, H5Pset_deflate, H5Pset_fill_value, H5Pset_virtual,
     H5P_CLS_DATASET_CREATE, H5P_DEFAULT,
@@ -38,15 +37,15 @@ use super::{NxmxError, Result};
 
 pub(super) static H5_OPEN: Once = Once::new();
 
-/// The last pixel mask written, with its chunks as stored (deflated): a detector sends the same
-/// mask with every series, and deflating it again costs ~50 ms at 6M and ~150 ms at 16M (72 MB)
-/// per series. The same mask is written again by direct chunk writes of these bytes.
+/// The last pixel mask written, with its chunks as stored (deflated): every master of a series,
+/// and of the next series (a detector sends the same mask with each), holds it, and deflating it
+/// again costs ~50 ms at 6M and ~150 ms at 16M (72 MB). The same mask is written again by direct
+/// chunk writes of these bytes.
 struct StoredMask {
     ny: usize,
     nx: usize,
-    rows: usize,
     mask: Vec<u32>,
-    chunks: Vec<(u32, Vec<u8>)>, // (filter mask, stored bytes) per chunk of `rows` rows
+    chunks: Vec<(u32, Vec<u8>)>, // (filter mask, stored bytes) per chunk (rows from ny, nx)
 }
 
 static LAST_MASK: Mutex<Option<StoredMask>> = Mutex::new(None);
@@ -604,7 +603,7 @@ impl H5Writer<'_> {
         let mut last = LAST_MASK.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(stored) = last
             .as_ref()
-            .filter(|m| (m.ny, m.nx, m.rows) == (ny, nx, rows) && m.mask == data)
+            .filter(|m| (m.ny, m.nx) == (ny, nx) && m.mask == data)
         {
             for (i, (filters, bytes)) in stored.chunks.iter().enumerate() {
                 let offset = [(i * rows) as hsize_t, 0];
@@ -636,7 +635,6 @@ impl H5Writer<'_> {
         *last = stored_chunks(d.id, ny, rows).map(|chunks| StoredMask {
             ny,
             nx,
-            rows,
             mask: data.to_vec(),
             chunks,
         });
@@ -678,45 +676,6 @@ impl H5Writer<'_> {
             )
         };
         self.check(ret, || format!("H5Lcreate_hard({link} -> {target})"))
-    }
-}
-
-impl H5Writer<'_> {
-    /// Copy the object at `path` from the HDF5 file `source` into this file at the same path
-    /// (H5Ocopy copies a chunked dataset's stored chunks as they are, without filtering them
-    /// again). Err when it could not; the caller then writes the object itself, unless the copy
-    /// left something at `path` (then that error stands).
-    pub(super) fn copy_from(&self, source: &Path, path: &str) -> Result<bool> {
-        let name = c_name(path)?;
-        let file = c_path(source)?;
-        let src = unsafe { H5Fopen(file.as_ptr(), H5F_ACC_RDONLY, H5P_DEFAULT) };
-        if src < 0 {
-            h5_error_detail();
-            return Ok(false);
-        }
-        let src = Handle {
-            id: src,
-            close: H5Fclose,
-        };
-        let ret = unsafe {
-            H5Ocopy(
-                src.id,
-                name.as_ptr(),
-                self.file,
-                name.as_ptr(),
-                H5P_DEFAULT,
-                H5P_DEFAULT,
-            )
-        };
-        if ret >= 0 {
-            return Ok(true);
-        }
-        let err = h5_error(self.path, format!("H5Ocopy({path})"));
-        if unsafe { H5Lexists(self.file, name.as_ptr(), H5P_DEFAULT) } != 0 {
-            return Err(err);
-        }
-        h5_error_detail(); // H5Lexists's own messages, if any
-        Ok(false)
     }
 }
 

@@ -295,15 +295,10 @@ impl SeriesWriter {
             w.u32(&format!("{spec}/number_of_excluded_pixels"), clamp(n))?;
         }
         // The mask (zeros when none was sent and none is known); the NXdetector's pixel_mask is the
-        // same dataset. A full mask (a 16M frame's is 72 MB before deflate) is compressed once: a
-        // later master copies the stored chunks from the master on disk, which holds the same mask.
+        // same dataset. A mask is deflated once: a later master of this series or the next ones
+        // gets the stored chunks again (`H5Writer::mask`).
         let mask_path = format!("{spec}/pixel_mask");
-        let copied = self.linked > 0
-            && self.pixel_mask.is_some()
-            && w.copy_from(&self.master, &mask_path)?;
-        if !copied {
-            w.mask(&mask_path, ny, nx, self.pixel_mask.as_deref())?;
-        }
+        w.mask(&mask_path, ny, nx, self.pixel_mask.as_deref())?;
         // Always there: dxtbx's generic NXmx reader takes its static mask only from the NXdetector.
         w.hard_link(&format!("{det}/pixel_mask"), &format!("{spec}/pixel_mask"))?;
 
