@@ -225,6 +225,30 @@ def test_every_kernel_path_equals_numpy_reference_on_edge_cases(algorithm, seed,
 
 
 @pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+@pytest.mark.parametrize("seed", range(24))
+def test_every_kernel_path_equals_real_dials_on_random_frames(algorithm, seed, kernel_path):
+    """The same random frames, masks and parameters given to DIALS's own DispersionThreshold /
+    DispersionExtendedThreshold (its C++ classes, on the image as double, as dxtbx hands it over)."""
+    pytest.importorskip("dials.algorithms.image.threshold", reason="DIALS is not installed (not on PyPI)")
+    from intxr.reader import dials_backend
+
+    rng = np.random.default_rng(2000 + seed)
+    dtype = [np.int32, np.uint16, np.uint32][seed % 3]
+    shape = (int(rng.integers(1, 60)), int(rng.integers(1, 120)))
+    if seed % 2:
+        image, mask, trusted = bright_frame(seed, shape, dtype)
+    else:
+        image, mask = random_frame(seed, shape, dtype)
+        trusted = (0.0, 4000.0)
+    params = random_params(rng, algorithm)
+    strong, _ = find_strong_pixels(image, None if seed % 5 == 0 else mask, trusted, params)
+    dials = dials_backend.strong_pixels(
+        image, None if seed % 5 == 0 else mask, trusted, SpotFinderParams(threshold=params)
+    )
+    assert strong.tolist() == dials.tolist()
+
+
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
 def test_every_kernel_path_on_a_large_frame(algorithm, kernel_path):
     """A frame wider than any vector and not a multiple of one, bright pixels, many strong ones."""
     image, mask, trusted = bright_frame(7, (157, 523), np.int32)
@@ -314,12 +338,20 @@ def test_too_many_strong_pixels_is_reported_not_crashed():
     assert "max_strong_pixel_fraction" in result.errors[0]
 
 
-def test_dials_backend_matches_native_when_dials_is_installed(thaumatin_cbfs):
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+def test_dials_backend_matches_native_when_dials_is_installed(thaumatin_cbfs, algorithm):
+    """`spf_backend = dials` and ours give the same strong pixels and spots on every real frame."""
     pytest.importorskip("dials.algorithms.image.threshold", reason="DIALS is not installed (not on PyPI)")
-    frame = read_cbf(thaumatin_cbfs[0])
-    native = find_spots(frame.data, frame.geometry, SpotFinderParams(prescreen=False))
-    dials = find_spots(frame.data, frame.geometry, SpotFinderParams(prescreen=False, backend="dials"))
-    assert dials.n_strong_pixels == native.n_strong_pixels and len(dials.spots) == len(native.spots)
+    for path in thaumatin_cbfs:
+        frame = read_cbf(path)
+        threshold = ThresholdParams(algorithm=algorithm)
+        native = find_spots(frame.data, frame.geometry, SpotFinderParams(threshold=threshold, prescreen=False))
+        dials = find_spots(
+            frame.data, frame.geometry, SpotFinderParams(threshold=threshold, prescreen=False, backend="dials")
+        )
+        assert dials.n_strong_pixels == native.n_strong_pixels, path
+        assert dials.spots.bbox.tolist() == native.spots.bbox.tolist(), path
+        assert dials.spots.intensity.tolist() == native.spots.intensity.tolist(), path
 
 
 def test_dials_backend_without_dials_is_a_clear_error():

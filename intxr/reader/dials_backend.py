@@ -29,7 +29,7 @@ def require() -> None:
 def strong_pixels(image: np.ndarray, mask: np.ndarray | None, trusted: tuple[float, float], params) -> np.ndarray:
     """Raster indices of DIALS's strong pixels (DispersionThreshold / DispersionExtendedThreshold)."""
     from dials.algorithms.image.threshold import DispersionExtendedThreshold, DispersionThreshold
-    from dials.array_family import flex
+    from scitbx.array_family import flex  # what dials.array_family.flex re-exports for these types
 
     values = np.ascontiguousarray(image, dtype=np.float64)
     valid = (values >= trusted[0]) & (values <= trusted[1])
