@@ -72,9 +72,11 @@ typedef struct {
     uint8_t *row_has_cand;            /* extended: rows holding final-pass candidates */
     ptrdiff_t *tile_row;              /* extended: the row each tile's final-pass column sums hold */
     ptrdiff_t padded;                 /* length of cm, cx, cy: w and 2 (kx + 2) zeros */
+    const uint8_t *row_fl;            /* the flags of the row whose chunks are being tested */
 } disp_bufs;
 
 #define DISP_TILE 64 /* columns per tile of the extended final pass's column sums */
+#define DISP_CHUNK 512 /* pixels per chunk of a row's window tests (the next row is prefetched per chunk) */
 
 static int disp_push(disp_indices *out, int64_t k) {
     if (out->size == out->capacity) {

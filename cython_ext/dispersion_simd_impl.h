@@ -104,19 +104,30 @@ static uint8_t TFN(apply_cv)(uint8_t *__restrict fl, const uint32_t *__restrict 
  * (code 2) is left for the exact test. */
 static uint8_t TFN(cv_row)(const uint32_t *cm, const uint32_t *cx, const uint32_t *cy, ptrdiff_t w, int k,
                            const disp_ctx *ctx, uint8_t *fl, disp_bufs *B) {
+    uint32_t *code32 = B->code32 + (fl - B->row_fl); /* the chunk's place in the row's buffers */
+    uint8_t *code = B->code + (fl - B->row_fl);
     switch (k) {
-    case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, B->code32); break;
-    case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, B->code32); break;
-    case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, B->code32); break;
-    case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, B->code32); break;
-    case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, B->code32); break;
-    default:
-        TFN(hsum)(cm, B->wm, w, k);
-        TFN(hsum)(cx, B->wx, w, k);
-        TFN(hsum)(cy, B->wy, w, k);
-        TFN(cv_row_k)(B->wm, B->wx, B->wy, w, 0, ctx, B->code32);
+    case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, code32); break;
+    case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, code32); break;
+    case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, code32); break;
+    case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, code32); break;
+    case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, code32); break;
+    default: {
+        ptrdiff_t o = fl - B->row_fl;
+        TFN(hsum)(cm, B->wm + o, w, k);
+        TFN(hsum)(cx, B->wx + o, w, k);
+        TFN(hsum)(cy, B->wy + o, w, k);
+        TFN(cv_row_k)(B->wm + o, B->wx + o, B->wy + o, w, 0, ctx, code32);
     }
-    return TFN(apply_cv)(fl, B->code32, B->code, w);
+    }
+    return TFN(apply_cv)(fl, code32, code, w);
+}
+
+/* Ask for the row that enters next (into L2) while this row's window tests compute, so that the
+ * memory stream and the arithmetic overlap instead of taking turns: one prefetch per cache line,
+ * spread over the row in chunks of DISP_CHUNK pixels. */
+DISP_INLINE void TFN(prefetch)(const void *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
 }
 
 /* Erosion of the CV region by a (2r+1)-square (DIALS: chessboard distance to the nearest cv-false
@@ -279,19 +290,21 @@ static void FN(strong_row)(const PIX *v, const uint8_t *fl, const uint32_t *cm, 
                            int k, const disp_ctx *ctx, disp_bufs *B) {
     const int32_t minc = ctx->min_count_i32;
     const float loose = ctx->loose;
+    const ptrdiff_t o = fl - B->row_fl; /* the chunk's place in the row's buffers */
+    uint32_t *code32 = B->code32 + o;
     switch (k) {
-    case 1: FN(strong_row_k)(v, cm, cx, w, 1, minc, loose, B->code32); break;
-    case 2: FN(strong_row_k)(v, cm, cx, w, 2, minc, loose, B->code32); break;
-    case 3: FN(strong_row_k)(v, cm, cx, w, 3, minc, loose, B->code32); break;
-    case 4: FN(strong_row_k)(v, cm, cx, w, 4, minc, loose, B->code32); break;
-    case 5: FN(strong_row_k)(v, cm, cx, w, 5, minc, loose, B->code32); break;
+    case 1: FN(strong_row_k)(v, cm, cx, w, 1, minc, loose, code32); break;
+    case 2: FN(strong_row_k)(v, cm, cx, w, 2, minc, loose, code32); break;
+    case 3: FN(strong_row_k)(v, cm, cx, w, 3, minc, loose, code32); break;
+    case 4: FN(strong_row_k)(v, cm, cx, w, 4, minc, loose, code32); break;
+    case 5: FN(strong_row_k)(v, cm, cx, w, 5, minc, loose, code32); break;
     default:
-        TFN(hsum)(cm, B->wm, w, k);
-        TFN(hsum)(cx, B->wx, w, k);
-        FN(strong_row_k)(v, B->wm, B->wx, w, 0, minc, loose, B->code32);
+        TFN(hsum)(cm, B->wm + o, w, k);
+        TFN(hsum)(cx, B->wx + o, w, k);
+        FN(strong_row_k)(v, B->wm + o, B->wx + o, w, 0, minc, loose, code32);
     }
-    for (ptrdiff_t i = 0; i < w; i++) B->code[i] = (uint8_t)B->code32[i]; /* validity: in the scan */
-    (void)fl;
+    uint8_t *__restrict code = B->code + o;
+    for (ptrdiff_t i = 0; i < w; i++) code[i] = (uint8_t)code32[i]; /* validity: in the scan */
 }
 
 /* Exact integer window sums over the pixels flagged `bit` (the rare candidates). */
@@ -350,11 +363,20 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
         if (n_over && FN(overloads)(img + rin * w, mk, w, hi, rin * w, over) < 0) return -1;
         const PIX *vrow = img + j * w;
         uint8_t *fl = flags + j * w;
-        if (mode == 1) {
-            if (!TFN(cv_row)(cm, cx, cy, w, kx, ctx, fl, B)) continue; /* no pixel left to decide */
-        } else {
-            FN(strong_row)(vrow, fl, cm, cx, w, kx, ctx, B);
+        const PIX *next = rin + 1 < h ? img + (rin + 1) * w : NULL;
+        const uint8_t *next_mk = mask && rin + 1 < h ? mask + (rin + 1) * w : NULL;
+        uint8_t undecided = 0;
+        B->row_fl = fl;
+        for (ptrdiff_t c0 = 0; c0 < w; c0 += DISP_CHUNK) {
+            ptrdiff_t n = w - c0 < DISP_CHUNK ? w - c0 : DISP_CHUNK;
+            if (next) TFN(prefetch)(next + c0, (size_t)n * sizeof(PIX));
+            if (next_mk) TFN(prefetch)(next_mk + c0, (size_t)n);
+            if (mode == 1)
+                undecided |= TFN(cv_row)(cm + c0, cx + c0, cy + c0, n, kx, ctx, fl + c0, B);
+            else
+                FN(strong_row)(vrow + c0, fl + c0, cm + c0, cx + c0, n, kx, ctx, B);
         }
+        if (mode == 1 && !undecided) continue; /* no pixel left to decide */
         /* Codes are 0/1 (`dispersion`) or 0/1/2 (extended: 2 is undecided): one bit per byte marks a
          * pixel for the exact test, and only those bits are visited (x86-64 loads little-endian: the lowest
          * set bit is the leftmost pixel). */
