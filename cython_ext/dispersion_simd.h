@@ -76,6 +76,7 @@ typedef struct {
 } disp_bufs;
 
 #define DISP_TILE 64 /* columns per tile of the extended final pass's column sums */
+#define DISP_SLACK 64 /* bytes past the row end that scratch loops may touch (one AVX-512 vector) */
 #define DISP_CHUNK 512 /* pixels per chunk of a row's window tests (the next row is prefetched per chunk) */
 
 static int disp_push(disp_indices *out, int64_t k) {
@@ -241,7 +242,7 @@ static int disp_strong_pixels(int kernel, int dtype, const void *image, const ui
     ctx.loose = (float)(0.9999 * p->sigma_s * p->sigma_s * (p->gain > 0 ? p->gain : 1.0));
     ctx.radius = (p->kx < p->ky ? p->kx : p->ky) - 1;
     ctx.root = (double *)malloc((size_t)(n_window + 1) * sizeof(double));
-    flags = (uint8_t *)malloc((size_t)(h * w));
+    flags = (uint8_t *)malloc((size_t)(h * w) + DISP_SLACK); /* slack: erode reads whole vectors */
     ptrdiff_t padded = w + 2 * (p->kx + 2);
     B.padded = padded;
     B.cm = (uint32_t *)calloc((size_t)padded, sizeof(uint32_t));
@@ -251,8 +252,8 @@ static int disp_strong_pixels(int kernel, int dtype, const void *image, const ui
     B.code32 = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
     B.wx = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
     B.wy = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
-    B.code = (uint8_t *)calloc((size_t)w + 8, 1);
-    B.pad = (uint8_t *)calloc((size_t)(w + 2 * ctx.radius) + 8, 1);
+    B.code = (uint8_t *)calloc((size_t)w + DISP_SLACK, 1);
+    B.pad = (uint8_t *)calloc((size_t)(w + 2 * ctx.radius) + DISP_SLACK, 1);
     B.ones = (uint8_t *)malloc((size_t)w);
     B.row_has_cand = (uint8_t *)malloc((size_t)h);
     B.tile_row = (ptrdiff_t *)malloc((size_t)(w / DISP_TILE + 1) * sizeof(ptrdiff_t));

@@ -136,22 +136,25 @@ DISP_INLINE void TFN(prefetch)(const void *p, size_t bytes) {
  * NEAR along rows, then OR over the rows within r. `pad` holds w + 2r bytes. */
 static void TFN(erode)(uint8_t *__restrict flags, ptrdiff_t h, ptrdiff_t w, int r, uint8_t *__restrict pad,
                        uint8_t *__restrict acc, uint8_t *__restrict row_has_cand) {
-    memset(pad, 0, (size_t)(w + 2 * r));
+    /* Loops that only read flags and write scratch run to a whole number of vectors (wv): no scalar
+     * remainder per loop and row; pad, acc and flags have DISP_SLACK bytes of slack for it. */
+    const ptrdiff_t wv = (w + DISP_SLACK - 1) / DISP_SLACK * DISP_SLACK;
+    memset(pad, 0, (size_t)(wv + 2 * r));
     for (ptrdiff_t j = 0; j < h; j++) {
         uint8_t *fl = flags + j * w;
         for (ptrdiff_t i = 0; i < w; i++) pad[r + i] = (uint8_t)((fl[i] & F_CV) == 0);
-        for (ptrdiff_t i = 0; i < w; i++) acc[i] = pad[i];
+        for (ptrdiff_t i = 0; i < wv; i++) acc[i] = pad[i];
         for (int d = 1; d <= 2 * r; d++)
-            for (ptrdiff_t i = 0; i < w; i++) acc[i] |= pad[i + d];
+            for (ptrdiff_t i = 0; i < wv; i++) acc[i] |= pad[i + d];
         for (ptrdiff_t i = 0; i < w; i++) fl[i] |= (uint8_t)(acc[i] << 3);
     }
     for (ptrdiff_t j = 0; j < h; j++) {
         ptrdiff_t j0 = j - r < 0 ? 0 : j - r, j1 = j + r >= h ? h - 1 : j + r;
         const uint8_t *f0 = flags + j0 * w;
-        for (ptrdiff_t i = 0; i < w; i++) acc[i] = f0[i] & F_NEAR;
+        for (ptrdiff_t i = 0; i < wv; i++) acc[i] = f0[i] & F_NEAR;
         for (ptrdiff_t jj = j0 + 1; jj <= j1; jj++) {
             const uint8_t *fr = flags + jj * w;
-            for (ptrdiff_t i = 0; i < w; i++) acc[i] |= fr[i] & F_NEAR;
+            for (ptrdiff_t i = 0; i < wv; i++) acc[i] |= fr[i] & F_NEAR;
         }
         uint8_t *fl = flags + j * w, any = 0;
         for (ptrdiff_t i = 0; i < w; i++) {
@@ -351,31 +354,45 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
     }
     for (ptrdiff_t j = 0; j < h; j++) {
         ptrdiff_t rin = j + ky, rout = j - ky - 1;
-        const uint8_t *mk = mask && rin < h ? mask + rin * w : B->ones;
-        uint32_t n_over = 0;
-        if (rin < h && rout >= 0)
-            n_over = FN(enter_leave)(img + rin * w, mask ? mk : NULL, flags + rin * w, img + rout * w,
-                                     flags + rout * w, cm, cx, cy, w, lo, hi);
-        else if (rin < h)
-            n_over = FN(enter)(img + rin * w, mk, flags + rin * w, cm, cx, cy, w, lo, hi);
-        else if (rout >= 0)
-            FN(leave)(img + rout * w, flags + rout * w, cm, cx, cy, w);
-        if (n_over && FN(overloads)(img + rin * w, mk, w, hi, rin * w, over) < 0) return -1;
+        const PIX *vin = rin < h ? img + rin * w : NULL, *vout = rout >= 0 ? img + rout * w : NULL;
+        uint8_t *flin = rin < h ? flags + rin * w : NULL;
+        const uint8_t *flout = rout >= 0 ? flags + rout * w : NULL;
+        const uint8_t *mkin = mask && rin < h ? mask + rin * w : NULL;
         const PIX *vrow = img + j * w;
         uint8_t *fl = flags + j * w;
         const PIX *next = rin + 1 < h ? img + (rin + 1) * w : NULL;
         const uint8_t *next_mk = mask && rin + 1 < h ? mask + (rin + 1) * w : NULL;
+        uint32_t n_over = 0;
         uint8_t undecided = 0;
         B->row_fl = fl;
-        for (ptrdiff_t c0 = 0; c0 < w; c0 += DISP_CHUNK) {
+        /* Chunk by chunk, so that the column sums a chunk's tests read are still in L1: the rows
+         * entering and leaving update chunk c, then chunk c - 1 is tested (its window reaches at
+         * most kx < DISP_CHUNK columns into chunk c); the next entering row is prefetched meanwhile. */
+        for (ptrdiff_t c0 = 0, p0 = -1, pn = 0;; c0 += DISP_CHUNK) {
             ptrdiff_t n = w - c0 < DISP_CHUNK ? w - c0 : DISP_CHUNK;
-            if (next) TFN(prefetch)(next + c0, (size_t)n * sizeof(PIX));
-            if (next_mk) TFN(prefetch)(next_mk + c0, (size_t)n);
-            if (mode == 1)
-                undecided |= TFN(cv_row)(cm + c0, cx + c0, cy + c0, n, kx, ctx, fl + c0, B);
-            else
-                FN(strong_row)(vrow + c0, fl + c0, cm + c0, cx + c0, n, kx, ctx, B);
+            if (c0 < w) {
+                if (vin && vout)
+                    n_over += FN(enter_leave)(vin + c0, mkin ? mkin + c0 : NULL, flin + c0, vout + c0, flout + c0,
+                                              cm + c0, cx + c0, cy + c0, n, lo, hi);
+                else if (vin)
+                    n_over += FN(enter)(vin + c0, mkin ? mkin + c0 : B->ones + c0, flin + c0, cm + c0, cx + c0,
+                                        cy + c0, n, lo, hi);
+                else if (vout)
+                    FN(leave)(vout + c0, flout + c0, cm + c0, cx + c0, cy + c0, n);
+                if (next) TFN(prefetch)(next + c0, (size_t)n * sizeof(PIX));
+                if (next_mk) TFN(prefetch)(next_mk + c0, (size_t)n);
+            }
+            if (p0 >= 0) {
+                if (mode == 1)
+                    undecided |= TFN(cv_row)(cm + p0, cx + p0, cy + p0, pn, kx, ctx, fl + p0, B);
+                else
+                    FN(strong_row)(vrow + p0, fl + p0, cm + p0, cx + p0, pn, kx, ctx, B);
+            }
+            if (c0 >= w) break;
+            p0 = c0;
+            pn = n;
         }
+        if (n_over && FN(overloads)(vin, mkin ? mkin : B->ones, w, hi, rin * w, over) < 0) return -1;
         if (mode == 1 && !undecided) continue; /* no pixel left to decide */
         /* Codes are 0/1 (`dispersion`) or 0/1/2 (extended: 2 is undecided): one bit per byte marks a
          * pixel for the exact test, and only those bits are visited (x86-64 loads little-endian: the lowest
