@@ -268,48 +268,6 @@ fn bin_frame_into(
     Ok(())
 }
 
-/// DIALS's `dispersion` test on a binned frame (`valid` as the mask): the strong bins' raster
-/// indices as little-endian int64 bytes.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn strong_bins<'py>(
-    py: Python<'py>,
-    sums: PyBuffer<u8>,
-    valid: PyBuffer<u8>,
-    rows: usize,
-    cols: usize,
-    kernel_y: usize,
-    kernel_x: usize,
-    sigma_background: f64,
-    sigma_strong: f64,
-    min_count: i64,
-) -> PyResult<Bound<'py, PyBytes>> {
-    let s = read_view(&sums, "sums")?;
-    let v = read_view(&valid, "valid")?;
-    if s.1 != rows * cols * 4 || s.0 % 4 != 0 || v.1 != rows * cols {
-        return Err(SplitterError::invalid(format!(
-            "sums (uint32) and valid (uint8) must hold {rows} x {cols} bins"
-        ))
-        .into());
-    }
-    let strong = py.detach(|| {
-        // SAFETY: checked aligned and sized above; held by the caller.
-        let sums = unsafe { std::slice::from_raw_parts(s.0 as *const u32, rows * cols) };
-        prescreen::strong_bins(
-            sums,
-            unsafe { as_slice(v) },
-            rows,
-            cols,
-            (kernel_y, kernel_x),
-            sigma_background,
-            sigma_strong,
-            min_count,
-        )
-    });
-    let bytes: Vec<u8> = strong.iter().flat_map(|k| k.to_le_bytes()).collect();
-    Ok(PyBytes::new(py, &bytes))
-}
-
 /// The (uncompressed bytes, block bytes) of a bitshuffle-LZ4 chunk's header.
 #[pyfunction]
 fn bslz4_header(blob: PyBuffer<u8>) -> PyResult<(u64, u32)> {
@@ -591,7 +549,6 @@ fn _splitter(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bslz4_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(bslz4_decompress_bin_into, m)?)?;
     m.add_function(wrap_pyfunction!(bin_frame_into, m)?)?;
-    m.add_function(wrap_pyfunction!(strong_bins, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_compress, m)?)?;
     m.add_function(wrap_pyfunction!(lz4_decompress_into, m)?)?;
     m.add_function(wrap_pyfunction!(geometry_from_header, m)?)?;
