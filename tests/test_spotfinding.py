@@ -203,22 +203,26 @@ def test_kernel_equals_numpy_reference(algorithm, seed, kernel_path):
     assert spots.peak_x.tolist() == ref.peak_x.tolist() and spots.peak_y.tolist() == ref.peak_y.tolist()
 
 
-@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
-@pytest.mark.parametrize("seed", range(40))
-def test_every_kernel_path_equals_numpy_reference_on_edge_cases(algorithm, seed, kernel_path):
-    """Random shapes (down to frames narrower and shorter than the window), dtypes, parameters (sigmas of
-    0 make exact ties), with or without a mask, bright and over-2^24 pixels, all as the numpy reference."""
-    rng = np.random.default_rng(1000 + seed)
+def edge_case_frame(seed: int, rng_seed: int, max_shape: tuple[int, int], algorithm: str):
+    """Random shape (down to frames narrower and shorter than the window), dtype, parameters; bright
+    and over-2^24 pixels on odd seeds; no mask on every fifth."""
+    rng = np.random.default_rng(rng_seed)
     dtype = [np.int32, np.uint16, np.uint32][seed % 3]
-    shape = (int(rng.integers(1, 40)), int(rng.integers(1, 90)))
+    shape = (int(rng.integers(1, max_shape[0])), int(rng.integers(1, max_shape[1])))
     if seed % 2:
         image, mask, trusted = bright_frame(seed, shape, dtype)
     else:
         image, mask = random_frame(seed, shape, dtype)
         trusted = (0.0, 4000.0)
-    if seed % 5 == 0:
-        mask = None
-    params = random_params(rng, algorithm)
+    return image, None if seed % 5 == 0 else mask, trusted, random_params(rng, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+@pytest.mark.parametrize("seed", range(40))
+def test_every_kernel_path_equals_numpy_reference_on_edge_cases(algorithm, seed, kernel_path):
+    """Random shapes (down to frames narrower and shorter than the window), dtypes, parameters (sigmas of
+    0 make exact ties), with or without a mask, bright and over-2^24 pixels, all as the numpy reference."""
+    image, mask, trusted, params = edge_case_frame(seed, 1000 + seed, (40, 90), algorithm)
     strong, expected = assert_kernel_matches_reference(image, mask, trusted, params)
     if seed == 1:  # the bright case must exercise the strong test, not pass vacuously
         assert expected.any()
@@ -232,19 +236,9 @@ def test_every_kernel_path_equals_real_dials_on_random_frames(algorithm, seed, k
     pytest.importorskip("dials.algorithms.image.threshold", reason="DIALS is not installed (not on PyPI)")
     from intxr.reader import dials_backend
 
-    rng = np.random.default_rng(2000 + seed)
-    dtype = [np.int32, np.uint16, np.uint32][seed % 3]
-    shape = (int(rng.integers(1, 60)), int(rng.integers(1, 120)))
-    if seed % 2:
-        image, mask, trusted = bright_frame(seed, shape, dtype)
-    else:
-        image, mask = random_frame(seed, shape, dtype)
-        trusted = (0.0, 4000.0)
-    params = random_params(rng, algorithm)
-    strong, _ = find_strong_pixels(image, None if seed % 5 == 0 else mask, trusted, params)
-    dials = dials_backend.strong_pixels(
-        image, None if seed % 5 == 0 else mask, trusted, SpotFinderParams(threshold=params)
-    )
+    image, mask, trusted, params = edge_case_frame(seed, 2000 + seed, (60, 120), algorithm)
+    strong, _ = find_strong_pixels(image, mask, trusted, params)
+    dials = dials_backend.strong_pixels(image, mask, trusted, SpotFinderParams(threshold=params))
     assert strong.tolist() == dials.tolist()
 
 
