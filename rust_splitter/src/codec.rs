@@ -828,6 +828,47 @@ mod tests {
     /// The SIMD unshuffles (AVX2 for 32 groups at a time, SSE2 for 16, then scalar) against the
     /// scalar one alone, for block lengths that leave every kind of remainder.
     #[test]
+    fn every_unshuffle_kernel_on_counts_with_zero_planes() {
+        // Detector counts: mostly small (their high bit planes all zero), with rare large or
+        // all-ones (masked) elements that make some 32-group spans of those planes nonzero and
+        // leave others zero; and some spans of all-zero elements.
+        let mut state = 0x9E3779B97F4A7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let kernels = [Kernel::Scalar, Kernel::Sse2, Kernel::Avx2, Kernel::Gfni];
+        for elem_size in [1usize, 2, 4] {
+            for groups in [31usize, 32, 64, 96, 256, 1024 / elem_size] {
+                let n = 8 * groups;
+                let mut data = Vec::with_capacity(n * elem_size);
+                for e in 0..n {
+                    let r = next();
+                    let v: u64 = if (e / 256) % 3 == 2 {
+                        0 // a whole span of zero elements: every plane zero
+                    } else if r % 500 == 0 {
+                        u64::MAX // a masked pixel
+                    } else if r % 97 == 0 {
+                        (r >> 20) & 0xFFFF_FFFF // a bright one
+                    } else {
+                        (r >> 40) % 6
+                    };
+                    data.extend_from_slice(&v.to_le_bytes()[..elem_size]);
+                }
+                let mut shuffled = vec![0u8; data.len()];
+                shuffle_block(&data, &mut shuffled, n, elem_size);
+                for kernel in kernels.into_iter().filter(|k| *k <= Kernel::detect()) {
+                    let mut out = vec![0u8; data.len()];
+                    unshuffle_block_with(kernel, &shuffled, &mut out, n, elem_size);
+                    assert_eq!(out, data, "{kernel:?}, elem {elem_size}, {groups} groups");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn simd_unshuffle_equals_scalar() {
         let mut state = 0x2545F4914F6CDD1Du64;
         for elem_size in [1usize, 2, 4, 8] {
