@@ -203,17 +203,22 @@ static void TFN(erode)(uint8_t *__restrict flags, ptrdiff_t h, ptrdiff_t w, int 
 /* Rows enter and leave the window's column sums (m: uint8, x and y: uint32). Entering rows are
  * flagged (VALID, IN_SUMS); the count of unmasked pixels above the trusted range is returned (the
  * caller collects them when there are any). */
+/* (The top and bottom rows of the frame: not hot.) `packed`: cx holds (count << 26) + value. */
 static uint32_t FN(enter)(const PIX *__restrict v, const uint8_t *__restrict mk, uint8_t *__restrict fl,
                           uint32_t *__restrict cm, uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w,
-                          PIX lo, PIX hi) {
+                          PIX lo, PIX hi, int packed) {
     uint32_t over = 0;
     for (ptrdiff_t i = 0; i < w; i++) {
         PIX p = v[i];
         uint32_t use = mk[i] != 0, valid = use & (p >= lo) & (p <= hi), ins = valid & (p < DISP_BIG);
         uint32_t e = (uint32_t)p & (0u - ins);
         fl[i] = (uint8_t)(valid | (ins << 1));
-        cm[i] += ins;
-        cx[i] += e;
+        if (packed) {
+            cx[i] += e + (ins << DISP_PACK_SHIFT);
+        } else {
+            cm[i] += ins;
+            cx[i] += e;
+        }
         if (cy) cy[i] += e * e;
         over += use & (p > hi);
     }
@@ -221,11 +226,15 @@ static uint32_t FN(enter)(const PIX *__restrict v, const uint8_t *__restrict mk,
 }
 
 static void FN(leave)(const PIX *__restrict v, const uint8_t *__restrict fl, uint32_t *__restrict cm,
-                      uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w) {
+                      uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w, int packed) {
     for (ptrdiff_t i = 0; i < w; i++) {
         uint32_t ins = (fl[i] >> 1) & 1, e = (uint32_t)v[i] & (0u - ins);
-        cm[i] -= ins;
-        cx[i] -= e;
+        if (packed) {
+            cx[i] -= e + (ins << DISP_PACK_SHIFT);
+        } else {
+            cm[i] -= ins;
+            cx[i] -= e;
+        }
         if (cy) cy[i] -= e * e;
     }
 }
@@ -235,7 +244,7 @@ DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *_
                                         uint8_t *__restrict fl, const PIX *__restrict vo,
                                         const uint8_t *__restrict flo, uint32_t *__restrict cm,
                                         uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w, PIX lo,
-                                        PIX hi, const int with_y, const int has_mask) {
+                                        PIX hi, const int with_y, const int has_mask, const int packed) {
     uint32_t over = 0;
     for (ptrdiff_t i = 0; i < w; i++) {
         PIX p = v[i];
@@ -244,8 +253,12 @@ DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *_
         uint32_t e = (uint32_t)p & (0u - ins);
         uint32_t inso = (flo[i] >> 1) & 1, eo = (uint32_t)vo[i] & (0u - inso);
         fl[i] = (uint8_t)(valid | (ins << 1));
-        cm[i] += ins - inso;
-        cx[i] += e - eo;
+        if (packed) {
+            cx[i] += (e + (ins << DISP_PACK_SHIFT)) - (eo + (inso << DISP_PACK_SHIFT));
+        } else {
+            cm[i] += ins - inso;
+            cx[i] += e - eo;
+        }
         if (with_y) cy[i] += e * e - eo * eo;
         over += use & (p > hi);
     }
@@ -253,12 +266,14 @@ DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *_
 }
 
 static uint32_t FN(enter_leave)(const PIX *v, const uint8_t *mk, uint8_t *fl, const PIX *vo, const uint8_t *flo,
-                                uint32_t *cm, uint32_t *cx, uint32_t *cy, ptrdiff_t w, PIX lo, PIX hi) {
-    /* mk NULL: no mask. */
-    if (cy && mk) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 1);
-    if (cy) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 0);
-    if (mk) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 0, 1);
-    return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 0, 0);
+                                uint32_t *cm, uint32_t *cx, uint32_t *cy, ptrdiff_t w, PIX lo, PIX hi, int packed) {
+    /* mk NULL: no mask. cy is always kept (see slide). */
+    if (packed) {
+        if (mk) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 1, 1);
+        return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 0, 1);
+    }
+    if (mk) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 1, 0);
+    return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 0, 0);
 }
 
 #if PIX_IS_U32
@@ -289,13 +304,38 @@ DISP_INLINE void FN(strong_row_k)(const PIX *__restrict v, const uint32_t *__res
     }
 }
 
+/* strong_row_k on packed sums: one array of taps, the count in the top bits. */
+DISP_INLINE void FN(strong_row_pk)(const PIX *__restrict v, const uint32_t *__restrict cx, ptrdiff_t w, const int K,
+                                   int32_t minc, float loose, uint32_t *__restrict cand) {
+    for (ptrdiff_t i = 0; i < w; i++) {
+        uint32_t s = 0;
+        for (int d = -K; d <= K; d++) s += cx[i + d];
+        int32_t m = (int32_t)(s >> DISP_PACK_SHIFT);
+        float vf = PIX_F(v[i]), mf = (float)m, xf = (float)(int32_t)(s & DISP_PACK_MASK);
+        float mv = mf * vf, b = mv - xf, bb = b + (mv + xf) * 0x1p-20f;
+        int32_t ok = (bb > 0.0f) & (bb * bb >= loose * xf * mf) & (m >= minc);
+        cand[i] = (uint32_t)ok;
+    }
+}
+
 static void FN(strong_row)(const PIX *v, const uint8_t *fl, const uint32_t *cm, const uint32_t *cx, ptrdiff_t w,
                            int k, const disp_ctx *ctx, disp_bufs *B) {
     const int32_t minc = ctx->min_count_i32;
     const float loose = ctx->loose;
     const ptrdiff_t o = fl - B->row_fl; /* the chunk's place in the row's buffers */
     uint32_t *code32 = B->code32 + o;
-    switch (k) {
+    if (ctx->packed) {
+        switch (k) {
+        case 1: FN(strong_row_pk)(v, cx, w, 1, minc, loose, code32); break;
+        case 2: FN(strong_row_pk)(v, cx, w, 2, minc, loose, code32); break;
+        case 3: FN(strong_row_pk)(v, cx, w, 3, minc, loose, code32); break;
+        case 4: FN(strong_row_pk)(v, cx, w, 4, minc, loose, code32); break;
+        case 5: FN(strong_row_pk)(v, cx, w, 5, minc, loose, code32); break;
+        default:
+            TFN(hsum)(cx, B->wx + o, w, k);
+            FN(strong_row_pk)(v, B->wx + o, w, 0, minc, loose, code32);
+        }
+    } else switch (k) {
     case 1: FN(strong_row_k)(v, cm, cx, w, 1, minc, loose, code32); break;
     case 2: FN(strong_row_k)(v, cm, cx, w, 2, minc, loose, code32); break;
     case 3: FN(strong_row_k)(v, cm, cx, w, 3, minc, loose, code32); break;
@@ -348,7 +388,7 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
     uint32_t *cm = B->cm + kx, *cx = B->cx + kx, *cy = B->cy + kx;
     for (ptrdiff_t r = 0; r < h && r < ky; r++) {
         const uint8_t *mk = mask ? mask + r * w : B->ones;
-        if (FN(enter)(img + r * w, mk, flags + r * w, cm, cx, cy, w, lo, hi) &&
+        if (FN(enter)(img + r * w, mk, flags + r * w, cm, cx, cy, w, lo, hi, ctx->packed) &&
             FN(overloads)(img + r * w, mk, w, hi, r * w, over) < 0)
             return -1;
     }
@@ -373,12 +413,12 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
             if (c0 < w) {
                 if (vin && vout)
                     n_over += FN(enter_leave)(vin + c0, mkin ? mkin + c0 : NULL, flin + c0, vout + c0, flout + c0,
-                                              cm + c0, cx + c0, cy + c0, n, lo, hi);
+                                              cm + c0, cx + c0, cy + c0, n, lo, hi, ctx->packed);
                 else if (vin)
                     n_over += FN(enter)(vin + c0, mkin ? mkin + c0 : B->ones + c0, flin + c0, cm + c0, cx + c0,
-                                        cy + c0, n, lo, hi);
+                                        cy + c0, n, lo, hi, ctx->packed);
                 else if (vout)
-                    FN(leave)(vout + c0, flout + c0, cm + c0, cx + c0, cy + c0, n);
+                    FN(leave)(vout + c0, flout + c0, cm + c0, cx + c0, cy + c0, n, ctx->packed);
                 if (next) TFN(prefetch)(next + c0, (size_t)n * sizeof(PIX));
                 if (next_mk) TFN(prefetch)(next_mk + c0, (size_t)n);
             }
@@ -409,6 +449,10 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
                     m += cm[i + d];
                     x += cx[i + d];
                     y += cy[i + d];
+                }
+                if (ctx->packed) { /* cm is not kept: the count is in x's top bits */
+                    m = x >> DISP_PACK_SHIFT;
+                    x &= DISP_PACK_MASK;
                 }
                 uint64_t y64 = y;
                 if (x >= 65536) FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS, &y64);
