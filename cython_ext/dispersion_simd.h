@@ -62,7 +62,7 @@ typedef struct {
     int32_t min_count_i32;
     float loose;
     int radius;
-    int packed;   /* `dispersion`: count and value share one column sum (see DISP_PACK_SHIFT) */
+    int packed;   /* first pass: count and value share one column sum (see DISP_PACK_SHIFT) */
     double *root; /* sqrt(2 (m - 1)) for m = 0 .. window size */
 } disp_ctx;
 
@@ -78,7 +78,7 @@ typedef struct {
 
 #define DISP_TILE 64 /* columns per tile of the extended final pass's column sums */
 #define DISP_SLACK 64 /* bytes past the row end that scratch loops may touch (one AVX-512 vector) */
-/* Packed sums for `dispersion`: (count << 26) + value in one uint32, exact when every window's
+/* Packed first-pass sums: (count << 26) + value in one uint32, exact when every window's
  * value sum stays below 2^26 and its count below 64, i.e. a window of at most 63 pixels whose
  * trusted maximum times the window size is below 2^26 (a PILATUS's 1e6-count cutoff and DIALS's
  * 7x7 window qualify). One array of column sums to update and sum instead of two. */
@@ -248,7 +248,8 @@ static int disp_strong_pixels(int kernel, int dtype, const void *image, const ui
     ctx.min_count_i32 = p->min_count > 128 ? 128 : (p->min_count < -1 ? -1 : (int32_t)p->min_count);
     ctx.loose = (float)(0.9999 * p->sigma_s * p->sigma_s * (p->gain > 0 ? p->gain : 1.0));
     ctx.radius = (p->kx < p->ky ? p->kx : p->ky) - 1;
-    ctx.packed = !p->extended && n_window < 64 && (double)ctx.hi_i * (double)n_window < (double)(1u << DISP_PACK_SHIFT);
+    /* (the extended final pass keeps its own, unpacked, background sums) */
+    ctx.packed = n_window < 64 && (double)ctx.hi_i * (double)n_window < (double)(1u << DISP_PACK_SHIFT);
     ctx.root = (double *)malloc((size_t)(n_window + 1) * sizeof(double));
     flags = (uint8_t *)malloc((size_t)(h * w) + DISP_SLACK); /* slack: erode reads whole vectors */
     ptrdiff_t padded = w + 2 * (p->kx + 2);

@@ -43,7 +43,7 @@ DISP_INLINE float TFN(u32f)(uint32_t u) {
  * (>= 10 times their rounding). With a gain: a - c within S' 2^-18, S' = S + c (>= 16 times). */
 DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__restrict cx,
                                const uint32_t *__restrict cy, ptrdiff_t w, const int K, const disp_ctx *ctx,
-                               uint32_t *__restrict code) {
+                               uint32_t *__restrict code, const int packed) {
     const int32_t minc = ctx->min_count_i32;
     const float nsb = (float)ctx->p.sigma_b, g = (float)ctx->p.gain;
     const float c2k = (float)(2.0 * ctx->p.sigma_b * ctx->p.sigma_b);
@@ -51,9 +51,13 @@ DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__
         for (ptrdiff_t i = 0; i < w; i++) {
             uint32_t mu = 0, xu = 0, yu = 0;
             for (int d = -K; d <= K; d++) {
-                mu += cm[i + d];
+                if (!packed) mu += cm[i + d];
                 xu += cx[i + d];
                 yu += cy[i + d];
+            }
+            if (packed) { /* (count << 26) + value: see DISP_PACK_SHIFT */
+                mu = xu >> DISP_PACK_SHIFT;
+                xu &= DISP_PACK_MASK;
             }
             int32_t m = (int32_t)mu, x = (int32_t)xu;
             float mf = (float)m, xf = (float)x, yf = TFN(u32f)(yu);
@@ -69,9 +73,13 @@ DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__
         for (ptrdiff_t i = 0; i < w; i++) {
             uint32_t mu = 0, xu = 0, yu = 0;
             for (int d = -K; d <= K; d++) {
-                mu += cm[i + d];
+                if (!packed) mu += cm[i + d];
                 xu += cx[i + d];
                 yu += cy[i + d];
+            }
+            if (packed) { /* (count << 26) + value: see DISP_PACK_SHIFT */
+                mu = xu >> DISP_PACK_SHIFT;
+                xu &= DISP_PACK_MASK;
             }
             int32_t m = (int32_t)mu, x = (int32_t)xu;
             float mf = (float)m, xf = (float)x, yf = TFN(u32f)(yu);
@@ -106,18 +114,32 @@ static uint8_t TFN(cv_row)(const uint32_t *cm, const uint32_t *cx, const uint32_
                            const disp_ctx *ctx, uint8_t *fl, disp_bufs *B) {
     uint32_t *code32 = B->code32 + (fl - B->row_fl); /* the chunk's place in the row's buffers */
     uint8_t *code = B->code + (fl - B->row_fl);
-    switch (k) {
-    case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, code32); break;
-    case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, code32); break;
-    case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, code32); break;
-    case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, code32); break;
-    case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, code32); break;
+    if (ctx->packed) {
+        switch (k) {
+        case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, code32, 1); break;
+        case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, code32, 1); break;
+        case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, code32, 1); break;
+        case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, code32, 1); break;
+        case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, code32, 1); break;
+        default: {
+            ptrdiff_t o = fl - B->row_fl;
+            TFN(hsum)(cx, B->wx + o, w, k);
+            TFN(hsum)(cy, B->wy + o, w, k);
+            TFN(cv_row_k)(cm, B->wx + o, B->wy + o, w, 0, ctx, code32, 1);
+        }
+        }
+    } else switch (k) {
+    case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, code32, 0); break;
+    case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, code32, 0); break;
+    case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, code32, 0); break;
+    case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, code32, 0); break;
+    case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, code32, 0); break;
     default: {
         ptrdiff_t o = fl - B->row_fl;
         TFN(hsum)(cm, B->wm + o, w, k);
         TFN(hsum)(cx, B->wx + o, w, k);
         TFN(hsum)(cy, B->wy + o, w, k);
-        TFN(cv_row_k)(B->wm + o, B->wx + o, B->wy + o, w, 0, ctx, code32);
+        TFN(cv_row_k)(B->wm + o, B->wx + o, B->wy + o, w, 0, ctx, code32, 0);
     }
     }
     return TFN(apply_cv)(fl, code32, code, w);

@@ -244,8 +244,9 @@ def test_every_kernel_path_equals_real_dials_on_random_frames(algorithm, seed, k
 
 @pytest.mark.parametrize("hi", [2**26 // 49, 2**26 // 49 + 1, 2**26 // 63, 2**26 // 63 + 1, 2**26 // 30])
 @pytest.mark.parametrize("kernel_size", [(3, 3), (3, 4), (4, 4)])
-def test_dispersion_packed_sums_at_their_limit(hi, kernel_size, kernel_path):
-    """`dispersion` packs count and value into one uint32 column sum when the window (at most 63
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+def test_packed_first_pass_sums_at_their_limit(hi, kernel_size, algorithm, kernel_path):
+    """The first pass packs count and value into one uint32 column sum when the window (at most 63
     pixels) times the trusted maximum stays below 2^26; frames of counts at and near that maximum,
     on both sides of the limit and of the window size (2^26 / 30 would overflow packed), give the numpy
     reference's strong pixels."""
@@ -254,7 +255,7 @@ def test_dispersion_packed_sums_at_their_limit(hi, kernel_size, kernel_path):
     image[rng.random(image.shape) < 0.2] = rng.integers(0, 50)  # low counts among the bright ones
     image[10:13, 20:23] = hi  # a spot at the trusted maximum
     image[30, 40] = hi + 1  # above the trusted range
-    params = ThresholdParams(algorithm="dispersion", kernel_size=kernel_size)
+    params = ThresholdParams(algorithm=algorithm, kernel_size=kernel_size)
     strong, expected = assert_kernel_matches_reference(image, None, (0.0, float(hi)), params)
     assert expected.any()
 
