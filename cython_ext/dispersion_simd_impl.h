@@ -108,41 +108,34 @@ static uint8_t TFN(apply_cv)(uint8_t *__restrict fl, const uint32_t *__restrict 
     return any & 2;
 }
 
+/* cv_row_k for the window half-width k (the ones above 5 from hsum's sums); `packed` as in ctx. */
+DISP_INLINE void TFN(cv_row_any)(const uint32_t *cm, const uint32_t *cx, const uint32_t *cy, ptrdiff_t w, int k,
+                                 const disp_ctx *ctx, disp_bufs *B, ptrdiff_t o, uint32_t *code32, const int packed) {
+    switch (k) {
+    case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, code32, packed); break;
+    case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, code32, packed); break;
+    case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, code32, packed); break;
+    case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, code32, packed); break;
+    case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, code32, packed); break;
+    default:
+        if (!packed) TFN(hsum)(cm, B->wm + o, w, k);
+        TFN(hsum)(cx, B->wx + o, w, k);
+        TFN(hsum)(cy, B->wy + o, w, k);
+        TFN(cv_row_k)(B->wm + o, B->wx + o, B->wy + o, w, 0, ctx, code32, packed);
+    }
+}
+
 /* One row of the extended first pass: CV flags for the sure cases; returns nonzero when some pixel
  * (code 2) is left for the exact test. */
 static uint8_t TFN(cv_row)(const uint32_t *cm, const uint32_t *cx, const uint32_t *cy, ptrdiff_t w, int k,
                            const disp_ctx *ctx, uint8_t *fl, disp_bufs *B) {
-    uint32_t *code32 = B->code32 + (fl - B->row_fl); /* the chunk's place in the row's buffers */
-    uint8_t *code = B->code + (fl - B->row_fl);
-    if (ctx->packed) {
-        switch (k) {
-        case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, code32, 1); break;
-        case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, code32, 1); break;
-        case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, code32, 1); break;
-        case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, code32, 1); break;
-        case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, code32, 1); break;
-        default: {
-            ptrdiff_t o = fl - B->row_fl;
-            TFN(hsum)(cx, B->wx + o, w, k);
-            TFN(hsum)(cy, B->wy + o, w, k);
-            TFN(cv_row_k)(cm, B->wx + o, B->wy + o, w, 0, ctx, code32, 1);
-        }
-        }
-    } else switch (k) {
-    case 1: TFN(cv_row_k)(cm, cx, cy, w, 1, ctx, code32, 0); break;
-    case 2: TFN(cv_row_k)(cm, cx, cy, w, 2, ctx, code32, 0); break;
-    case 3: TFN(cv_row_k)(cm, cx, cy, w, 3, ctx, code32, 0); break;
-    case 4: TFN(cv_row_k)(cm, cx, cy, w, 4, ctx, code32, 0); break;
-    case 5: TFN(cv_row_k)(cm, cx, cy, w, 5, ctx, code32, 0); break;
-    default: {
-        ptrdiff_t o = fl - B->row_fl;
-        TFN(hsum)(cm, B->wm + o, w, k);
-        TFN(hsum)(cx, B->wx + o, w, k);
-        TFN(hsum)(cy, B->wy + o, w, k);
-        TFN(cv_row_k)(B->wm + o, B->wx + o, B->wy + o, w, 0, ctx, code32, 0);
-    }
-    }
-    return TFN(apply_cv)(fl, code32, code, w);
+    const ptrdiff_t o = fl - B->row_fl; /* the chunk's place in the row's buffers */
+    uint32_t *code32 = B->code32 + o;
+    if (ctx->packed)
+        TFN(cv_row_any)(cm, cx, cy, w, k, ctx, B, o, code32, 1);
+    else
+        TFN(cv_row_any)(cm, cx, cy, w, k, ctx, B, o, code32, 0);
+    return TFN(apply_cv)(fl, code32, B->code + o, w);
 }
 
 /* Ask for the row that enters next (into L2) while this row's window tests compute, so that the
@@ -311,12 +304,16 @@ static uint32_t FN(enter_leave)(const PIX *v, const uint8_t *mk, uint8_t *fl, co
  * min_count are exact. */
 DISP_INLINE void FN(strong_row_k)(const PIX *__restrict v, const uint32_t *__restrict cm,
                                   const uint32_t *__restrict cx, ptrdiff_t w, const int K, int32_t minc, float loose,
-                                  uint32_t *__restrict cand) {
+                                  uint32_t *__restrict cand, const int packed) {
     for (ptrdiff_t i = 0; i < w; i++) {
         uint32_t mu = 0, xu = 0;
         for (int d = -K; d <= K; d++) {
-            mu += cm[i + d];
+            if (!packed) mu += cm[i + d];
             xu += cx[i + d];
+        }
+        if (packed) { /* (count << 26) + value: see DISP_PACK_SHIFT */
+            mu = xu >> DISP_PACK_SHIFT;
+            xu &= DISP_PACK_MASK;
         }
         int32_t m = (int32_t)mu;
         float vf = PIX_F(v[i]), mf = (float)m, xf = (float)(int32_t)xu;
@@ -326,17 +323,20 @@ DISP_INLINE void FN(strong_row_k)(const PIX *__restrict v, const uint32_t *__res
     }
 }
 
-/* strong_row_k on packed sums: one array of taps, the count in the top bits. */
-DISP_INLINE void FN(strong_row_pk)(const PIX *__restrict v, const uint32_t *__restrict cx, ptrdiff_t w, const int K,
-                                   int32_t minc, float loose, uint32_t *__restrict cand) {
-    for (ptrdiff_t i = 0; i < w; i++) {
-        uint32_t s = 0;
-        for (int d = -K; d <= K; d++) s += cx[i + d];
-        int32_t m = (int32_t)(s >> DISP_PACK_SHIFT);
-        float vf = PIX_F(v[i]), mf = (float)m, xf = (float)(int32_t)(s & DISP_PACK_MASK);
-        float mv = mf * vf, b = mv - xf, bb = b + (mv + xf) * 0x1p-20f;
-        int32_t ok = (bb > 0.0f) & (bb * bb >= loose * xf * mf) & (m >= minc);
-        cand[i] = (uint32_t)ok;
+/* strong_row_k for the window half-width k (the ones above 5 from hsum's sums); `packed` as in ctx. */
+DISP_INLINE void FN(strong_row_any)(const PIX *v, const uint32_t *cm, const uint32_t *cx, ptrdiff_t w, int k,
+                                    int32_t minc, float loose, disp_bufs *B, ptrdiff_t o, uint32_t *code32,
+                                    const int packed) {
+    switch (k) {
+    case 1: FN(strong_row_k)(v, cm, cx, w, 1, minc, loose, code32, packed); break;
+    case 2: FN(strong_row_k)(v, cm, cx, w, 2, minc, loose, code32, packed); break;
+    case 3: FN(strong_row_k)(v, cm, cx, w, 3, minc, loose, code32, packed); break;
+    case 4: FN(strong_row_k)(v, cm, cx, w, 4, minc, loose, code32, packed); break;
+    case 5: FN(strong_row_k)(v, cm, cx, w, 5, minc, loose, code32, packed); break;
+    default:
+        if (!packed) TFN(hsum)(cm, B->wm + o, w, k);
+        TFN(hsum)(cx, B->wx + o, w, k);
+        FN(strong_row_k)(v, B->wm + o, B->wx + o, w, 0, minc, loose, code32, packed);
     }
 }
 
@@ -346,28 +346,10 @@ static void FN(strong_row)(const PIX *v, const uint8_t *fl, const uint32_t *cm, 
     const float loose = ctx->loose;
     const ptrdiff_t o = fl - B->row_fl; /* the chunk's place in the row's buffers */
     uint32_t *code32 = B->code32 + o;
-    if (ctx->packed) {
-        switch (k) {
-        case 1: FN(strong_row_pk)(v, cx, w, 1, minc, loose, code32); break;
-        case 2: FN(strong_row_pk)(v, cx, w, 2, minc, loose, code32); break;
-        case 3: FN(strong_row_pk)(v, cx, w, 3, minc, loose, code32); break;
-        case 4: FN(strong_row_pk)(v, cx, w, 4, minc, loose, code32); break;
-        case 5: FN(strong_row_pk)(v, cx, w, 5, minc, loose, code32); break;
-        default:
-            TFN(hsum)(cx, B->wx + o, w, k);
-            FN(strong_row_pk)(v, B->wx + o, w, 0, minc, loose, code32);
-        }
-    } else switch (k) {
-    case 1: FN(strong_row_k)(v, cm, cx, w, 1, minc, loose, code32); break;
-    case 2: FN(strong_row_k)(v, cm, cx, w, 2, minc, loose, code32); break;
-    case 3: FN(strong_row_k)(v, cm, cx, w, 3, minc, loose, code32); break;
-    case 4: FN(strong_row_k)(v, cm, cx, w, 4, minc, loose, code32); break;
-    case 5: FN(strong_row_k)(v, cm, cx, w, 5, minc, loose, code32); break;
-    default:
-        TFN(hsum)(cm, B->wm + o, w, k);
-        TFN(hsum)(cx, B->wx + o, w, k);
-        FN(strong_row_k)(v, B->wm + o, B->wx + o, w, 0, minc, loose, code32);
-    }
+    if (ctx->packed)
+        FN(strong_row_any)(v, cm, cx, w, k, minc, loose, B, o, code32, 1);
+    else
+        FN(strong_row_any)(v, cm, cx, w, k, minc, loose, B, o, code32, 0);
     uint8_t *__restrict code = B->code + o;
     for (ptrdiff_t i = 0; i < w; i++) code[i] = (uint8_t)code32[i]; /* validity: in the scan */
 }
