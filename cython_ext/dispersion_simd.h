@@ -83,7 +83,9 @@ typedef struct {
  * trusted maximum times the window size is below 2^26 (a PILATUS's 1e6-count cutoff and DIALS's
  * 7x7 window qualify). One array of column sums to update and sum instead of two. */
 #define DISP_PACK_SHIFT 26
-#define DISP_PACK_MASK ((1u << DISP_PACK_SHIFT) - 1u)
+#define DISP_PACK(count, value) ((value) + ((count) << DISP_PACK_SHIFT))
+static inline uint32_t disp_packed_count(uint32_t s) { return s >> DISP_PACK_SHIFT; }
+static inline uint32_t disp_packed_value(uint32_t s) { return s & ((1u << DISP_PACK_SHIFT) - 1u); }
 #define DISP_CHUNK 512 /* pixels per chunk of a row's window tests (the next row is prefetched per chunk) */
 
 static int disp_push(disp_indices *out, int64_t k) {

@@ -55,9 +55,9 @@ DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__
                 xu += cx[i + d];
                 yu += cy[i + d];
             }
-            if (packed) { /* (count << 26) + value: see DISP_PACK_SHIFT */
-                mu = xu >> DISP_PACK_SHIFT;
-                xu &= DISP_PACK_MASK;
+            if (packed) {
+                mu = disp_packed_count(xu);
+                xu = disp_packed_value(xu);
             }
             int32_t m = (int32_t)mu, x = (int32_t)xu;
             float mf = (float)m, xf = (float)x, yf = TFN(u32f)(yu);
@@ -77,9 +77,9 @@ DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__
                 xu += cx[i + d];
                 yu += cy[i + d];
             }
-            if (packed) { /* (count << 26) + value: see DISP_PACK_SHIFT */
-                mu = xu >> DISP_PACK_SHIFT;
-                xu &= DISP_PACK_MASK;
+            if (packed) {
+                mu = disp_packed_count(xu);
+                xu = disp_packed_value(xu);
             }
             int32_t m = (int32_t)mu, x = (int32_t)xu;
             float mf = (float)m, xf = (float)x, yf = TFN(u32f)(yu);
@@ -229,7 +229,7 @@ static uint32_t FN(enter)(const PIX *__restrict v, const uint8_t *__restrict mk,
         uint32_t e = (uint32_t)p & (0u - ins);
         fl[i] = (uint8_t)(valid | (ins << 1));
         if (packed) {
-            cx[i] += e + (ins << DISP_PACK_SHIFT);
+            cx[i] += DISP_PACK(ins, e);
         } else {
             cm[i] += ins;
             cx[i] += e;
@@ -245,7 +245,7 @@ static void FN(leave)(const PIX *__restrict v, const uint8_t *__restrict fl, uin
     for (ptrdiff_t i = 0; i < w; i++) {
         uint32_t ins = (fl[i] >> 1) & 1, e = (uint32_t)v[i] & (0u - ins);
         if (packed) {
-            cx[i] -= e + (ins << DISP_PACK_SHIFT);
+            cx[i] -= DISP_PACK(ins, e);
         } else {
             cm[i] -= ins;
             cx[i] -= e;
@@ -269,7 +269,7 @@ DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *_
         uint32_t inso = (flo[i] >> 1) & 1, eo = (uint32_t)vo[i] & (0u - inso);
         fl[i] = (uint8_t)(valid | (ins << 1));
         if (packed) {
-            cx[i] += (e + (ins << DISP_PACK_SHIFT)) - (eo + (inso << DISP_PACK_SHIFT));
+            cx[i] += DISP_PACK(ins, e) - DISP_PACK(inso, eo);
         } else {
             cm[i] += ins - inso;
             cx[i] += e - eo;
@@ -311,9 +311,9 @@ DISP_INLINE void FN(strong_row_k)(const PIX *__restrict v, const uint32_t *__res
             if (!packed) mu += cm[i + d];
             xu += cx[i + d];
         }
-        if (packed) { /* (count << 26) + value: see DISP_PACK_SHIFT */
-            mu = xu >> DISP_PACK_SHIFT;
-            xu &= DISP_PACK_MASK;
+        if (packed) {
+            mu = disp_packed_count(xu);
+            xu = disp_packed_value(xu);
         }
         int32_t m = (int32_t)mu;
         float vf = PIX_F(v[i]), mf = (float)m, xf = (float)(int32_t)xu;
@@ -450,13 +450,14 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
                 if (mode == 1 ? (fl[i] & F_CV) != 0 : !(fl[i] & F_VALID)) continue;
                 uint32_t m = 0, x = 0, y = 0;
                 for (int d = -kx; d <= kx; d++) {
-                    m += cm[i + d];
                     x += cx[i + d];
                     y += cy[i + d];
                 }
                 if (ctx->packed) { /* cm is not kept: the count is in x's top bits */
-                    m = x >> DISP_PACK_SHIFT;
-                    x &= DISP_PACK_MASK;
+                    m = disp_packed_count(x);
+                    x = disp_packed_value(x);
+                } else {
+                    for (int d = -kx; d <= kx; d++) m += cm[i + d];
                 }
                 uint64_t y64 = y;
                 if (x >= 65536) FN(direct)(img, flags, h, w, j, i, ky, kx, F_INSUMS, &y64);
