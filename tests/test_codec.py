@@ -168,7 +168,7 @@ print(json.dumps(result))
 """
 
 
-@pytest.mark.parametrize("kernel", ["scalar", "sse2", "avx2", "gfni"])
+@pytest.mark.parametrize("kernel", ["scalar", "sse2", "avx2", "gfni", "avx512"])
 def test_bslz4_every_unshuffle_kernel_on_real_frames(kernel, shared_data, tmp_path):
     """Each unshuffle path (forced with INTXR_BSLZ4_KERNEL in a fresh process; a path the CPU lacks
     falls back) decodes real frames to the bytes h5py + hdf5plugin gives, and rejects truncations."""
@@ -213,7 +213,7 @@ def test_bslz4_every_unshuffle_kernel_on_real_frames(kernel, shared_data, tmp_pa
     )
     got = json.loads(run.stdout)
     # The path forced is the one that ran, or the best one below it this CPU has.
-    order = ["scalar", "sse2", "avx2", "gfni"]
+    order = ["scalar", "sse2", "avx2", "gfni", "avx512"]
     ran = got.pop("kernel")
     assert order.index(ran) <= order.index(kernel)
     assert got == expected

@@ -239,7 +239,7 @@ print(json.dumps([sums.tolist(), valid.tolist(), strong_bins(sums, valid).tolist
 
 
 def test_every_kernel_path_bins_and_thresholds_alike():
-    """The GFNI, AVX2 and portable paths (forced with INTXR_BSLZ4_KERNEL in fresh processes; a path the
+    """The AVX-512, GFNI, AVX2 and portable paths (forced with INTXR_BSLZ4_KERNEL in fresh processes; a path the
     CPU lacks falls back) give the same binned frame as the Cython kernel, and the strong bins of the
     numpy reference."""
     import json
@@ -254,7 +254,7 @@ def test_every_kernel_path_bins_and_thresholds_alike():
     ref_sums, ref_valid = _cython_bin(image, None, (0.0, 65533.0), 4)
     expected = [ref_sums.tolist(), ref_valid.tolist(), _strong_bins_reference(ref_sums, ref_valid).tolist(), True]
     assert len(expected[2]) > 5
-    for kernel in ("scalar", "sse2", "avx2", "gfni"):
+    for kernel in ("scalar", "sse2", "avx2", "gfni", "avx512"):
         env = dict(os.environ, INTXR_BSLZ4_KERNEL=kernel)
         run = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True, text=True,
                              check=True)

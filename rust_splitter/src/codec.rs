@@ -59,8 +59,8 @@ fn shuffle_block(src: &[u8], dst: &mut [u8], n: usize, elem_size: usize) {
 }
 
 /// Which unshuffle kernel decodes a block: chosen once per process from the CPU (the best it
-/// runs), or forced with the environment variable `INTXR_BSLZ4_KERNEL` = `scalar`, `sse2`, `avx2`
-/// or `gfni` (for the tests, which check every path gives the same bytes; a path the CPU lacks
+/// runs), or forced with the environment variable `INTXR_BSLZ4_KERNEL` = `scalar`, `sse2`, `avx2`,
+/// `gfni` or `avx512` (for the tests, which check every path gives the same bytes; a path the CPU lacks
 /// falls back to the best one below it). Ordered from the least to the most the CPU must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
@@ -73,6 +73,10 @@ pub enum Kernel {
     /// As Avx2, with each group's 8x8 bit transpose one GFNI affine instruction (Intel Ice Lake,
     /// AMD Zen 4 and later) instead of 24 shift/xor/and steps per 8 registers.
     Gfni,
+    /// As Gfni, compiled for AVX-512 (F, VL, BW): the same 256-bit code with 32 vector registers
+    /// instead of 16, so the four byte slices of 4-byte elements stay in registers instead of
+    /// spilling to the stack (measured: 4-byte frames decode 10-15% faster, 2-byte ones 2-3%).
+    Avx512,
 }
 
 impl Kernel {
@@ -82,6 +86,12 @@ impl Kernel {
         {
             if std::is_x86_feature_detected!("avx2") {
                 if std::is_x86_feature_detected!("gfni") {
+                    if std::is_x86_feature_detected!("avx512f")
+                        && std::is_x86_feature_detected!("avx512vl")
+                        && std::is_x86_feature_detected!("avx512bw")
+                    {
+                        return Kernel::Avx512;
+                    }
                     return Kernel::Gfni;
                 }
                 return Kernel::Avx2;
@@ -105,7 +115,8 @@ impl Kernel {
                 Ok("scalar") => Kernel::Scalar,
                 Ok("sse2") => Kernel::Sse2,
                 Ok("avx2") => Kernel::Avx2,
-                _ => Kernel::Gfni,
+                Ok("gfni") => Kernel::Gfni,
+                _ => Kernel::Avx512,
             };
             Kernel::supported(forced)
         })
@@ -126,10 +137,14 @@ fn unshuffle_block_with(kernel: Kernel, src: &[u8], dst: &mut [u8], n: usize, el
     #[cfg(target_arch = "x86_64")]
     {
         if kernel >= Kernel::Avx2 {
-            // SAFETY: `Kernel::supported` only gives Avx2 (Gfni) when the CPU has AVX2 (and GFNI);
+            // SAFETY: `Kernel::supported` only gives Avx2 (Gfni, Avx512) when the CPU has AVX2 (and
+            // GFNI, and AVX-512 F/VL/BW);
             // the helpers check their slices' lengths before their unchecked loads and stores.
             done = unsafe {
                 match (elem_size <= 4, kernel) {
+                    (true, Kernel::Avx512) => {
+                        avx2::unshuffle_transpose_avx512(src, dst, row, elem_size)
+                    }
                     (true, Kernel::Gfni) => {
                         avx2::unshuffle_transpose_gfni(src, dst, row, elem_size)
                     }
@@ -429,6 +444,17 @@ mod avx2 {
         unshuffle_transpose_with::<true>(src, dst, row, elem_size)
     }
 
+    /// `unshuffle_transpose_gfni` with 32 vector registers (see `Kernel::Avx512`).
+    #[target_feature(enable = "avx2,gfni,avx512f,avx512vl,avx512bw")]
+    pub unsafe fn unshuffle_transpose_avx512(
+        src: &[u8],
+        dst: &mut [u8],
+        row: usize,
+        elem_size: usize,
+    ) -> usize {
+        unshuffle_transpose_with::<true>(src, dst, row, elem_size)
+    }
+
     #[inline(always)]
     unsafe fn unshuffle_transpose_with<const GFNI: bool>(
         src: &[u8],
@@ -596,6 +622,20 @@ fn lz4_decode_block(input: &[u8], out: &mut [u8]) -> Result<usize, &'static str>
     }
 }
 
+/// Ask for the cache lines of `dst` that a block's unshuffle will write while its LZ4 decode runs.
+#[inline]
+fn prefetch_for_write(dst: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..dst.len()).step_by(64) {
+        // SAFETY: a prefetch is only a hint; the address is inside `dst`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(
+                dst.as_ptr().add(off) as *const i8,
+            )
+        }
+    }
+}
+
 fn check_elem_size(elem_size: usize) -> Result<(), CodecError> {
     match elem_size {
         1 | 2 | 4 | 8 => Ok(()),
@@ -729,6 +769,12 @@ pub fn bslz4_decompress_with_progress<F: FnMut(&[u8])>(
                 "LZ4 block shorter than its declared length",
             ));
         }
+        if elem_size == 4 {
+            // Measured on a 6M and a 16M frame: 4-byte blocks decode 8-10% faster with their output
+            // lines asked for first; 2-byte blocks 8% slower (the prefetches cost more than the
+            // unshuffle's store misses they save).
+            prefetch_for_write(&out[start * elem_size..start * elem_size + bytes]);
+        }
         let got = lz4_decode_block(&blob[pos..pos + len], &mut shuffled[..bytes]).map_err(|e| {
             CodecError::Lz4 {
                 offset: pos,
@@ -839,7 +885,13 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let kernels = [Kernel::Scalar, Kernel::Sse2, Kernel::Avx2, Kernel::Gfni];
+        let kernels = [
+            Kernel::Scalar,
+            Kernel::Sse2,
+            Kernel::Avx2,
+            Kernel::Gfni,
+            Kernel::Avx512,
+        ];
         for elem_size in [1usize, 2, 4] {
             for groups in [31usize, 32, 64, 96, 256, 1024 / elem_size] {
                 let n = 8 * groups;
@@ -907,7 +959,13 @@ mod tests {
         }
     }
 
-    const KERNELS: [Kernel; 4] = [Kernel::Scalar, Kernel::Sse2, Kernel::Avx2, Kernel::Gfni];
+    const KERNELS: [Kernel; 5] = [
+        Kernel::Scalar,
+        Kernel::Sse2,
+        Kernel::Avx2,
+        Kernel::Gfni,
+        Kernel::Avx512,
+    ];
 
     fn xorshift(state: &mut u64) -> u64 {
         *state ^= *state << 13;

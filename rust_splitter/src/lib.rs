@@ -191,7 +191,7 @@ fn bin_spec(
     })
 }
 
-/// The bitshuffle unshuffle path this process uses (`scalar`, `sse2`, `avx2` or `gfni`): the
+/// The bitshuffle unshuffle path this process uses (`scalar`, `sse2`, `avx2`, `gfni` or `avx512`): the
 /// best the CPU runs, or the one `INTXR_BSLZ4_KERNEL` forced (where the CPU runs it).
 #[pyfunction]
 fn bslz4_kernel() -> &'static str {
@@ -200,6 +200,7 @@ fn bslz4_kernel() -> &'static str {
         codec::Kernel::Sse2 => "sse2",
         codec::Kernel::Avx2 => "avx2",
         codec::Kernel::Gfni => "gfni",
+        codec::Kernel::Avx512 => "avx512",
     }
 }
 
