@@ -148,6 +148,7 @@ typedef int (*disp_run_fn)(const disp_ctx *, const void *, const uint8_t *, uint
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DISP_X86 1
+#include <immintrin.h> /* (its intrinsics are usable inside the functions given a target below) */
 #else
 #define DISP_X86 0
 #endif
@@ -176,7 +177,9 @@ typedef int (*disp_run_fn)(const disp_ctx *, const void *, const uint8_t *, uint
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #define TGT avx512
+#define DISP_AVX512_INTRINSICS 1
 #include "dispersion_simd_impl.h"
+#undef DISP_AVX512_INTRINSICS
 #undef TGT
 #pragma GCC pop_options
 #endif

@@ -281,9 +281,66 @@ DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *_
     return over;
 }
 
+#ifdef DISP_AVX512_INTRINSICS
+/* enter_leave_y for its most common case (packed sums, no mask) in AVX-512 intrinsics, 16 pixels a
+ * step: the compares give masks, the flag bytes are made from the masks and the leaving row's
+ * in-sums pixels are masked loads, where GCC's vectorisation of the portable loop narrows 32-bit
+ * lanes to bytes and widens them back (measured: the update ~1.5x faster). The same arithmetic;
+ * the last w % 16 pixels go through the portable loop. */
+DISP_INLINE __m512i FN(load16)(const PIX *p) {
+    if (sizeof(PIX) == 2) return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_loadu_si512((const void *)p);
+}
+
+DISP_INLINE __m512i FN(maskz_load16)(__mmask16 k, const PIX *p) {
+    if (sizeof(PIX) == 2) return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const void *)p));
+    return _mm512_maskz_loadu_epi32(k, (const void *)p);
+}
+
+#if PIX_IS_U32
+#define DISP_CMP(a, b, op) _mm512_cmp_epu32_mask(a, b, op)
+#else
+#define DISP_CMP(a, b, op) _mm512_cmp_epi32_mask(a, b, op)
+#endif
+
+static uint32_t FN(enter_leave_packed_avx512)(const PIX *__restrict v, uint8_t *__restrict fl,
+                                              const PIX *__restrict vo, const uint8_t *__restrict flo,
+                                              uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w, PIX lo,
+                                              PIX hi) {
+    const __m512i vlo = _mm512_set1_epi32((int32_t)lo), vhi = _mm512_set1_epi32((int32_t)hi);
+    const __m512i big = _mm512_set1_epi32(DISP_BIG), count1 = _mm512_set1_epi32(DISP_PACK(1, 0));
+    const __m128i one8 = _mm_set1_epi8(F_VALID), two8 = _mm_set1_epi8(F_INSUMS);
+    uint32_t over = 0;
+    ptrdiff_t i = 0;
+    for (; i + 16 <= w; i += 16) {
+        __m512i p = FN(load16)(v + i);
+        __mmask16 valid = DISP_CMP(p, vlo, _MM_CMPINT_NLT) & DISP_CMP(p, vhi, _MM_CMPINT_LE);
+        __mmask16 ins = valid & DISP_CMP(p, big, _MM_CMPINT_LT);
+        __mmask16 inso = _mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(flo + i)), two8);
+        over += (uint32_t)__builtin_popcount(DISP_CMP(p, vhi, _MM_CMPINT_NLE));
+        __m512i e = _mm512_maskz_mov_epi32(ins, p), eo = FN(maskz_load16)(inso, vo + i);
+        __m512i d = _mm512_sub_epi32(e, eo);
+        __m512i x = _mm512_add_epi32(_mm512_loadu_si512((const void *)(cx + i)), d);
+        x = _mm512_mask_add_epi32(x, ins, x, count1);
+        x = _mm512_mask_sub_epi32(x, inso, x, count1);
+        _mm512_storeu_si512((void *)(cx + i), x);
+        __m512i y = _mm512_loadu_si512((const void *)(cy + i));
+        _mm512_storeu_si512((void *)(cy + i), _mm512_add_epi32(y, _mm512_mullo_epi32(d, _mm512_add_epi32(e, eo))));
+        _mm_storeu_si128((__m128i *)(fl + i), _mm_or_si128(_mm_maskz_mov_epi8(valid, one8), _mm_maskz_mov_epi8(ins, two8)));
+    }
+    if (i < w)
+        over += FN(enter_leave_y)(v + i, NULL, fl + i, vo + i, flo + i, NULL, cx + i, cy + i, w - i, lo, hi, 1, 0, 1);
+    return over;
+}
+#undef DISP_CMP
+#endif
+
 static uint32_t FN(enter_leave)(const PIX *v, const uint8_t *mk, uint8_t *fl, const PIX *vo, const uint8_t *flo,
                                 uint32_t *cm, uint32_t *cx, uint32_t *cy, ptrdiff_t w, PIX lo, PIX hi, int packed) {
     /* mk NULL: no mask. cy is always kept (see slide). */
+#ifdef DISP_AVX512_INTRINSICS
+    if (packed && !mk) return FN(enter_leave_packed_avx512)(v, fl, vo, flo, cx, cy, w, lo, hi);
+#endif
     if (packed) {
         if (mk) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 1, 1);
         return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 0, 1);

@@ -260,6 +260,25 @@ def test_packed_first_pass_sums_at_their_limit(hi, kernel_size, algorithm, kerne
     assert expected.any()
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.uint32])
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+def test_unmasked_packed_frames_of_every_pixel_type(dtype, algorithm, kernel_path):
+    """The row update's most common case (no mask, packed sums: a detector's frame with its gaps marked
+    in the pixels), which AVX-512 runs in intrinsics 16 pixels a step: widths around multiples of 16,
+    gap pixels at the type's top (and -1 for int32), counts above the trusted range."""
+    for width in (15, 16, 17, 47, 529):
+        image, _mask = random_frame(width, (41, width), np.float64)
+        top = np.iinfo(dtype).max
+        image[20:23, width // 2 - 1 : width // 2 + 2] += 300  # a spot
+        image[:, 5::11] = top  # gap columns, as EIGERs mark them
+        if dtype == np.int32:
+            image[7::9, :] = -1  # PILATUS gap rows
+        image = image.astype(dtype)
+        params = ThresholdParams(algorithm=algorithm)
+        _strong, expected = assert_kernel_matches_reference(image, None, (0.0, 4000.0), params)
+        assert expected.any()
+
+
 @pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
 def test_every_kernel_path_on_a_large_frame(algorithm, kernel_path):
     """A frame wider than any vector and not a multiple of one, bright pixels, many strong ones."""
