@@ -398,12 +398,75 @@ DISP_INLINE void FN(strong_row_any)(const PIX *v, const uint32_t *cm, const uint
     }
 }
 
+#ifdef DISP_AVX512_INTRINSICS
+/* Pixel values as float32, 16 at a time (`live` lanes loaded, the rest 0), as PIX_F converts them. */
+DISP_INLINE __m512 FN(pixf16)(__mmask16 live, const PIX *p) {
+    if (sizeof(PIX) == 2) return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)));
+    __m512i u = _mm512_maskz_loadu_epi32(live, p);
+    if (!PIX_IS_U32) return _mm512_cvtepi32_ps(u);
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 16)), _mm512_set1_ps(65536.0f)),
+                         _mm512_cvtepi32_ps(_mm512_and_si512(u, _mm512_set1_epi32(0xFFFF))));
+}
+
+/* strong_row_k for packed sums in AVX-512 intrinsics, 16 pixels (`live` lanes) at a time: the same
+ * float32 operations in the same order (no FMA), the result one bit per pixel straight from the
+ * compare masks. */
+DISP_INLINE __mmask16 FN(strong_bits16)(const PIX *v, const uint32_t *cx, const int K, __m512i minc, __m512 loose,
+                                        __mmask16 live) {
+    __m512i s = _mm512_maskz_loadu_epi32(live, cx - K);
+    for (int d = -K + 1; d <= K; d++) s = _mm512_add_epi32(s, _mm512_maskz_loadu_epi32(live, cx + d));
+    __m512i m = _mm512_srli_epi32(s, DISP_PACK_SHIFT);
+    __m512 mf = _mm512_cvtepi32_ps(m), vf = FN(pixf16)(live, v);
+    __m512 xf = _mm512_cvtepi32_ps(_mm512_and_si512(s, _mm512_set1_epi32((1 << DISP_PACK_SHIFT) - 1)));
+    __m512 mv = _mm512_mul_ps(mf, vf), b = _mm512_sub_ps(mv, xf);
+    __m512 bb = _mm512_add_ps(b, _mm512_mul_ps(_mm512_add_ps(mv, xf), _mm512_set1_ps(0x1p-20f)));
+    __m512 rhs = _mm512_mul_ps(_mm512_mul_ps(loose, xf), mf);
+    return live & _mm512_cmp_ps_mask(bb, _mm512_setzero_ps(), _CMP_GT_OQ) &
+           _mm512_cmp_ps_mask(_mm512_mul_ps(bb, bb), rhs, _CMP_GE_OQ) & _mm512_cmpge_epi32_mask(m, minc);
+}
+
+/* The candidates of a chunk as bits (bits[i / 16], bit i % 16), where the portable path stores a
+ * 32-bit result per pixel, narrows it to a byte and scans bytes. */
+DISP_INLINE void FN(strong_bits)(const PIX *v, const uint32_t *cx, ptrdiff_t w, const int K, int32_t minc,
+                                 float loose, uint16_t *bits) {
+    const __m512i vminc = _mm512_set1_epi32(minc);
+    const __m512 vloose = _mm512_set1_ps(loose);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= w; i += 16) bits[i / 16] = FN(strong_bits16)(v + i, cx + i, K, vminc, vloose, 0xFFFF);
+    if (i < w) bits[i / 16] = FN(strong_bits16)(v + i, cx + i, K, vminc, vloose, (__mmask16)((1u << (w - i)) - 1));
+}
+#endif
+
+/* Whether this kernel's `dispersion` candidates are bits (AVX-512, packed sums, half-widths <= 5), not
+ * bytes. */
+DISP_INLINE int FN(candidate_bits)(const disp_ctx *ctx) {
+#ifdef DISP_AVX512_INTRINSICS
+    return ctx->packed && ctx->p.kx <= 5;
+#else
+    (void)ctx;
+    return 0;
+#endif
+}
+
 static void FN(strong_row)(const PIX *v, const uint8_t *fl, const uint32_t *cm, const uint32_t *cx, ptrdiff_t w,
                            int k, const disp_ctx *ctx, disp_bufs *B) {
     const int32_t minc = ctx->min_count_i32;
     const float loose = ctx->loose;
-    const ptrdiff_t o = fl - B->row_fl; /* the chunk's place in the row's buffers */
+    const ptrdiff_t o = fl - B->row_fl; /* the chunk's place in the row's buffers (a multiple of 16) */
     uint32_t *code32 = B->code32 + o;
+#ifdef DISP_AVX512_INTRINSICS
+    if (FN(candidate_bits)(ctx)) {
+        uint16_t *bits = (uint16_t *)B->code + o / 16;
+        switch (k) {
+        case 1: FN(strong_bits)(v, cx, w, 1, minc, loose, bits); break;
+        case 2: FN(strong_bits)(v, cx, w, 2, minc, loose, bits); break;
+        case 3: FN(strong_bits)(v, cx, w, 3, minc, loose, bits); break;
+        case 4: FN(strong_bits)(v, cx, w, 4, minc, loose, bits); break;
+        default: FN(strong_bits)(v, cx, w, 5, minc, loose, bits); break;
+        }
+        return;
+    }
+#endif
     if (ctx->packed)
         FN(strong_row_any)(v, cm, cx, w, k, minc, loose, B, o, code32, 1);
     else
@@ -500,11 +563,12 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
          * pixel for the exact test, and only those bits are visited (x86-64 loads little-endian: the lowest
          * set bit is the leftmost pixel). */
         const uint64_t marks = mode == 1 ? 0x0202020202020202ull : 0x0101010101010101ull;
-        for (ptrdiff_t i0 = 0; i0 < w; i0 += 8) {
+        const int as_bits = mode == 0 && FN(candidate_bits)(ctx); /* 64 pixels a word, not 8 */
+        for (ptrdiff_t i0 = 0; i0 < w; i0 += as_bits ? 64 : 8) {
             uint64_t word;
-            memcpy(&word, B->code + i0, 8); /* code has 8 bytes of zero slack */
-            for (uint64_t bits = word & marks; bits; bits &= bits - 1) {
-                ptrdiff_t i = i0 + (__builtin_ctzll(bits) >> 3);
+            memcpy(&word, B->code + (as_bits ? i0 / 8 : i0), 8); /* code has DISP_SLACK zero bytes */
+            for (uint64_t bits = as_bits ? word : word & marks; bits; bits &= bits - 1) {
+                ptrdiff_t i = i0 + (as_bits ? __builtin_ctzll(bits) : __builtin_ctzll(bits) >> 3);
                 if (mode == 1 ? (fl[i] & F_CV) != 0 : !(fl[i] & F_VALID)) continue;
                 uint32_t m = 0, x = 0, y = 0;
                 for (int d = -kx; d <= kx; d++) {
