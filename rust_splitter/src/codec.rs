@@ -420,40 +420,38 @@ mod avx2 {
         out
     }
 
-    /// Unshuffle 32 groups (256 elements) at a time for element sizes 1, 2 and 4, entirely in
-    /// registers: per element byte, `plane_bytes`; then interleave the element bytes and store 32
-    /// bytes at a time straight into `dst`. Returns how many groups were done (a multiple of 32).
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn unshuffle_transpose(
-        src: &[u8],
-        dst: &mut [u8],
-        row: usize,
-        elem_size: usize,
-    ) -> usize {
-        unshuffle_transpose_with::<false>(src, dst, row, elem_size)
+    // One entry point per target-feature set: Rust compiles a function for the features its
+    // attribute names, and `unshuffle_transpose_with` is inlined into each.
+    macro_rules! unshuffle_entry {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $gfni:literal) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(src: &[u8], dst: &mut [u8], row: usize, elem_size: usize) -> usize {
+                unshuffle_transpose_with::<$gfni>(src, dst, row, elem_size)
+            }
+        };
     }
-
-    /// `unshuffle_transpose` with GFNI bit transposes.
-    #[target_feature(enable = "avx2,gfni")]
-    pub unsafe fn unshuffle_transpose_gfni(
-        src: &[u8],
-        dst: &mut [u8],
-        row: usize,
-        elem_size: usize,
-    ) -> usize {
-        unshuffle_transpose_with::<true>(src, dst, row, elem_size)
-    }
-
-    /// `unshuffle_transpose_gfni` with 32 vector registers (see `Kernel::Avx512`).
-    #[target_feature(enable = "avx2,gfni,avx512f,avx512vl,avx512bw")]
-    pub unsafe fn unshuffle_transpose_avx512(
-        src: &[u8],
-        dst: &mut [u8],
-        row: usize,
-        elem_size: usize,
-    ) -> usize {
-        unshuffle_transpose_with::<true>(src, dst, row, elem_size)
-    }
+    unshuffle_entry!(
+        /// Unshuffle 32 groups (256 elements) at a time for element sizes 1, 2 and 4, entirely in
+        /// registers: per element byte, `plane_bytes`; then interleave the element bytes and store
+        /// 32 bytes at a time straight into `dst`. Returns how many groups were done (a multiple
+        /// of 32).
+        unshuffle_transpose,
+        "avx2",
+        false
+    );
+    unshuffle_entry!(
+        /// `unshuffle_transpose` with GFNI bit transposes.
+        unshuffle_transpose_gfni,
+        "avx2,gfni",
+        true
+    );
+    unshuffle_entry!(
+        /// `unshuffle_transpose_gfni` with 32 vector registers (see `Kernel::Avx512`).
+        unshuffle_transpose_avx512,
+        "avx2,gfni,avx512f,avx512vl,avx512bw",
+        true
+    );
 
     #[inline(always)]
     unsafe fn unshuffle_transpose_with<const GFNI: bool>(
