@@ -287,6 +287,7 @@ DISP_INLINE uint32_t FN(enter_leave_y)(const PIX *__restrict v, const uint8_t *_
  * in-sums pixels are masked loads, where GCC's vectorisation of the portable loop narrows 32-bit
  * lanes to bytes and widens them back (measured: the update ~1.3x faster, the threshold 5-7%). The
  * same arithmetic; the last w % 16 pixels go through the portable loop. */
+/* 16 pixels as 32-bit lanes (maskz_: only the lanes of k, the rest 0). */
 DISP_INLINE __m512i FN(load16)(const PIX *p) {
     if (sizeof(PIX) == 2) return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_loadu_si512((const void *)p);
@@ -401,8 +402,7 @@ DISP_INLINE void FN(strong_row_any)(const PIX *v, const uint32_t *cm, const uint
 #ifdef DISP_AVX512_INTRINSICS
 /* Pixel values as float32, 16 at a time (`live` lanes loaded, the rest 0), as PIX_F converts them. */
 DISP_INLINE __m512 FN(pixf16)(__mmask16 live, const PIX *p) {
-    if (sizeof(PIX) == 2) return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)));
-    __m512i u = _mm512_maskz_loadu_epi32(live, p);
+    __m512i u = FN(maskz_load16)(live, p);
     if (!PIX_IS_U32) return _mm512_cvtepi32_ps(u);
     return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 16)), _mm512_set1_ps(65536.0f)),
                          _mm512_cvtepi32_ps(_mm512_and_si512(u, _mm512_set1_epi32(0xFFFF))));
@@ -511,6 +511,9 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
     /* Sums of squares are kept modulo 2^32 in both modes: exact where x < 65536 (y <= x^2), which
      * saves the `dispersion` candidates a pass over their windows. */
     uint32_t *cm = B->cm + kx, *cx = B->cx + kx, *cy = B->cy + kx;
+    /* The exact test's marks in B->code (see the scan below): bits, 64 pixels a word, or bytes. */
+    const int as_bits = mode == 0 && FN(candidate_bits)(ctx);
+    const uint64_t marks = mode == 1 ? 0x0202020202020202ull : 0x0101010101010101ull;
     for (ptrdiff_t r = 0; r < h && r < ky; r++) {
         const uint8_t *mk = mask ? mask + r * w : B->ones;
         if (FN(enter)(img + r * w, mk, flags + r * w, cm, cx, cy, w, lo, hi, ctx->packed) &&
@@ -560,10 +563,8 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
         if (n_over && FN(overloads)(vin, mkin ? mkin : B->ones, w, hi, rin * w, over) < 0) return -1;
         if (mode == 1 && !undecided) continue; /* no pixel left to decide */
         /* Codes are 0/1 (`dispersion`) or 0/1/2 (extended: 2 is undecided): one bit per byte marks a
-         * pixel for the exact test, and only those bits are visited (x86-64 loads little-endian: the lowest
-         * set bit is the leftmost pixel). */
-        const uint64_t marks = mode == 1 ? 0x0202020202020202ull : 0x0101010101010101ull;
-        const int as_bits = mode == 0 && FN(candidate_bits)(ctx); /* 64 pixels a word, not 8 */
+         * pixel for the exact test (as_bits: one bit per pixel, from strong_bits), and only those bits
+         * are visited (x86-64 loads little-endian: the lowest set bit is the leftmost pixel). */
         for (ptrdiff_t i0 = 0; i0 < w; i0 += as_bits ? 64 : 8) {
             uint64_t word;
             memcpy(&word, B->code + (as_bits ? i0 / 8 : i0), 8); /* code has DISP_SLACK zero bytes */
