@@ -173,7 +173,9 @@ typedef int (*disp_run_fn)(const disp_ctx *, const void *, const uint8_t *, uint
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #define TGT avx2
+#define DISP_AVX2_INTRINSICS 1
 #include "dispersion_simd_impl.h"
+#undef DISP_AVX2_INTRINSICS
 #undef TGT
 #pragma GCC pop_options
 

@@ -336,11 +336,69 @@ static uint32_t FN(enter_leave_packed_avx512)(const PIX *__restrict v, uint8_t *
 #undef DISP_CMP
 #endif
 
+#ifdef DISP_AVX2_INTRINSICS
+/* The same update in AVX2, 8 pixels a step. AVX2 has no mask registers: compares give all-ones
+ * lanes, unsigned compares are signed ones after flipping the sign bit (PIX_IS_U32), and the flag
+ * bytes are the lanes' low bytes gathered by one shuffle and one permute. */
+DISP_INLINE __m256i FN(load8)(const PIX *p) {
+    if (sizeof(PIX) == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+/* x as a lane for signed compares: uint32 pixels (and bounds) with the sign bit flipped. */
+DISP_INLINE __m256i FN(ord8)(__m256i x) {
+    return PIX_IS_U32 ? _mm256_xor_si256(x, _mm256_set1_epi32(INT32_MIN)) : x;
+}
+
+/* The low bytes of 8 lanes, stored as 8 bytes. */
+DISP_INLINE void FN(store_low_bytes8)(uint8_t *out, __m256i f) {
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1,
+                                          -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    f = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(f, pick), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+    _mm_storel_epi64((__m128i *)out, _mm256_castsi256_si128(f));
+}
+
+static uint32_t FN(enter_leave_packed_avx2)(const PIX *__restrict v, uint8_t *__restrict fl,
+                                            const PIX *__restrict vo, const uint8_t *__restrict flo,
+                                            uint32_t *__restrict cx, uint32_t *__restrict cy, ptrdiff_t w, PIX lo,
+                                            PIX hi) {
+    const __m256i vlo = FN(ord8)(_mm256_set1_epi32((int32_t)lo)), vhi = FN(ord8)(_mm256_set1_epi32((int32_t)hi));
+    const __m256i big = FN(ord8)(_mm256_set1_epi32(DISP_BIG));
+    const __m256i one = _mm256_set1_epi32(F_VALID), two = _mm256_set1_epi32(F_INSUMS);
+    uint32_t over = 0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= w; i += 8) {
+        __m256i p = FN(load8)(v + i), q = FN(ord8)(p);
+        __m256i above = _mm256_cmpgt_epi32(q, vhi);
+        __m256i valid = _mm256_andnot_si256(_mm256_or_si256(_mm256_cmpgt_epi32(vlo, q), above), _mm256_set1_epi32(-1));
+        __m256i ins = _mm256_and_si256(valid, _mm256_cmpgt_epi32(big, q));
+        __m256i fo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(flo + i)));
+        __m256i inso = _mm256_cmpeq_epi32(_mm256_and_si256(fo, two), two);
+        over += (uint32_t)__builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(above)));
+        __m256i e = _mm256_and_si256(p, ins), eo = _mm256_and_si256(FN(load8)(vo + i), inso);
+        __m256i d = _mm256_sub_epi32(e, eo);
+        /* ins - inso lanes are -1, 0 or 1 counts with the opposite sign */
+        __m256i x = _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(cx + i)), d);
+        x = _mm256_sub_epi32(x, _mm256_slli_epi32(_mm256_sub_epi32(ins, inso), DISP_PACK_SHIFT));
+        _mm256_storeu_si256((__m256i *)(cx + i), x);
+        __m256i y = _mm256_loadu_si256((const __m256i *)(cy + i));
+        _mm256_storeu_si256((__m256i *)(cy + i), _mm256_add_epi32(y, _mm256_mullo_epi32(d, _mm256_add_epi32(e, eo))));
+        FN(store_low_bytes8)(fl + i, _mm256_or_si256(_mm256_and_si256(valid, one), _mm256_and_si256(ins, two)));
+    }
+    if (i < w)
+        over += FN(enter_leave_y)(v + i, NULL, fl + i, vo + i, flo + i, NULL, cx + i, cy + i, w - i, lo, hi, 1, 0, 1);
+    return over;
+}
+#endif
+
 static uint32_t FN(enter_leave)(const PIX *v, const uint8_t *mk, uint8_t *fl, const PIX *vo, const uint8_t *flo,
                                 uint32_t *cm, uint32_t *cx, uint32_t *cy, ptrdiff_t w, PIX lo, PIX hi, int packed) {
     /* mk NULL: no mask. cy is always kept (see slide). */
 #ifdef DISP_AVX512_INTRINSICS
     if (packed && !mk) return FN(enter_leave_packed_avx512)(v, fl, vo, flo, cx, cy, w, lo, hi);
+#endif
+#ifdef DISP_AVX2_INTRINSICS
+    if (packed && !mk) return FN(enter_leave_packed_avx2)(v, fl, vo, flo, cx, cy, w, lo, hi);
 #endif
     if (packed) {
         if (mk) return FN(enter_leave_y)(v, mk, fl, vo, flo, cm, cx, cy, w, lo, hi, 1, 1, 1);
@@ -437,10 +495,52 @@ DISP_INLINE void FN(strong_bits)(const PIX *v, const uint32_t *cx, ptrdiff_t w, 
 }
 #endif
 
-/* Whether this kernel's `dispersion` candidates are bits (AVX-512, packed sums, half-widths <= 5), not
+#ifdef DISP_AVX2_INTRINSICS
+/* The same bound in AVX2, 8 pixels a step, one bit per pixel from movemask. */
+DISP_INLINE __m256 FN(pixf8)(const PIX *p) {
+    __m256i u = FN(load8)(p);
+    if (!PIX_IS_U32) return _mm256_cvtepi32_ps(u);
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(u, 16)), _mm256_set1_ps(65536.0f)),
+                         _mm256_cvtepi32_ps(_mm256_and_si256(u, _mm256_set1_epi32(0xFFFF))));
+}
+
+DISP_INLINE uint8_t FN(strong_bits8)(const PIX *v, const uint32_t *cx, const int K, __m256i minc, __m256 loose) {
+    __m256i s = _mm256_loadu_si256((const __m256i *)(cx - K));
+    for (int d = -K + 1; d <= K; d++) s = _mm256_add_epi32(s, _mm256_loadu_si256((const __m256i *)(cx + d)));
+    __m256i m = _mm256_srli_epi32(s, DISP_PACK_SHIFT);
+    __m256 mf = _mm256_cvtepi32_ps(m), vf = FN(pixf8)(v);
+    __m256 xf = _mm256_cvtepi32_ps(_mm256_and_si256(s, _mm256_set1_epi32((1 << DISP_PACK_SHIFT) - 1)));
+    __m256 mv = _mm256_mul_ps(mf, vf), b = _mm256_sub_ps(mv, xf);
+    __m256 bb = _mm256_add_ps(b, _mm256_mul_ps(_mm256_add_ps(mv, xf), _mm256_set1_ps(0x1p-20f)));
+    __m256 rhs = _mm256_mul_ps(_mm256_mul_ps(loose, xf), mf);
+    __m256 ok = _mm256_and_ps(_mm256_cmp_ps(bb, _mm256_setzero_ps(), _CMP_GT_OQ),
+                              _mm256_cmp_ps(_mm256_mul_ps(bb, bb), rhs, _CMP_GE_OQ));
+    ok = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(minc, m)), ok);
+    return (uint8_t)_mm256_movemask_ps(ok);
+}
+
+/* The candidates of a chunk as bits (bits[i / 8], bit i % 8); the last w % 8 pixels through the
+ * portable loop. */
+DISP_INLINE void FN(strong_bits)(const PIX *v, const uint32_t *cx, ptrdiff_t w, const int K, int32_t minc,
+                                 float loose, uint8_t *bits) {
+    const __m256i vminc = _mm256_set1_epi32(minc);
+    const __m256 vloose = _mm256_set1_ps(loose);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= w; i += 8) bits[i / 8] = FN(strong_bits8)(v + i, cx + i, K, vminc, vloose);
+    if (i < w) {
+        uint32_t cand[8];
+        uint8_t b = 0;
+        FN(strong_row_k)(v + i, NULL, cx + i, w - i, K, minc, loose, cand, 1);
+        for (ptrdiff_t t = 0; t < w - i; t++) b |= (uint8_t)(cand[t] << t);
+        bits[i / 8] = b;
+    }
+}
+#endif
+
+/* Whether this kernel's `dispersion` candidates are bits (AVX-512 or AVX2, packed sums, half-widths <= 5), not
  * bytes. */
 DISP_INLINE int FN(candidate_bits)(const disp_ctx *ctx) {
-#ifdef DISP_AVX512_INTRINSICS
+#if defined(DISP_AVX512_INTRINSICS) || defined(DISP_AVX2_INTRINSICS)
     return ctx->packed && ctx->p.kx <= 5;
 #else
     (void)ctx;
@@ -457,6 +557,19 @@ static void FN(strong_row)(const PIX *v, const uint8_t *fl, const uint32_t *cm, 
 #ifdef DISP_AVX512_INTRINSICS
     if (FN(candidate_bits)(ctx)) {
         uint16_t *bits = (uint16_t *)B->code + o / 16;
+        switch (k) {
+        case 1: FN(strong_bits)(v, cx, w, 1, minc, loose, bits); break;
+        case 2: FN(strong_bits)(v, cx, w, 2, minc, loose, bits); break;
+        case 3: FN(strong_bits)(v, cx, w, 3, minc, loose, bits); break;
+        case 4: FN(strong_bits)(v, cx, w, 4, minc, loose, bits); break;
+        default: FN(strong_bits)(v, cx, w, 5, minc, loose, bits); break;
+        }
+        return;
+    }
+#endif
+#ifdef DISP_AVX2_INTRINSICS
+    if (FN(candidate_bits)(ctx)) {
+        uint8_t *bits = B->code + o / 8;
         switch (k) {
         case 1: FN(strong_bits)(v, cx, w, 1, minc, loose, bits); break;
         case 2: FN(strong_bits)(v, cx, w, 2, minc, loose, bits); break;
