@@ -10,7 +10,8 @@
  *   margin passes every pixel that can, and the exact DIALS tests in double (with exact integer
  *   sums of squares over the window) run only on those few candidates.
  * - `dispersion_extended`: the first-pass index-of-dispersion test runs in float32 for every pixel,
- *   deciding only where the margin is safe; the rest is decided in double. Erosion is byte-wise.
+ *   deciding only where the margin is safe; the rest is decided in double. Erosion is bit-wise,
+ *   a few rows behind the first pass.
  *   The final test (over the window 2 pixels wider) runs only inside the eroded region, with exact
  *   integer sums.
  * - The same C is compiled for several instruction sets (GCC target pragmas: scalar, SSE2, AVX2,
@@ -38,11 +39,7 @@ enum { DISP_U16 = 0, DISP_I32 = 1, DISP_U32 = 2 };
 enum {
     F_VALID = 1,    /* unmasked and inside the trusted range */
     F_INSUMS = 2,   /* in the first-pass window sums (VALID and < 2^24) */
-    F_CV = 4,       /* extended: index-of-dispersion test passed (or masked) */
-    F_NEAR = 8,     /* extended: a cv-false pixel within the erosion radius along the row */
-    F_BG = 16,      /* extended: background after erosion */
-    F_INSUMS2 = 32, /* extended: in the final-pass sums (BACKGROUND and < 2^24) */
-    F_CAND2 = 64    /* extended: VALID and not BACKGROUND, a final-pass candidate */
+    F_CV = 4        /* extended: index-of-dispersion test passed (or masked) */
 };
 
 typedef struct {
@@ -72,14 +69,19 @@ typedef struct {
 typedef struct {
     uint32_t *cm, *cx, *cy, *wm, *wx, *wy; /* column sums, window sums for wide windows */
     uint32_t *code32;                      /* per-pixel results of a row's float bound */
-    uint8_t *code, *pad, *ones;            /* the same as bytes (for the scan), scratch */
+    uint8_t *code, *ones;                  /* the same as bytes (for the scan); all ones (no mask) */
     uint8_t *row_has_cand;            /* extended: rows holding final-pass candidates */
+    /* extended, erosion in bits (bit b of word k: pixel 64 k + b): */
+    ptrdiff_t nw;                     /* words per row */
+    uint64_t *notcv;                  /* one row's cv-false pixels, a zero word each side */
+    uint64_t *near, *cvv;             /* rings of 2 r + 1 rows: cv-false within r along the row; VALID and CV */
+    uint64_t *cand;                   /* every row: final-pass candidates (VALID, CV, no cv-false pixel within r) */
     ptrdiff_t *tile_row;              /* extended: the row each tile's final-pass column sums hold */
     ptrdiff_t padded;                 /* length of cm, cx, cy: w and 2 (kx + 2) zeros */
     const uint8_t *row_fl;            /* the flags of the row whose chunks are being tested */
 } disp_bufs;
 
-#define DISP_TILE 64 /* columns per tile of the extended final pass's column sums */
+#define DISP_TILE 64 /* columns per tile of the extended final pass's column sums (one word of cand) */
 #define DISP_SLACK 64 /* bytes past the row end that scratch loops may touch (one AVX-512 vector) */
 /* Packed first-pass sums: (count << 26) + value in one uint32, exact when every window's
  * value sum stays below 2^26 and its count below 64, i.e. a window of at most 63 pixels whose
@@ -272,11 +274,19 @@ static int disp_strong_pixels(int kernel, int dtype, const void *image, const ui
     B.wx = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
     B.wy = (uint32_t *)malloc((size_t)w * sizeof(uint32_t));
     B.code = (uint8_t *)calloc((size_t)w + DISP_SLACK, 1);
-    B.pad = (uint8_t *)calloc((size_t)(w + 2 * ctx.radius) + DISP_SLACK, 1);
     B.ones = (uint8_t *)malloc((size_t)w);
     B.row_has_cand = (uint8_t *)malloc((size_t)h);
     B.tile_row = (ptrdiff_t *)malloc((size_t)(w / DISP_TILE + 1) * sizeof(ptrdiff_t));
-    if (ctx.root && flags && B.cm && B.wm && B.code32 && B.cx && B.cy && B.wx && B.wy && B.code && B.pad && B.ones && B.row_has_cand && B.tile_row) {
+    B.nw = (w + 63) / 64;
+    if (p->extended) {
+        size_t ring = (size_t)(2 * ctx.radius + 1) * (size_t)B.nw * sizeof(uint64_t);
+        B.notcv = (uint64_t *)calloc((size_t)B.nw + 2, sizeof(uint64_t));
+        B.near = (uint64_t *)malloc(ring);
+        B.cvv = (uint64_t *)malloc(ring);
+        B.cand = (uint64_t *)malloc((size_t)h * (size_t)B.nw * sizeof(uint64_t));
+    }
+    if (ctx.root && flags && B.cm && B.wm && B.code32 && B.cx && B.cy && B.wx && B.wy && B.code && B.ones &&
+        B.row_has_cand && B.tile_row && (!p->extended || (B.notcv && B.near && B.cvv && B.cand))) {
         ctx.root[0] = 0.0;
         for (int64_t m = 1; m <= n_window; m++) ctx.root[m] = sqrt(2.0 * ((double)m - 1));
         memset(B.ones, 1, (size_t)w);
@@ -292,10 +302,13 @@ static int disp_strong_pixels(int kernel, int dtype, const void *image, const ui
     free(B.wx);
     free(B.wy);
     free(B.code);
-    free(B.pad);
     free(B.ones);
     free(B.row_has_cand);
     free(B.tile_row);
+    free(B.notcv);
+    free(B.near);
+    free(B.cvv);
+    free(B.cand);
     return status;
 }
 

@@ -147,40 +147,70 @@ DISP_INLINE void TFN(prefetch)(const void *p, size_t bytes) {
 }
 
 /* Erosion of the CV region by a (2r+1)-square (DIALS: chessboard distance to the nearest cv-false
- * pixel >= the erosion distance; outside the frame never erodes), then BACKGROUND = VALID and not
- * (CV and eroded); IN_SUMS2 = BACKGROUND and IN_SUMS; CAND2 = VALID and not BACKGROUND. Separable:
- * NEAR along rows, then OR over the rows within r. `pad` holds w + 2r bytes. */
-static void TFN(erode)(uint8_t *__restrict flags, ptrdiff_t h, ptrdiff_t w, int r, uint8_t *__restrict pad,
-                       uint8_t *__restrict acc, uint8_t *__restrict row_has_cand) {
-    /* Loops that only read flags and write scratch run to a whole number of vectors (wv): no scalar
-     * remainder per loop and row; pad, acc and flags have DISP_SLACK bytes of slack for it. */
-    const ptrdiff_t wv = (w + DISP_SLACK - 1) / DISP_SLACK * DISP_SLACK;
-    memset(pad, 0, (size_t)(wv + 2 * r));
-    for (ptrdiff_t j = 0; j < h; j++) {
-        uint8_t *fl = flags + j * w;
-        for (ptrdiff_t i = 0; i < w; i++) pad[r + i] = (uint8_t)((fl[i] & F_CV) == 0);
-        for (ptrdiff_t i = 0; i < wv; i++) acc[i] = pad[i];
-        for (int d = 1; d <= 2 * r; d++)
-            for (ptrdiff_t i = 0; i < wv; i++) acc[i] |= pad[i + d];
-        for (ptrdiff_t i = 0; i < w; i++) fl[i] |= (uint8_t)(acc[i] << 3);
+ * pixel >= the erosion distance; outside the frame never erodes): the final-pass candidates are the
+ * VALID pixels with CV and no cv-false pixel within r; the rest of VALID is background. Separable,
+ * in bits (64 pixels a word): cv-false within r along the row (shifts), then OR over the rows
+ * within r. The slide runs it a few rows behind its CV flags, while those rows are in cache. */
+
+/* One row's cv-false pixels (notcv, bits past w clear) and its VALID and CV pixels. Reads whole
+ * words of flags: the flags have DISP_SLACK bytes of slack. */
+static void TFN(cv_bits_row)(const uint8_t *fl, ptrdiff_t w, ptrdiff_t nw, uint64_t *notcv, uint64_t *cvv) {
+    for (ptrdiff_t k = 0; k < nw; k++) {
+        const uint8_t *f = fl + 64 * k;
+        uint64_t cv = 0, valid = 0;
+#if defined(DISP_AVX512_INTRINSICS)
+        __m512i b = _mm512_loadu_si512((const void *)f);
+        cv = _mm512_test_epi8_mask(b, _mm512_set1_epi8(F_CV));
+        valid = _mm512_test_epi8_mask(b, _mm512_set1_epi8(F_VALID));
+#elif defined(DISP_AVX2_INTRINSICS)
+        for (int half = 0; half < 2; half++) { /* each byte's bit 2 (CV) or bit 0 (VALID) to its bit 7 */
+            __m256i b = _mm256_loadu_si256((const __m256i *)(f + 32 * half));
+            cv |= (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(b, 5)) << (32 * half);
+            valid |= (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(b, 7)) << (32 * half);
+        }
+#else
+        for (int g = 0; g < 8; g++) { /* the low bits of 8 bytes into one byte (bit i from byte i) */
+            const uint64_t ones = 0x0101010101010101ull, gather = 0x0102040810204080ull;
+            uint64_t word;
+            memcpy(&word, f + 8 * g, 8);
+            cv |= ((((word >> 2) & ones) * gather) >> 56) << (8 * g);
+            valid |= (((word & ones) * gather) >> 56) << (8 * g);
+        }
+#endif
+        uint64_t live = k == nw - 1 && w % 64 ? (1ull << (w % 64)) - 1 : ~0ull;
+        notcv[k] = ~cv & live;
+        cvv[k] = cv & valid & live;
     }
-    for (ptrdiff_t j = 0; j < h; j++) {
+}
+
+/* Cv-false within r along the row. n[-1] and n[nw] are 0 (outside the frame); r <= 62. */
+static void TFN(near_row)(const uint64_t *__restrict n, ptrdiff_t nw, int r, uint64_t *__restrict out) {
+    for (ptrdiff_t k = 0; k < nw; k++) out[k] = n[k];
+    for (int s = 1; s <= r; s++)
+        for (ptrdiff_t k = 0; k < nw; k++)
+            out[k] |= (n[k] >> s) | (n[k + 1] << (64 - s)) | (n[k] << s) | (n[k - 1] >> (64 - s));
+}
+
+/* Both steps once row `done` has its final CV flags (rows come in order; done = h - 1 finishes):
+ * the rows whose r rows below are now known get their candidates. */
+static void TFN(erode_upto)(const uint8_t *flags, ptrdiff_t h, ptrdiff_t w, int r, ptrdiff_t done, disp_bufs *B) {
+    const ptrdiff_t nw = B->nw, ring = 2 * r + 1;
+    TFN(cv_bits_row)(flags + done * w, w, nw, B->notcv + 1, B->cvv + done % ring * nw);
+    TFN(near_row)(B->notcv + 1, nw, r, B->near + done % ring * nw);
+    for (ptrdiff_t j = done - r < 0 ? 0 : done - r; j <= (done == h - 1 ? h - 1 : done - r); j++) {
         ptrdiff_t j0 = j - r < 0 ? 0 : j - r, j1 = j + r >= h ? h - 1 : j + r;
-        const uint8_t *f0 = flags + j0 * w;
-        for (ptrdiff_t i = 0; i < wv; i++) acc[i] = f0[i] & F_NEAR;
-        for (ptrdiff_t jj = j0 + 1; jj <= j1; jj++) {
-            const uint8_t *fr = flags + jj * w;
-            for (ptrdiff_t i = 0; i < wv; i++) acc[i] |= fr[i] & F_NEAR;
+        uint64_t *__restrict c = B->cand + j * nw, any = 0;
+        const uint64_t *cvv = B->cvv + j % ring * nw;
+        for (ptrdiff_t k = 0; k < nw; k++) c[k] = 0;
+        for (ptrdiff_t jj = j0; jj <= j1; jj++) {
+            const uint64_t *__restrict nr = B->near + jj % ring * nw;
+            for (ptrdiff_t k = 0; k < nw; k++) c[k] |= nr[k];
         }
-        uint8_t *fl = flags + j * w, any = 0;
-        for (ptrdiff_t i = 0; i < w; i++) {
-            uint8_t f = fl[i];
-            uint8_t valid = f & F_VALID, ins = (f >> 1) & 1, cv = (f >> 2) & 1, near = acc[i] != 0;
-            uint8_t bg = valid & (uint8_t)(!(cv & !near)), cand = valid & !bg;
-            fl[i] = f | (uint8_t)(bg << 4) | (uint8_t)((bg & ins) << 5) | (uint8_t)(cand << 6);
-            any |= cand;
+        for (ptrdiff_t k = 0; k < nw; k++) {
+            c[k] = cvv[k] & ~c[k];
+            any |= c[k];
         }
-        row_has_cand[j] = any;
+        B->row_has_cand[j] = any != 0;
     }
 }
 
@@ -635,6 +665,7 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
     }
     for (ptrdiff_t j = 0; j < h; j++) {
         ptrdiff_t rin = j + ky, rout = j - ky - 1;
+        if (mode == 1 && j > 0) TFN(erode_upto)(flags, h, w, ctx->radius, j - 1, B); /* B->code is free here */
         const PIX *vin = rin < h ? img + rin * w : NULL, *vout = rout >= 0 ? img + rout * w : NULL;
         uint8_t *flin = rin < h ? flags + rin * w : NULL;
         const uint8_t *flout = rout >= 0 ? flags + rout * w : NULL;
@@ -706,24 +737,32 @@ static int FN(slide)(const disp_ctx *ctx, const PIX *img, const uint8_t *mask, u
             }
         }
     }
+    if (mode == 1) TFN(erode_upto)(flags, h, w, ctx->radius, h - 1, B);
     return 0;
 }
 
-/* Final-pass column sums over the background (IN_SUMS2): add (sign 1) or remove (-1) one row. */
-static void FN(bg_row)(const PIX *__restrict v, const uint8_t *__restrict fl, uint32_t *__restrict cm,
+/* Final-pass column sums over the background (IN_SUMS and not a candidate): add (sign 1) or remove
+ * (sign ~0: -1 modulo 2^32) one row's tile. `cand`: the tile's candidates (bit i: column i), few. */
+static void FN(bg_row)(const PIX *__restrict v, const uint8_t *__restrict fl, uint64_t cand, uint32_t *__restrict cm,
                        uint32_t *__restrict cx, ptrdiff_t w, uint32_t sign) {
     if (sign == 1u) {
         for (ptrdiff_t i = 0; i < w; i++) {
-            uint32_t ins = (fl[i] >> 5) & 1;
+            uint32_t ins = (fl[i] >> 1) & 1;
             cm[i] += ins;
             cx[i] += (uint32_t)v[i] & (0u - ins);
         }
     } else {
         for (ptrdiff_t i = 0; i < w; i++) {
-            uint32_t ins = (fl[i] >> 5) & 1;
+            uint32_t ins = (fl[i] >> 1) & 1;
             cm[i] -= ins;
             cx[i] -= (uint32_t)v[i] & (0u - ins);
         }
+    }
+    for (; cand; cand &= cand - 1) { /* candidates are not background: take them out again */
+        ptrdiff_t i = __builtin_ctzll(cand);
+        if (!(fl[i] & F_INSUMS)) continue;
+        cm[i] -= sign;
+        cx[i] -= (uint32_t)v[i] * sign;
     }
 }
 
@@ -741,30 +780,31 @@ static int FN(final_pixel)(const disp_ctx *ctx, const uint32_t *cm, const uint32
 
 /* Bring one column tile's background column sums to row j: slide from the row they hold when
  * that is near, else rebuild them from the window's rows. */
-static void FN(tile_to)(const PIX *img, const uint8_t *flags, ptrdiff_t h, ptrdiff_t w, int ky, uint32_t *cm,
-                        uint32_t *cx, ptrdiff_t *tile_row, ptrdiff_t t, ptrdiff_t j) {
-    ptrdiff_t c0 = t * DISP_TILE, n = w - c0 < DISP_TILE ? w - c0 : DISP_TILE, cur = tile_row[t];
+static void FN(tile_to)(const PIX *img, const uint8_t *flags, const disp_bufs *B, ptrdiff_t h, ptrdiff_t w, int ky,
+                        uint32_t *cm, uint32_t *cx, ptrdiff_t t, ptrdiff_t j) {
+    ptrdiff_t c0 = t * DISP_TILE, n = w - c0 < DISP_TILE ? w - c0 : DISP_TILE, cur = B->tile_row[t];
+    const uint64_t *cand = B->cand + t;
     if (cur == j) return;
     if (cur >= 0 && 2 * (j - cur) <= 2 * ky + 1) {
         for (ptrdiff_t r = cur + 1; r <= j; r++) {
-            if (r + ky < h) FN(bg_row)(img + (r + ky) * w + c0, flags + (r + ky) * w + c0, cm + c0, cx + c0, n, 1u);
-            if (r - ky - 1 >= 0)
-                FN(bg_row)(img + (r - ky - 1) * w + c0, flags + (r - ky - 1) * w + c0, cm + c0, cx + c0, n, ~0u);
+            ptrdiff_t ri = r + ky, ro = r - ky - 1;
+            if (ri < h) FN(bg_row)(img + ri * w + c0, flags + ri * w + c0, cand[ri * B->nw], cm + c0, cx + c0, n, 1u);
+            if (ro >= 0) FN(bg_row)(img + ro * w + c0, flags + ro * w + c0, cand[ro * B->nw], cm + c0, cx + c0, n, ~0u);
         }
     } else {
         memset(cm + c0, 0, (size_t)n * sizeof(uint32_t));
         memset(cx + c0, 0, (size_t)n * sizeof(uint32_t));
         for (ptrdiff_t r = j - ky < 0 ? 0 : j - ky; r <= j + ky && r < h; r++)
-            FN(bg_row)(img + r * w + c0, flags + r * w + c0, cm + c0, cx + c0, n, 1u);
+            FN(bg_row)(img + r * w + c0, flags + r * w + c0, cand[r * B->nw], cm + c0, cx + c0, n, 1u);
     }
-    tile_row[t] = j;
+    B->tile_row[t] = j;
 }
 
-/* Extended final pass, only at the candidates (VALID, not BACKGROUND: inside the eroded CV region)
- * above the global threshold, in the rows erode marked. Background column sums over the window two
- * pixels wider each way are kept per tile of DISP_TILE columns, brought to a candidate's row only
- * for the tiles its window touches; window sums (uint32, exact: at most 255 pixels below 2^24,
- * checked by the caller) only at candidates. */
+/* Extended final pass, only at the candidates (B->cand: inside the eroded CV region) above the
+ * global threshold. Background column sums over the window two pixels wider each way are kept per
+ * tile of DISP_TILE columns, brought to a candidate's row only for the tiles its window touches;
+ * window sums (uint32, exact: at most 255 pixels below 2^24, checked by the caller) only at
+ * candidates. */
 static int FN(final)(const disp_ctx *ctx, const PIX *img, const uint8_t *flags, disp_bufs *B, disp_indices *strong) {
     const ptrdiff_t h = ctx->h, w = ctx->w;
     const int ky = ctx->p.ky + 2, kx = ctx->p.kx + 2;
@@ -775,20 +815,15 @@ static int FN(final)(const disp_ctx *ctx, const PIX *img, const uint8_t *flags, 
     for (ptrdiff_t t = 0; t * DISP_TILE < w; t++) B->tile_row[t] = -1;
     for (ptrdiff_t j = 0; j < h; j++) {
         if (!B->row_has_cand[j]) continue;
-        const uint8_t *fl = flags + j * w;
         const PIX *vrow = img + j * w;
-        for (ptrdiff_t i0 = 0; i0 < w; i0 += 8) {
-            if (i0 + 8 <= w) {
-                uint64_t word;
-                memcpy(&word, fl + i0, 8);
-                if (!(word & 0x4040404040404040ull)) continue;
-            }
-            for (ptrdiff_t i = i0; i < i0 + 8 && i < w; i++) {
-                if (!(fl[i] & F_CAND2)) continue;
+        const uint64_t *cand = B->cand + j * B->nw;
+        for (ptrdiff_t k = 0; k < B->nw; k++) {
+            for (uint64_t bits = cand[k]; bits; bits &= bits - 1) {
+                ptrdiff_t i = 64 * k + __builtin_ctzll(bits);
                 double v = (double)vrow[i];
                 if (!(v > threshold)) continue;
                 ptrdiff_t t0 = (i - kx < 0 ? 0 : i - kx) / DISP_TILE, t1 = (i + kx >= w ? w - 1 : i + kx) / DISP_TILE;
-                for (ptrdiff_t t = t0; t <= t1; t++) FN(tile_to)(img, flags, h, w, ky, cm, cx, B->tile_row, t, j);
+                for (ptrdiff_t t = t0; t <= t1; t++) FN(tile_to)(img, flags, B, h, w, ky, cm, cx, t, j);
                 if (FN(final_pixel)(ctx, cm, cx, kx, i, v) && disp_push(strong, j * w + i) < 0) return -1;
             }
         }
@@ -801,7 +836,6 @@ static int FN(run)(const disp_ctx *ctx, const void *image, const uint8_t *mask, 
     const PIX *img = (const PIX *)image;
     if (!ctx->p.extended) return FN(slide)(ctx, img, mask, flags, 0, B, strong, over);
     if (FN(slide)(ctx, img, mask, flags, 1, B, strong, over) < 0) return -1;
-    TFN(erode)(flags, ctx->h, ctx->w, ctx->radius, B->pad, B->code, B->row_has_cand);
     return FN(final)(ctx, img, flags, B, strong);
 }
 

@@ -242,6 +242,34 @@ def test_every_kernel_path_equals_real_dials_on_random_frames(algorithm, seed, k
     assert strong.tolist() == dials.tolist()
 
 
+@pytest.mark.parametrize("kernel_size", [(1, 1), (1, 5), (5, 1), (2, 4), (5, 5)])
+@pytest.mark.parametrize("shape", [(1, 129), (4, 63), (11, 64), (12, 65), (70, 127), (9, 128), (33, 257)])
+def test_extended_erosion_across_words_and_rows(shape, kernel_size, kernel_path):
+    """The extended threshold erodes in bits, 64 pixels a word, a few rows behind its first pass:
+    spots straddling word boundaries (columns 63/64, 127/128) and the frame's edges, frames shorter than
+    the erosion window and widths around multiples of 64, as the numpy reference."""
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1] + kernel_size[0] * 7 + kernel_size[1])
+    image = rng.poisson(3.0, size=shape).astype(np.int32)
+    # spots at every column from 56 to 71 and 120 to 135 (rows apart), so that the edges of the eroded
+    # region fall on each side of a word boundary somewhere
+    for t, i in enumerate([0, shape[1] - 1, *range(56, 72), *range(120, 136)]):
+        if i < shape[1]:
+            j = (5 + 7 * t) % shape[0]
+            half = int(rng.integers(0, 3))
+            image[max(0, j - half) : j + half + 1, max(0, i - half) : i + half + 1] += int(rng.integers(20, 400))
+    mask = (rng.random(shape) > 0.03).astype(np.uint8)
+    for sigmas in ((6.0, 3.0), (1.0, 1.0)):  # DIALS's defaults; loose ones, whose strong pixels reach the edges
+        params = ThresholdParams(
+            algorithm="dispersion_extended",
+            kernel_size=kernel_size,
+            sigma_background=sigmas[0],
+            sigma_strong=sigmas[1],
+        )
+        strong, expected = assert_kernel_matches_reference(image, mask, (0.0, 4000.0), params)
+        if shape[0] >= 9:
+            assert expected.any()
+
+
 @pytest.mark.parametrize("hi", [2**26 // 49, 2**26 // 49 + 1, 2**26 // 63, 2**26 // 63 + 1, 2**26 // 30])
 @pytest.mark.parametrize("kernel_size", [(3, 3), (3, 4), (4, 4)])
 @pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
