@@ -15,10 +15,11 @@
  *   The final test (over the window 2 pixels wider) runs only inside the eroded region, with exact
  *   integer sums.
  * - The same C is compiled for several instruction sets (GCC target pragmas: scalar, SSE2, AVX2,
- *   AVX-512) and chosen at run time from the CPU (__builtin_cpu_supports), or forced. AVX-512 also
- *   has two loops in intrinsics, where GCC's vectorisation of the portable loop narrows 32-bit lanes
- *   to bytes and widens them back: the row update (no mask, packed sums) and the `dispersion` float
- *   bound (packed sums), whose candidates are bits straight from the compare masks.
+ *   AVX-512) and chosen at run time from the CPU (__builtin_cpu_supports), or forced. AVX-512 and
+ *   AVX2 also have two loops in intrinsics, where GCC's vectorisation of the portable loop narrows
+ *   32-bit lanes to bytes and widens them back: the row update (no mask, packed sums) and the
+ *   `dispersion` float bound (packed sums), whose candidates are bits straight from the compare
+ *   masks (AVX2: movemask).
  * - The exact tests are compiled once for the baseline ISA (no FMA contraction), in DIALS's order,
  *   from exact integer sums: every path gives DIALS's doubles.
  */
