@@ -36,7 +36,8 @@ DISP_INLINE float TFN(u32f)(uint32_t u) {
 /* Extended first pass, the index-of-dispersion test a > c over every pixel of a row, in float32,
  * fused with the horizontal window sums (half-width K unrolled; K = 0 takes sums made by hsum):
  * code 1 = surely passes, 0 = surely fails, 2 = too close to call (or y not known exactly: y is
- * kept modulo 2^32, and y <= x^2 makes it exact when x < 65536), decided in double by the caller.
+ * kept modulo 2^32, and y <= x^2 makes it exact when x < 65536; or y >= 2^31: y is converted as
+ * int32, one instruction, where uint32 takes six), decided in double by the caller.
  * Without gain, a > c (c >= 0) is a > 0 and a^2 > c^2 = x^2 sigma_b^2 2 (m-1): no square root. a
  * carries at most 9 float32 roundings of S = m y + x^2 + x m, so the interval a +- S 2^-19 holds
  * it (and DIALS's double) by a factor >= 50; the squares then differ by a relative 2^-16 at least
@@ -60,12 +61,12 @@ DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__
                 xu = disp_packed_value(xu);
             }
             int32_t m = (int32_t)mu, x = (int32_t)xu;
-            float mf = (float)m, xf = (float)x, yf = TFN(u32f)(yu);
+            float mf = (float)m, xf = (float)x, yf = (float)(int32_t)yu;
             float m1 = mf - 1.0f, my = mf * yf, xx = xf * xf;
             float a = my - xx;
             float c = g * xf * (m1 + nsb * __builtin_sqrtf(2.0f * m1));
             float e = (my + xx + xf * mf + c) * 0x1p-18f, d = a - c;
-            int32_t ok = (m >= minc) & (x >= 0), exact_y = x < 65536;
+            int32_t ok = (m >= minc) & (x >= 0), exact_y = (x < 65536) & ((int32_t)yu >= 0);
             int32_t t = exact_y & (d > e), f = exact_y & (d < -e);
             code[i] = (uint32_t)(ok * (t | ((1 - (t | f)) << 1)));
         }
@@ -82,11 +83,11 @@ DISP_INLINE void TFN(cv_row_k)(const uint32_t *__restrict cm, const uint32_t *__
                 xu = disp_packed_value(xu);
             }
             int32_t m = (int32_t)mu, x = (int32_t)xu;
-            float mf = (float)m, xf = (float)x, yf = TFN(u32f)(yu);
+            float mf = (float)m, xf = (float)x, yf = (float)(int32_t)yu;
             float m1 = mf - 1.0f, my = mf * yf, xx = xf * xf;
             float a = my - xx - xf * m1, e = (my + xx + xf * mf) * 0x1p-19f;
             float c2 = xx * (c2k * m1), lo = a - e, hi = a + e;
-            int32_t ok = (m >= minc) & (x >= 0), exact_y = x < 65536;
+            int32_t ok = (m >= minc) & (x >= 0), exact_y = (x < 65536) & ((int32_t)yu >= 0);
             int32_t t = exact_y & (lo > 0.0f) & (lo * lo > c2 * (1.0f + 0x1p-16f));
             int32_t f = exact_y & ((hi <= 0.0f) | (hi * hi < c2 * (1.0f - 0x1p-16f)));
             code[i] = (uint32_t)(ok * (t | ((1 - (t | f)) << 1)));

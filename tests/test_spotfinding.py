@@ -270,6 +270,20 @@ def test_extended_erosion_across_words_and_rows(shape, kernel_size, kernel_path)
             assert expected.any()
 
 
+@pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
+def test_window_sums_of_squares_above_2_to_the_31(algorithm, kernel_path):
+    """Lone pixels of 46341-65535 counts on a dark background: the window's sum of squares passes 2^31
+    (the float bound reads it as int32 and leaves those windows to the exact test) while its sum stays
+    below 65536 (where the sum of squares is kept exactly); as the numpy reference."""
+    rng = np.random.default_rng(31)
+    image = rng.poisson(0.5, size=(60, 150)).astype(np.uint32)
+    ys, xs = rng.integers(0, 60, 80), rng.integers(0, 150, 80)
+    image[ys, xs] = rng.integers(46341, 65536, 80)
+    for params in (ThresholdParams(algorithm=algorithm), ThresholdParams(algorithm=algorithm, gain=1.5)):
+        strong, expected = assert_kernel_matches_reference(image, None, (0.0, 1e6), params)
+        assert expected[ys, xs].sum() > 40
+
+
 @pytest.mark.parametrize("hi", [2**26 // 49, 2**26 // 49 + 1, 2**26 // 63, 2**26 // 63 + 1, 2**26 // 30])
 @pytest.mark.parametrize("kernel_size", [(3, 3), (3, 4), (4, 4)])
 @pytest.mark.parametrize("algorithm", ["dispersion", "dispersion_extended"])
