@@ -109,6 +109,71 @@ static uint8_t TFN(apply_cv)(uint8_t *__restrict fl, const uint32_t *__restrict 
     return any & 2;
 }
 
+#ifdef DISP_AVX2_INTRINSICS
+/* The low bytes of 8 lanes as one little-endian word (lane i in byte i). */
+DISP_INLINE uint64_t TFN(low_bytes8)(__m256i f) {
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1,
+                                          -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    f = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(f, pick), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+    return (uint64_t)_mm_cvtsi128_si64(_mm256_castsi256_si128(f));
+}
+
+/* cv_row_k without a gain, for packed sums, fused with apply_cv, in AVX2, 8 pixels a step: the same
+ * float32 operations in the same order (no FMA). Most pixels surely fail (background): where all 8
+ * do, the sure-pass test and the codes are skipped. The last w % 8 pixels through the portable loops. */
+DISP_INLINE uint8_t TFN(cv_row_packed_avx2)(const uint32_t *cx, const uint32_t *cy, ptrdiff_t w, const int K,
+                                            const disp_ctx *ctx, uint8_t *fl, uint8_t *code8, uint32_t *code32) {
+    const __m256i minc = _mm256_set1_epi32(ctx->min_count_i32), lim = _mm256_set1_epi32(65536);
+    const __m256i low = _mm256_set1_epi32((1 << DISP_PACK_SHIFT) - 1), minus1 = _mm256_set1_epi32(-1);
+    const __m256i c1 = _mm256_set1_epi32(1), c2i = _mm256_set1_epi32(2);
+    const __m256 c2k = _mm256_set1_ps((float)(2.0 * ctx->p.sigma_b * ctx->p.sigma_b)), one = _mm256_set1_ps(1.0f);
+    const __m256 e19 = _mm256_set1_ps(0x1p-19f), up = _mm256_set1_ps(1.0f + 0x1p-16f);
+    const __m256 dn = _mm256_set1_ps(1.0f - 0x1p-16f), zero = _mm256_setzero_ps();
+    const uint64_t ones = 0x0101010101010101ull;
+    uint64_t any = 0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= w; i += 8) {
+        __m256i s = _mm256_loadu_si256((const __m256i *)(cx + i - K));
+        __m256i yu = _mm256_loadu_si256((const __m256i *)(cy + i - K));
+        for (int d = -K + 1; d <= K; d++) {
+            s = _mm256_add_epi32(s, _mm256_loadu_si256((const __m256i *)(cx + i + d)));
+            yu = _mm256_add_epi32(yu, _mm256_loadu_si256((const __m256i *)(cy + i + d)));
+        }
+        __m256i m = _mm256_srli_epi32(s, DISP_PACK_SHIFT), x = _mm256_and_si256(s, low);
+        /* (packed x is below 2^26: x >= 0 holds) */
+        __m256i exact = _mm256_and_si256(_mm256_cmpgt_epi32(lim, x), _mm256_cmpgt_epi32(yu, minus1));
+        __m256 mf = _mm256_cvtepi32_ps(m), xf = _mm256_cvtepi32_ps(x), yf = _mm256_cvtepi32_ps(yu);
+        __m256 m1 = _mm256_sub_ps(mf, one), my = _mm256_mul_ps(mf, yf), xx = _mm256_mul_ps(xf, xf);
+        __m256 a = _mm256_sub_ps(_mm256_sub_ps(my, xx), _mm256_mul_ps(xf, m1));
+        __m256 e = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(my, xx), _mm256_mul_ps(xf, mf)), e19);
+        __m256 c2 = _mm256_mul_ps(xx, _mm256_mul_ps(c2k, m1)), hi = _mm256_add_ps(a, e);
+        __m256 f = _mm256_or_ps(_mm256_cmp_ps(hi, zero, _CMP_LE_OQ),
+                                _mm256_cmp_ps(_mm256_mul_ps(hi, hi), _mm256_mul_ps(c2, dn), _CMP_LT_OQ));
+        __m256i fe = _mm256_and_si256(exact, _mm256_castps_si256(f));
+        uint64_t c8 = 0, f8;
+        if (_mm256_movemask_ps(_mm256_castsi256_ps(fe)) != 0xFF) {
+            __m256 lo = _mm256_sub_ps(a, e);
+            __m256 t = _mm256_and_ps(_mm256_cmp_ps(lo, zero, _CMP_GT_OQ),
+                                     _mm256_cmp_ps(_mm256_mul_ps(lo, lo), _mm256_mul_ps(c2, up), _CMP_GT_OQ));
+            __m256i te = _mm256_and_si256(exact, _mm256_castps_si256(t));
+            /* 1 sure pass, 0 sure fail, 2 undecided; 0 below min_count */
+            __m256i code = _mm256_or_si256(_mm256_and_si256(te, c1), _mm256_andnot_si256(_mm256_or_si256(te, fe), c2i));
+            c8 = TFN(low_bytes8)(_mm256_andnot_si256(_mm256_cmpgt_epi32(minc, m), code));
+            any |= c8;
+        }
+        memcpy(code8 + i, &c8, 8);
+        memcpy(&f8, fl + i, 8);
+        f8 |= (((f8 & ones) ^ ones) | (c8 & ones)) << 2; /* masked and untrusted pixels count as CV */
+        memcpy(fl + i, &f8, 8);
+    }
+    if (i < w) {
+        TFN(cv_row_k)(NULL, cx + i, cy + i, w - i, K, ctx, code32 + i, 1);
+        any |= TFN(apply_cv)(fl + i, code32 + i, code8 + i, w - i);
+    }
+    return (any & 0x0202020202020202ull) != 0;
+}
+#endif
+
 /* cv_row_k for the window half-width k (the ones above 5 from hsum's sums); `packed` as in ctx. */
 DISP_INLINE void TFN(cv_row_any)(const uint32_t *cm, const uint32_t *cx, const uint32_t *cy, ptrdiff_t w, int k,
                                  const disp_ctx *ctx, disp_bufs *B, ptrdiff_t o, uint32_t *code32, const int packed) {
@@ -132,6 +197,18 @@ static uint8_t TFN(cv_row)(const uint32_t *cm, const uint32_t *cx, const uint32_
                            const disp_ctx *ctx, uint8_t *fl, disp_bufs *B) {
     const ptrdiff_t o = fl - B->row_fl; /* the chunk's place in the row's buffers */
     uint32_t *code32 = B->code32 + o;
+#ifdef DISP_AVX2_INTRINSICS
+    if (ctx->packed && !(ctx->p.gain > 0) && k <= 5) {
+        uint8_t *code8 = B->code + o;
+        switch (k) {
+        case 1: return TFN(cv_row_packed_avx2)(cx, cy, w, 1, ctx, fl, code8, code32);
+        case 2: return TFN(cv_row_packed_avx2)(cx, cy, w, 2, ctx, fl, code8, code32);
+        case 3: return TFN(cv_row_packed_avx2)(cx, cy, w, 3, ctx, fl, code8, code32);
+        case 4: return TFN(cv_row_packed_avx2)(cx, cy, w, 4, ctx, fl, code8, code32);
+        default: return TFN(cv_row_packed_avx2)(cx, cy, w, 5, ctx, fl, code8, code32);
+        }
+    }
+#endif
     if (ctx->packed)
         TFN(cv_row_any)(cm, cx, cy, w, k, ctx, B, o, code32, 1);
     else
