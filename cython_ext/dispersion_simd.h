@@ -177,7 +177,9 @@ typedef int (*disp_run_fn)(const disp_ctx *, const void *, const uint8_t *, uint
 #pragma GCC target("avx2")
 #define TGT avx2
 #define DISP_AVX2_INTRINSICS 1
+#define DISP_BITS uint8_t /* the `dispersion` candidates as bits, 8 pixels a store */
 #include "dispersion_simd_impl.h"
+#undef DISP_BITS
 #undef DISP_AVX2_INTRINSICS
 #undef TGT
 #pragma GCC pop_options
@@ -186,7 +188,9 @@ typedef int (*disp_run_fn)(const disp_ctx *, const void *, const uint8_t *, uint
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #define TGT avx512
 #define DISP_AVX512_INTRINSICS 1
+#define DISP_BITS uint16_t /* 16 pixels a store */
 #include "dispersion_simd_impl.h"
+#undef DISP_BITS
 #undef DISP_AVX512_INTRINSICS
 #undef TGT
 #pragma GCC pop_options

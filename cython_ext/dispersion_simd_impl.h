@@ -648,7 +648,7 @@ DISP_INLINE void FN(strong_bits)(const PIX *v, const uint32_t *cx, ptrdiff_t w, 
 /* Whether this kernel's `dispersion` candidates are bits (AVX-512 or AVX2, packed sums, half-widths <= 5), not
  * bytes. */
 DISP_INLINE int FN(candidate_bits)(const disp_ctx *ctx) {
-#if defined(DISP_AVX512_INTRINSICS) || defined(DISP_AVX2_INTRINSICS)
+#ifdef DISP_BITS
     return ctx->packed && ctx->p.kx <= 5;
 #else
     (void)ctx;
@@ -662,22 +662,9 @@ static void FN(strong_row)(const PIX *v, const uint8_t *fl, const uint32_t *cm, 
     const float loose = ctx->loose;
     const ptrdiff_t o = fl - B->row_fl; /* the chunk's place in the row's buffers (a multiple of 16) */
     uint32_t *code32 = B->code32 + o;
-#ifdef DISP_AVX512_INTRINSICS
+#ifdef DISP_BITS
     if (FN(candidate_bits)(ctx)) {
-        uint16_t *bits = (uint16_t *)B->code + o / 16;
-        switch (k) {
-        case 1: FN(strong_bits)(v, cx, w, 1, minc, loose, bits); break;
-        case 2: FN(strong_bits)(v, cx, w, 2, minc, loose, bits); break;
-        case 3: FN(strong_bits)(v, cx, w, 3, minc, loose, bits); break;
-        case 4: FN(strong_bits)(v, cx, w, 4, minc, loose, bits); break;
-        default: FN(strong_bits)(v, cx, w, 5, minc, loose, bits); break;
-        }
-        return;
-    }
-#endif
-#ifdef DISP_AVX2_INTRINSICS
-    if (FN(candidate_bits)(ctx)) {
-        uint8_t *bits = B->code + o / 8;
+        DISP_BITS *bits = (DISP_BITS *)B->code + o / (8 * sizeof(DISP_BITS));
         switch (k) {
         case 1: FN(strong_bits)(v, cx, w, 1, minc, loose, bits); break;
         case 2: FN(strong_bits)(v, cx, w, 2, minc, loose, bits); break;
