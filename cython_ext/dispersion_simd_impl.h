@@ -469,7 +469,7 @@ static uint32_t FN(enter_leave_packed_avx512)(const PIX *__restrict v, uint8_t *
 #ifdef DISP_AVX2_INTRINSICS
 /* The same update in AVX2, 8 pixels a step. AVX2 has no mask registers: compares give all-ones
  * lanes, unsigned compares are signed ones after flipping the sign bit (PIX_IS_U32), and the flag
- * bytes are the lanes' low bytes gathered by one shuffle and one permute. */
+ * bytes are the lanes' low bytes (low_bytes8: one shuffle and one permute). */
 DISP_INLINE __m256i FN(load8)(const PIX *p) {
     if (sizeof(PIX) == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_loadu_si256((const __m256i *)p);
@@ -478,14 +478,6 @@ DISP_INLINE __m256i FN(load8)(const PIX *p) {
 /* x as a lane for signed compares: uint32 pixels (and bounds) with the sign bit flipped. */
 DISP_INLINE __m256i FN(ord8)(__m256i x) {
     return PIX_IS_U32 ? _mm256_xor_si256(x, _mm256_set1_epi32(INT32_MIN)) : x;
-}
-
-/* The low bytes of 8 lanes, stored as 8 bytes. */
-DISP_INLINE void FN(store_low_bytes8)(uint8_t *out, __m256i f) {
-    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1,
-                                          -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-    f = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(f, pick), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
-    _mm_storel_epi64((__m128i *)out, _mm256_castsi256_si128(f));
 }
 
 static uint32_t FN(enter_leave_packed_avx2)(const PIX *__restrict v, uint8_t *__restrict fl,
@@ -513,7 +505,8 @@ static uint32_t FN(enter_leave_packed_avx2)(const PIX *__restrict v, uint8_t *__
         _mm256_storeu_si256((__m256i *)(cx + i), x);
         __m256i y = _mm256_loadu_si256((const __m256i *)(cy + i));
         _mm256_storeu_si256((__m256i *)(cy + i), _mm256_add_epi32(y, _mm256_mullo_epi32(d, _mm256_add_epi32(e, eo))));
-        FN(store_low_bytes8)(fl + i, _mm256_or_si256(_mm256_and_si256(valid, one), _mm256_and_si256(ins, two)));
+        uint64_t f8 = TFN(low_bytes8)(_mm256_or_si256(_mm256_and_si256(valid, one), _mm256_and_si256(ins, two)));
+        memcpy(fl + i, &f8, 8);
     }
     if (i < w)
         over += FN(enter_leave_y)(v + i, NULL, fl + i, vo + i, flo + i, NULL, cx + i, cy + i, w - i, lo, hi, 1, 0, 1);
