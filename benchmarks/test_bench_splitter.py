@@ -1,12 +1,14 @@
 """Splitter throughput on loopback: frames/s and GB/s from the detector socket to files on disk.
 
 (a) the Rust Splitter, (b) a plain pyzmq + h5py `write_direct_chunk` loop doing the same work,
-(c) raw sequential writes of the same bytes with no HDF5. Realistic compressed frames: the real
+(c) raw sequential writes of the same bytes with no HDF5, (d) the loopback transfer alone (receive
+and drop). Realistic compressed frames: the real
 thaumatin frame as bs16-lz4, at 6M and as a 16M frame tiled from it."""
 
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
 import threading
 from pathlib import Path
@@ -25,6 +27,8 @@ from intxr.splitter import Splitter
 from intxr.testing import shared_path
 
 N_FRAMES = 200
+# The first round of each is a warm-up (first-touch page faults, the first file in a fresh directory).
+ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
 
 
 @pytest.fixture(scope="module", params=["6M", "16M"])
@@ -58,6 +62,20 @@ def detector(messages) -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
+def with_cpu(benchmark, fn):
+    """`fn`, recording the process's CPU seconds (user + system, every thread: the detector's too)
+    of each call in extra_info: what the same work costs the cores, beside the wall time."""
+    cpu = benchmark.extra_info.setdefault("cpu_ms", [])
+
+    def run(*args):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        fn(*args)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu.append(round(1e3 * (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime), 1))
+
+    return run
+
+
 def record(benchmark, size, blob, role):
     benchmark.group = f"splitter {size} bs16-lz4"
     benchmark.extra_info["role"] = role
@@ -74,7 +92,7 @@ def test_splitter_rust(benchmark, series):
                 splitter.join(120)
             assert splitter.counters()["frames_written"] == N_FRAMES
 
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.pedantic(with_cpu(benchmark, run), **ROUNDS)
 
 
 def pyzmq_h5py_loop(messages, shape, frames: int, finish=None) -> None:
@@ -110,7 +128,31 @@ def pyzmq_h5py_loop(messages, shape, frames: int, finish=None) -> None:
 def test_pyzmq_h5py_loop(benchmark, series):
     size, shape, blob, messages = series
     record(benchmark, size, blob, "baseline:pyzmq+h5py")
-    benchmark.pedantic(pyzmq_h5py_loop, args=(messages, shape, N_FRAMES), rounds=3, iterations=1)
+    benchmark.pedantic(with_cpu(benchmark, pyzmq_h5py_loop), args=(messages, shape, N_FRAMES), **ROUNDS)
+
+
+def loopback_only(messages, frames: int) -> None:
+    """Receive the series from the same detector thread and drop every message: no parsing, no
+    disk. The floor for anything that takes this detector's frames over loopback."""
+    socket = zmq.Context.instance().socket(zmq.PULL)
+    socket.connect(detector(messages))
+    n = 0
+    while True:
+        parts = socket.recv_multipart(copy=False)
+        if len(parts) == 4:
+            n += 1
+        elif b"dseries_end" in parts[0].bytes:
+            break
+    socket.close(linger=0)
+    assert n == frames
+
+
+def test_loopback_only(benchmark, series):
+    """(d) The detector's sending and a receive that drops: what the loopback transfer alone costs
+    on this machine, with the detector's thread competing for the same cores as the receiver."""
+    size, shape, blob, messages = series
+    record(benchmark, size, blob, "baseline:loopback only, no disk")
+    benchmark.pedantic(with_cpu(benchmark, loopback_only), args=(messages, N_FRAMES), **ROUNDS)
 
 
 def test_raw_sequential_write(benchmark, series):
@@ -122,7 +164,7 @@ def test_raw_sequential_write(benchmark, series):
             for _ in range(N_FRAMES):
                 f.write(blob)
 
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.pedantic(run, **ROUNDS)
 
 
 def test_raw_sequential_write_distinct_buffers(benchmark, series):
@@ -138,7 +180,7 @@ def test_raw_sequential_write_distinct_buffers(benchmark, series):
             for buffer in buffers:
                 f.write(buffer)
 
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.pedantic(run, **ROUNDS)
 
 
 # A short series: the per-series fixed costs (start-up, the master written at the start and at the
@@ -200,14 +242,14 @@ def test_splitter_rust_to_disk(benchmark, series):
             assert splitter.counters()["frames_written"] == N_FRAMES
             fsync_tree(out)
 
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.pedantic(run, **ROUNDS)
 
 
 def test_pyzmq_h5py_loop_to_disk(benchmark, series):
     size, shape, blob, messages = series
     record(benchmark, size, blob, "baseline:pyzmq+h5py")
     benchmark.group = f"splitter {size} bs16-lz4, fsynced"
-    benchmark.pedantic(pyzmq_h5py_loop, args=(messages, shape, N_FRAMES, fsync_tree), rounds=3, iterations=1)
+    benchmark.pedantic(pyzmq_h5py_loop, args=(messages, shape, N_FRAMES, fsync_tree), **ROUNDS)
 
 
 def test_raw_sequential_write_to_disk(benchmark, series):
@@ -222,7 +264,7 @@ def test_raw_sequential_write_to_disk(benchmark, series):
                     f.write(blob)
             fsync_tree(out)
 
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.pedantic(run, **ROUNDS)
 
 
 def test_raw_sequential_write_short_series(benchmark, short_series):
