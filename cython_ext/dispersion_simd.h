@@ -90,6 +90,11 @@ typedef struct {
  * 7x7 window qualify). One array of column sums to update and sum instead of two. */
 #define DISP_PACK_SHIFT 26
 #define DISP_PACK(count, value) ((value) + ((count) << DISP_PACK_SHIFT))
+/* The `dispersion` float bound takes bb = m (v DISP_UP) - x for b = m v - x. Each of the float
+ * values v, x and the two products rounds once (relative 2^-24 each), so m (v DISP_UP) >= m v (1 +
+ * 2^-19); where b > 0, x < m v, and bb >= b + m v (2^-19 - 2^-23) > b even after the subtraction
+ * rounds: bb never falls below b. */
+#define DISP_UP (1.0f + 0x1p-18f)
 static inline uint32_t disp_packed_count(uint32_t s) { return s >> DISP_PACK_SHIFT; }
 static inline uint32_t disp_packed_value(uint32_t s) { return s & ((1u << DISP_PACK_SHIFT) - 1u); }
 #define DISP_CHUNK 512 /* pixels per chunk of a row's window tests (the next row is prefetched per chunk) */

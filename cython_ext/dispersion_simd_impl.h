@@ -487,6 +487,7 @@ static uint32_t FN(enter_leave_packed_avx2)(const PIX *__restrict v, uint8_t *__
     const __m256i vlo = FN(ord8)(_mm256_set1_epi32((int32_t)lo)), vhi = FN(ord8)(_mm256_set1_epi32((int32_t)hi));
     const __m256i big = FN(ord8)(_mm256_set1_epi32(DISP_BIG));
     const __m256i one = _mm256_set1_epi32(F_VALID), two = _mm256_set1_epi32(F_INSUMS);
+    __m256i over8 = _mm256_setzero_si256(); /* minus the pixels above hi, per lane */
     uint32_t over = 0;
     ptrdiff_t i = 0;
     for (; i + 8 <= w; i += 8) {
@@ -496,7 +497,7 @@ static uint32_t FN(enter_leave_packed_avx2)(const PIX *__restrict v, uint8_t *__
         __m256i ins = _mm256_and_si256(valid, _mm256_cmpgt_epi32(big, q));
         __m256i fo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(flo + i)));
         __m256i inso = _mm256_cmpeq_epi32(_mm256_and_si256(fo, two), two);
-        over += (uint32_t)__builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(above)));
+        over8 = _mm256_add_epi32(over8, above);
         __m256i e = _mm256_and_si256(p, ins), eo = _mm256_and_si256(FN(load8)(vo + i), inso);
         __m256i d = _mm256_sub_epi32(e, eo);
         /* ins - inso lanes are -1, 0 or 1 counts with the opposite sign */
@@ -508,6 +509,9 @@ static uint32_t FN(enter_leave_packed_avx2)(const PIX *__restrict v, uint8_t *__
         uint64_t f8 = TFN(low_bytes8)(_mm256_or_si256(_mm256_and_si256(valid, one), _mm256_and_si256(ins, two)));
         memcpy(fl + i, &f8, 8);
     }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, over8);
+    for (int t = 0; t < 8; t++) over -= lanes[t];
     if (i < w)
         over += FN(enter_leave_y)(v + i, NULL, fl + i, vo + i, flo + i, NULL, cx + i, cy + i, w - i, lo, hi, 1, 0, 1);
     return over;
@@ -539,9 +543,8 @@ static uint32_t FN(enter_leave)(const PIX *v, const uint8_t *mk, uint8_t *fl, co
 
 /* `dispersion` candidates, fused with the horizontal window sums (K as in cv_row_k): DIALS's b > d
  * (b = m v - x, d = sigma_s sqrt(g x m) >= 0) needs b > 0 and b^2 > sigma_s^2 g x m. In float32, b
- * is raised by a bound on its rounding (4 roundings of m v + x at most, margin 2^-20: 16x) and the
- * right side lowered by `loose` (1 - 1e-4): a pixel that can pass is never dropped. Validity and
- * min_count are exact. */
+ * is raised (bb = m (v DISP_UP) - x, see DISP_UP) and the right side lowered by `loose` (1 - 1e-4):
+ * a pixel that can pass is never dropped. Validity and min_count are exact. */
 DISP_INLINE void FN(strong_row_k)(const PIX *__restrict v, const uint32_t *__restrict cm,
                                   const uint32_t *__restrict cx, ptrdiff_t w, const int K, int32_t minc, float loose,
                                   uint32_t *__restrict cand, const int packed) {
@@ -557,7 +560,7 @@ DISP_INLINE void FN(strong_row_k)(const PIX *__restrict v, const uint32_t *__res
         }
         int32_t m = (int32_t)mu;
         float vf = PIX_F(v[i]), mf = (float)m, xf = (float)(int32_t)xu;
-        float mv = mf * vf, b = mv - xf, bb = b + (mv + xf) * 0x1p-20f;
+        float bb = mf * (vf * DISP_UP) - xf;
         int32_t ok = (bb > 0.0f) & (bb * bb >= loose * xf * mf) & (m >= minc);
         cand[i] = (uint32_t)ok;
     }
@@ -599,8 +602,7 @@ DISP_INLINE __mmask16 FN(strong_bits16)(const PIX *v, const uint32_t *cx, const 
     __m512i m = _mm512_srli_epi32(s, DISP_PACK_SHIFT);
     __m512 mf = _mm512_cvtepi32_ps(m), vf = FN(pixf16)(live, v);
     __m512 xf = _mm512_cvtepi32_ps(_mm512_and_si512(s, _mm512_set1_epi32((1 << DISP_PACK_SHIFT) - 1)));
-    __m512 mv = _mm512_mul_ps(mf, vf), b = _mm512_sub_ps(mv, xf);
-    __m512 bb = _mm512_add_ps(b, _mm512_mul_ps(_mm512_add_ps(mv, xf), _mm512_set1_ps(0x1p-20f)));
+    __m512 bb = _mm512_sub_ps(_mm512_mul_ps(mf, _mm512_mul_ps(vf, _mm512_set1_ps(DISP_UP))), xf);
     __m512 rhs = _mm512_mul_ps(_mm512_mul_ps(loose, xf), mf);
     return live & _mm512_cmp_ps_mask(bb, _mm512_setzero_ps(), _CMP_GT_OQ) &
            _mm512_cmp_ps_mask(_mm512_mul_ps(bb, bb), rhs, _CMP_GE_OQ) & _mm512_cmpge_epi32_mask(m, minc);
@@ -633,8 +635,7 @@ DISP_INLINE uint8_t FN(strong_bits8)(const PIX *v, const uint32_t *cx, const int
     __m256i m = _mm256_srli_epi32(s, DISP_PACK_SHIFT);
     __m256 mf = _mm256_cvtepi32_ps(m), vf = FN(pixf8)(v);
     __m256 xf = _mm256_cvtepi32_ps(_mm256_and_si256(s, _mm256_set1_epi32((1 << DISP_PACK_SHIFT) - 1)));
-    __m256 mv = _mm256_mul_ps(mf, vf), b = _mm256_sub_ps(mv, xf);
-    __m256 bb = _mm256_add_ps(b, _mm256_mul_ps(_mm256_add_ps(mv, xf), _mm256_set1_ps(0x1p-20f)));
+    __m256 bb = _mm256_sub_ps(_mm256_mul_ps(mf, _mm256_mul_ps(vf, _mm256_set1_ps(DISP_UP))), xf);
     __m256 rhs = _mm256_mul_ps(_mm256_mul_ps(loose, xf), mf);
     __m256 ok = _mm256_and_ps(_mm256_cmp_ps(bb, _mm256_setzero_ps(), _CMP_GT_OQ),
                               _mm256_cmp_ps(_mm256_mul_ps(bb, bb), rhs, _CMP_GE_OQ));

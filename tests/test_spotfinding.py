@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -282,6 +283,53 @@ def test_window_sums_of_squares_above_2_to_the_31(algorithm, kernel_path):
     for params in (ThresholdParams(algorithm=algorithm), ThresholdParams(algorithm=algorithm, gain=1.5)):
         strong, expected = assert_kernel_matches_reference(image, None, (0.0, 1e6), params)
         assert expected[ys, xs].sum() > 40
+
+
+@functools.cache  # the same spikes for every kernel path
+def spikes_at_the_strong_boundary(seed: int, c_range, sigma_s: float, gain: float, count: int):
+    """Background levels c and spike heights v (one pixel above a 7x7 window whose other 48 pixels sum
+    to 48 c) for which DIALS's b > d holds by the smallest margins among up to 2 million levels: b = 49 v -
+    x = 48 (v - c), d = sigma_s sqrt(g x 49), x = 48 c + v, in double as DIALS computes them (local.h).
+    Returns c, v and b - d relative to b."""
+    c = np.unique(np.random.default_rng(seed).integers(*c_range, size=2_000_000)).astype(np.float64)
+    k = 49.0 * sigma_s**2 * gain  # 48 t > sqrt(k (49 c + t)) for t = v - c, as a quadratic in t
+    t0 = np.floor((k + np.sqrt(k * k + 4 * 2304 * 49 * k * c)) / (2 * 2304)) - 1
+    best_v, gap = np.full(c.shape, np.nan), np.full(c.shape, np.nan)
+    for step in range(4):  # the smallest integer v that passes, among t0 - 1 .. t0 + 2
+        v = c + t0 + step
+        x = 48 * c + v
+        b, d = 49 * v - x, sigma_s * np.sqrt(gain * x * 49)
+        first = (b > d) & np.isnan(best_v)
+        best_v[first], gap[first] = v[first], ((b - d) / b)[first]
+    tightest = np.argsort(gap)[:count]
+    return c[tightest], best_v[tightest], gap[tightest]
+
+
+@pytest.mark.parametrize("sigma_s", [1.0, 3.0])
+@pytest.mark.parametrize(
+    ("dtype", "c_range", "hi"),
+    [(np.int32, (300_000, 1_360_000), 2**26 // 49), (np.uint32, (2_000_000, 16_000_000), 2**26)],
+    ids=["packed", "unpacked"],
+)
+def test_dispersion_float_bound_keeps_pixels_at_the_boundary(dtype, c_range, hi, sigma_s, kernel_path):
+    """`dispersion` looks for candidates with a float32 bound before the exact test: spikes that pass
+    DIALS's b > d by less than 2^-20 of b must all be found, on the packed (int32 up to 2^26 / 49) and
+    the unpacked (uint32) first pass. Each spike's background is a checkerboard c +- delta (the window
+    still sums to 48 c), so the index of dispersion passes and b > d decides; with a small sigma_s, b
+    is a small difference of large sums, where float32's rounding is largest."""
+    gain = 1.7
+    c, v, gap = spikes_at_the_strong_boundary(19, c_range, sigma_s, gain, 64)
+    assert gap.max() < 2**-20  # float32's rounding, well inside the bound's margin (DISP_UP)
+    blocks = np.repeat(np.repeat(np.arange(64).reshape(8, 8), 15, axis=0), 15, axis=1)
+    delta = np.ceil(np.sqrt(2 * gain * c))  # 49 * 48 delta^2 > g x (48 + sigma_b sqrt(96))
+    parity = 1 - 2 * (np.indices(blocks.shape).sum(axis=0) % 2)  # the centres (7 + 15 n, 7 + 15 m): +1
+    image = (c[blocks] + delta[blocks] * parity).astype(dtype)
+    centres = (np.arange(8)[:, None] * 15 + 7, np.arange(8)[None, :] * 15 + 7)
+    image[centres] = v.reshape(8, 8).astype(dtype)
+    params = ThresholdParams(algorithm="dispersion", kernel_size=(3, 3), sigma_background=0.5,
+                             sigma_strong=sigma_s, gain=gain, min_local=2)
+    strong, expected = assert_kernel_matches_reference(image, None, (0.0, float(hi)), params)
+    assert expected[centres].all()
 
 
 @pytest.mark.parametrize("hi", [2**26 // 49, 2**26 // 49 + 1, 2**26 // 63, 2**26 // 63 + 1, 2**26 // 30])
