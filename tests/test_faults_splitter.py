@@ -130,6 +130,28 @@ def test_detector_restart_at_series_1_keeps_both_series(tmp_path, capfd):
     assert "series 1: series_000001 is already used in" in err and "writing it as series_000001_r2" in err
 
 
+def test_frames_go_to_the_device_while_the_series_is_open(tmp_path):
+    """Early writeback: each data file's bytes are handed to the device as frames are written
+    (`bytes_written_back`), while the series is still open (nothing has closed or synced a file),
+    across data files; the files are complete and unchanged all the same."""
+    frame_blobs = blobs(7, noisy=True)
+    detector = Detector()
+    with Splitter(detector.endpoint, tmp_path, max_series=1, frames_per_file=3) as splitter:
+        detector.send(v1_series(1, frame_blobs, end=False))
+        wait_for(lambda: splitter.counters()["frames_written"] == 7, what="7 frames written")
+        wait_for(lambda: splitter.counters()["bytes_written_back"] >= sum(map(len, frame_blobs)),
+                 what="the writeback of every frame's bytes")
+        assert splitter.counters()["series_ended"] == 0  # still open
+        detector.send([fmt.v1_end(1)])
+        assert splitter.join(30)
+    detector.close()
+    counters = splitter.counters()
+    assert counters["frames_written"] == 7 and counters["bytes_written"] == sum(map(len, frame_blobs))
+    [master] = counters["files"]
+    assert chunks(Path(master)) == frame_blobs
+    assert len(list(tmp_path.glob("*_data_*.h5"))) == 3
+
+
 def test_a_rerun_into_the_same_directory_overwrites_nothing(tmp_path):
     sent = blobs(5)
     runs = []

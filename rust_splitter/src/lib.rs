@@ -13,6 +13,7 @@ mod py_stream;
 pub mod serve;
 pub mod splitter;
 pub mod stream;
+pub mod writeback;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;

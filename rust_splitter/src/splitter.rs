@@ -30,6 +30,7 @@ use crate::frame::{Compression, FrameHeader, Protocol, SeriesHeader};
 use crate::nxmx::{one_line, Closed, SeriesWriter};
 use crate::serve::{open_sockets, serve_loop, unix_time, Received, ServeConfig, ServeJob};
 use crate::stream::{parse_message, Parsed, ParsedFrame};
+use crate::writeback::Writeback;
 
 #[derive(Debug, Clone)]
 pub struct SplitterConfig {
@@ -75,6 +76,8 @@ pub struct Counters {
     pub readers_waiting: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Bytes of the data files whose writeback to the device was started as they were written.
+    pub bytes_written_back: Arc<AtomicU64>,
     pub malformed: AtomicU64,
     pub md5_mismatches: AtomicU64,
     pub series_started: AtomicU64,
@@ -162,6 +165,7 @@ impl Counters {
             ("readers_waiting", get(&self.readers_waiting)),
             ("bytes_received", get(&self.bytes_received)),
             ("bytes_written", get(&self.bytes_written)),
+            ("bytes_written_back", get(&self.bytes_written_back)),
             ("malformed", get(&self.malformed)),
             ("md5_mismatches", get(&self.md5_mismatches)),
             ("series_started", get(&self.series_started)),
@@ -1007,6 +1011,15 @@ fn write_loop(
     serve: mpsc::Sender<ServeJob>,
 ) {
     let mut open: Option<OpenSeries> = None;
+    let (writeback, flusher) = match Writeback::start(counters.bytes_written_back.clone()) {
+        Ok((writeback, flusher)) => (Some(writeback), Some(flusher)),
+        Err(e) => {
+            counters.error(format!(
+                "no early writeback (the kernel's own applies): {e}"
+            ));
+            (None, None)
+        }
+    };
     loop {
         let job = match jobs.recv_timeout(crate::nxmx::FLUSH_INTERVAL) {
             Ok(job) => job,
@@ -1040,7 +1053,14 @@ fn write_loop(
             Job::Frame(frame, parts) => {
                 let blob = &parts.0[frame.part][frame.range.clone()];
                 let len = blob.len() as u64;
-                write_frame(&config, open.as_mut(), &frame, blob, &counters);
+                write_frame(
+                    &config,
+                    open.as_mut(),
+                    &frame,
+                    blob,
+                    &counters,
+                    writeback.as_ref(),
+                );
                 counters.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             }
             Job::Suspend(reason) => {
@@ -1075,6 +1095,11 @@ fn write_loop(
     if let Some(current) = open.take() {
         close(current, &counters, &serve, false, false);
     }
+    // The files are closed: what the flusher has not started yet, the kernel writes back itself.
+    if let Some(writeback) = writeback {
+        writeback.stop();
+    }
+    drop(flusher);
 }
 
 fn write_frame(
@@ -1083,6 +1108,7 @@ fn write_frame(
     frame: &ParsedFrame,
     blob: &[u8],
     counters: &Counters,
+    writeback: Option<&Writeback>,
 ) {
     let Some(series) = open else {
         // The receiver opens a series before its frames: not reached.
@@ -1101,7 +1127,12 @@ fn write_frame(
             &frame.header,
             config.frames_per_file,
         ) {
-            Ok(writer) => series.writer = Some(writer),
+            Ok(mut writer) => {
+                if let Some(writeback) = writeback {
+                    writer.set_writeback(writeback.clone());
+                }
+                series.writer = Some(writer)
+            }
             Err(e) => {
                 series.not_written(counters);
                 series.fail(

@@ -2,7 +2,9 @@
 //! blob written unchanged with a direct chunk write.
 
 use std::ffi::{c_uint, c_void};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hdf5_metno_sys::h5::hsize_t;
 use hdf5_metno_sys::h5d::{H5Dclose, H5Dcreate2, H5Dset_extent, H5Dwrite_chunk};
@@ -104,6 +106,9 @@ impl SeriesWriter {
             unsafe { H5Dset_extent(file.dset.id, back.as_ptr()) };
             h5_error_detail();
             return Err(err);
+        }
+        if let (Some(writeback), Some(flush)) = (&self.writeback, &file.flush) {
+            writeback.written(flush);
         }
         file.count += 1;
         self.frames += 1;
@@ -263,12 +268,20 @@ impl SeriesWriter {
         let dset = w.check_id(d, H5Dclose, || {
             format!("H5Dcreate2(/entry/data/data, {what})")
         })?;
+        // The writeback thread's own descriptor of the file (read-only: it only starts writeback,
+        // which works on the file whichever descriptor asks, and HDF5's driver stays its own).
+        let flush = self
+            .writeback
+            .as_ref()
+            .and_then(|_| std::fs::File::open(&path).ok())
+            .map(|f| Arc::new(OwnedFd::from(f)));
         Ok(DataFile {
             path,
             dset,
             file,
             first: self.frames,
             count: 0,
+            flush,
         })
     }
 
@@ -291,6 +304,7 @@ impl SeriesWriter {
             file,
             first,
             count,
+            ..
         } = file;
         let w = H5Writer {
             path: &path,

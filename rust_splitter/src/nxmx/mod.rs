@@ -39,7 +39,9 @@ mod meta;
 #[cfg(test)]
 mod tests;
 
+use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use hdf5_metno_sys::h5f::{H5F_scope_t, H5Fflush};
 use hdf5_metno_sys::h5z::H5Z_filter_t;
@@ -47,6 +49,7 @@ use thiserror::Error;
 
 use crate::frame::{Compression, FrameHeader, SeriesHeader};
 use crate::geometry::DetectorKind;
+use crate::writeback::Writeback;
 
 use h5::{h5_init, Handle};
 pub use h5::{hdf5_version, one_line};
@@ -115,6 +118,8 @@ struct DataFile {
     /// 0-based position in the series of the file's first frame.
     first: usize,
     count: usize,
+    /// This file's descriptor for the writeback thread (None: no early writeback).
+    flush: Option<Arc<OwnedFd>>,
 }
 
 /// Writes one series to `<prefix>_master.h5` + `<prefix>_data_NNNNNN.h5`.
@@ -152,6 +157,8 @@ pub struct SeriesWriter {
     /// Frames written since the open data file's metadata last reached the disk, and when that was.
     unflushed: usize,
     flushed_at: std::time::Instant,
+    /// Where the data files' bytes are handed to the device as they are written (`set_writeback`).
+    writeback: Option<Writeback>,
 }
 
 /// How often an open data file's metadata (its extent, its chunk index) is flushed, so that a
@@ -251,6 +258,7 @@ impl SeriesWriter {
             master_pending: None,
             unflushed: 0,
             flushed_at: std::time::Instant::now(),
+            writeback: None,
         };
         let expected = writer.meta.announced_frames() as usize;
         let files = expected.div_ceil(frames_per_file).max(1);
@@ -261,6 +269,12 @@ impl SeriesWriter {
         }
         // Nothing to finish if the first master could not be written.
         Ok(writer)
+    }
+
+    /// Hand each data file's bytes to the device as frames are written (see `crate::writeback`),
+    /// from the next data file on.
+    pub fn set_writeback(&mut self, writeback: Writeback) {
+        self.writeback = Some(writeback);
     }
 
     /// Write one frame's blob unchanged as the next chunk of the series (frames go in arrival order).
