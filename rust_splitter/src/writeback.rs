@@ -16,16 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
-/// One data file's bytes up to `end` are in the page cache.
-struct Written {
-    file: Arc<OwnedFd>,
-    end: u64,
-}
-
 /// Where a series writer reports what it wrote (clone one per writer).
 #[derive(Clone)]
 pub struct Writeback {
-    sender: mpsc::Sender<Written>,
+    /// A data file that has new bytes in the page cache.
+    sender: mpsc::Sender<Arc<OwnedFd>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -50,20 +45,13 @@ impl Writeback {
         self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// The file's bytes are written up to its current end.
+    /// The file has new bytes (the thread finds out how many: the writer only sends).
     pub fn written(&self, file: &Arc<OwnedFd>) {
-        // SAFETY: fstat fills the struct it is given, for a descriptor we own.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } == 0 {
-            let _ = self.sender.send(Written {
-                file: file.clone(),
-                end: st.st_size as u64,
-            });
-        }
+        let _ = self.sender.send(file.clone());
     }
 }
 
-fn run(receiver: mpsc::Receiver<Written>, started: &AtomicU64, stop: &AtomicBool) {
+fn run(receiver: mpsc::Receiver<Arc<OwnedFd>>, started: &AtomicU64, stop: &AtomicBool) {
     // Per file (by its Arc), the offset up to which writeback has been started.
     let mut done: Vec<(Arc<OwnedFd>, u64)> = Vec::new();
     while let Ok(first) = receiver.recv() {
@@ -71,17 +59,18 @@ fn run(receiver: mpsc::Receiver<Written>, started: &AtomicU64, stop: &AtomicBool
             return;
         }
         // Everything reported since the last round: one call per file for all of it.
-        let mut batch = vec![first];
-        batch.extend(receiver.try_iter());
-        for Written { file, end } in batch {
-            let at = match done.iter().position(|(f, _)| Arc::ptr_eq(f, &file)) {
-                Some(at) => at,
-                None => {
-                    done.push((file, 0));
-                    done.len() - 1
-                }
-            };
-            let (file, from) = &mut done[at];
+        for file in std::iter::once(first).chain(receiver.try_iter()) {
+            if !done.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
+                done.push((file, 0));
+            }
+        }
+        for (file, from) in done.iter_mut() {
+            // SAFETY: fstat fills the struct it is given, for a descriptor we own.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+                continue;
+            }
+            let end = st.st_size as u64;
             if end > *from {
                 // SAFETY: a plain system call on a descriptor we own.
                 let ret = unsafe {
